@@ -1,0 +1,75 @@
+"""The family registry.
+
+Implemented families live in their own module (`opt.py`, `llama.py`, ...)
+and export `FAMILY`. Families the catalog names but that are not implemented
+yet are declared here with the facts the recipe checks need (components,
+visual features); building one says so clearly and builds nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+from ..errors import BadInput
+from .base import Family
+
+IMPLEMENTED = ("opt", "llama")
+
+
+def _planned(name: str, title: str, model_types: tuple, kind: str, components=("llm",), visual_features=None) -> Family:
+    f = Family()
+    f.name, f.title, f.model_types, f.kind = name, title, model_types, kind
+    f.components, f.visual_features = tuple(components), visual_features
+    return f
+
+
+_PLANNED = {
+    f.name: f
+    for f in [
+        _planned("gpt2", "GPT-2 (and Cerebras-GPT)", ("gpt2",), "decoder"),
+        _planned("gpt-neo", "GPT-Neo", ("gpt_neo",), "decoder"),
+        _planned("gpt-neox", "GPT-NeoX / Pythia", ("gpt_neox",), "decoder"),
+        _planned("gptj", "GPT-J", ("gptj",), "decoder"),
+        _planned("bloom", "BLOOM / BLOOMZ", ("bloom",), "decoder"),
+        _planned("mistral", "Mistral", ("mistral",), "decoder"),
+        _planned("t5", "T5 / Flan-T5", ("t5",), "encoder-decoder"),
+        _planned("bart", "BART / mBART", ("bart", "mbart"), "encoder-decoder"),
+        _planned("blip2", "BLIP-2 (ViT + Q-Former + OPT or Flan-T5)", ("blip-2",), "multimodal", ("visual", "llm"), 32),
+        _planned("llava", "LLaVA-1.5 (CLIP ViT-L/14-336 + projector + LLaMA)", ("llava",), "multimodal", ("visual", "llm"), 576),
+        # any-resolution tiling: features depend on the image size; the
+        # multimodal issue derives the limit from the largest tiling allowed
+        _planned("llava-next", "LLaVA-NeXT (1.6)", ("llava_next",), "multimodal", ("visual", "llm")),
+        _planned("llava-next-video", "LLaVA-NeXT-Video", ("llava_next_video",), "multimodal", ("visual", "llm")),
+        _planned("nougat", "Nougat (Swin + mBART)", ("vision-encoder-decoder",), "multimodal", ("visual", "llm"), 588),
+        _planned("blip", "BLIP image captioning", ("blip",), "multimodal", ("visual", "llm"), 577),
+    ]
+}
+
+
+def get_family(name: str, origin: Optional[str] = None) -> Family:
+    if name in IMPLEMENTED:
+        return importlib.import_module(f".{name}", __name__).FAMILY
+    if name in _PLANNED:
+        return _PLANNED[name]
+    where = f"bad recipe {origin}: family: " if origin else ""
+    raise BadInput(f"{where}unknown family {name!r}; known families: {', '.join(all_families())}")
+
+
+def all_families() -> list[str]:
+    return list(IMPLEMENTED) + list(_PLANNED)
+
+
+def implemented_families() -> list[str]:
+    return list(IMPLEMENTED)
+
+
+def detect_family(config: dict) -> str:
+    """The family whose model types include config.json's model_type."""
+    mt = config.get("model_type")
+    for name in all_families():
+        if mt in get_family(name).model_types:
+            return name
+    raise BadInput(
+        f"cannot tell the family of a checkpoint with model_type {mt!r}; pass --family (known: {', '.join(all_families())})"
+    )

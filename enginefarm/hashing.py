@@ -1,0 +1,62 @@
+"""Digests: files, canonical JSON, source code of steps."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+CHUNK = 8 * 1024 * 1024
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str).encode()
+
+
+def digest_json(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj)).hexdigest()
+
+
+def digest_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def digest_file(path: str | Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(CHUNK)
+            if not b:
+                break
+            h.update(b)
+            size += len(b)
+    return h.hexdigest(), size
+
+
+def code_version(*objs: Any) -> str:
+    """A digest of the source of the given modules / functions / classes.
+
+    A step's code version is the digest of every module that shapes its
+    output: change the code, and the step's cache key changes with it.
+    """
+    h = hashlib.sha256()
+    for o in objs:
+        try:
+            src = inspect.getsource(o)
+        except (OSError, TypeError):
+            src = repr(o)
+        h.update(src.encode())
+    return h.hexdigest()[:16]
+
+
+def short(d: str, n: int = 12) -> str:
+    return d[:n]
+
+
+def iter_files(root: Path) -> Iterable[Path]:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            yield p

@@ -1,0 +1,326 @@
+"""Recipes and variants.
+
+A recipe is one YAML file in `models/`: where the weights come from, which
+family knows the architecture, which components to build, the build matrix,
+the limits, and the validation gates. `load_recipe` turns a YAML file into a
+`Recipe`, or raises `BadInput` with one message that names the file, the
+field path and what was expected.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import BadInput
+from .hashing import digest_json
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+HEX40 = re.compile(r"^[0-9a-f]{40}$")
+
+Backend = Literal["aoti", "onnxruntime", "tensorrt", "tensorrt-rtx", "tensorrt-llm"]
+DType = Literal["float32", "float16", "bfloat16"]
+Quant = Literal["none", "w8a16", "w4a16"]
+Component = Literal["llm", "visual"]
+
+DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(Strict):
+    """Exactly one of hf / path / s3 / tiny."""
+
+    hf: Optional[str] = Field(None, description="Hugging Face repo id, e.g. facebook/opt-125m")
+    revision: Optional[str] = Field(None, description="commit sha the hf source is pinned to (40 hex chars)")
+    path: Optional[str] = Field(None, description="local checkpoint directory (relative to the recipe file)")
+    s3: Optional[str] = Field(None, description="s3://bucket/prefix of a checkpoint")
+    tiny: Optional[str] = Field(None, description="a tiny checkpoint made by enginefarm.testing (offline)")
+    allow_pickle: bool = Field(False, description="allow pickled .bin weights (off: safetensors only)")
+    trust_remote_code: Literal[False] = False
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Source":
+        kinds = [k for k in ("hf", "path", "s3", "tiny") if getattr(self, k)]
+        if len(kinds) != 1:
+            raise ValueError(f"give exactly one of hf, path, s3, tiny (got {kinds or 'none'})")
+        if self.hf:
+            if not self.revision or not HEX40.match(self.revision):
+                raise ValueError("an hf source must be pinned: revision must be a 40-hex-digit commit sha")
+        elif self.revision:
+            raise ValueError("revision is only for hf sources")
+        if self.s3 and not self.s3.startswith("s3://"):
+            raise ValueError("s3 must look like s3://bucket/prefix")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("hf", "path", "s3", "tiny") if getattr(self, k))
+
+
+class ComponentSpec(Strict):
+    enabled: bool = True
+    backend: Optional[Backend] = Field(None, description="overrides the variant's backend for this component (e.g. visual: tensorrt next to an llm on tensorrt-llm)")
+    # visual components: image size the engine is built for (family default if unset)
+    image_size: Optional[int] = None
+    num_frames: Optional[int] = Field(None, description="video families: frames sampled per video")
+
+
+class Matrix(Strict):
+    backend: list[Backend] = ["aoti"]
+    dtype: list[DType] = ["float16"]
+    quant: list[Quant] = ["none"]
+    tp: list[int] = [1]
+    target: list[str] = Field(["cpu"], description="cpu, or a GPU target such as sm_90")
+
+    @field_validator("backend", "dtype", "quant", "tp", "target")
+    @classmethod
+    def _nonempty(cls, v: list) -> list:
+        if not v:
+            raise ValueError("must list at least one value")
+        if len(set(v)) != len(v):
+            raise ValueError("values must be unique")
+        return v
+
+    @field_validator("tp")
+    @classmethod
+    def _tp(cls, v: list[int]) -> list[int]:
+        for t in v:
+            if t not in (1, 2, 4, 8):
+                raise ValueError(f"tp sizes are 1, 2, 4 or 8 (got {t})")
+        return v
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if t != "cpu" and not re.match(r"^sm_\d{2,3}$", t):
+                raise ValueError(f"a target is 'cpu' or 'sm_XY' (got {t!r})")
+        return v
+
+
+class Limits(Strict):
+    max_batch_size: int = Field(1, ge=1, le=4096)
+    max_input_len: int = Field(128, ge=1)
+    max_seq_len: int = Field(256, ge=2, description="prompt + generated tokens")
+    max_multimodal_len: Optional[int] = Field(None, ge=0, description="derived: max_batch_size x visual features")
+
+    @model_validator(mode="after")
+    def _order(self) -> "Limits":
+        if self.max_seq_len <= self.max_input_len:
+            raise ValueError(f"max_seq_len ({self.max_seq_len}) must exceed max_input_len ({self.max_input_len})")
+        return self
+
+
+class Gates(Strict):
+    logits_max_abs_diff: Optional[float] = Field(1e-3, ge=0)
+    top1_agreement: Optional[float] = Field(0.99, ge=0, le=1)
+    greedy_equal: bool = True
+    perplexity_rel_diff: Optional[float] = Field(0.01, ge=0)
+    top5_accuracy_drop: Optional[float] = Field(0.01, ge=0, le=1)
+
+
+class Validation(Strict):
+    prompts: list[str] = ["The build farm", "Engines are rebuilt every night when"]
+    max_new_tokens: int = Field(16, ge=1)
+    text_set: str = Field("builtin:eval", description="builtin:eval or a path to a UTF-8 text file")
+    max_eval_tokens: int = Field(256, ge=8)
+    gates: Gates = Gates()
+
+
+class Recipe(Strict):
+    name: str
+    description: str = ""
+    family: str
+    source: Source
+    components: dict[Component, ComponentSpec] = {"llm": ComponentSpec()}
+    matrix: Matrix = Matrix()
+    default_variant: Optional[str] = None
+    limits: Limits = Limits()
+    validation: Validation = Validation()
+    tags: list[str] = []
+
+    # where the recipe was loaded from (not part of the YAML)
+    origin: Optional[str] = Field(None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("a name is lower-case letters, digits, '.', '_' and '-', starting with a letter or digit")
+        return v
+
+    @model_validator(mode="after")
+    def _default_variant(self) -> "Recipe":
+        names = [v.name for v in self.variants()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"the build matrix yields duplicate variant names: {names}")
+        if self.default_variant is not None and self.default_variant not in names:
+            raise ValueError(f"default_variant {self.default_variant!r} is not one of the matrix's variants {names}")
+        return self
+
+    def variants(self) -> list["Variant"]:
+        m = self.matrix
+        out = []
+        for backend, dtype, quant, tp, target in itertools.product(m.backend, m.dtype, m.quant, m.tp, m.target):
+            parts = [DTYPE_SHORT[dtype]]
+            if quant != "none":
+                parts.append(quant)
+            parts.append(f"tp{tp}")
+            if len(m.backend) > 1:
+                parts.append(backend)
+            if len(m.target) > 1:
+                parts.append(target)
+            out.append(Variant(name="-".join(parts), backend=backend, dtype=dtype, quant=quant, tp=tp, target=target))
+        return out
+
+    def variant(self, name: Optional[str]) -> "Variant":
+        vs = self.variants()
+        if name is None:
+            name = self.default_variant or vs[0].name
+        for v in vs:
+            if v.name == name:
+                return v
+        raise BadInput(f"recipe {self.name!r} has no variant {name!r}; its variants: {', '.join(x.name for x in vs)}")
+
+    @property
+    def enabled_components(self) -> list[str]:
+        return [c for c, spec in self.components.items() if spec.enabled]
+
+    def digest(self) -> str:
+        return digest_json(self.model_dump(mode="json"))
+
+    def recipe_dir(self) -> Path:
+        return Path(self.origin).parent if self.origin else Path.cwd()
+
+
+class Variant(Strict):
+    name: str
+    backend: Backend
+    dtype: DType
+    quant: Quant
+    tp: int
+    target: str
+
+    def params(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def catalog_dir() -> Path:
+    env = os.environ.get("ENGINEFARM_CATALOG")
+    if env:
+        return Path(env)
+    here = Path.cwd() / "models"
+    if here.is_dir():
+        return here
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+def catalog_paths() -> list[Path]:
+    root = catalog_dir()
+    return sorted(p for p in root.rglob("*.yaml") if p.is_file())
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A recipe name in the catalog, or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if not p.is_file():
+            raise BadInput(f"no recipe file at {name_or_path}")
+        return p
+    for path in catalog_paths():
+        if path.stem == name_or_path:
+            return path
+    raise BadInput(
+        f"no recipe named {name_or_path!r} in the catalog {catalog_dir()} "
+        f"(give a name from `enginefarm ls --catalog` or a path to a .yaml file)"
+    )
+
+
+def _fmt_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def format_validation_error(path: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = _fmt_loc(tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-after"))))
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        got_s = "" if e["type"] == "missing" or isinstance(got, dict) or "(got" in msg else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{got_s}")
+    n = len(lines)
+    return f"bad recipe {path}: {n} problem{'s' if n > 1 else ''}\n" + "\n".join(lines)
+
+
+def parse_recipe(data: Any, origin: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise BadInput(f"bad recipe {origin}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    try:
+        r = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise BadInput(format_validation_error(origin, e)) from None
+    return r.model_copy(update={"origin": origin})
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    path = find_recipe(name_or_path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"cannot read recipe {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise BadInput(f"bad recipe {path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    recipe = parse_recipe(data, str(path))
+    # cross-checks that need the family (limits, components) happen here too,
+    # before any heavy work
+    from .families import get_family
+
+    fam = get_family(recipe.family, origin=str(path))
+    fam.check_recipe(recipe)
+    return recipe
+
+
+# --------------------------------------------------------------------------- refs
+
+
+REF_RE = re.compile(r"^(?P<recipe>[a-z0-9][a-z0-9._-]{0,63})(?::(?P<variant>[a-z0-9][a-z0-9._-]{0,63}))?(?:@(?P<alias>[a-z0-9][a-z0-9._-]{0,63}))?$")
+
+
+class Ref(BaseModel):
+    recipe: str
+    variant: Optional[str] = None
+    alias: str = "latest"
+
+    def __str__(self) -> str:
+        return f"{self.recipe}:{self.variant}@{self.alias}"
+
+
+def parse_ref(text: str) -> Ref:
+    m = REF_RE.match(text or "")
+    if not m or ".." in text:
+        raise BadInput(
+            f"bad ref {text!r}: expected RECIPE[:VARIANT][@ALIAS] with names of lower-case letters, digits, '.', '_', '-'"
+        )
+    return Ref(recipe=m["recipe"], variant=m["variant"], alias=m["alias"] or "latest")
