@@ -1,0 +1,40 @@
+"""Backends: one module each, behind one interface (`base.Backend`).
+
+`get_backend(name)` returns the backend object; `require(names, targets)`
+reports every backend that is not usable here, with its install hint,
+before a run starts. A backend that is not installed is never faked.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import NotAvailable
+from .base import Backend
+
+_MODULES = {
+    "aoti": "aoti",
+    "onnxruntime": "onnxruntime",
+    "tensorrt": "tensorrt",
+    "tensorrt-rtx": "tensorrt",
+    "tensorrt-llm": "tensorrt_llm",
+}
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _MODULES:
+        raise NotAvailable(f"unknown backend {name!r}; known: {', '.join(_MODULES)}")
+    mod = importlib.import_module(f".{_MODULES[name]}", __name__)
+    return mod.backend(name)
+
+
+def require(pairs: list[tuple[str, str, str]]) -> None:
+    """pairs: (backend, component, target). Raise one NotAvailable listing every problem."""
+    problems = []
+    for name, component, target in sorted(set(pairs)):
+        b = get_backend(name)
+        ok, why = b.usable(component, target)
+        if not ok:
+            problems.append(f"  {name} ({component}, target {target}): {why}")
+    if problems:
+        raise NotAvailable("cannot build here:\n" + "\n".join(problems))

@@ -1,0 +1,188 @@
+"""Hugging Face checkpoint -> TensorRT-LLM checkpoint (config.json +
+rank{N}.safetensors), streamed tensor by tensor.
+
+Source tensors are read from memory-mapped safetensors (single file or
+sharded through `model.safetensors.index.json`); each output tensor is made,
+written and dropped before the next one, so peak memory stays near the
+largest tensor, not the model. The family says how names map and split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from safetensors import safe_open
+
+from .errors import BadInput
+from .families.base import DecoderFamily, OutTensor
+from .spec import Variant
+
+ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TensorSource:
+    """All tensors of a Hugging Face checkpoint directory, memory-mapped."""
+
+    def __init__(self, root: str | Path, allow_pickle: bool = False):
+        self.root = Path(root)
+        index = self.root / "model.safetensors.index.json"
+        single = self.root / "model.safetensors"
+        self._where: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        if index.is_file():
+            try:
+                wm = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise BadInput(f"corrupt checkpoint index {index}: {e}") from None
+            for name, fn in wm.items():
+                self._where[name] = self.root / fn
+        elif single.is_file():
+            for name in self._open(single).keys():
+                self._where[name] = single
+        else:
+            bins = list(self.root.glob("*.bin"))
+            if bins and not allow_pickle:
+                raise BadInput(
+                    f"{self.root} has only pickled .bin weights; they are refused unless the recipe sets "
+                    f"source.allow_pickle: true"
+                )
+            raise BadInput(f"no safetensors weights in {self.root} (expected model.safetensors or its index)")
+
+    def _open(self, path: Path):
+        h = self._handles.get(path)
+        if h is None:
+            try:
+                h = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise BadInput(f"corrupt safetensors file {path}: {e}") from None
+            self._handles[path] = h
+        return h
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise BadInput(f"checkpoint {self.root} has no tensor {name!r}")
+        return self._open(self._where[name]).get_tensor(name)
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file tensor by tensor. The header needs every
+    shape and dtype up front, so the caller gives a plan first."""
+
+    def __init__(self, path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Optional[dict] = None):
+        self.path = path
+        header: dict = {}
+        off = 0
+        self._order = []
+        for name, dtype, shape in plan:
+            n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
+            self._order.append((name, dtype, tuple(shape), n))
+            off += n
+        if metadata:
+            header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * ((-len(hb)) % 8)
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(hb)))
+        self._f.write(hb)
+        self._i = 0
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        ename, dtype, shape, n = self._order[self._i]
+        if name != ename or t.dtype != dtype or tuple(t.shape) != shape:
+            raise RuntimeError(f"writer plan mismatch at {name}: planned {ename} {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
+        data = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        assert len(data) == n
+        self._f.write(data)
+        self._i += 1
+
+    def close(self) -> None:
+        if self._i != len(self._order):
+            raise RuntimeError(f"writer closed after {self._i} of {len(self._order)} tensors")
+        self._f.close()
+
+
+def _shape_of(out: OutTensor, src: TensorSource, dtype: torch.dtype) -> tuple[tuple[int, ...], torch.dtype]:
+    """Output shape/dtype from a cheap meta-device trial of the family's op."""
+    metas = []
+    for s in out.sources:
+        h = src._open(src._where[s]) if s in src._where else None
+        if h is None:
+            raise BadInput(f"checkpoint {src.root} has no tensor {s!r} (needed for {out.name})")
+        sl = h.get_slice(s)
+        metas.append(torch.empty(sl.get_shape(), dtype=dtype, device="meta"))
+    r = out.make(*metas)
+    return tuple(r.shape), r.dtype
+
+
+def convert_checkpoint(
+    family: DecoderFamily,
+    src_dir: str | Path,
+    out_dir: str | Path,
+    variant: Variant,
+    allow_pickle: bool = False,
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict:
+    """Convert one checkpoint for one variant; returns a summary."""
+    if variant.quant != "none":
+        from .errors import NotAvailable
+
+        raise NotAvailable(f"weight-only quantization ({variant.quant}) is not implemented yet; build the 'none' variants")
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    try:
+        hf = json.loads((src_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot read {src_dir / 'config.json'}: {e}") from None
+    family.check_config(hf, variant, where=str(src_dir / "config.json"))
+    src = TensorSource(src_dir, allow_pickle=allow_pickle)
+    names = src.names()
+    dtype = TORCH_DTYPES[variant.dtype]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = family.trtllm_config(hf, variant)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    t0 = time.perf_counter()
+    n_bytes = 0
+    for rank in range(variant.tp):
+        outs = family.tensors(hf, names, variant, rank)
+        plan = [(o.name, *reversed(_shape_of(o, src, dtype))) for o in outs]
+        plan = [(n, dt, sh) for n, dt, sh in plan]
+        w = SafetensorsWriter(out_dir / f"rank{rank}.safetensors", plan, {"format": "pt", "rank": rank})
+        for i, o in enumerate(outs):
+            t = o.make(*(src.get(s).to(dtype) for s in o.sources))
+            w.write(o.name, t)
+            n_bytes += t.numel() * t.element_size()
+            del t
+            if progress and (i % 16 == 0 or i == len(outs) - 1):
+                progress(f"convert rank {rank}: {i + 1}/{len(outs)} tensors")
+        w.close()
+    return {"tensors_per_rank": len(outs), "bytes_written": n_bytes, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def load_rank(ckpt_dir: str | Path, rank: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json and one rank's tensors of a TensorRT-LLM checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    cfg = json.loads((ckpt_dir / "config.json").read_text())
+    tensors = {}
+    with safe_open(str(ckpt_dir / f"rank{rank}.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k)
+    return cfg, tensors
