@@ -1,0 +1,1 @@
+"""Prefect flows: build (one recipe). Nightly, promote and gc come later."""

@@ -1,0 +1,184 @@
+"""The step machinery: content-addressed cache keys, store lookups, and the
+manifest every step writes.
+
+A step's key is the digest of its inputs' manifest digests, its parameters,
+its code version and the toolchain versions that shape its output. Before
+doing any work a step looks for `manifests/<recipe>/<step>/<key>.json` in the
+store; if it is there, that manifest is the answer and no weight file is
+read. Otherwise the step works in a scratch directory, writes its files as
+blobs (each hashed once, while written) and then its manifest.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..hashing import digest_json
+from ..spec import Recipe
+
+SCHEMA = "enginefarm.manifest/1"
+
+
+def log(msg: str) -> None:
+    """Progress: to stderr for people, and to the Prefect run log when in a run."""
+    try:
+        from prefect.context import FlowRunContext, TaskRunContext
+        from prefect.logging import get_run_logger
+
+        if TaskRunContext.get() or FlowRunContext.get():
+            get_run_logger().info(msg)
+            return
+    except Exception:
+        pass
+    print(f"[enginefarm] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Ctx:
+    store: Any
+    recipe: Recipe
+    force: bool = False
+    workdir: Optional[Path] = None
+    # set by the flow: one nonce per forced run, so forced rebuilds never collide with cached records
+    force_nonce: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+
+@dataclass
+class StepSpec:
+    step: str
+    params: dict
+    inputs: dict[str, "StepResult"]
+    code: str
+    toolchain: dict
+    variant: Optional[str] = None
+
+    def key(self, force_nonce: Optional[str] = None) -> str:
+        body = {
+            "step": self.step,
+            "params": self.params,
+            "inputs": {k: r.digest for k, r in sorted(self.inputs.items())},
+            "code": self.code,
+            "toolchain": self.toolchain,
+        }
+        if force_nonce:
+            body["forced"] = force_nonce
+        return digest_json(body)
+
+
+@dataclass
+class StepResult:
+    step: str
+    key: str
+    digest: str
+    manifest: dict
+    cached: bool
+
+    @property
+    def files(self) -> dict[str, dict]:
+        return self.manifest.get("files", {})
+
+    @property
+    def results(self) -> dict:
+        return self.manifest.get("results", {})
+
+
+def lookup(ctx: Ctx, spec: StepSpec) -> Optional[StepResult]:
+    key = spec.key()
+    m = ctx.store.get_manifest(ctx.recipe.name, spec.step, key)
+    if m is None:
+        return None
+    return StepResult(spec.step, key, digest_json(m), m, cached=True)
+
+
+def materialize(ctx: Ctx, result: StepResult, dest: Path, only: Optional[Callable[[str], bool]] = None) -> Path:
+    """Lay a step's files out under dest (verified against their sha256)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel, info in sorted(result.files.items()):
+        if only and not only(rel):
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ctx.store.get_blob_file(info["sha256"], target, size=info["size"])
+    return dest
+
+
+def run_step(
+    ctx: Ctx,
+    spec: StepSpec,
+    work: Callable[[Path, Path], tuple[dict, dict[str, Path]]],
+) -> StepResult:
+    """Answer from the store, or do `work(out_dir, scratch_dir)`.
+
+    `work` writes its output files under out_dir and returns (results,
+    extra) where extra maps relative names to existing files to store as
+    they are (no copy). Every file becomes a blob; then the manifest.
+    """
+    label = f"{spec.step}" + (f" [{spec.variant}]" if spec.variant else "")
+    if not ctx.force:
+        hit = lookup(ctx, spec)
+        if hit is not None:
+            log(f"{label}: cached ({hit.key[:12]})")
+            return hit
+    key = spec.key(ctx.force_nonce if ctx.force else None)
+    log(f"{label}: running ({key[:12]})")
+    t0 = time.perf_counter()
+    base = Path(tempfile.mkdtemp(prefix=f"ef-{spec.step}-", dir=ctx.workdir))
+    try:
+        out, scratch = base / "out", base / "scratch"
+        out.mkdir()
+        scratch.mkdir()
+        results, extra = work(out, scratch)
+        files: dict[str, dict] = {}
+        for p in sorted(out.rglob("*")):
+            if p.is_file():
+                d, n = ctx.store.put_blob_file(p)
+                files[p.relative_to(out).as_posix()] = {"sha256": d, "size": n}
+        for rel, path in sorted((extra or {}).items()):
+            if isinstance(path, dict):  # already a blob: {"sha256", "size"}
+                files[rel] = path
+            else:
+                d, n = ctx.store.put_blob_file(path)
+                files[rel] = {"sha256": d, "size": n}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    dt = time.perf_counter() - t0
+    manifest = {
+        "schema": SCHEMA,
+        "recipe": ctx.recipe.name,
+        "recipe_digest": ctx.recipe.digest(),
+        "step": spec.step,
+        "key": key,
+        "variant": spec.variant,
+        "params": spec.params,
+        "inputs": {k: {"step": r.step, "key": r.key, "digest": r.digest} for k, r in sorted(spec.inputs.items())},
+        "code_version": spec.code,
+        "toolchain": spec.toolchain,
+        "files": files,
+        "results": results,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "user": _user(),
+        "duration_s": round(dt, 3),
+    }
+    digest = ctx.store.put_manifest(ctx.recipe.name, spec.step, key, manifest)
+    stored = ctx.store.get_manifest(ctx.recipe.name, spec.step, key) or manifest
+    log(f"{label}: done in {dt:.1f}s ({len(files)} files)")
+    return StepResult(spec.step, key, digest, stored, cached=False)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return os.environ.get("USER", "unknown")

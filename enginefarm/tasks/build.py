@@ -1,0 +1,41 @@
+"""build: one engine for one component of one variant, with its backend."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from ..backends import get_backend
+from ..families import get_family
+from ..hashing import code_version
+from ..runtime import decoder
+from ..spec import Variant
+from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
+
+
+def component_backend(ctx: Ctx, component: str, variant: Variant) -> str:
+    return ctx.recipe.components[component].backend or variant.backend
+
+
+def spec(ctx: Ctx, converted: StepResult, variant: Variant, component: str = "llm") -> StepSpec:
+    bname = component_backend(ctx, component, variant)
+    b = get_backend(bname)
+    limits = get_family(ctx.recipe.family).derived_limits(ctx.recipe)
+    params = {"component": component, "backend": bname, "variant": variant.params(), "limits": limits}
+    code = code_version(sys.modules[__name__], sys.modules[type(b).__module__], decoder)
+    return StepSpec("build", params, {"convert": converted}, code, b.toolchain(variant.target), variant=variant.name)
+
+
+@task(name="build", cache_policy=NONE)
+def build_task(ctx: Ctx, converted: StepResult, variant: Variant, component: str = "llm") -> StepResult:
+    s = spec(ctx, converted, variant, component)
+
+    def work(out: Path, scratch: Path):
+        ckpt = materialize(ctx, converted, scratch / "ckpt")
+        sidecar = get_backend(s.params["backend"]).build(component, ckpt, out, variant, s.params["limits"], progress=log)
+        return {"engine": sidecar}, {}
+
+    return run_step(ctx, s, work)
