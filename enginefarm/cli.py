@@ -110,12 +110,19 @@ def cmd_recipe_new(a) -> int:
 def cmd_build(a) -> int:
     _quiet_prefect()
     from .errors import GateFailed
-    from .flows.build import build, prepare
+    from .flows.build import answer_from_store, prepare
 
-    prepare(a.recipe, a.variant or None)  # bad input exits 2 before Prefect starts
     t0 = time.perf_counter()
+    prepare(a.recipe, a.variant or None)  # bad input exits 2 before Prefect starts
     try:
-        summary = build(recipe=a.recipe, variants=a.variant or None, store=a.store, force=a.force)
+        summary = None
+        if not a.force and not a.flow:
+            # nothing to do: answered from the store's manifests, no flow run
+            summary = answer_from_store(a.recipe, a.variant or None, a.store)
+        if summary is None:
+            from .flows.build import build
+
+            summary = build(recipe=a.recipe, variants=a.variant or None, store=a.store, force=a.force)
         code = 0
     except GateFailed as e:
         summary = getattr(e, "summary", None)
@@ -142,45 +149,17 @@ def _print_build(s: dict) -> None:
             val = r["value"] if not isinstance(r["value"], float) else f"{r['value']:.3g}"
             print(f"    gate {g}: {val} (limit {r['limit']}) {'ok' if r['passed'] else 'FAIL'}")
     if s.get("all_cached"):
-        print("  every step cached")
+        print("  every step cached" + ("" if s.get("flow_run") else " (answered from the store; no flow run needed)"))
 
 
 def cmd_plan(a) -> int:
-    from .families import get_family
-    from .flows.build import prepare
+    from .flows.build import plan, prepare
     from .store import open_store
-    from .tasks import build as build_step
-    from .tasks import convert as convert_step
-    from .tasks import fetch as fetch_step
-    from .tasks import publish as publish_step
-    from .tasks import validate as validate_step
-    from .tasks.base import Ctx, lookup
 
     r, vs = prepare(a.recipe, a.variant or None)
     st = open_store(a.store)
-    ctx = Ctx(store=st, recipe=r)
-    rows = []
-
-    def show(step: str, variant: str, hit) -> None:
-        rows.append((step, variant, "cached" if hit else "will run", hit.key[:12] if hit else ""))
-
-    fetched = lookup(ctx, fetch_step.spec(ctx))
-    show("fetch", "-", fetched)
-    if fetched:
-        for v in vs:
-            get_family(r.family).check_config(fetched.results["config"], v)
-    for v in vs:
-        conv = lookup(ctx, convert_step.spec(ctx, fetched, v)) if fetched else None
-        show("convert", v.name, conv)
-        builds = {}
-        for c in r.enabled_components:
-            b = lookup(ctx, build_step.spec(ctx, conv, v, c)) if conv else None
-            builds[c] = b
-            show(f"build[{c}]", v.name, b)
-        val = lookup(ctx, validate_step.spec(ctx, fetched, builds["llm"], v)) if builds.get("llm") else None
-        show("validate", v.name, val)
-        pub = lookup(ctx, publish_step.spec(ctx, v, fetched, conv, builds, val)) if val and all(builds.values()) else None
-        show("publish", v.name, pub)
+    rows = [(step, variant, "cached" if hit else "will run", hit.key[:12] if hit else "")
+            for step, variant, hit in plan(r, vs, st)[0]]
     if a.json:
         print(json.dumps([dict(zip(("step", "variant", "status", "key"), x)) for x in rows], indent=2))
         return 0
@@ -400,6 +379,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--variant", action="append", help="a variant to build (repeatable; default: all)")
     store_arg(b)
     b.add_argument("--force", action="store_true", help="rebuild every step even if cached")
+    b.add_argument("--flow", action="store_true",
+                   help="always start a Prefect flow run, even when every step is cached")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_build)
 

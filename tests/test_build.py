@@ -52,7 +52,7 @@ _SPY = OpenSpy()
 sys.addaudithook(_SPY)
 
 
-def test_build_validates_and_second_build_is_all_cached_reading_no_weights(tmp_path):
+def test_build_validates_and_second_build_is_all_cached_reading_no_weights(tmp_path, capsys):
     src = write_tiny("opt", tmp_path / "src", seed=3)
     store_dir = tmp_path / "store"
     recipe = recipe_for(tmp_path, "cache-opt", "opt", src)
@@ -82,10 +82,13 @@ def test_build_validates_and_second_build_is_all_cached_reading_no_weights(tmp_p
     _SPY.hits.clear()
     _SPY.on = True
     try:
-        second = build(recipe=str(recipe), store=str(store_dir))
+        second = build(recipe=str(recipe), store=str(store_dir))  # a real (cached) flow run
+        assert cli(["build", str(recipe), "--store", str(store_dir), "--json"]) == 0  # answered from the store
     finally:
         _SPY.on = False
-    assert second["all_cached"]
+    third = json.loads(capsys.readouterr().out)
+    assert third["all_cached"] and third["flow_run"] is None and third["variants"]["fp32-tp1"]["digest"] == v["digest"]
+    assert second["all_cached"] and second["flow_run"]
     assert set(second["variants"]["fp32-tp1"]["steps"].values()) == {"cached"}
     assert second["variants"]["fp32-tp1"]["digest"] == v["digest"]
     assert _SPY.hits == [], f"a cached build opened {_SPY.hits}"

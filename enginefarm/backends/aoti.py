@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..errors import NotAvailable
-from .base import Backend, torch_toolchain
+from .base import Backend, torch_toolchain, version_of
 
 ENGINE_FILE = "llm.pt2"
 
@@ -25,13 +25,15 @@ class AOTI(Backend):
     def usable(self, component: str, target: str) -> tuple[bool, str]:
         if component not in self.components:
             return False, f"the aoti backend builds {', '.join(self.components)} components in this version"
-        try:
-            import torch
-        except ImportError:
+        tv = version_of("torch")
+        if tv is None:
             return False, f"torch is not installed ({self.install_hint})"
-        if not hasattr(torch._inductor, "aoti_compile_and_package"):
-            return False, f"this torch ({torch.__version__}) has no AOTInductor packaging ({self.install_hint})"
+        major_minor = tuple(int(x) for x in tv.split("+")[0].split(".")[:2])
+        if major_minor < (2, 6):
+            return False, f"this torch ({tv}) has no AOTInductor packaging ({self.install_hint})"
         if target != "cpu":
+            import torch
+
             if not torch.cuda.is_available():
                 return False, f"target {target} needs a CUDA GPU; none is visible here"
             major, minor = torch.cuda.get_device_capability()

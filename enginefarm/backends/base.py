@@ -16,10 +16,10 @@ def version_of(dist: str) -> str | None:
 
 
 def torch_toolchain(target: str) -> dict[str, Any]:
-    import torch
-
-    tc = {"python": platform.python_version(), "torch": torch.__version__}
+    tc = {"python": platform.python_version(), "torch": version_of("torch")}
     if target != "cpu":
+        import torch
+
         tc["cuda"] = torch.version.cuda
         tc["gpu_arch"] = target
     else:

@@ -4,22 +4,25 @@ the input dim; row-parallel biases stay whole on every rank)."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
-def column(t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+def column(t: "torch.Tensor", tp: int, rank: int) -> "torch.Tensor":
     if tp == 1:
         return t
     return t.chunk(tp, dim=0)[rank]
 
 
-def row(t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+def row(t: "torch.Tensor", tp: int, rank: int) -> "torch.Tensor":
     if tp == 1 or t.dim() == 1:
         return t
     return t.chunk(tp, dim=1)[rank]
 
 
-def kv_heads_for_rank(t: torch.Tensor, n_kv: int, tp: int, rank: int) -> torch.Tensor:
+def kv_heads_for_rank(t: "torch.Tensor", n_kv: int, tp: int, rank: int) -> "torch.Tensor":
     """k or v projection rows (weight [n_kv*d, h] or bias [n_kv*d]) for one rank:
     split when tp divides the kv heads, replicate heads when tp exceeds them."""
     if tp == 1:
@@ -32,15 +35,21 @@ def kv_heads_for_rank(t: torch.Tensor, n_kv: int, tp: int, rank: int) -> torch.T
     return t[head * d : (head + 1) * d]
 
 
-def fused_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_kv: int, tp: int, rank: int) -> torch.Tensor:
-    return torch.cat([column(q, tp, rank), kv_heads_for_rank(k, n_kv, tp, rank), kv_heads_for_rank(v, n_kv, tp, rank)], 0)
+def _torch():
+    import torch
+
+    return torch
 
 
-def vocab_rows(t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+def fused_qkv(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", n_kv: int, tp: int, rank: int) -> "torch.Tensor":
+    return _torch().cat([column(q, tp, rank), kv_heads_for_rank(k, n_kv, tp, rank), kv_heads_for_rank(v, n_kv, tp, rank)], 0)
+
+
+def vocab_rows(t: "torch.Tensor", tp: int, rank: int) -> "torch.Tensor":
     """lm_head rows for one rank, the vocab padded to a multiple of tp."""
     if tp == 1:
         return t
     pad = (-t.shape[0]) % tp
     if pad:
-        t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])], 0)
+        t = _torch().cat([t, t.new_zeros(pad, *t.shape[1:])], 0)
     return t.chunk(tp, dim=0)[rank]

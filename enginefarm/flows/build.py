@@ -25,7 +25,7 @@ from ..tasks import convert as convert_step
 from ..tasks import fetch as fetch_step
 from ..tasks import publish as publish_step
 from ..tasks import validate as validate_step
-from ..tasks.base import Ctx, log
+from ..tasks.base import Ctx, log, lookup
 
 
 def prepare(recipe: str | Recipe, variants: Optional[list[str]] = None) -> tuple[Recipe, list[Variant]]:
@@ -37,6 +37,79 @@ def prepare(recipe: str | Recipe, variants: Optional[list[str]] = None) -> tuple
         [(r.components[c].backend or v.backend, c, v.target) for v in vs for c in r.enabled_components]
     )
     return r, vs
+
+
+def variant_summary(st, r: Recipe, steps: dict) -> dict:
+    published, validated = steps["publish"], steps["validate"]
+    return {
+        "manifest": st.manifest_path(r.name, "publish", published.key),
+        "digest": published.digest,
+        "steps": {k: ("cached" if s.cached else "built") for k, s in steps.items()},
+        "validation": validated.results.get("passed"),
+        "gates": validated.results.get("gates"),
+        "files": published.files,
+    }
+
+
+def finish(summary: dict, all_cached: bool) -> dict:
+    summary["all_cached"] = all_cached
+    failed = [n for n, x in summary["variants"].items() if not x["validation"]]
+    summary["failed"] = failed
+    if failed:
+        err = GateFailed(f"validation gates failed for {summary['recipe']}: {', '.join(failed)} "
+                         f"(published as latest, not validated)")
+        err.summary = summary
+        raise err
+    return summary
+
+
+def plan(r: Recipe, vs: list[Variant], st) -> tuple[list[tuple[str, str, object]], dict]:
+    """Every step's cache lookup, without running anything: rows of
+    (step, variant, StepResult or None), and {variant: steps} for the
+    variants whose every step is cached."""
+    ctx = Ctx(store=st, recipe=r)
+    fam = get_family(r.family)
+    rows: list = []
+    complete: dict = {}
+    fetched = lookup(ctx, fetch_step.spec(ctx))
+    rows.append(("fetch", "-", fetched))
+    if fetched:
+        for v in vs:
+            fam.check_config(fetched.results["config"], v, where=f"{r.name}'s fetched config.json")
+    for v in vs:
+        conv = lookup(ctx, convert_step.spec(ctx, fetched, v)) if fetched else None
+        rows.append(("convert", v.name, conv))
+        builds = {}
+        for c in r.enabled_components:
+            builds[c] = lookup(ctx, build_step.spec(ctx, conv, v, c)) if conv else None
+            rows.append((f"build[{c}]", v.name, builds[c]))
+        val = lookup(ctx, validate_step.spec(ctx, fetched, builds["llm"], v)) if builds.get("llm") else None
+        rows.append(("validate", v.name, val))
+        pub = None
+        if val and all(builds.values()):
+            pub = lookup(ctx, publish_step.spec(ctx, v, fetched, conv, builds, val))
+        rows.append(("publish", v.name, pub))
+        if pub:
+            complete[v.name] = {"fetch": fetched, "convert": conv, **{f"build.{c}": b for c, b in builds.items()},
+                                "validate": val, "publish": pub}
+    return rows, complete
+
+
+def answer_from_store(recipe: str | Recipe, variants: Optional[list[str]], store: Optional[str]) -> Optional[dict]:
+    """The build's result when every step of every variant is already in the
+    store (aliases checked and, if behind, moved), or None. No flow run is
+    started for a build that has nothing to do."""
+    r, vs = prepare(recipe, variants)
+    st = open_store(store)
+    _, complete = plan(r, vs, st)
+    if len(complete) != len(vs):
+        return None
+    summary: dict = {"recipe": r.name, "store": st.uri, "variants": {}, "flow_run": None}
+    for v in vs:
+        steps = complete[v.name]
+        publish_step.move_aliases(st, r.name, v.name, steps["publish"])
+        summary["variants"][v.name] = variant_summary(st, r, steps)
+    return finish(summary, True)
 
 
 @flow(name="build", log_prints=False, validate_parameters=True)
@@ -63,19 +136,11 @@ def build(recipe: str, variants: Optional[list[str]] = None, store: Optional[str
         steps = {"fetch": fetched, "convert": converted, **{f"build.{c}": b for c, b in builds.items()},
                  "validate": validated, "publish": published}
         steps_cached += [s.cached for s in steps.values()]
-        summary["variants"][v.name] = {
-            "manifest": st.manifest_path(r.name, "publish", published.key),
-            "digest": published.digest,
-            "steps": {k: ("cached" if s.cached else "built") for k, s in steps.items()},
-            "validation": validated.results.get("passed"),
-            "gates": validated.results.get("gates"),
-            "files": published.files,
-        }
-    summary["all_cached"] = all(steps_cached)
-    failed = [n for n, x in summary["variants"].items() if not x["validation"]]
-    summary["failed"] = failed
-    if failed:
-        err = GateFailed(f"validation gates failed for {r.name}: {', '.join(failed)} (published as latest, not validated)")
-        err.summary = summary
-        raise err
-    return summary
+        summary["variants"][v.name] = variant_summary(st, r, steps)
+    try:
+        from prefect.runtime import flow_run
+
+        summary["flow_run"] = flow_run.id
+    except Exception:
+        summary["flow_run"] = None
+    return finish(summary, all(steps_cached))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from prefect import task
@@ -11,7 +10,6 @@ from prefect.cache_policies import NONE
 from ..backends import get_backend
 from ..families import get_family
 from ..hashing import code_version
-from ..runtime import decoder
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
 
@@ -25,7 +23,7 @@ def spec(ctx: Ctx, converted: StepResult, variant: Variant, component: str = "ll
     b = get_backend(bname)
     limits = get_family(ctx.recipe.family).derived_limits(ctx.recipe)
     params = {"component": component, "backend": bname, "variant": variant.params(), "limits": limits}
-    code = code_version(sys.modules[__name__], sys.modules[type(b).__module__], decoder)
+    code = code_version(__name__, type(b).__module__, "enginefarm.runtime.decoder", "enginefarm.runtime.engine")
     return StepSpec("build", params, {"convert": converted}, code, b.toolchain(variant.target), variant=variant.name)
 
 

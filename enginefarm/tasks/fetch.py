@@ -10,7 +10,6 @@ allows them.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from prefect import task
@@ -108,7 +107,7 @@ def spec(ctx: Ctx) -> StepSpec:
         params.update(path=str(root), files=_listing(root, src.allow_pickle))
         if not params["files"]:
             raise BadInput(f"recipe {ctx.recipe.name}: no checkpoint files in {root}")
-    return StepSpec("fetch", params, {}, code_version(sys.modules[__name__]), {})
+    return StepSpec("fetch", params, {}, code_version(__name__), {})
 
 
 def _work(ctx: Ctx, spec_: StepSpec):

@@ -9,7 +9,6 @@ alias never finds a manifest whose blobs are missing.
 from __future__ import annotations
 
 import platform
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,7 +27,7 @@ def spec(ctx: Ctx, variant: Variant, fetched: StepResult, converted: StepResult,
     inputs = {"fetch": fetched, "convert": converted, "validate": validated}
     inputs.update({f"build.{c}": b for c, b in builds.items()})
     params = {"variant": variant.params(), "components": sorted(builds)}
-    return StepSpec("publish", params, inputs, code_version(sys.modules[__name__]), {}, variant=variant.name)
+    return StepSpec("publish", params, inputs, code_version(__name__), {}, variant=variant.name)
 
 
 def move_alias(store, recipe: str, variant: str, alias: str, target: StepResult, reason: str) -> bool:
@@ -82,10 +81,14 @@ def publish_task(ctx: Ctx, variant: Variant, fetched: StepResult, converted: Ste
         return results, files
 
     res = run_step(ctx, s, work)
-    moved = move_alias(ctx.store, ctx.recipe.name, variant.name, "latest", res, "publish")
-    if moved:
-        log(f"publish [{variant.name}]: latest -> {res.digest[:12]}")
-    if res.results.get("validation", {}).get("passed"):
-        if move_alias(ctx.store, ctx.recipe.name, variant.name, "validated", res, "validation gates passed"):
-            log(f"publish [{variant.name}]: validated -> {res.digest[:12]}")
+    move_aliases(ctx.store, ctx.recipe.name, variant.name, res)
     return res
+
+
+def move_aliases(store, recipe: str, variant: str, res: StepResult) -> None:
+    """latest on every publish; validated only when the gates passed."""
+    if move_alias(store, recipe, variant, "latest", res, "publish"):
+        log(f"publish [{variant}]: latest -> {res.digest[:12]}")
+    if res.results.get("validation", {}).get("passed"):
+        if move_alias(store, recipe, variant, "validated", res, "validation gates passed"):
+            log(f"publish [{variant}]: validated -> {res.digest[:12]}")

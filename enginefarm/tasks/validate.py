@@ -11,7 +11,6 @@ exception: the build is published as `latest` but not `validated`).
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 from prefect import task
@@ -21,7 +20,6 @@ from ..backends import get_backend
 from ..backends.base import version_of
 from ..errors import BadInput
 from ..hashing import code_version, digest_bytes
-from ..runtime import engine as engine_mod
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
 
@@ -45,10 +43,8 @@ def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant) -> 
         "validation": v.model_dump(mode="json"),
         "text_digest": digest_bytes(text_set(v.text_set, ctx).encode()),
     }
-    import torch
-
-    tc = {"torch": torch.__version__, "transformers": version_of("transformers")}
-    code = code_version(sys.modules[__name__], engine_mod)
+    tc = {"torch": version_of("torch"), "transformers": version_of("transformers")}
+    code = code_version(__name__, "enginefarm.runtime.engine")
     return StepSpec("validate", params, {"fetch": fetched, "build": built}, code, tc, variant=variant.name)
 
 
