@@ -9,7 +9,6 @@ rule (naming, hashing, verification, atomicity of pulls) lives here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import BadInput, StepFailed
-from ..hashing import CHUNK, canonical_json, digest_bytes
+from ..hashing import canonical_json, digest_bytes, digest_file
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -89,13 +88,7 @@ class Store(ABC):
 
     def put_blob_file(self, path) -> tuple[str, int]:
         path = Path(path)
-        h = hashlib.sha256()
-        size = 0
-        with open(path, "rb") as f:
-            while b := f.read(CHUNK):
-                h.update(b)
-                size += len(b)
-        digest = h.hexdigest()
+        digest, size = digest_file(path)
         if not self.has_blob(digest):
             self._put_blob_from(self.blob_key(digest), path, digest)
         return digest, size
@@ -118,16 +111,9 @@ class Store(ABC):
         try:
             tmp.unlink()
             self._download(key, tmp)
-            h = hashlib.sha256()
-            n = 0
-            with open(tmp, "rb") as f:
-                while b := f.read(CHUNK):
-                    h.update(b)
-                    n += len(b)
-            if h.hexdigest() != digest or (size is not None and n != size):
-                raise CorruptBlob(
-                    f"blob sha256:{digest} in {self.uri} is corrupt (its bytes hash to {h.hexdigest()}, {n} bytes)"
-                )
+            got, n = digest_file(tmp)
+            if got != digest or (size is not None and n != size):
+                raise CorruptBlob(f"blob sha256:{digest} in {self.uri} is corrupt (its bytes hash to {got}, {n} bytes)")
             os.replace(tmp, dest)
         except FileNotFoundError:
             raise StepFailed(f"blob sha256:{digest} is missing from {self.uri}") from None
