@@ -196,6 +196,8 @@ def resolve(store, ref_text: str) -> tuple[dict, dict]:
             variant = load_recipe(ref.recipe).variant(None).name
         except BadInput:
             variants = sorted({v for rr, v, _ in store.list_refs(ref.recipe)})
+            if not variants:
+                raise BadInput(f"ref {ref_text}: no engines for {ref.recipe!r} in {store.uri}") from None
             if len(variants) != 1:
                 raise BadInput(f"ref {ref_text}: name the variant (RECIPE:VARIANT); the store has {variants or 'none'}") from None
             variant = variants[0]
