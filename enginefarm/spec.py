@@ -41,6 +41,11 @@ class Source(Strict):
 
     hf: Optional[str] = Field(None, description="Hugging Face repo id, e.g. facebook/opt-125m")
     revision: Optional[str] = Field(None, description="commit sha the hf source is pinned to (40 hex chars)")
+    track: Optional[str] = Field(
+        None,
+        description="instead of a pinned revision: a branch the hf source follows; resolved to a commit sha at "
+        "fetch time and recorded in the manifest (a new upstream commit makes the variant stale)",
+    )
     path: Optional[str] = Field(None, description="local checkpoint directory (relative to the recipe file)")
     s3: Optional[str] = Field(None, description="s3://bucket/prefix of a checkpoint")
     tiny: Optional[str] = Field(None, description="a tiny checkpoint made by enginefarm.testing (offline)")
@@ -53,10 +58,16 @@ class Source(Strict):
         if len(kinds) != 1:
             raise ValueError(f"give exactly one of hf, path, s3, tiny (got {kinds or 'none'})")
         if self.hf:
-            if not self.revision or not HEX40.match(self.revision):
-                raise ValueError("an hf source must be pinned: revision must be a 40-hex-digit commit sha")
-        elif self.revision:
-            raise ValueError("revision is only for hf sources")
+            if self.track:
+                if self.revision:
+                    raise ValueError("give revision (a pinned commit) or track (a branch), not both")
+            elif not self.revision or not HEX40.match(self.revision):
+                raise ValueError(
+                    "an hf source must be pinned: revision must be a 40-hex-digit commit sha "
+                    "(or say track: BRANCH to follow a branch explicitly)"
+                )
+        elif self.revision or self.track:
+            raise ValueError("revision and track are only for hf sources")
         if self.s3 and not self.s3.startswith("s3://"):
             raise ValueError("s3 must look like s3://bucket/prefix")
         return self

@@ -20,12 +20,24 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["ENGINEFARM_TINY_DIR"] = str(_SESSION_TMP / "tiny")
 os.environ["ENGINEFARM_CACHE"] = str(_SESSION_TMP / "cache")
 os.environ.pop("ENGINEFARM_STORE", None)
-# dummy credentials for the test S3 server only; never real ones
-for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-    os.environ.pop(k, None)
+
+
+# ============================================================================
+# store fixtures (enginefarm.store): a real S3-compatible HTTP server (moto in
+# server mode on a free loopback port) and a `store` fixture run over both
+# implementations. Owned by the store; other fixtures go outside this block.
+# ============================================================================
+
+# Dummy credentials for the test S3 server only, never real ones: set for the
+# whole session (before anything makes a boto3 client), with the user's AWS
+# config files and profile out of reach.
+for _k in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3",
+           "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION"):
+    os.environ.pop(_k, None)
 os.environ["AWS_ACCESS_KEY_ID"] = "testing"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ["AWS_CONFIG_FILE"] = str(_SESSION_TMP / "aws-config")
 os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(_SESSION_TMP / "aws-credentials")
 
@@ -38,6 +50,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_server():
+    """The URL of a moto S3 server for this session; boto3 finds it through
+    AWS_ENDPOINT_URL, as it would find a real endpoint."""
     from moto.server import ThreadedMotoServer
 
     port = _free_port()
@@ -45,13 +59,16 @@ def s3_server():
     server.start()
     url = f"http://127.0.0.1:{port}"
     os.environ["AWS_ENDPOINT_URL"] = url
-    yield url
-    server.stop()
-    os.environ.pop("AWS_ENDPOINT_URL", None)
+    try:
+        yield url
+    finally:
+        server.stop()
+        os.environ.pop("AWS_ENDPOINT_URL", None)
 
 
 @pytest.fixture
 def s3_store_uri(s3_server):
+    """s3://<a fresh bucket>/engines (the store never creates buckets itself)."""
     import boto3
 
     bucket = f"farm-{uuid.uuid4().hex[:12]}"
@@ -61,8 +78,14 @@ def s3_store_uri(s3_server):
 
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path):
+    """An opened, empty Store: a directory under tmp_path, or a fresh S3 bucket."""
     from enginefarm.store import open_store
 
     if request.param == "local":
         return open_store(str(tmp_path / "store"))
     return open_store(request.getfixturevalue("s3_store_uri"))
+
+
+# ============================================================================
+# end of store fixtures
+# ============================================================================

@@ -1,118 +1,198 @@
 """The S3 store (any S3-compatible endpoint: AWS, MinIO, Ceph RGW, R2).
 
-Endpoint and credentials come from the standard boto3 chain only
-(`AWS_ENDPOINT_URL`, `AWS_PROFILE`, ...); they are never printed or stored.
-Write-once objects use `If-None-Match: *`; refs move with `If-Match: <etag>`.
+Endpoint, region and credentials come from the standard boto3 chain only
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE, config files, ...); they
+are never printed or stored. Write-once objects use `If-None-Match: *`; refs
+move with `If-Match: <etag>` (the version token of a ref is its ETag).
 Files go through boto3's transfer manager (multipart, parallel parts) with
-SHA-256 checksums; retries with backoff on throttling and 5xx.
+SHA-256 checksums; a single-part upload carries the blob's own sha256, so
+the server refuses bytes that do not match the name. Retries back off on
+throttling and 5xx. A missing bucket is never created: it is a BadInput.
+
+Checksums: sent unless the standard chain says `request_checksum_calculation
+= when_required` (AWS_REQUEST_CHECKSUM_CALCULATION), for servers that do not
+accept them; a server that refuses them once turns them off for the store.
 """
 
 from __future__ import annotations
 
+import base64
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from ..errors import BadInput
+from ..errors import BadInput, StepFailed
 from .base import Store
 
-MB = 1024 * 1024
+MiB = 1024 * 1024
+
+# an error code from a server that does not implement the checksum we sent
+_CHECKSUM_REFUSED = {"NotImplemented", "InvalidArgument", "InvalidRequest", "UnsupportedChecksumAlgorithm"}
+# the body does not match the checksum we sent: the source changed under us
+_BAD_DIGEST = {"BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"}
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict"}
 
 
-def _code(e) -> str:
+def _code(e: BaseException) -> str:
     return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
 
 
-def _status(e) -> int:
+def _status(e: BaseException) -> int:
     return int(getattr(e, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
+def _not_found(e: BaseException) -> bool:
+    return _status(e) == 404 or _code(e) in _NOT_FOUND
+
+
+def _condition_failed(e: BaseException) -> bool:
+    return _status(e) in (409, 412) or _code(e) in _CONDITION_FAILED
+
+
 class S3Store(Store):
-    def __init__(self, bucket: str, prefix: str = ""):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        multipart_threshold: int = 64 * MiB,
+        multipart_chunksize: int = 16 * MiB,
+        max_concurrency: int = 8,
+    ):
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
         self.bucket = bucket
-        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        cfg = Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=32,
-                     request_checksum_calculation="when_supported", response_checksum_validation="when_supported")
+        prefix = "/".join(p for p in prefix.split("/") if p)
+        self.prefix = prefix + "/" if prefix else ""
+        self.uri = f"s3://{bucket}/{prefix}".rstrip("/")
+        cfg = Config(
+            retries={"mode": "standard", "max_attempts": 8},
+            max_pool_connections=max(32, 2 * max_concurrency),
+            connect_timeout=10,
+            read_timeout=120,
+        )
         self.s3 = boto3.client("s3", config=cfg)
-        self.transfer = TransferConfig(multipart_threshold=16 * MB, multipart_chunksize=16 * MB, max_concurrency=8)
-        self._checked = False
+        self.transfer = TransferConfig(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=multipart_chunksize,
+            max_concurrency=max_concurrency,
+            use_threads=True,
+        )
+        self._checksums = getattr(self.s3.meta.config, "request_checksum_calculation", None) != "when_required"
+        self._bucket_ok = False
+        self._bucket_lock = threading.Lock()
 
-    def _check_bucket(self) -> None:
-        if self._checked:
-            return
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-
-        try:
-            self.s3.head_bucket(Bucket=self.bucket)
-        except ClientError as e:
-            if _status(e) in (404, 403) or _code(e) in ("404", "NoSuchBucket", "403"):
-                raise BadInput(f"store {self.uri}: bucket {self.bucket!r} does not exist or is not accessible") from None
-            raise
-        except NoCredentialsError:
-            raise BadInput(f"store {self.uri}: no AWS credentials found (configure the standard boto3 chain)") from None
-        except EndpointConnectionError as e:
-            raise BadInput(f"store {self.uri}: cannot reach the S3 endpoint ({e})") from None
-        self._checked = True
+    # ------------------------------------------------------------ helpers
 
     def _k(self, key: str) -> str:
         return self.prefix + key
 
-    def _head(self, key: str) -> Optional[dict]:
+    def _check_bucket(self) -> None:
+        """Once per store: the bucket exists and we may use it, else BadInput."""
+        if self._bucket_ok:
+            return
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        with self._bucket_lock:
+            if self._bucket_ok:
+                return
+            try:
+                self.s3.head_bucket(Bucket=self.bucket)
+            except ClientError as e:
+                if _status(e) in (301, 400, 403, 404) or _code(e) in ("404", "NoSuchBucket", "403", "AccessDenied"):
+                    raise BadInput(
+                        f"store {self.uri}: bucket {self.bucket!r} does not exist or is not accessible "
+                        f"(HTTP {_status(e) or _code(e)}); create it first"
+                    ) from None
+                raise
+            except NoCredentialsError:
+                raise BadInput(f"store {self.uri}: no AWS credentials found (configure the standard boto3 chain)") from None
+            except EndpointConnectionError as e:
+                raise BadInput(f"store {self.uri}: cannot reach the S3 endpoint ({e})") from None
+            self._bucket_ok = True
+
+    def _put_object(self, key: str, data: bytes, **conditions: Any) -> None:
+        """put_object with a SHA-256 checksum where the server accepts one."""
+        from botocore.exceptions import ClientError
+
+        self._check_bucket()
+        args = dict(Bucket=self.bucket, Key=self._k(key), Body=data, **conditions)
+        if self._checksums:
+            try:
+                self.s3.put_object(**args, ChecksumAlgorithm="SHA256")
+                return
+            except ClientError as e:
+                if _code(e) not in _CHECKSUM_REFUSED:
+                    raise
+                self._checksums = False  # this server does not take them
+        self.s3.put_object(**args)
+
+    # ------------------------------------------------------------ primitives
+
+    def _exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
         self._check_bucket()
         try:
-            return self.s3.head_object(Bucket=self.bucket, Key=self._k(key))
+            self.s3.head_object(Bucket=self.bucket, Key=self._k(key))
+            return True
         except ClientError as e:
-            if _status(e) == 404 or _code(e) in ("404", "NoSuchKey", "NotFound"):
-                return None
+            if _not_found(e):
+                return False
             raise
-
-    def _exists(self, key: str) -> bool:
-        return self._head(key) is not None
 
     def _put_bytes(self, key: str, data: bytes, if_none_match: bool = False) -> bool:
         from botocore.exceptions import ClientError
 
-        self._check_bucket()
-        kw = {"IfNoneMatch": "*"} if if_none_match else {}
         try:
-            self.s3.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, ChecksumAlgorithm="SHA256", **kw)
+            self._put_object(key, data, **({"IfNoneMatch": "*"} if if_none_match else {}))
             return True
         except ClientError as e:
-            if if_none_match and (_status(e) in (409, 412) or _code(e) in ("PreconditionFailed", "ConditionalRequestConflict")):
+            if if_none_match and _condition_failed(e):
                 return False
             raise
 
-    def _put_blob_from(self, key: str, path: Path, digest: str) -> None:
-        self._check_bucket()
-        self.s3.upload_file(str(path), self.bucket, self._k(key), Config=self.transfer,
-                            ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": digest}})
-
-    def _get_bytes(self, key: str) -> Optional[bytes]:
-        from botocore.exceptions import ClientError
+    def _put_file(self, key: str, path: Path, digest: str, size: int) -> None:
+        from boto3.exceptions import S3UploadFailedError
 
         self._check_bucket()
+        extra: dict[str, Any] = {"Metadata": {"sha256": digest}}
+        if self._checksums:
+            if size < self.transfer.multipart_threshold:
+                # one PUT: the server checks the whole body against the name
+                extra["ChecksumSHA256"] = base64.b64encode(bytes.fromhex(digest)).decode()
+            else:
+                extra["ChecksumAlgorithm"] = "SHA256"  # per part, computed as it is read
         try:
-            return self.s3.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
-        except ClientError as e:
-            if _status(e) == 404 or _code(e) in ("NoSuchKey", "404"):
-                return None
+            self.s3.upload_file(str(path), self.bucket, self._k(key), Config=self.transfer, ExtraArgs=extra)
+        except S3UploadFailedError as e:
+            cause = e.__cause__ or e.__context__
+            if _code(cause) in _BAD_DIGEST:
+                raise StepFailed(f"{path} changed while it was stored as sha256:{digest}; nothing was stored") from None
+            if self._checksums and _code(cause) in _CHECKSUM_REFUSED:
+                self._checksums = False
+                extra = {"Metadata": {"sha256": digest}}
+                self.s3.upload_file(str(path), self.bucket, self._k(key), Config=self.transfer, ExtraArgs=extra)
+                return
             raise
 
-    def _download(self, key: str, dest: Path) -> None:
+    def _get_bytes(self, key: str) -> Optional[bytes]:
+        got = self._get_with_version(key)
+        return None if got is None else got[0]
+
+    def _get_file(self, key: str, dest: Path) -> bool:
         from botocore.exceptions import ClientError
 
         self._check_bucket()
         try:
             self.s3.download_file(self.bucket, self._k(key), str(dest), Config=self.transfer)
+            return True
         except ClientError as e:
-            if _status(e) == 404 or _code(e) in ("NoSuchKey", "404"):
-                raise FileNotFoundError(key) from None
+            if _not_found(e):
+                return False
             raise
 
     def _list(self, prefix: str) -> list[str]:
@@ -123,14 +203,14 @@ class S3Store(Store):
                 out.append(o["Key"][len(self.prefix):])
         return out
 
-    def _get_versioned(self, key: str) -> Optional[tuple[bytes, str]]:
+    def _get_with_version(self, key: str) -> Optional[tuple[bytes, str]]:
         from botocore.exceptions import ClientError
 
         self._check_bucket()
         try:
             r = self.s3.get_object(Bucket=self.bucket, Key=self._k(key))
         except ClientError as e:
-            if _status(e) == 404 or _code(e) in ("NoSuchKey", "404"):
+            if _not_found(e):
                 return None
             raise
         return r["Body"].read(), r["ETag"]
@@ -138,13 +218,13 @@ class S3Store(Store):
     def _cas(self, key: str, data: bytes, expected: Optional[str]) -> bool:
         from botocore.exceptions import ClientError
 
-        self._check_bucket()
-        kw = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
         try:
-            self.s3.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, **kw)
+            self._put_object(key, data, **({"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}))
             return True
         except ClientError as e:
-            if _status(e) in (409, 412) or _code(e) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+            # 412: the condition failed; 409: a concurrent conditional write
+            # won; 404 (If-Match): the ref was deleted meanwhile
+            if _condition_failed(e) or (expected is not None and _not_found(e)):
                 return False
             raise
 

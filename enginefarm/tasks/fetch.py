@@ -95,11 +95,27 @@ def _s3_download(uri: str, keys: list[str], out: Path) -> None:
         s3.download_file(bucket, prefix + rel, str(dest))
 
 
+def resolve_branch(repo: str, branch: str) -> str:
+    """The commit sha a tracked branch points at now (needs the Hugging Face API)."""
+    from huggingface_hub import HfApi
+
+    try:
+        sha = HfApi().model_info(repo, revision=branch).sha
+    except Exception as e:
+        raise BadInput(
+            f"source {repo} tracks branch {branch!r}, which could not be resolved to a commit "
+            f"({e.__class__.__name__}: {e}); pin a revision to build offline"
+        ) from None
+    if not sha:
+        raise BadInput(f"source {repo}: the hub returned no commit for branch {branch!r}")
+    return sha
+
+
 def spec(ctx: Ctx) -> StepSpec:
     src = ctx.recipe.source
     params: dict = {"kind": src.kind, "allow_pickle": src.allow_pickle}
     if src.hf:
-        params.update(hf=src.hf, revision=src.revision)
+        params.update(hf=src.hf, revision=src.revision or resolve_branch(src.hf, src.track))
     elif src.s3:
         params.update(s3=src.s3, objects=[(k, size, etag) for k, size, etag in _s3_objects(src.s3)])
     else:
