@@ -17,7 +17,6 @@ checked names.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..errors import BadInput, StepFailed
-from ..hashing import CHUNK, canonical_json, digest_bytes
+from ..hashing import canonical_json, digest_bytes, digest_file
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +172,8 @@ class Store(ABC):
         """Hash a source file before it is stored. The default reads it in
         place; a store may override this to copy while hashing (reading the
         source once) and yield its own private copy instead."""
-        h = hashlib.sha256()
-        size = 0
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-        yield Staged(path, h.hexdigest(), size)
+        digest, size = digest_file(path)
+        yield Staged(path, digest, size)
 
     # ------------------------------------------------------------ blobs
 
@@ -252,13 +246,7 @@ class Store(ABC):
         self._delete(blob_key(digest))
 
     def _verify_file(self, digest: str, path: Path, size: Optional[int]) -> None:
-        h = hashlib.sha256()
-        n = 0
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-                n += len(chunk)
-        got = h.hexdigest()
+        got, n = digest_file(path)
         if got != digest or (size is not None and n != size):
             want = f", expected {size} bytes" if size is not None else ""
             raise CorruptBlob(
