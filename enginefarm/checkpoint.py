@@ -143,10 +143,9 @@ def convert_checkpoint(
     progress: Optional[Callable[[str], None]] = None,
 ) -> dict:
     """Convert one checkpoint for one variant; returns a summary."""
-    if variant.quant != "none":
-        from .errors import NotAvailable
+    from .quant import is_quantized_weight, quantize, scheme_for
 
-        raise NotAvailable(f"weight-only quantization ({variant.quant}) is not implemented yet; build the 'none' variants")
+    scheme = scheme_for(variant.quant, variant.group_size)
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     try:
         hf = json.loads((src_dir / "config.json").read_text())
@@ -163,13 +162,26 @@ def convert_checkpoint(
     n_bytes = 0
     for rank in range(variant.tp):
         outs = family.tensors(hf, names, variant, rank)
-        plan = [(o.name, *reversed(_shape_of(o, src, dtype))) for o in outs]
-        plan = [(n, dt, sh) for n, dt, sh in plan]
+        plan = []
+        for o in outs:
+            shape, dt = _shape_of(o, src, dtype)
+            if scheme and is_quantized_weight(o.name):
+                qs, ss = scheme.shapes(shape, name=f"rank {rank} {o.name}")
+                plan.append((o.name, torch.int8, qs))
+                plan.append((o.name[: -len("weight")] + scheme.scale_name, dtype, ss))
+            else:
+                plan.append((o.name, dt, shape))
         w = SafetensorsWriter(out_dir / f"rank{rank}.safetensors", plan, {"format": "pt", "rank": rank})
         for i, o in enumerate(outs):
             t = o.make(*(src.get(s).to(dtype) for s in o.sources))
-            w.write(o.name, t)
-            n_bytes += t.numel() * t.element_size()
+            if scheme and is_quantized_weight(o.name):
+                q, sc = quantize(t, scheme, dtype, name=o.name)
+                w.write(o.name, q)
+                w.write(o.name[: -len("weight")] + scheme.scale_name, sc)
+                n_bytes += q.numel() + sc.numel() * sc.element_size()
+            else:
+                w.write(o.name, t)
+                n_bytes += t.numel() * t.element_size()
             del t
             if progress and (i % 16 == 0 or i == len(outs) - 1):
                 progress(f"convert rank {rank}: {i + 1}/{len(outs)} tensors")

@@ -91,6 +91,18 @@ class Matrix(Strict):
     quant: list[Quant] = ["none"]
     tp: list[int] = [1]
     target: list[str] = Field(["cpu"], description="cpu, or a GPU target such as sm_90")
+    group_size: Optional[int] = Field(
+        None,
+        description="weight-only quantization: scales per group of this many input channels "
+        "(64 or 128 usually); unset = one scale per output channel",
+    )
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and (v < 8 or v & (v - 1)):
+            raise ValueError(f"group_size is a power of two >= 8 (got {v})")
+        return v
 
     @field_validator("backend", "dtype", "quant", "tp", "target")
     @classmethod
@@ -183,14 +195,19 @@ class Recipe(Strict):
         out = []
         for backend, dtype, quant, tp, target in itertools.product(m.backend, m.dtype, m.quant, m.tp, m.target):
             parts = [DTYPE_SHORT[dtype]]
+            group = m.group_size if quant != "none" else None
             if quant != "none":
-                parts.append(quant)
+                parts.append(quant + (f"g{group}" if group else ""))
             parts.append(f"tp{tp}")
             if len(m.backend) > 1:
                 parts.append(backend)
             if len(m.target) > 1:
                 parts.append(target)
-            out.append(Variant(name="-".join(parts), backend=backend, dtype=dtype, quant=quant, tp=tp, target=target))
+            out.append(Variant(
+                    name="-".join(parts), backend=backend, dtype=dtype, quant=quant, tp=tp, target=target,
+                    group_size=group,
+                )
+            )
         return out
 
     def variant(self, name: Optional[str]) -> "Variant":
@@ -220,6 +237,7 @@ class Variant(Strict):
     quant: Quant
     tp: int
     target: str
+    group_size: Optional[int] = None
 
     def params(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

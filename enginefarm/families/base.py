@@ -122,5 +122,12 @@ def mapping(tp: int, rank: int = 0) -> dict:
 
 
 def quantization(variant: "Variant") -> dict:
-    algo = {"none": None, "w8a16": "W8A16", "w4a16": "W4A16"}[variant.quant]
-    return {"quant_algo": algo, "kv_cache_quant_algo": None}
+    from ..quant import scheme_for
+
+    sch = scheme_for(variant.quant, variant.group_size)
+    if sch is None:
+        return {"quant_algo": None, "kv_cache_quant_algo": None}
+    out = {"quant_algo": sch.quant_algo(), "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
+    if sch.group_size:
+        out.update(group_size=sch.group_size, has_zero_point=False, pre_quant_scale=False)
+    return out

@@ -1,5 +1,11 @@
 """A decoder-only transformer in plain PyTorch that runs a TensorRT-LLM
-checkpoint (tp 1): the graph the `aoti` backend exports.
+checkpoint: the graph the `aoti` backend exports (tp 1), and, with a
+torch.distributed process group, one rank of a tensor-parallel run (the
+all-reduces and the logits all-gather sit where TensorRT-LLM puts them), which
+is how the shards of a tp > 1 checkpoint are proven right (runtime/tp.py).
+
+Weight-only quantized checkpoints (W8A16, W4A16; see quant.py) run with
+their integer weights and scales as stored.
 
 One step function serves prefill and decode:
 
@@ -18,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..quant import bits_of, int_values
 
 ACTS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 
@@ -39,6 +47,8 @@ class DecoderConfig:
     max_position_embeddings: int
     gated_mlp: bool
     pre_norm: bool
+    tp: int = 1
+    quant_bits: int = 0  # 0: not quantized; 8 or 4: weight-only
 
     @classmethod
     def from_trtllm(cls, c: dict) -> "DecoderConfig":
@@ -62,7 +72,18 @@ class DecoderConfig:
             max_position_embeddings=c["max_position_embeddings"],
             gated_mlp=llama,
             pre_norm=c.get("do_layer_norm_before", True),
+            tp=(c.get("mapping") or {}).get("tp_size", 1),
+            quant_bits=bits_of(c),
         )
+
+    @property
+    def heads_per_rank(self) -> int:
+        return self.num_heads // self.tp
+
+    @property
+    def kv_heads_per_rank(self) -> int:
+        # TensorRT-LLM replicates kv heads when tp exceeds them
+        return max(self.num_kv_heads // self.tp, 1)
 
 
 class Norm(nn.Module):
@@ -80,14 +101,60 @@ class Norm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def _lin(W: dict, name: str) -> nn.Linear:
-    w = W[name + ".weight"]
-    b = W.get(name + ".bias")
-    m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype, device="meta")
-    m.weight = nn.Parameter(w, requires_grad=False)
-    if b is not None:
-        m.bias = nn.Parameter(b, requires_grad=False)
-    return m
+class Lin(nn.Module):
+    """A linear layer of the checkpoint: float weight [out, in], or a
+    weight-only quantized one (int weight [in, out] + per-channel or
+    per-group scales). `row_parallel` layers of a tp > 1 run all-reduce
+    their partial products before the (whole) bias is added."""
+
+    def __init__(self, W: dict, name: str, bits: int = 0, row_parallel: bool = False, tp: int = 1):
+        super().__init__()
+        w = W[name + ".weight"]
+        b = W.get(name + ".bias")
+        self.bits = bits if w.dtype == torch.int8 else 0
+        self.reduce = row_parallel and tp > 1
+        if self.bits:
+            q = int_values(w, self.bits)  # [in, out] int8 values
+            scale = W.get(name + ".per_channel_scale")
+            if scale is None:
+                scale = W[name + ".weights_scaling_factor"]
+            self.qweight = nn.Parameter(q, requires_grad=False)
+            self.scale = nn.Parameter(scale, requires_grad=False)
+        else:
+            self.weight = nn.Parameter(w, requires_grad=False)
+        self.bias = nn.Parameter(b, requires_grad=False) if b is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits and self.scale.dim() == 1:  # per channel: x @ (q * s) == (x @ q) * s
+            y = (x @ self.qweight.to(x.dtype)) * self.scale
+        elif self.bits:  # per group
+            groups = self.scale.shape[0]
+            q = self.qweight.to(x.dtype)
+            w = (q.view(groups, q.shape[0] // groups, q.shape[1]) * self.scale[:, None, :]).view(q.shape)
+            y = x @ w
+        else:
+            y = F.linear(x, self.weight)
+        if self.reduce:
+            y = all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    t = t.contiguous()
+    dist.all_reduce(t)
+    return t
+
+
+def all_gather_last(t: torch.Tensor, tp: int) -> torch.Tensor:
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=-1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -102,17 +169,18 @@ class Layer(nn.Module):
         self.cfg = cfg
         self.ln1 = Norm(cfg, W[p + "input_layernorm.weight"], W.get(p + "input_layernorm.bias"))
         self.ln2 = Norm(cfg, W[p + "post_layernorm.weight"], W.get(p + "post_layernorm.bias"))
-        self.qkv = _lin(W, p + "attention.qkv")
-        self.dense = _lin(W, p + "attention.dense")
-        self.fc = _lin(W, p + "mlp.fc")
-        self.gate = _lin(W, p + "mlp.gate") if cfg.gated_mlp else None
-        self.proj = _lin(W, p + "mlp.proj")
+        bits, tp = cfg.quant_bits, cfg.tp
+        self.qkv = Lin(W, p + "attention.qkv", bits)
+        self.dense = Lin(W, p + "attention.dense", bits, row_parallel=True, tp=tp)
+        self.fc = Lin(W, p + "mlp.fc", bits)
+        self.gate = Lin(W, p + "mlp.gate", bits) if cfg.gated_mlp else None
+        self.proj = Lin(W, p + "mlp.proj", bits, row_parallel=True, tp=tp)
         self.act = ACTS[cfg.hidden_act]
 
     def attention(self, x, pos, cos, sin, mask, kc, vc):
         cfg = self.cfg
         B, T, _ = x.shape
-        H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+        H, KV, D = cfg.heads_per_rank, cfg.kv_heads_per_rank, cfg.head_size
         q, k, v = self.qkv(x).split([H * D, KV * D, KV * D], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)
         k = k.view(B, T, KV, D).transpose(1, 2)
@@ -162,24 +230,28 @@ class DecoderLM(nn.Module):
         self.ln_f = (
             Norm(cfg, W["transformer.ln_f.weight"], W.get("transformer.ln_f.bias")) if "transformer.ln_f.weight" in W else None
         )
-        self.lm_head = nn.Parameter(W["lm_head.weight"][: cfg.vocab_size], requires_grad=False)
+        # vocab-parallel for tp > 1 (rows padded to a multiple of tp); all-gathered in forward
+        head = W["lm_head.weight"]
+        self.lm_head = nn.Parameter(head if cfg.tp > 1 else head[: cfg.vocab_size], requires_grad=False)
         if cfg.positions == "rope_gpt_neox":
             d = cfg.head_size
             inv = 1.0 / (cfg.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
             self.register_buffer("inv_freq", inv, persistent=True)
 
     @classmethod
-    def from_checkpoint(cls, ckpt_dir) -> "DecoderLM":
+    def from_checkpoint(cls, ckpt_dir, rank: int = 0, allow_tp: bool = False) -> "DecoderLM":
+        """One rank of a checkpoint. tp > 1 needs an initialised process
+        group of tp ranks (allow_tp=True); the aoti backend exports tp 1 only."""
         from ..checkpoint import load_rank
 
-        c, W = load_rank(ckpt_dir, 0)
-        if c["mapping"]["tp_size"] != 1:
-            raise ValueError("the aoti decoder runs tp=1 checkpoints")
+        c, W = load_rank(ckpt_dir, rank)
+        if c["mapping"]["tp_size"] != 1 and not allow_tp:
+            raise ValueError("the aoti decoder exports tp=1 checkpoints")
         return cls(DecoderConfig.from_trtllm(c), W).eval()
 
     def new_cache(self, batch: int, max_seq_len: int, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg
-        shape = (c.num_layers, batch, c.num_kv_heads, max_seq_len, c.head_size)
+        shape = (c.num_layers, batch, c.kv_heads_per_rank, max_seq_len, c.head_size)
         dt = dtype or self.embed.dtype
         return torch.zeros(shape, dtype=dt), torch.zeros(shape, dtype=dt)
 
@@ -204,4 +276,6 @@ class DecoderLM(nn.Module):
         if self.ln_f is not None:
             x = self.ln_f(x)
         logits = x @ self.lm_head.t()
+        if self.cfg.tp > 1:
+            logits = all_gather_last(logits, self.cfg.tp)[..., : self.cfg.vocab_size]
         return logits.float(), torch.stack(ks), torch.stack(vs)

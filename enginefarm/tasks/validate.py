@@ -10,7 +10,6 @@ exception: the build is published as `latest` but not `validated`).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from prefect import task
@@ -20,6 +19,7 @@ from ..backends import get_backend
 from ..backends.base import version_of
 from ..errors import BadInput
 from ..hashing import code_version, digest_bytes
+from ..evaluation import evaluate, judge
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
 
@@ -44,87 +44,8 @@ def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant) -> 
         "text_digest": digest_bytes(text_set(v.text_set, ctx).encode()),
     }
     tc = {"torch": version_of("torch"), "transformers": version_of("transformers")}
-    code = code_version(__name__, "enginefarm.runtime.engine")
+    code = code_version(__name__, "enginefarm.runtime.engine", "enginefarm.evaluation")
     return StepSpec("validate", params, {"fetch": fetched, "build": built}, code, tc, variant=variant.name)
-
-
-def evaluate(ref_model, tok, eng, prompts: list[str], text: str, max_new_tokens: int, max_eval_tokens: int) -> dict:
-    """The metrics, engine next to reference."""
-    import torch
-
-    eos = tok.eos_token_id
-    max_diff = 0.0
-    agree = total = 0
-    greedy = []
-    for prompt in prompts:
-        ids = tok(prompt).input_ids
-        if not ids:
-            raise BadInput(f"validation prompt {prompt!r} encodes to no tokens")
-        n_new = min(max_new_tokens, eng.max_seq_len - len(ids))
-        with torch.no_grad():
-            ref_logits = ref_model(torch.tensor([ids])).logits[0].float()
-            ref_gen = ref_model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=n_new, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id,
-            )[0, len(ids):].tolist()
-        lg = eng.logits(ids)
-        max_diff = max(max_diff, float((lg - ref_logits).abs().max()))
-        agree += int((lg.argmax(-1) == ref_logits.argmax(-1)).sum())
-        total += len(ids)
-        got = eng.generate([ids], n_new, eos_token_id=eos)[0]
-        greedy.append({"prompt": prompt, "engine": got, "reference": ref_gen, "equal": got == ref_gen})
-
-    toks = tok(text).input_ids[:max_eval_tokens]
-    win = eng.max_input_len
-    nll = {"engine": 0.0, "reference": 0.0}
-    top1 = {"engine": 0, "reference": 0}
-    top5 = {"engine": 0, "reference": 0}
-    n = 0
-    for s in range(0, len(toks) - 1, win):
-        chunk = toks[s : s + win + 1]
-        if len(chunk) < 2:
-            break
-        inp, tgt = chunk[:-1], torch.tensor(chunk[1:])
-        with torch.no_grad():
-            r = ref_model(torch.tensor([inp])).logits[0].float()
-        e = eng.logits(inp)
-        max_diff = max(max_diff, float((e - r).abs().max()))
-        agree += int((e.argmax(-1) == r.argmax(-1)).sum())
-        total += len(inp)
-        for who, lg in (("engine", e), ("reference", r)):
-            nll[who] += float(torch.nn.functional.cross_entropy(lg, tgt, reduction="sum"))
-            top1[who] += int((lg.argmax(-1) == tgt).sum())
-            top5[who] += int((lg.topk(5, -1).indices == tgt[:, None]).any(-1).sum())
-        n += len(inp)
-    ppl = {k: math.exp(v / max(n, 1)) for k, v in nll.items()}
-    return {
-        "logits_max_abs_diff": max_diff,
-        "top1_agreement": agree / max(total, 1),
-        "greedy": greedy,
-        "greedy_equal": all(g["equal"] for g in greedy),
-        "eval_tokens": n,
-        "perplexity": ppl,
-        "perplexity_rel_diff": abs(ppl["engine"] - ppl["reference"]) / ppl["reference"],
-        "top1_accuracy": {k: v / max(n, 1) for k, v in top1.items()},
-        "top5_accuracy": {k: v / max(n, 1) for k, v in top5.items()},
-        "top5_accuracy_drop": (top5["reference"] - top5["engine"]) / max(n, 1),
-    }
-
-
-def judge(metrics: dict, gates: dict) -> dict:
-    out = {}
-    for name, limit in gates.items():
-        if limit is None or limit is False:
-            continue
-        value = metrics[name]
-        if name == "greedy_equal":
-            ok = bool(value)
-        elif name == "top1_agreement":
-            ok = value >= limit
-        else:
-            ok = value <= limit
-        out[name] = {"value": value, "limit": limit, "passed": ok}
-    return out
 
 
 @task(name="validate", cache_policy=NONE)

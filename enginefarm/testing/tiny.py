@@ -96,6 +96,10 @@ TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     "opt": (_opt, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True)),
     "llama": (_llama, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False)),
     "llama-tied": (_llama, dict(layers=2, hidden=48, heads=6, kv_heads=3, tied=True)),
+    # 8 heads, so that every tp size (1, 2, 4, 8) divides them; the llama one
+    # has 2 kv heads (GQA), which tp 4 and 8 replicate
+    "opt-h8": (_opt, dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=True)),
+    "llama-h8": (_llama, dict(layers=2, hidden=64, heads=8, kv_heads=2, tied=False)),
 }
 
 

@@ -1,0 +1,183 @@
+"""Validation arithmetic shared by the validate step, the tp shard check and
+the convert command: engine-side and reference-side outputs on the same token
+ids, compared side by side (logits max-abs-diff, top-1 agreement, greedy
+tokens, and over a text set perplexity and top-1 / top-5 next-token accuracy),
+and the recipe's gates applied to the result."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+from .errors import BadInput
+
+
+def engine_outputs(eng, prompt_ids: list[list[int]], eval_ids: list[int], max_new_tokens: int,
+                   eos: int | None) -> dict:
+    """Everything validation needs from the engine side, from token ids
+    alone (so it also runs in the tp rank processes of runtime/tp.py, which
+    load neither tokenizer nor reference model)."""
+    prompts = []
+    for ids in prompt_ids:
+        if not ids:
+            raise BadInput("a validation prompt encodes to no tokens")
+        n_new = min(max_new_tokens, eng.max_seq_len - len(ids))
+        prompts.append({"ids": ids, "n_new": n_new, "logits": eng.logits(ids),
+                        "generated": eng.generate([ids], n_new, eos_token_id=eos)[0]})
+    win = eng.max_input_len
+    chunks = []
+    for s in range(0, len(eval_ids) - 1, win):
+        chunk = eval_ids[s : s + win + 1]
+        if len(chunk) < 2:
+            break
+        chunks.append({"ids": chunk, "logits": eng.logits(chunk[:-1])})
+    return {"prompts": prompts, "eval": chunks}
+
+
+def reference_outputs(ref_model, prompt_ids: list[list[int]], eval_ids: list[int], max_new_tokens: int,
+                      eos: int | None, pad: int | None, max_seq_len: int, max_input_len: int) -> dict:
+    """The same as engine_outputs, from the Hugging Face model."""
+    import torch
+
+    prompts = []
+    for ids in prompt_ids:
+        n_new = min(max_new_tokens, max_seq_len - len(ids))
+        with torch.no_grad():
+            logits = ref_model(torch.tensor([ids])).logits[0].float()
+            gen = ref_model.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=n_new, do_sample=False, eos_token_id=eos, pad_token_id=pad,
+            )[0, len(ids):].tolist()
+        prompts.append({"ids": ids, "n_new": n_new, "logits": logits, "generated": gen})
+    chunks = []
+    for s in range(0, len(eval_ids) - 1, max_input_len):
+        chunk = eval_ids[s : s + max_input_len + 1]
+        if len(chunk) < 2:
+            break
+        with torch.no_grad():
+            chunks.append({"ids": chunk, "logits": ref_model(torch.tensor([chunk[:-1]])).logits[0].float()})
+    return {"prompts": prompts, "eval": chunks}
+
+
+def compare(got: dict, ref: dict, names: tuple[str, str] = ("engine", "reference")) -> dict:
+    """Metrics of one set of outputs against another, side by side."""
+    import torch
+
+    me, other = names
+    max_diff = 0.0
+    agree = total = 0
+    greedy = []
+    for g, r in zip(got["prompts"], ref["prompts"]):
+        max_diff = max(max_diff, float((g["logits"] - r["logits"]).abs().max()))
+        agree += int((g["logits"].argmax(-1) == r["logits"].argmax(-1)).sum())
+        total += len(g["ids"])
+        greedy.append({"ids": g["ids"], me: g["generated"], other: r["generated"],
+                       "equal": g["generated"] == r["generated"]})
+    nll = {me: 0.0, other: 0.0}
+    top1 = {me: 0, other: 0}
+    top5 = {me: 0, other: 0}
+    n = 0
+    for g, r in zip(got["eval"], ref["eval"]):
+        tgt = torch.tensor(g["ids"][1:])
+        e, rr = g["logits"], r["logits"]
+        max_diff = max(max_diff, float((e - rr).abs().max()))
+        agree += int((e.argmax(-1) == rr.argmax(-1)).sum())
+        total += len(tgt)
+        for who, lg in ((me, e), (other, rr)):
+            nll[who] += float(torch.nn.functional.cross_entropy(lg, tgt, reduction="sum"))
+            top1[who] += int((lg.argmax(-1) == tgt).sum())
+            top5[who] += int((lg.topk(5, -1).indices == tgt[:, None]).any(-1).sum())
+        n += len(tgt)
+    ppl = {k: math.exp(v / max(n, 1)) for k, v in nll.items()}
+    return {
+        "logits_max_abs_diff": max_diff,
+        "top1_agreement": agree / max(total, 1),
+        "greedy": greedy,
+        "greedy_equal": all(x["equal"] for x in greedy),
+        "eval_tokens": n,
+        "perplexity": ppl,
+        "perplexity_rel_diff": abs(ppl[me] - ppl[other]) / ppl[other],
+        "top1_accuracy": {k: v / max(n, 1) for k, v in top1.items()},
+        "top5_accuracy": {k: v / max(n, 1) for k, v in top5.items()},
+        "top5_accuracy_drop": (top5[other] - top5[me]) / max(n, 1),
+    }
+
+
+def tokenize_inputs(tok, prompts: list[str], text: str, max_eval_tokens: int) -> tuple[list[list[int]], list[int]]:
+    ids = []
+    for p in prompts:
+        t = tok(p).input_ids
+        if not t:
+            raise BadInput(f"validation prompt {p!r} encodes to no tokens")
+        ids.append(t)
+    return ids, tok(text).input_ids[:max_eval_tokens]
+
+
+def evaluate(ref_model, tok, eng, prompts: list[str], text: str, max_new_tokens: int, max_eval_tokens: int) -> dict:
+    """The metrics, engine next to reference."""
+    prompt_ids, eval_ids = tokenize_inputs(tok, prompts, text, max_eval_tokens)
+    got = engine_outputs(eng, prompt_ids, eval_ids, max_new_tokens, tok.eos_token_id)
+    ref = reference_outputs(ref_model, prompt_ids, eval_ids, max_new_tokens, tok.eos_token_id, tok.pad_token_id,
+                            eng.max_seq_len, eng.max_input_len)
+    m = compare(got, ref)
+    for g, p in zip(m["greedy"], prompts):
+        g["prompt"] = p
+    return m
+
+
+def judge(metrics: dict, gates: dict) -> dict:
+    out = {}
+    for name, limit in gates.items():
+        if limit is None or limit is False:
+            continue
+        value = metrics[name]
+        if name == "greedy_equal":
+            ok = bool(value)
+        elif name == "top1_agreement":
+            ok = value >= limit
+        else:
+            ok = value <= limit
+        out[name] = {"value": value, "limit": limit, "passed": ok}
+    return out
+
+
+
+def check_shards(src_dir: str | Path, ckpt_dirs: list[str | Path], prompts: list[str], text: str,
+                 max_new_tokens: int = 8, max_eval_tokens: int = 128, max_input_len: int = 32,
+                 max_seq_len: int = 64, baseline: Optional[str | Path] = None) -> list[dict]:
+    """Run each converted checkpoint in its tp processes (runtime/tp.py) and
+    compare it with the Hugging Face model in fp32. With `baseline` (a
+    checkpoint, e.g. the fp16 conversion) each result also carries
+    `vs_baseline`: the same metrics against that checkpoint's outputs, which
+    is how a quantized checkpoint is judged next to fp16."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .runtime.tp import checkpoint_tp, run_checkpoints
+
+    tok = AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False)
+    prompt_ids, eval_ids = tokenize_inputs(tok, prompts, text, max_eval_tokens)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    ref_model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False).eval()
+    ref = reference_outputs(ref_model, prompt_ids, eval_ids, max_new_tokens, eos, pad, max_seq_len, max_input_len)
+    del ref_model
+    dirs = [Path(d) for d in ckpt_dirs] + ([Path(baseline)] if baseline else [])
+    by_tp: dict[int, list[Path]] = {}
+    for d in dirs:
+        by_tp.setdefault(checkpoint_tp(d), []).append(d)
+    outs: dict[Path, dict] = {}
+    for tp, group in sorted(by_tp.items()):
+        for d, o in zip(group, run_checkpoints(group, prompt_ids, eval_ids, max_new_tokens, eos, max_input_len,
+                                               max_seq_len)):
+            outs[d] = o
+    results = []
+    for d in ckpt_dirs:
+        d = Path(d)
+        m = compare(outs[d], ref)
+        m["checkpoint"] = str(d)
+        m["tp"] = checkpoint_tp(d)
+        if baseline:
+            m["vs_baseline"] = compare(outs[d], outs[Path(baseline)], names=("engine", "baseline"))
+        results.append(m)
+    return results
