@@ -110,9 +110,10 @@ class SafetensorsWriter:
         ename, dtype, shape, n = self._order[self._i]
         if name != ename or t.dtype != dtype or tuple(t.shape) != shape:
             raise RuntimeError(f"writer plan mismatch at {name}: planned {ename} {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
-        data = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        assert len(data) == n
-        self._f.write(data)
+        if t.numel():
+            data = t.contiguous().reshape(-1).view(torch.uint8).numpy()  # a view: written without another copy
+            assert data.nbytes == n
+            self._f.write(data.data)
         self._i += 1
 
     def close(self) -> None:

@@ -337,6 +337,11 @@ def cmd_run(a) -> int:
 
 
 def cmd_convert(a) -> int:
+    """The DAG's convert step's code on a local checkpoint; with --check, the
+    DAG's shards step's check too (tp processes vs the Hugging Face model)."""
+    import shutil
+    import tempfile
+
     from .checkpoint import convert_checkpoint
     from .families import detect_family, get_family
     from .spec import Variant
@@ -344,18 +349,70 @@ def cmd_convert(a) -> int:
     src = Path(a.src)
     if not (src / "config.json").is_file():
         raise BadInput(f"{a.src}: not a Hugging Face checkpoint directory (no config.json)")
-    config = json.loads((src / "config.json").read_text())
+    try:
+        config = json.loads((src / "config.json").read_text())
+    except ValueError as e:
+        raise BadInput(f"{src / 'config.json'}: not JSON ({e})") from None
     fam = get_family(a.family or detect_family(config))
     if not getattr(fam, "tensors", None) or not fam.implemented:
         raise BadInput(f"family {fam.name} has no converter yet")
     quant = a.quant or "none"
-    v = Variant(name=f"{a.dtype}-tp{a.tp}", backend="tensorrt-llm", dtype=a.dtype, quant=quant, tp=a.tp, target="cpu")
+    if a.group_size and quant == "none":
+        raise BadInput("--group-size applies to weight-only quantization: give --quant w8a16 or w4a16")
+    if a.group_size is not None and (a.group_size < 8 or a.group_size & (a.group_size - 1)):
+        raise BadInput(f"--group-size is a power of two >= 8 (got {a.group_size})")
+
+    def variant(q: str, g) -> Variant:
+        return Variant(name=f"{a.dtype}-{q}-tp{a.tp}", backend="tensorrt-llm", dtype=a.dtype, quant=q, tp=a.tp,
+                       target="cpu", group_size=g)
+
+    v = variant(quant, a.group_size)
     out = Path(a.out)
-    if out.exists() and any(out.iterdir()):
-        raise BadInput(f"--out {out} exists and is not empty")
-    summary = convert_checkpoint(fam, src, out, v, progress=lambda m: print(m, file=sys.stderr))
-    print(json.dumps({"out": str(out), **summary}))
-    return 0
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadInput(f"--out {out} exists and is not an empty directory")
+    fam.check_config(config, v, where=str(src / "config.json"))
+    say = (lambda m: None) if a.quiet else (lambda m: print(m, file=sys.stderr))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:  # written beside --out, moved into place when complete: an interrupted run leaves nothing at --out
+        summary = convert_checkpoint(fam, src, tmp, v, progress=say)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = {"out": str(out), "family": fam.name, "tp": a.tp, "quant": quant, "group_size": a.group_size, **summary}
+    if a.check:
+        from .evaluation import builtin_text, check_shards, judge
+        from .spec import Validation
+
+        val = Validation()
+        base = None
+        with tempfile.TemporaryDirectory(prefix="enginefarm-baseline-") as btmp:
+            if quant != "none":  # judged next to the unquantized conversion at the same tp
+                say(f"check: converting the {a.dtype} baseline at tp {a.tp}")
+                base = Path(btmp) / "baseline"
+                convert_checkpoint(fam, src, base, variant("none", None))
+            say(f"check: {a.tp} rank process(es) vs the Hugging Face model (fp32)")
+            (m,) = check_shards(src, [out], val.prompts, builtin_text(), 8, 128, a.max_input_len, a.max_input_len * 2,
+                                baseline=base)
+        gates = judge(m, val.gates_for(quant).model_dump())
+        m["gates"] = gates
+        m["passed"] = all(g["passed"] for g in gates.values())
+        m.pop("checkpoint", None)
+        result["check"] = m
+        if not a.json:
+            from .evaluation import gates_line
+
+            vb = m.get("vs_baseline")
+            print(f"check tp={a.tp} {quant}: {'PASSED' if m['passed'] else 'FAILED'}: {gates_line(gates)}")
+            print(f"  perplexity {m['perplexity']['engine']:.4g} (HF fp32 {m['perplexity']['reference']:.4g}), "
+                  f"top-1 acc {m['top1_accuracy']['engine']:.3f} (HF {m['top1_accuracy']['reference']:.3f})"
+                  + (f"; vs {a.dtype}: logits diff {vb['logits_max_abs_diff']:.4g}, top-1 agreement "
+                     f"{vb['top1_agreement']:.3f}, perplexity {vb['perplexity']['baseline']:.4g}" if vb else ""))
+    if a.json or not a.check:
+        print(json.dumps(result, default=str))
+    return 0 if not a.check or result["check"]["passed"] else 1
 
 
 # ----------------------------------------------------------------------------- main
@@ -424,6 +481,11 @@ def parser() -> argparse.ArgumentParser:
     cv.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     cv.add_argument("--family")
     cv.add_argument("--out", required=True)
+    cv.add_argument("--check", action="store_true",
+                    help="prove the rank files: run them in tp processes (gloo/nccl) against the HF model")
+    cv.add_argument("--max-input-len", type=int, default=32, help="window of the --check text-set evaluation")
+    cv.add_argument("--json", action="store_true")
+    cv.add_argument("--quiet", action="store_true", help="no progress lines")
     cv.set_defaults(fn=cmd_convert)
     return p
 

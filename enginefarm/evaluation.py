@@ -13,6 +13,11 @@ from typing import Optional
 from .errors import BadInput
 
 
+def builtin_text() -> str:
+    """The text set the repo ships (the HF demo's accuracy mode runs over it)."""
+    return (Path(__file__).resolve().parent / "data" / "eval.txt").read_text()
+
+
 def engine_outputs(eng, prompt_ids: list[list[int]], eval_ids: list[int], max_new_tokens: int,
                    eos: int | None) -> dict:
     """Everything validation needs from the engine side, from token ids
@@ -143,6 +148,15 @@ def judge(metrics: dict, gates: dict) -> dict:
 
 
 
+def gates_line(gates: dict) -> str:
+    """One line of judged gates: name=value, with the limit where it failed."""
+    return ", ".join(
+        f"{k}={g['value'] if not isinstance(g['value'], float) else round(g['value'], 6)}"
+        f"{'' if g['passed'] else ' (limit ' + str(g['limit']) + ')'}"
+        for k, g in gates.items()
+    )
+
+
 def check_shards(src_dir: str | Path, ckpt_dirs: list[str | Path], prompts: list[str], text: str,
                  max_new_tokens: int = 8, max_eval_tokens: int = 128, max_input_len: int = 32,
                  max_seq_len: int = 64, baseline: Optional[str | Path] = None) -> list[dict]:
@@ -153,8 +167,11 @@ def check_shards(src_dir: str | Path, ckpt_dirs: list[str | Path], prompts: list
     is how a quantized checkpoint is judged next to fp16."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from .runtime.tp import checkpoint_tp, run_checkpoints
+
+    hf_logging.disable_progress_bar()
 
     tok = AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False)
     prompt_ids, eval_ids = tokenize_inputs(tok, prompts, text, max_eval_tokens)

@@ -151,12 +151,33 @@ class Gates(Strict):
     top5_accuracy_drop: Optional[float] = Field(0.01, ge=0, le=1)
 
 
+# Weight-only quantized variants are judged by their own gates (the
+# reference is still the fp32 Hugging Face model): greedy tokens may differ,
+# logits move by the quantization error. The tolerances are stated here and
+# overridable per recipe (validation.quant_gates).
+DEFAULT_QUANT_GATES = {
+    "w8a16": Gates(logits_max_abs_diff=None, top1_agreement=0.9, greedy_equal=False,
+                   perplexity_rel_diff=0.03, top5_accuracy_drop=0.05),
+    "w4a16": Gates(logits_max_abs_diff=None, top1_agreement=0.5, greedy_equal=False,
+                   perplexity_rel_diff=0.10, top5_accuracy_drop=0.15),
+}
+
+
 class Validation(Strict):
     prompts: list[str] = ["The build farm", "Engines are rebuilt every night when"]
     max_new_tokens: int = Field(16, ge=1)
     text_set: str = Field("builtin:eval", description="builtin:eval or a path to a UTF-8 text file")
     max_eval_tokens: int = Field(256, ge=8)
     gates: Gates = Gates()
+    quant_gates: dict[Literal["w8a16", "w4a16"], Gates] = Field(
+        default_factory=lambda: dict(DEFAULT_QUANT_GATES),
+        description="gates for weight-only quantized variants, per quantization",
+    )
+
+    def gates_for(self, quant: str) -> Gates:
+        if quant == "none":
+            return self.gates
+        return self.quant_gates.get(quant) or DEFAULT_QUANT_GATES[quant]
 
 
 class Recipe(Strict):

@@ -28,13 +28,18 @@ def get_backend(name: str) -> Backend:
     return mod.backend(name)
 
 
-def require(pairs: list[tuple[str, str, str]]) -> None:
-    """pairs: (backend, component, target). Raise one NotAvailable listing every problem."""
+def require(pairs: list[tuple]) -> None:
+    """pairs: (backend, component, target[, tp]). Raise one NotAvailable listing every problem."""
     problems = []
-    for name, component, target in sorted(set(pairs)):
+    for name, component, target, *rest in sorted(set(pairs)):
         b = get_backend(name)
         ok, why = b.usable(component, target)
         if not ok:
             problems.append(f"  {name} ({component}, target {target}): {why}")
+        elif rest and rest[0] > b.max_tp:
+            problems.append(
+                f"  {name} ({component}, tp {rest[0]}): builds engines up to tp {b.max_tp}; convert and check "
+                f"larger tp sizes with `enginefarm convert SRC --tp {rest[0]} --check`, build them with tensorrt-llm"
+            )
     if problems:
         raise NotAvailable("cannot build here:\n" + "\n".join(problems))

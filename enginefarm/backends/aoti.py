@@ -20,6 +20,7 @@ ENGINE_FILE = "llm.pt2"
 
 class AOTI(Backend):
     components = ("llm",)
+    max_tp = 1  # one process, one device: tp > 1 checkpoints are proven by the shards step, built by tensorrt-llm
     install_hint = "pip install 'torch>=2.6'"
 
     def usable(self, component: str, target: str) -> tuple[bool, str]:
@@ -53,7 +54,7 @@ class AOTI(Backend):
         ok, why = self.usable(component, variant.target)
         if not ok:
             raise NotAvailable(why)
-        if variant.tp != 1:
+        if variant.tp > self.max_tp:
             raise NotAvailable(f"the aoti backend builds tp=1 engines (variant {variant.name} has tp={variant.tp})")
         device = "cpu" if variant.target == "cpu" else "cuda"
         model = DecoderLM.from_checkpoint(src_dir).to(device)

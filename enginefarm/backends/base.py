@@ -31,6 +31,7 @@ class Backend:
     name: str = ""
     components: tuple[str, ...] = ()
     install_hint: str = ""
+    max_tp: int = 8  # the largest tensor-parallel size it builds engines for
 
     def __init__(self, name: str):
         self.name = name

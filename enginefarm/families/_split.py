@@ -41,8 +41,20 @@ def _torch():
     return torch
 
 
+def cat(ts: list["torch.Tensor"], dim: int = 0) -> "torch.Tensor":
+    """torch.cat, except on the meta device (the converter's shape trial),
+    where the shape is computed here: torch's meta cat costs a second of
+    lazy imports the first time."""
+    torch = _torch()
+    if ts and ts[0].is_meta:
+        shape = list(ts[0].shape)
+        shape[dim] = sum(t.shape[dim] for t in ts)
+        return torch.empty(shape, dtype=ts[0].dtype, device="meta")
+    return torch.cat(ts, dim)
+
+
 def fused_qkv(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", n_kv: int, tp: int, rank: int) -> "torch.Tensor":
-    return _torch().cat([column(q, tp, rank), kv_heads_for_rank(k, n_kv, tp, rank), kv_heads_for_rank(v, n_kv, tp, rank)], 0)
+    return cat([column(q, tp, rank), kv_heads_for_rank(k, n_kv, tp, rank), kv_heads_for_rank(v, n_kv, tp, rank)], 0)
 
 
 def vocab_rows(t: "torch.Tensor", tp: int, rank: int) -> "torch.Tensor":
@@ -51,5 +63,5 @@ def vocab_rows(t: "torch.Tensor", tp: int, rank: int) -> "torch.Tensor":
         return t
     pad = (-t.shape[0]) % tp
     if pad:
-        t = _torch().cat([t, t.new_zeros(pad, *t.shape[1:])], 0)
+        t = cat([t, t.new_zeros(pad, *t.shape[1:])], 0)
     return t.chunk(tp, dim=0)[rank]

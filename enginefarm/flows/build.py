@@ -1,6 +1,6 @@
 """The `build` flow: one recipe, its variants, every step a cached task.
 
-    fetch -> convert(tp, dtype, quant) -> build[llm](backend, target) -> validate -> publish -> alias
+    fetch -> convert(tp, dtype, quant) -> [shards: tp > 1 or quantized] -> build[llm](backend, target) -> validate -> publish -> alias
 
 Everything that can be checked without weights is checked before the first
 task runs (recipe, family, backends); the tp / head-count check runs right
@@ -24,6 +24,7 @@ from ..tasks import build as build_step
 from ..tasks import convert as convert_step
 from ..tasks import fetch as fetch_step
 from ..tasks import publish as publish_step
+from ..tasks import shards as shards_step
 from ..tasks import validate as validate_step
 from ..tasks.base import Ctx, log, lookup
 
@@ -34,7 +35,8 @@ def prepare(recipe: str | Recipe, variants: Optional[list[str]] = None) -> tuple
     fam.require_implemented(r)
     vs = [r.variant(v) for v in variants] if variants else r.variants()
     backends.require(
-        [(r.components[c].backend or v.backend, c, v.target) for v in vs for c in r.enabled_components]
+        [(r.components[c].backend or v.backend, c, v.target, v.tp if c == "llm" else 1)
+         for v in vs for c in r.enabled_components]
     )
     return r, vs
 
@@ -46,6 +48,8 @@ def variant_summary(st, r: Recipe, steps: dict) -> dict:
         "digest": published.digest,
         "steps": {k: ("cached" if s.cached else "built") for k, s in steps.items()},
         "validation": validated.results.get("passed"),
+        **({"shards": {"passed": steps["shards"].results.get("passed"), "gates": steps["shards"].results.get("gates")}}
+           if steps.get("shards") else {}),
         "gates": validated.results.get("gates"),
         "files": published.files,
     }
@@ -79,6 +83,10 @@ def plan(r: Recipe, vs: list[Variant], st) -> tuple[list[tuple[str, str, object]
     for v in vs:
         conv = lookup(ctx, convert_step.spec(ctx, fetched, v)) if fetched else None
         rows.append(("convert", v.name, conv))
+        shards = None
+        if shards_step.needed(v):
+            shards = lookup(ctx, shards_step.spec(ctx, fetched, conv, v)) if conv else None
+            rows.append(("shards", v.name, shards))
         builds = {}
         for c in r.enabled_components:
             builds[c] = lookup(ctx, build_step.spec(ctx, conv, v, c)) if conv else None
@@ -89,8 +97,9 @@ def plan(r: Recipe, vs: list[Variant], st) -> tuple[list[tuple[str, str, object]
         if val and all(builds.values()):
             pub = lookup(ctx, publish_step.spec(ctx, v, fetched, conv, builds, val))
         rows.append(("publish", v.name, pub))
-        if pub:
-            complete[v.name] = {"fetch": fetched, "convert": conv, **{f"build.{c}": b for c, b in builds.items()},
+        if pub and (shards or not shards_step.needed(v)):
+            complete[v.name] = {"fetch": fetched, "convert": conv, **({"shards": shards} if shards else {}),
+                                **{f"build.{c}": b for c, b in builds.items()},
                                 "validate": val, "publish": pub}
     return rows, complete
 
@@ -130,11 +139,12 @@ def build(recipe: str, variants: Optional[list[str]] = None, store: Optional[str
     steps_cached: list[bool] = [fetched.cached]
     for v in vs:
         converted = convert_step.convert_task(ctx, fetched, v)
+        checked = shards_step.shards_task(ctx, fetched, converted, v) if shards_step.needed(v) else None
         builds = {c: build_step.build_task(ctx, converted, v, c) for c in r.enabled_components}
         validated = validate_step.validate_task(ctx, fetched, builds["llm"], v)
         published = publish_step.publish_task(ctx, v, fetched, converted, builds, validated)
-        steps = {"fetch": fetched, "convert": converted, **{f"build.{c}": b for c, b in builds.items()},
-                 "validate": validated, "publish": published}
+        steps = {"fetch": fetched, "convert": converted, **({"shards": checked} if checked else {}),
+                 **{f"build.{c}": b for c, b in builds.items()}, "validate": validated, "publish": published}
         steps_cached += [s.cached for s in steps.values()]
         summary["variants"][v.name] = variant_summary(st, r, steps)
     try:

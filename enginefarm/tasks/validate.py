@@ -19,14 +19,14 @@ from ..backends import get_backend
 from ..backends.base import version_of
 from ..errors import BadInput
 from ..hashing import code_version, digest_bytes
-from ..evaluation import evaluate, judge
+from ..evaluation import builtin_text, evaluate, gates_line, judge
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
 
 
 def text_set(name: str, ctx: Ctx) -> str:
     if name == "builtin:eval":
-        return (Path(__file__).resolve().parent.parent / "data" / "eval.txt").read_text()
+        return builtin_text()
     p = Path(name)
     if not p.is_absolute():
         p = ctx.recipe.recipe_dir() / p
@@ -64,13 +64,9 @@ def validate_task(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Var
         ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, trust_remote_code=False).eval()
         eng = get_backend(built.manifest["params"]["backend"]).load(eng_dir)
         metrics = evaluate(ref, tok, eng, v.prompts, text_set(v.text_set, ctx), v.max_new_tokens, v.max_eval_tokens)
-        gates = judge(metrics, v.gates.model_dump())
+        gates = judge(metrics, v.gates_for(variant.quant).model_dump())
         passed = all(g["passed"] for g in gates.values())
-        log(
-            f"validate [{variant.name}]: {'PASSED' if passed else 'FAILED'}: "
-            + ", ".join(f"{k}={g['value'] if not isinstance(g['value'], float) else round(g['value'], 6)}"
-                        f"{'' if g['passed'] else ' (limit ' + str(g['limit']) + ')'}" for k, g in gates.items())
-        )
+        log(f"validate [{variant.name}]: {'PASSED' if passed else 'FAILED'}: {gates_line(gates)}")
         return {"metrics": metrics, "gates": gates, "passed": passed}, {}
 
     return run_step(ctx, s, work)

@@ -28,7 +28,9 @@ def default_root() -> Path:
 
 
 def eval_text() -> str:
-    return (Path(__file__).resolve().parent.parent / "data" / "eval.txt").read_text()
+    from ..evaluation import builtin_text
+
+    return builtin_text()
 
 
 def make_tokenizer(vocab_size: int = VOCAB):

@@ -1,0 +1,254 @@
+"""Weight-only quantization and tensor parallelism: the layout, the
+arithmetic, and the proof that rank files are right (tp processes joined by
+gloo, against the Hugging Face model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from enginefarm.checkpoint import convert_checkpoint, load_rank
+from enginefarm.cli import main as cli
+from enginefarm.errors import BadInput, StepFailed
+from enginefarm.evaluation import builtin_text, check_shards, judge
+from enginefarm.families import get_family
+from enginefarm.quant import Scheme, dequantize, pack_int4, quantize, unpack_int4
+from enginefarm.spec import DEFAULT_QUANT_GATES, Variant
+from enginefarm.testing import write_tiny
+
+PROMPTS = ["The build farm", "Engines are rebuilt every night when"]
+
+
+def variant(quant="none", tp=1, group=None, dtype="float16") -> Variant:
+    return Variant(name="t", backend="tensorrt-llm", dtype=dtype, quant=quant, tp=tp, target="cpu", group_size=group)
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [None, 16])
+def test_quantize_layout_and_error_bound(bits, group):
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(48, 64, generator=g) * 0.05).half()
+    q, s = quantize(w, Scheme(bits, group), torch.float16)
+    assert q.dtype == torch.int8
+    assert tuple(q.shape) == ((64, 48) if bits == 8 else (64, 24))  # [in, out] (int4: two per byte)
+    assert tuple(s.shape) == ((48,) if group is None else (64 // group, 48)) and s.dtype == torch.float16
+    ints = unpack_int4(q) if bits == 4 else q
+    qmax = 127 if bits == 8 else 7
+    assert int(ints.max()) <= qmax and int(ints.min()) >= -qmax - 1
+    assert int(ints.abs().max()) == qmax  # symmetric: the largest weight maps to qmax
+    back = dequantize(q, s, bits)
+    assert back.shape == w.shape
+    # round to nearest: every weight within half a step of its scale
+    step = s.float()[:, None] if group is None else s.float().repeat_interleave(group, 0).t()
+    err = (back - w.float()).abs()
+    assert bool((err <= step / 2 + 1e-3 * step).all()), float((err / step).max())
+
+
+def test_int4_packing_is_low_nibble_first_and_invertible():
+    v = torch.tensor([[-8, 7, 0, -1, 3, -5]], dtype=torch.int8)
+    p = pack_int4(v)
+    assert p.view(torch.uint8).tolist() == [[0x78, 0xF0, 0xB3]]
+    assert torch.equal(unpack_int4(p), v)
+
+
+def test_quantized_checkpoint_names_shapes_and_config(tmp_path):
+    src = write_tiny("llama-h8", tmp_path / "src", seed=1)
+    out = tmp_path / "ckpt"
+    convert_checkpoint(get_family("llama"), src, out, variant("w4a16", tp=2, group=16))
+    cfg, W = load_rank(out, 1)
+    assert cfg["quantization"] == {"quant_algo": "W4A16_GPTQ", "kv_cache_quant_algo": None, "group_size": 16,
+                                   "has_zero_point": False, "pre_quant_scale": False, "exclude_modules": ["lm_head"]}
+    hidden, inter, d = 64, 160, 8
+    qkv = W["transformer.layers.0.attention.qkv.weight"]
+    # 8 heads / tp 2 = 4 q heads, 2 kv heads / tp 2 = 1 kv head each for k and v: (4 + 1 + 1) * 8 outputs
+    assert qkv.dtype == torch.int8 and tuple(qkv.shape) == (hidden, 6 * d // 2)
+    assert tuple(W["transformer.layers.0.attention.qkv.weights_scaling_factor"].shape) == (hidden // 16, 6 * d)
+    assert tuple(W["transformer.layers.0.mlp.proj.weight"].shape) == (inter // 2, hidden // 2)
+    assert W["lm_head.weight"].dtype == torch.float16  # excluded
+    assert W["transformer.vocab_embedding.weight"].dtype == torch.float16
+    assert "transformer.layers.0.attention.qkv.per_channel_scale" not in W
+
+
+# ----------------------------------------------------------------------------- the tp check
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """opt-h8 and llama-h8 (8 heads; llama with 2 kv heads), converted at
+    tp 1/2/4/8 x none/w8a16/w4a16, fp16."""
+    root = tmp_path_factory.mktemp("tp")
+    out = {}
+    for fam, tiny in (("opt", "opt-h8"), ("llama", "llama-h8")):
+        src = write_tiny(tiny, root / tiny, seed=2)
+        dirs = {}
+        for tp in (1, 2, 4, 8):
+            for q in ("none", "w8a16", "w4a16"):
+                d = root / f"{tiny}-tp{tp}-{q}"
+                convert_checkpoint(get_family(fam), src, d, variant(q, tp))
+                dirs[(tp, q)] = d
+        out[fam] = (src, dirs)
+    return out
+
+
+@pytest.mark.parametrize("fam", ["opt", "llama"])
+def test_shards_match_hf_at_every_tp_and_quantization(converted, fam):
+    src, dirs = converted[fam]
+    keys = [k for k in dirs if k != (1, "none")]
+    res = check_shards(src, [dirs[k] for k in keys], PROMPTS, builtin_text(), max_new_tokens=8, max_eval_tokens=96,
+                       max_input_len=32, max_seq_len=64, baseline=dirs[(1, "none")])
+    table = []
+    for (tp, q), m in zip(keys, res):
+        assert m["tp"] == tp
+        vb = m["vs_baseline"]
+        table.append(f"{fam} tp{tp} {q}: diff {m['logits_max_abs_diff']:.4f} top1 {m['top1_agreement']:.3f} "
+                     f"ppl {m['perplexity']['engine']:.2f}/{m['perplexity']['reference']:.2f} "
+                     f"vs fp16 tp1: diff {vb['logits_max_abs_diff']:.4f} top1 {vb['top1_agreement']:.3f}")
+        if q == "none":
+            # fp16 shards at any tp: the HF fp32 model up to fp16 rounding
+            assert m["logits_max_abs_diff"] < 0.05, table[-1]
+            assert m["top1_agreement"] >= 0.95, table[-1]
+            assert vb["logits_max_abs_diff"] < 0.05, table[-1]
+        else:
+            gates = judge(m, DEFAULT_QUANT_GATES[q].model_dump())
+            assert all(g["passed"] for g in gates.values()), (table[-1], gates)
+            # and quantization does move the logits (the check sees the quantized weights)
+            assert vb["logits_max_abs_diff"] > (0.005 if q == "w8a16" else 0.1), table[-1]
+    print("\n".join(table))
+
+
+def test_swapped_rank_files_fail_the_check(converted, tmp_path):
+    src, dirs = converted["llama"]
+    bad = tmp_path / "swapped"
+    shutil.copytree(dirs[(2, "none")], bad)
+    (bad / "rank0.safetensors").rename(bad / "tmp")
+    (bad / "rank1.safetensors").rename(bad / "rank0.safetensors")
+    (bad / "tmp").rename(bad / "rank1.safetensors")
+    (m,) = check_shards(src, [bad], PROMPTS, builtin_text(), max_new_tokens=4, max_eval_tokens=64)
+    assert m["logits_max_abs_diff"] > 0.05 or m["top1_agreement"] < 0.95
+
+
+def test_a_dead_rank_is_reported_with_its_output(converted, tmp_path):
+    src, dirs = converted["opt"]
+    bad = tmp_path / "truncated"
+    shutil.copytree(dirs[(2, "none")], bad)
+    f = bad / "rank1.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(StepFailed, match="rank 1"):
+        check_shards(src, [bad], PROMPTS, builtin_text(), max_new_tokens=2, max_eval_tokens=32)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _unseen_llama(dest: Path) -> Path:
+    """A checkpoint the tiny generator does not make: saved by plain
+    transformers, GQA (12 heads, 4 kv heads), tied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from enginefarm.testing.tiny import make_tokenizer
+
+    torch.manual_seed(7)
+    cfg = LlamaConfig(vocab_size=384, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True,
+                      max_position_embeddings=128, initializer_range=0.08, bos_token_id=0, eos_token_id=2,
+                      pad_token_id=1)
+    LlamaForCausalLM(cfg).eval().save_pretrained(dest, safe_serialization=True)
+    make_tokenizer().save_pretrained(dest)
+    return dest
+
+
+def test_convert_command_checks_an_unseen_gqa_tied_checkpoint(tmp_path, capsys):
+    src = _unseen_llama(tmp_path / "unseen")
+    out = tmp_path / "tp4-w8"
+    rc = cli(["convert", str(src), "--tp", "4", "--quant", "w8a16", "--out", str(out), "--check", "--json", "--quiet"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0, res
+    assert res["check"]["passed"] and res["check"]["tp"] == 4
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"] + [f"rank{i}.safetensors" for i in range(4)]
+    # tied embeddings: lm_head is written from the embedding, vocab-split over the ranks
+    with safe_open(str(out / "rank3.safetensors"), framework="pt") as f:
+        assert tuple(f.get_slice("lm_head.weight").get_shape()) == (384 // 4, 96)
+
+    # 12 heads: tp 8 does not divide them -> exit 2, nothing written
+    rc = cli(["convert", str(src), "--tp", "8", "--out", str(tmp_path / "tp8")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not divide the model's 12 attention heads" in err
+    assert not (tmp_path / "tp8").exists()
+
+
+def test_convert_command_bad_inputs_exit_2(tmp_path, capsys):
+    src = write_tiny("llama-h8", tmp_path / "src", seed=1)
+    # group size 16 does not divide the 40 input channels of a tp 4 mlp.proj shard (160 / 4)
+    rc = cli(["convert", str(src), "--tp", "4", "--quant", "w4a16", "--group-size", "16", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "group_size 16 does not divide the 40 input channels" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
+    assert cli(["convert", str(src), "--group-size", "16", "--out", str(tmp_path / "o")]) == 2
+    assert cli(["convert", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("keep me")
+    assert cli(["convert", str(src), "--out", str(tmp_path / "busy")]) == 2
+    assert (tmp_path / "busy" / "x").read_text() == "keep me"
+    capsys.readouterr()
+
+
+def test_trtllm_build_flags_come_from_the_recipe():
+    from enginefarm.backends.tensorrt_llm import build_args
+
+    v = variant("w4a16", tp=2)
+    args = build_args("C", "E", v, {"max_batch_size": 8, "max_input_len": 512, "max_seq_len": 1024,
+                                    "max_multimodal_len": 8 * 576})
+    flags = dict(zip(args[1::2], args[2::2]))
+    assert flags["--max_batch_size"] == "8" and flags["--max_input_len"] == "512"
+    assert flags["--max_seq_len"] == "1024" and flags["--max_prompt_embedding_table_size"] == "4608"
+    assert flags["--gemm_plugin"] == "float16" and flags["--gpt_attention_plugin"] == "float16"
+    assert flags["--weight_only_precision"] == "int4" and flags["--workers"] == "2"
+
+
+def test_group_size_names_the_variant():
+    import yaml
+
+    from enginefarm.spec import Recipe
+
+    r = Recipe.model_validate(yaml.safe_load("""
+name: x
+family: llama
+source: {tiny: llama}
+matrix: {quant: [none, w4a16], group_size: 64, tp: [1, 2]}
+"""))
+    assert [v.name for v in r.variants()] == ["fp16-tp1", "fp16-tp2", "fp16-w4a16g64-tp1", "fp16-w4a16g64-tp2"]
+    assert r.variant("fp16-w4a16g64-tp2").group_size == 64 and r.variant("fp16-tp1").group_size is None
+    with pytest.raises(Exception, match="power of two"):
+        Recipe.model_validate({"name": "x", "family": "llama", "source": {"tiny": "llama"},
+                               "matrix": {"group_size": 48}})
+
+
+# ----------------------------------------------------------------------------- in the DAG
+
+
+def test_quantized_variant_builds_with_a_shards_step_and_quant_gates(tmp_path):
+    from test_build import recipe_for
+
+    from enginefarm.flows.build import build
+    from enginefarm.store import open_store
+
+    src = write_tiny("llama", tmp_path / "src", seed=4)
+    recipe = recipe_for(tmp_path, "q-llama", "llama", src,
+                        matrix={"backend": ["aoti"], "dtype": ["float32"], "quant": ["w8a16"], "tp": [1],
+                                "target": ["cpu"]}, default_variant=None)
+    out = build(recipe=str(recipe), store=str(tmp_path / "store"))
+    v = out["variants"]["fp32-w8a16-tp1"]
+    assert v["steps"]["shards"] == "built" and v["shards"]["passed"]
+    assert v["validation"] is True
+    # judged by the w8a16 gates, not the fp32 ones (greedy tokens need not match)
+    assert set(v["gates"]) == {"top1_agreement", "perplexity_rel_diff", "top5_accuracy_drop"}
+    st = open_store(str(tmp_path / "store"))
+    ckpt = [m for m in st.list_manifests("q-llama", "convert")]
+    assert len(ckpt) == 1
