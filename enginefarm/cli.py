@@ -156,17 +156,38 @@ def cmd_plan(a) -> int:
     from .flows.build import plan, prepare
     from .store import open_store
 
-    r, vs = prepare(a.recipe, a.variant or None)
+    from . import backends
+    from .families import get_family
+
+    r, vs = prepare(a.recipe, a.variant or None, require_backends=False)
     st = open_store(a.store)
     rows = [(step, variant, "cached" if hit else "will run", hit.key[:12] if hit else "")
             for step, variant, hit in plan(r, vs, st)[0]]
+    limits = get_family(r.family).derived_limits(r)
+    notes = {}  # per variant: the backend command where there is one, or why it cannot run here
+    for v in vs:
+        for c in r.enabled_components:
+            b = backends.get_backend(r.components[c].backend or v.backend)
+            ok, why = b.usable(c, v.target)
+            line = b.command(v, limits) if hasattr(b, "command") else ""
+            if not ok:
+                line = (line + "\n      " if line else "") + f"not here: {why}"
+            if line:
+                notes.setdefault(v.name, []).append(f"build[{c}]: {line}")
     if a.json:
-        print(json.dumps([dict(zip(("step", "variant", "status", "key"), x)) for x in rows], indent=2))
+        out = [dict(zip(("step", "variant", "status", "key"), x)) for x in rows]
+        for row in out:
+            if row["step"].startswith("build[") and row["variant"] in notes:
+                row["notes"] = [n.split(": ", 1)[1] for n in notes[row["variant"]] if n.startswith(row["step"])]
+        print(json.dumps(out, indent=2))
         return 0
     print(f"recipe {r.name} ({r.family}) against {st.uri}")
-    print("  fetch -> convert -> build -> validate -> publish -> alias")
+    print("  fetch -> convert -> [shards] -> build -> validate -> publish -> alias")
     for step, variant, status, key in rows:
         print(f"  {step:<14} {variant:<18} {status:<9} {key}")
+    for name, lines in notes.items():
+        for line in lines:
+            print(f"  {name}: {line}")
     return 0
 
 

@@ -29,15 +29,17 @@ from ..tasks import validate as validate_step
 from ..tasks.base import Ctx, log, lookup
 
 
-def prepare(recipe: str | Recipe, variants: Optional[list[str]] = None) -> tuple[Recipe, list[Variant]]:
+def prepare(recipe: str | Recipe, variants: Optional[list[str]] = None,
+            require_backends: bool = True) -> tuple[Recipe, list[Variant]]:
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     fam = get_family(r.family)
     fam.require_implemented(r)
     vs = [r.variant(v) for v in variants] if variants else r.variants()
-    backends.require(
-        [(r.components[c].backend or v.backend, c, v.target, v.tp if c == "llm" else 1)
-         for v in vs for c in r.enabled_components]
-    )
+    if require_backends:
+        backends.require(
+            [(r.components[c].backend or v.backend, c, v.target, v.tp if c == "llm" else 1)
+             for v in vs for c in r.enabled_components]
+        )
     return r, vs
 
 
