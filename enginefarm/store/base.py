@@ -358,6 +358,33 @@ class Store(ABC):
                 continue
         return out
 
+    # ------------------------------------------------------------ caches
+
+    # Build accelerators that are not artifacts (a TensorRT timing cache per
+    # flavour, version and GPU target): a pointer `caches/<name>.json` to a
+    # blob. Last writer wins; a cache never changes what a build produces,
+    # only how fast it gets there, so it is not part of any cache key.
+
+    def get_cache(self, name: str) -> Optional[bytes]:
+        key = "caches/" + "/".join(check_name("cache name part", p) for p in name.split("/")) + ".json"
+        data = self._get_bytes(key)
+        if data is None:
+            return None
+        try:
+            digest = check_digest(json.loads(data)["digest"])
+        except (ValueError, KeyError, BadInput):
+            return None  # an unreadable pointer is a cache miss, not an error
+        try:
+            return self.read_blob(digest)
+        except (MissingBlob, CorruptBlob):
+            return None
+
+    def put_cache(self, name: str, data: bytes) -> str:
+        key = "caches/" + "/".join(check_name("cache name part", p) for p in name.split("/")) + ".json"
+        digest = self.put_blob_bytes(data)
+        self._put_bytes(key, encode_ref({"digest": digest, "size": len(data), "at": _now()}))
+        return digest
+
     def _append_history(self, ref: str, record: dict) -> None:
         """Append one JSON line to the ref's history by read-append-CAS. Best
         effort: the move already happened, so failures are logged, not raised."""

@@ -33,7 +33,14 @@ def build_task(ctx: Ctx, converted: StepResult, variant: Variant, component: str
 
     def work(out: Path, scratch: Path):
         ckpt = materialize(ctx, converted, scratch / "ckpt")
-        sidecar = get_backend(s.params["backend"]).build(component, ckpt, out, variant, s.params["limits"], progress=log)
+        b = get_backend(s.params["backend"])
+        extra = {}
+        cache_name = b.timing_cache_name(variant.target) if hasattr(b, "timing_cache_name") else None
+        if cache_name:  # TensorRT: the timing cache of this flavour, version and GPU target, from the store
+            extra = {"timing_cache": ctx.store.get_cache(cache_name), "timing_cache_out": scratch / "timing.cache"}
+        sidecar = b.build(component, ckpt, out, variant, s.params["limits"], progress=log, **extra)
+        if cache_name and extra["timing_cache_out"].is_file():
+            ctx.store.put_cache(cache_name, extra["timing_cache_out"].read_bytes())
         return {"engine": sidecar}, {}
 
     return run_step(ctx, s, work)
