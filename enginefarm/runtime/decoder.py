@@ -7,6 +7,15 @@ is how the shards of a tp > 1 checkpoint are proven right (runtime/tp.py).
 Weight-only quantized checkpoints (W8A16, W4A16; see quant.py) run with
 their integer weights and scales as stored.
 
+What differs between the architectures (OPT, LLaMA/Mistral, GPT-2/GPT-Neo,
+GPT-NeoX, GPT-J, BLOOM) is read from config.json into DecoderConfig fields,
+plus one ARCHITECTURES row each: positions (learned table, GPT-NeoX or GPT-J
+rotary on the first rotary_dim dims of a head, ALiBi slopes of the rank's
+heads), the softmax scale (q_scaling), per-layer attention windows
+(max_attention_window_size: GPT-Neo's local layers, Mistral's sliding
+window), the parallel residual, and optional tensors (embedding layernorm,
+LM head bias) by their presence in the rank file.
+
 One step function serves prefill and decode:
 
     logits, k_cache, v_cache = step(input_ids[B, T], start_pos[1], k_cache, v_cache)

@@ -91,12 +91,27 @@ def _llama(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[i
     return LlamaForCausalLM(cfg)
 
 
+def _random_affine(model, std: float = 0.1):
+    """Hugging Face initialises biases to 0 and norm weights to 1; random
+    ones (from the seeded generator) make every bias and norm parameter
+    count, so that a converter dropping or misplacing one is caught."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, std)
+            elif p.dim() == 1:  # LayerNorm / RMSNorm weights
+                p.normal_(1.0, std)
+    return model
+
+
 def _gpt2(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=hidden, n_layer=layers, n_head=heads,
                      bos_token_id=0, eos_token_id=2, pad_token_id=1, initializer_range=0.1)
-    return GPT2LMHeadModel(cfg)
+    return _random_affine(GPT2LMHeadModel(cfg))
 
 
 def _gpt_neo(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
@@ -109,7 +124,7 @@ def _gpt_neo(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional
                        attention_types=[[["global", "local"], layers // 2]] + ([[["global"], 1]] if layers % 2 else []),
                        intermediate_size=hidden * 2, bos_token_id=0, eos_token_id=2, pad_token_id=1,
                        initializer_range=0.1)
-    return GPTNeoForCausalLM(cfg)
+    return _random_affine(GPTNeoForCausalLM(cfg))
 
 
 def _gpt_neox(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool,
@@ -120,7 +135,7 @@ def _gpt_neox(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optiona
                         intermediate_size=hidden * 2, max_position_embeddings=256, rotary_pct=0.5,
                         use_parallel_residual=parallel_residual, bos_token_id=0, eos_token_id=2, pad_token_id=1,
                         initializer_range=0.1, tie_word_embeddings=tied)
-    return GPTNeoXForCausalLM(cfg)
+    return _random_affine(GPTNeoXForCausalLM(cfg))
 
 
 def _gptj(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
@@ -129,13 +144,7 @@ def _gptj(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[in
     cfg = GPTJConfig(vocab_size=VOCAB, n_positions=256, n_embd=hidden, n_layer=layers, n_head=heads,
                      rotary_dim=(hidden // heads) // 2, bos_token_id=0, eos_token_id=2, pad_token_id=1,
                      initializer_range=0.1, tie_word_embeddings=False)
-    model = GPTJForCausalLM(cfg)
-    # GPT-J's init zeroes the LM head bias; a non-zero one is what proves it is carried
-    import torch
-
-    with torch.no_grad():
-        model.lm_head.bias.normal_(0.0, 0.5)
-    return model
+    return _random_affine(GPTJForCausalLM(cfg))
 
 
 def _bloom(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
@@ -143,7 +152,7 @@ def _bloom(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[i
 
     cfg = BloomConfig(vocab_size=VOCAB, hidden_size=hidden, n_layer=layers, n_head=heads, bos_token_id=0,
                       eos_token_id=2, pad_token_id=1, initializer_range=0.1)
-    return BloomForCausalLM(cfg)
+    return _random_affine(BloomForCausalLM(cfg))
 
 
 def _mistral(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
@@ -154,7 +163,7 @@ def _mistral(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional
                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                         max_position_embeddings=256, sliding_window=16, rms_norm_eps=1e-6, bos_token_id=0,
                         eos_token_id=2, pad_token_id=1, initializer_range=0.1, tie_word_embeddings=tied)
-    return MistralForCausalLM(cfg)
+    return _random_affine(MistralForCausalLM(cfg))
 
 
 # name -> (builder, defaults)
