@@ -108,6 +108,22 @@ class DecoderFamily(Family):
     def tensors(self, hf: dict, names: set[str], variant: "Variant") -> list[OutTensor]:  # pragma: no cover
         raise NotImplementedError
 
+    # config.json's names of the hidden size, layer count and head count (the
+    # first one set wins: they differ across families and transformers versions)
+    hidden_keys: tuple[str, ...] = ("hidden_size",)
+    layer_keys: tuple[str, ...] = ("num_hidden_layers",)
+    head_keys: tuple[str, ...] = ("num_attention_heads",)
+
+    def dims(self, hf: dict) -> tuple[int, int, int]:
+        """(hidden size, layers, attention heads) of a config.json."""
+        return hf_value(hf, *self.hidden_keys), hf_value(hf, *self.layer_keys), hf_value(hf, *self.head_keys)
+
+    def mha_fields(self, hf: dict) -> dict:
+        """The size fields of config.json for multi-head attention (as many kv heads as heads)."""
+        h, layers, n = self.dims(hf)
+        return {"vocab_size": hf["vocab_size"], "hidden_size": h, "num_hidden_layers": layers,
+                "num_attention_heads": n, "num_key_value_heads": n, "head_size": h // n}
+
     def base_config(self, variant: "Variant", **fields) -> dict:
         """A TensorRT-LLM checkpoint config.json: the fields every decoder
         has (architecture, dtype, mapping, quantization, embeddings not

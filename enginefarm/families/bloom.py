@@ -20,6 +20,9 @@ class Bloom(DecoderFamily):
     title = "BLOOM / BLOOMZ"
     model_types = ("bloom",)
     architecture = "BloomForCausalLM"
+    hidden_keys = ("hidden_size", "n_embed")
+    layer_keys = ("n_layer", "num_hidden_layers")
+    head_keys = ("n_head", "num_attention_heads")
 
     def check_config(self, config: dict, variant: Variant, where: str = "config.json") -> None:
         super().check_config(config, variant, where)
@@ -28,15 +31,10 @@ class Bloom(DecoderFamily):
                                f"layernorm) is not supported: TensorRT-LLM's BLOOM adds the residual before it ({where})")
 
     def trtllm_config(self, hf: dict, variant: Variant) -> dict:
-        h, n = hf_value(hf, "hidden_size", "n_embed"), hf_value(hf, "n_head", "num_attention_heads")
+        h = self.dims(hf)[0]
         return self.base_config(
             variant,
-            vocab_size=hf["vocab_size"],
-            hidden_size=h,
-            num_hidden_layers=hf_value(hf, "n_layer", "num_hidden_layers"),
-            num_attention_heads=n,
-            num_key_value_heads=n,
-            head_size=h // n,
+            **self.mha_fields(hf),
             intermediate_size=4 * h,
             # TensorRT-LLM's converter writes "gelu" (its gelu is the tanh form); Hugging
             # Face's bloom_gelu is the tanh form, which is gelu_new
@@ -48,12 +46,11 @@ class Bloom(DecoderFamily):
         )
 
     def tensors(self, hf: dict, names: set[str], variant: Variant, rank: int = 0) -> list[OutTensor]:
-        tp = variant.tp
-        n = hf_value(hf, "n_head", "num_attention_heads")
+        tp, (_, layers, n) = variant.tp, self.dims(hf)
         p = prefix_of(names, "word_embeddings.weight", ("transformer.", ""))
         out = S.whole("transformer.vocab_embedding", p + "word_embeddings", bias=False)
         out += S.whole("transformer.ln_embed", p + "word_embeddings_layernorm")
-        for i in range(hf_value(hf, "n_layer", "num_hidden_layers")):
+        for i in range(layers):
             s, d = f"{p}h.{i}.", f"transformer.layers.{i}."
             out += [
                 *S.whole(d + "input_layernorm", s + "input_layernorm"),

@@ -22,6 +22,9 @@ class GPT2(DecoderFamily):
     title = "GPT-2 (and Cerebras-GPT)"
     model_types = ("gpt2",)
     architecture = "GPTForCausalLM"
+    hidden_keys = ("n_embd", "hidden_size")
+    layer_keys = ("n_layer", "num_hidden_layers")
+    head_keys = ("n_head", "num_attention_heads")
 
     def check_config(self, config: dict, variant: Variant, where: str = "config.json") -> None:
         super().check_config(config, variant, where)
@@ -32,16 +35,11 @@ class GPT2(DecoderFamily):
             raise NotAvailable(f"GPT-2 with cross-attention layers is not a decoder-only model ({where})")
 
     def trtllm_config(self, hf: dict, variant: Variant) -> dict:
-        h, n = hf_value(hf, "n_embd", "hidden_size"), hf_value(hf, "n_head", "num_attention_heads")
+        h, _, n = self.dims(hf)
         return self.base_config(
             variant,
             gpt_variant="gpt2",
-            vocab_size=hf["vocab_size"],
-            hidden_size=h,
-            num_hidden_layers=hf_value(hf, "n_layer", "num_hidden_layers"),
-            num_attention_heads=n,
-            num_key_value_heads=n,
-            head_size=h // n,
+            **self.mha_fields(hf),
             intermediate_size=hf_value(hf, "n_inner", default=4 * h),
             hidden_act=hf.get("activation_function", "gelu_new"),
             norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
@@ -53,12 +51,11 @@ class GPT2(DecoderFamily):
         )
 
     def tensors(self, hf: dict, names: set[str], variant: Variant, rank: int = 0) -> list[OutTensor]:
-        tp = variant.tp
-        n = hf_value(hf, "n_head", "num_attention_heads")
+        tp, (_, layers, n) = variant.tp, self.dims(hf)
         p = prefix_of(names, "wte.weight", ("transformer.", ""))
         out = S.whole("transformer.vocab_embedding", p + "wte", bias=False)
         out += S.whole("transformer.position_embedding", p + "wpe", bias=False)
-        for i in range(hf_value(hf, "n_layer", "num_hidden_layers")):
+        for i in range(layers):
             s, d = f"{p}h.{i}.", f"transformer.layers.{i}."
             out += [
                 *S.whole(d + "input_layernorm", s + "ln_1"),

@@ -39,22 +39,19 @@ class GPTNeo(DecoderFamily):
     title = "GPT-Neo"
     model_types = ("gpt_neo",)
     architecture = "GPTForCausalLM"
+    layer_keys = ("num_layers", "num_hidden_layers")
+    head_keys = ("num_heads", "num_attention_heads")
 
     def check_config(self, config: dict, variant: Variant, where: str = "config.json") -> None:
         super().check_config(config, variant, where)
         attention_layers(config)
 
     def trtllm_config(self, hf: dict, variant: Variant) -> dict:
-        h, n = hf["hidden_size"], hf_value(hf, "num_heads", "num_attention_heads")
+        h, _, n = self.dims(hf)
         window = hf.get("window_size", 256)
         return self.base_config(
             variant,
-            vocab_size=hf["vocab_size"],
-            hidden_size=h,
-            num_hidden_layers=hf_value(hf, "num_layers", "num_hidden_layers"),
-            num_attention_heads=n,
-            num_key_value_heads=n,
-            head_size=h // n,
+            **self.mha_fields(hf),
             intermediate_size=hf_value(hf, "intermediate_size", default=4 * h),
             hidden_act=hf.get("activation_function", "gelu_new"),
             norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
@@ -66,12 +63,11 @@ class GPTNeo(DecoderFamily):
         )
 
     def tensors(self, hf: dict, names: set[str], variant: Variant, rank: int = 0) -> list[OutTensor]:
-        tp = variant.tp
-        n = hf_value(hf, "num_heads", "num_attention_heads")
+        tp, (_, layers, n) = variant.tp, self.dims(hf)
         p = "transformer."
         out = S.whole("transformer.vocab_embedding", p + "wte", bias=False)
         out += S.whole("transformer.position_embedding", p + "wpe", bias=False)
-        for i in range(hf_value(hf, "num_layers", "num_hidden_layers")):
+        for i in range(layers):
             s, d = f"{p}h.{i}.", f"transformer.layers.{i}."
             a = s + "attn.attention."
             out += [

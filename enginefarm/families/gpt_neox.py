@@ -46,16 +46,11 @@ class GPTNeoX(DecoderFamily):
             variant, "attention_bias: false" if config.get("attention_bias", True) is False else None, where)
 
     def trtllm_config(self, hf: dict, variant: Variant) -> dict:
-        h, n = hf["hidden_size"], hf["num_attention_heads"]
+        h = self.dims(hf)[0]
         pct, base = rope_of(hf)
         return self.base_config(
             variant,
-            vocab_size=hf["vocab_size"],
-            hidden_size=h,
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=n,
-            num_key_value_heads=n,
-            head_size=h // n,
+            **self.mha_fields(hf),
             intermediate_size=hf_value(hf, "intermediate_size", default=4 * h),
             hidden_act=hf.get("hidden_act", "gelu"),
             norm_epsilon=hf.get("layer_norm_eps", 1e-5),
@@ -67,10 +62,10 @@ class GPTNeoX(DecoderFamily):
         )
 
     def tensors(self, hf: dict, names: set[str], variant: Variant, rank: int = 0) -> list[OutTensor]:
-        tp, n = variant.tp, hf["num_attention_heads"]
+        tp, (_, layers, n) = variant.tp, self.dims(hf)
         bias = hf.get("attention_bias", True)
         out = S.whole("transformer.vocab_embedding", "gpt_neox.embed_in", bias=False)
-        for i in range(hf["num_hidden_layers"]):
+        for i in range(layers):
             s, d = f"gpt_neox.layers.{i}.", f"transformer.layers.{i}."
             out += [
                 *S.whole(d + "input_layernorm", s + "input_layernorm"),

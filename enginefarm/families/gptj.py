@@ -20,24 +20,22 @@ class GPTJ(DecoderFamily):
     title = "GPT-J"
     model_types = ("gptj",)
     architecture = "GPTJForCausalLM"
+    hidden_keys = ("n_embd", "hidden_size")
+    layer_keys = ("n_layer", "num_hidden_layers")
+    head_keys = ("n_head", "num_attention_heads")
 
     def check_config(self, config: dict, variant: Variant, where: str = "config.json") -> None:
         super().check_config(config, variant, where)
-        h, inner = hf_value(config, "n_embd", "hidden_size"), config.get("n_inner")
+        h, inner = self.dims(config)[0], config.get("n_inner")
         self.refuse_for_tensorrt_llm(
             variant, f"an MLP of n_inner {inner} (its GPT-J MLP is 4 x {h} wide)" if inner and inner != 4 * h else None,
             where)
 
     def trtllm_config(self, hf: dict, variant: Variant) -> dict:
-        h, n = hf_value(hf, "n_embd", "hidden_size"), hf_value(hf, "n_head", "num_attention_heads")
+        h, _, n = self.dims(hf)
         return self.base_config(
             variant,
-            vocab_size=hf["vocab_size"],
-            hidden_size=h,
-            num_hidden_layers=hf_value(hf, "n_layer", "num_hidden_layers"),
-            num_attention_heads=n,
-            num_key_value_heads=n,
-            head_size=h // n,
+            **self.mha_fields(hf),
             intermediate_size=hf_value(hf, "n_inner", default=4 * h),
             # TensorRT-LLM's converter writes "gelu"; its "gelu" and "gelu_new" are one
             # function, and gelu_new is what Hugging Face's GPT-J computes
@@ -49,10 +47,9 @@ class GPTJ(DecoderFamily):
         )
 
     def tensors(self, hf: dict, names: set[str], variant: Variant, rank: int = 0) -> list[OutTensor]:
-        tp = variant.tp
-        n = hf_value(hf, "n_head", "num_attention_heads")
+        tp, (_, layers, n) = variant.tp, self.dims(hf)
         out = S.whole("transformer.vocab_embedding", "transformer.wte", bias=False)
-        for i in range(hf_value(hf, "n_layer", "num_hidden_layers")):
+        for i in range(layers):
             s, d = f"transformer.h.{i}.", f"transformer.layers.{i}."
             out += [
                 *S.whole(d + "input_layernorm", s + "ln_1"),
