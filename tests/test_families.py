@@ -158,6 +158,44 @@ def test_interleaved_qkv_is_reordered_per_head(tmp_path, tiny):
     assert torch.equal(qkv[128 + d : 128 + 2 * d], fused[5 * d : 6 * d])  # v of head 1
 
 
+@pytest.mark.parametrize("family", ["gpt2", "bloom"])
+def test_original_unprefixed_tensor_names_convert_the_same(tmp_path, tiny, family):
+    """openai-community/gpt2's and bigscience/bloom*'s files were saved from
+    the base model: tensor names without 'transformer.'."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, old = tiny(family), tmp_path / "old"
+    shutil.copytree(src, old)
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        tensors = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys() if k != "lm_head.weight"}
+    assert all(not k.startswith("transformer.") for k in tensors)
+    save_file(tensors, str(old / "model.safetensors"), metadata={"format": "pt"})
+    fam = get_family(family)
+    convert_checkpoint(fam, src, tmp_path / "a", V(2, "float16"))
+    convert_checkpoint(fam, old, tmp_path / "b", V(2, "float16"))
+    for r in range(2):
+        _, a = load_rank(tmp_path / "a", r)
+        _, b = load_rank(tmp_path / "b", r)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gpt_neox_legacy_rotary_config_keys(tmp_path, tiny):
+    """Pythia's config.json says rotary_pct / rotary_emb_base; newer
+    transformers writes rope_parameters: both give the same checkpoint."""
+    src, old = tiny("gpt-neox"), tmp_path / "old"
+    shutil.copytree(src, old)
+    cfg = json.loads((old / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg.update(rotary_pct=rope["partial_rotary_factor"], rotary_emb_base=rope["rope_theta"])
+    (old / "config.json").write_text(json.dumps(cfg))
+    convert_checkpoint(get_family("gpt-neox"), src, tmp_path / "a", V())
+    convert_checkpoint(get_family("gpt-neox"), old, tmp_path / "b", V())
+    a = json.loads((tmp_path / "a" / "config.json").read_text())
+    b = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert a == b and (a["rotary_pct"], a["rotary_emb_base"]) == (0.5, 10000.0)
+
+
 # ----------------------------------------------------------------------------- runtime vs Hugging Face
 
 
