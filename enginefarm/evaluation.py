@@ -165,6 +165,19 @@ def check_shards(src_dir: str | Path, ckpt_dirs: list[str | Path], prompts: list
     checkpoint, e.g. the fp16 conversion) each result also carries
     `vs_baseline`: the same metrics against that checkpoint's outputs, which
     is how a quantized checkpoint is judged next to fp16."""
+    return check_shard_sets([(src_dir, ckpt_dirs, baseline)], prompts, text, max_new_tokens, max_eval_tokens,
+                            max_input_len, max_seq_len)[0]
+
+
+def check_shard_sets(sets: list[tuple], prompts: list[str], text: str, max_new_tokens: int = 8,
+                     max_eval_tokens: int = 128, max_input_len: int = 32, max_seq_len: int = 64) -> list[list[dict]]:
+    """check_shards for several sources at once: `sets` holds (src_dir,
+    ckpt_dirs, baseline or None) tuples, and the result holds check_shards'
+    list for each. The checkpoints of all sources whose tokenizers give the
+    same token ids run together, in one launch of tp processes per tp size
+    (so several models cost one process start-up per tp size, not one each)."""
+    import json as _json
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -173,28 +186,39 @@ def check_shards(src_dir: str | Path, ckpt_dirs: list[str | Path], prompts: list
 
     hf_logging.disable_progress_bar()
 
-    tok = AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False)
-    prompt_ids, eval_ids = tokenize_inputs(tok, prompts, text, max_eval_tokens)
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    ref_model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False).eval()
-    ref = reference_outputs(ref_model, prompt_ids, eval_ids, max_new_tokens, eos, pad, max_seq_len, max_input_len)
-    del ref_model
-    dirs = [Path(d) for d in ckpt_dirs] + ([Path(baseline)] if baseline else [])
-    by_tp: dict[int, list[Path]] = {}
-    for d in dirs:
-        by_tp.setdefault(checkpoint_tp(d), []).append(d)
+    inputs, refs = [], []
+    for src_dir, _, _ in sets:
+        tok = AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False)
+        prompt_ids, eval_ids = tokenize_inputs(tok, prompts, text, max_eval_tokens)
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        ref_model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False).eval()
+        refs.append(reference_outputs(ref_model, prompt_ids, eval_ids, max_new_tokens, eos, pad, max_seq_len,
+                                      max_input_len))
+        del ref_model
+        inputs.append((prompt_ids, eval_ids, eos))
+    # (token ids, tp) -> the checkpoints that run in one launch
+    launches: dict[tuple[str, int], list[Path]] = {}
+    for (_, ckpt_dirs, baseline), ids in zip(sets, inputs):
+        key = _json.dumps(ids)
+        for d in [Path(d) for d in ckpt_dirs] + ([Path(baseline)] if baseline else []):
+            group = launches.setdefault((key, checkpoint_tp(d)), [])
+            if d not in group:
+                group.append(d)
     outs: dict[Path, dict] = {}
-    for tp, group in sorted(by_tp.items()):
+    for (key, _), group in sorted(launches.items(), key=lambda kv: kv[0][1]):
+        prompt_ids, eval_ids, eos = _json.loads(key)
         for d, o in zip(group, run_checkpoints(group, prompt_ids, eval_ids, max_new_tokens, eos, max_input_len,
                                                max_seq_len)):
             outs[d] = o
     results = []
-    for d in ckpt_dirs:
-        d = Path(d)
-        m = compare(outs[d], ref)
-        m["checkpoint"] = str(d)
-        m["tp"] = checkpoint_tp(d)
-        if baseline:
-            m["vs_baseline"] = compare(outs[d], outs[Path(baseline)], names=("engine", "baseline"))
-        results.append(m)
+    for (_, ckpt_dirs, baseline), ref in zip(sets, refs):
+        rs = []
+        for d in map(Path, ckpt_dirs):
+            m = compare(outs[d], ref)
+            m["checkpoint"] = str(d)
+            m["tp"] = checkpoint_tp(d)
+            if baseline:
+                m["vs_baseline"] = compare(outs[d], outs[Path(baseline)], names=("engine", "baseline"))
+            rs.append(m)
+        results.append(rs)
     return results

@@ -171,10 +171,10 @@ def test_malformed_recipe_exits_2_with_one_message(tmp_path, capsys):
 
 def test_unimplemented_family_exits_2(tmp_path, capsys):
     p = tmp_path / "b.yaml"
-    p.write_text("name: b\nfamily: bloom\nsource: {tiny: opt}\n")
+    p.write_text("name: b\nfamily: blip\nsource: {tiny: opt}\n")
     assert cli(["build", str(p), "--store", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
-    assert "family 'bloom'" in err and "not implemented yet" in err
+    assert "family 'blip'" in err and "not implemented yet" in err
 
 
 def test_recipe_new_for_an_unseen_checkpoint_builds_as_printed(tmp_path, capsys):

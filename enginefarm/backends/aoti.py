@@ -47,7 +47,6 @@ class AOTI(Backend):
 
     def build(self, component, src_dir, out_dir, variant, limits, progress=None) -> dict:
         import torch
-        from torch.export import Dim
 
         from ..runtime.decoder import DecoderLM
 
@@ -59,25 +58,10 @@ class AOTI(Backend):
         device = "cpu" if variant.target == "cpu" else "cuda"
         model = DecoderLM.from_checkpoint(src_dir).to(device)
         B, T, S = limits["max_batch_size"], limits["max_input_len"], limits["max_seq_len"]
-        eb, et = min(2, B), min(3, T)
-        ids = torch.zeros(eb, et, dtype=torch.long, device=device)
-        start = torch.zeros(1, dtype=torch.long, device=device)
-        kc, vc = model.new_cache(eb, S)
-        kc, vc = kc.to(device), vc.to(device)
-        batch = Dim("batch", min=1, max=B) if B > 1 else None
-        seq = Dim("seq", min=1, max=T) if T > 1 else None
-        ds = (
-            {0: batch, 1: seq} if (batch or seq) else None,
-            None,
-            {1: batch} if batch else None,
-            {1: batch} if batch else None,
-        )
-        ds = tuple({k: v for k, v in d.items() if v is not None} if d else None for d in ds)
         t0 = time.perf_counter()
         if progress:
             progress("aoti: torch.export")
-        with torch.no_grad():
-            ep = torch.export.export(model, (ids, start, kc, vc), dynamic_shapes=ds, strict=False)
+        ep = export_decoder(model, B, T, S, device)
         t1 = time.perf_counter()
         if progress:
             progress(f"aoti: AOTInductor compile ({device})")
@@ -117,6 +101,32 @@ class AOTI(Backend):
         from ..runtime.engine import LLMEngine
 
         return LLMEngine.load(engine_dir)
+
+
+def export_decoder(model, max_batch: int, max_tokens: int, max_seq_len: int, device: str = "cpu"):
+    """The decoder's step function as a torch.export program with a dynamic
+    batch (1..max_batch) and token count (1..max_tokens): what the package
+    is compiled from."""
+    import torch
+    from torch.export import Dim
+
+    B, T, S = max_batch, max_tokens, max_seq_len
+    eb, et = min(2, B), min(3, T)
+    ids = torch.zeros(eb, et, dtype=torch.long, device=device)
+    start = torch.zeros(1, dtype=torch.long, device=device)
+    kc, vc = model.new_cache(eb, S)
+    kc, vc = kc.to(device), vc.to(device)
+    batch = Dim("batch", min=1, max=B) if B > 1 else None
+    seq = Dim("seq", min=1, max=T) if T > 1 else None
+    ds = (
+        {0: batch, 1: seq} if (batch or seq) else None,
+        None,
+        {1: batch} if batch else None,
+        {1: batch} if batch else None,
+    )
+    ds = tuple({k: v for k, v in d.items() if v is not None} if d else None for d in ds)
+    with torch.no_grad():
+        return torch.export.export(model, (ids, start, kc, vc), dynamic_shapes=ds, strict=False)
 
 
 def backend(name: str) -> AOTI:

@@ -1,6 +1,7 @@
 """The family registry.
 
-Implemented families live in their own module (`opt.py`, `llama.py`, ...)
+Implemented families live in their own module (`opt.py`, `llama.py`, ...;
+a family name's hyphens are underscores there: gpt-neo -> `gpt_neo.py`)
 and export `FAMILY`. Families the catalog names but that are not implemented
 yet are declared here with the facts the recipe checks need (components,
 visual features); building one says so clearly and builds nothing.
@@ -14,7 +15,7 @@ from typing import Optional
 from ..errors import BadInput
 from .base import Family
 
-IMPLEMENTED = ("opt", "llama")
+IMPLEMENTED = ("opt", "llama", "gpt2", "gpt-neo", "gpt-neox", "gptj", "bloom", "mistral")
 
 
 def _planned(name: str, title: str, model_types: tuple, kind: str, components=("llm",), visual_features=None) -> Family:
@@ -27,12 +28,6 @@ def _planned(name: str, title: str, model_types: tuple, kind: str, components=("
 _PLANNED = {
     f.name: f
     for f in [
-        _planned("gpt2", "GPT-2 (and Cerebras-GPT)", ("gpt2",), "decoder"),
-        _planned("gpt-neo", "GPT-Neo", ("gpt_neo",), "decoder"),
-        _planned("gpt-neox", "GPT-NeoX / Pythia", ("gpt_neox",), "decoder"),
-        _planned("gptj", "GPT-J", ("gptj",), "decoder"),
-        _planned("bloom", "BLOOM / BLOOMZ", ("bloom",), "decoder"),
-        _planned("mistral", "Mistral", ("mistral",), "decoder"),
         _planned("t5", "T5 / Flan-T5", ("t5",), "encoder-decoder"),
         _planned("bart", "BART / mBART", ("bart", "mbart"), "encoder-decoder"),
         _planned("blip2", "BLIP-2 (ViT + Q-Former + OPT or Flan-T5)", ("blip-2",), "multimodal", ("visual", "llm"), 32),
@@ -49,7 +44,7 @@ _PLANNED = {
 
 def get_family(name: str, origin: Optional[str] = None) -> Family:
     if name in IMPLEMENTED:
-        return importlib.import_module(f".{name}", __name__).FAMILY
+        return importlib.import_module(f".{name.replace('-', '_')}", __name__).FAMILY
     if name in _PLANNED:
         return _PLANNED[name]
     where = f"bad recipe {origin}: family: " if origin else ""

@@ -65,3 +65,103 @@ def vocab_rows(t: "torch.Tensor", tp: int, rank: int) -> "torch.Tensor":
     if pad:
         t = cat([t, t.new_zeros(pad, *t.shape[1:])], 0)
     return t.chunk(tp, dim=0)[rank]
+
+
+def per_head_qkv(t: "torch.Tensor", n_heads: int) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """q, k, v of a fused projection whose rows are interleaved per head
+    ([q_h0; k_h0; v_h0; q_h1; ...], GPT-NeoX's and BLOOM's query_key_value),
+    each with its heads in order: TensorRT-LLM wants [q; k; v]."""
+    d = t.shape[0] // (3 * n_heads)
+    q, k, v = t.reshape(n_heads, 3, d, *t.shape[1:]).unbind(1)
+    return tuple(x.reshape(n_heads * d, *t.shape[1:]) for x in (q, k, v))
+
+
+def stacked_qkv(t: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """q, k, v of a fused projection whose rows are [q; k; v] (GPT-2's c_attn, transposed)."""
+    return t.chunk(3, dim=0)
+
+
+def first_rank_only(t: "torch.Tensor", rank: int) -> "torch.Tensor":
+    """A bias added before the all-reduce of partial sums: whole on rank 0,
+    zeros on the others, so the reduced sum holds it once (GPT-J's mlp.proj)."""
+    return t if rank == 0 else _torch().zeros_like(t)
+
+
+# --------------------------------------------------------------------------- rank-file tensors
+# Builders of the OutTensors a family lists for one rank: `dst` is the
+# TensorRT-LLM name without .weight/.bias, `src` the Hugging Face one.
+
+
+def _same(t):
+    return t
+
+
+def whole(dst: str, src: str, bias: bool = True) -> list:
+    """Norms and position tables: the same on every rank."""
+    from .base import OutTensor
+
+    return [OutTensor(f"{dst}.{k}", (f"{src}.{k}",), _same) for k in (("weight", "bias") if bias else ("weight",))]
+
+
+def column_linear(dst: str, src: str, tp: int, rank: int, bias: bool = True, transposed: bool = False) -> list:
+    """A column-parallel linear (output rows split); `transposed`: the
+    source stores [in, out] (GPT-2's Conv1D)."""
+    from .base import OutTensor
+
+    out = [OutTensor(dst + ".weight", (src + ".weight",), lambda t: column(t.t() if transposed else t, tp, rank))]
+    if bias:
+        out.append(OutTensor(dst + ".bias", (src + ".bias",), lambda t: column(t, tp, rank)))
+    return out
+
+
+def row_linear(dst: str, src: str, tp: int, rank: int, bias: bool = True, transposed: bool = False,
+               bias_on_first_rank: bool = False) -> list:
+    """A row-parallel linear (input columns split). Its bias is added after
+    the all-reduce, so it is whole on every rank; `bias_on_first_rank`: added
+    before a reduce (GPT-J), so rank 0 holds it and the others zeros."""
+    from .base import OutTensor
+
+    out = [OutTensor(dst + ".weight", (src + ".weight",), lambda t: row(t.t() if transposed else t, tp, rank))]
+    if bias:
+        out.append(OutTensor(dst + ".bias", (src + ".bias",),
+                             (lambda t: first_rank_only(t, rank)) if bias_on_first_rank else _same))
+    return out
+
+
+def fused_qkv_linear(dst: str, src: str, unfuse, n_heads: int, tp: int, rank: int, bias: bool = True,
+                     transposed: bool = False) -> list:
+    """A source that fuses q, k and v in one projection; `unfuse` gives them
+    back ([q; k; v] stacked or per head), and each rank takes its heads."""
+    from .base import OutTensor
+
+    def make(t):
+        return fused_qkv(*unfuse(t.t() if transposed and t.dim() == 2 else t), n_heads, tp, rank)
+
+    return [OutTensor(f"{dst}.{k}", (f"{src}.{k}",), make) for k in (("weight", "bias") if bias else ("weight",))]
+
+
+def separate_qkv_linear(dst: str, srcs: tuple[str, str, str], n_kv: int, tp: int, rank: int,
+                        bias: bool = True) -> list:
+    """Separate q, k, v projections fused into TensorRT-LLM's qkv."""
+    from .base import OutTensor
+
+    def make(q, k, v):
+        return fused_qkv(q, k, v, n_kv, tp, rank)
+
+    return [OutTensor(f"{dst}.{k}", tuple(f"{s}.{k}" for s in srcs), make)
+            for k in (("weight", "bias") if bias else ("weight",))]
+
+
+def lm_head(names: set, candidates: tuple[str, ...], tp: int, rank: int, bias: bool = False) -> list:
+    """The vocab-parallel LM head from the first of `candidates` the
+    checkpoint has (the head itself, else the tied input embedding)."""
+    from ..errors import BadInput
+    from .base import OutTensor
+
+    src = next((c for c in candidates if c + ".weight" in names), None)
+    if src is None:
+        raise BadInput(f"the checkpoint has none of {', '.join(c + '.weight' for c in candidates)} for the LM head")
+    out = [OutTensor("lm_head.weight", (src + ".weight",), lambda t: vocab_rows(t, tp, rank))]
+    if bias:
+        out.append(OutTensor("lm_head.bias", (src + ".bias",), lambda t: vocab_rows(t, tp, rank)))
+    return out

@@ -108,6 +108,43 @@ class DecoderFamily(Family):
     def tensors(self, hf: dict, names: set[str], variant: "Variant") -> list[OutTensor]:  # pragma: no cover
         raise NotImplementedError
 
+    # config.json's names of the hidden size, layer count and head count (the
+    # first one set wins: they differ across families and transformers versions)
+    hidden_keys: tuple[str, ...] = ("hidden_size",)
+    layer_keys: tuple[str, ...] = ("num_hidden_layers",)
+    head_keys: tuple[str, ...] = ("num_attention_heads",)
+
+    def dims(self, hf: dict) -> tuple[int, int, int]:
+        """(hidden size, layers, attention heads) of a config.json."""
+        return hf_value(hf, *self.hidden_keys), hf_value(hf, *self.layer_keys), hf_value(hf, *self.head_keys)
+
+    def mha_fields(self, hf: dict) -> dict:
+        """The size fields of config.json for multi-head attention (as many kv heads as heads)."""
+        h, layers, n = self.dims(hf)
+        return {"vocab_size": hf["vocab_size"], "hidden_size": h, "num_hidden_layers": layers,
+                "num_attention_heads": n, "num_key_value_heads": n, "head_size": h // n}
+
+    def base_config(self, variant: "Variant", **fields) -> dict:
+        """A TensorRT-LLM checkpoint config.json: the fields every decoder
+        has (architecture, dtype, mapping, quantization, embeddings not
+        shared or split), then the family's own."""
+        return {
+            "architecture": self.architecture,
+            "dtype": variant.dtype,
+            "share_embedding_table": False,
+            "use_parallel_embedding": False,
+            "mapping": mapping(variant.tp),
+            "quantization": quantization(variant),
+            **fields,
+        }
+
+    def refuse_for_tensorrt_llm(self, variant: "Variant", why: Optional[str], where: str) -> None:
+        """What the aoti runtime computes but TensorRT-LLM's model of this
+        architecture does not: refused for tensorrt-llm variants only."""
+        if why and variant.backend == "tensorrt-llm":
+            raise NotAvailable(f"variant {variant.name}: {self.title} with {why} is not what TensorRT-LLM's "
+                               f"{self.architecture} computes; build it with the aoti backend ({where})")
+
     def check_config(self, config: dict, variant: "Variant", where: str = "config.json") -> None:
         mt = config.get("model_type")
         if self.model_types and mt not in self.model_types:
@@ -115,6 +152,26 @@ class DecoderFamily(Family):
                 f"family {self.name} expects a config.json with model_type in {list(self.model_types)}, got {mt!r} ({where})"
             )
         super().check_config(config, variant, where)
+
+
+def hf_value(hf: dict, *keys: str, default: Any = None) -> Any:
+    """The first of `keys` that config.json sets (Hugging Face configs name
+    one thing differently across families and versions: n_embd, hidden_size, n_embed)."""
+    for k in keys:
+        if hf.get(k) is not None:
+            return hf[k]
+    if default is None:
+        raise BadInput(f"config.json has none of {', '.join(keys)}")
+    return default
+
+
+def prefix_of(names: set[str], probe: str, prefixes: tuple[str, ...]) -> str:
+    """Which of `prefixes` the checkpoint's tensor names carry (a model saved
+    from its base class has none: GPT-2's and BLOOM's original files)."""
+    for p in prefixes:
+        if p + probe in names:
+            return p
+    raise BadInput(f"the checkpoint has no tensor {probe!r} under any of the prefixes {list(prefixes)}")
 
 
 def mapping(tp: int, rank: int = 0) -> dict:

@@ -7,6 +7,15 @@ is how the shards of a tp > 1 checkpoint are proven right (runtime/tp.py).
 Weight-only quantized checkpoints (W8A16, W4A16; see quant.py) run with
 their integer weights and scales as stored.
 
+What differs between the architectures (OPT, LLaMA/Mistral, GPT-2/GPT-Neo,
+GPT-NeoX, GPT-J, BLOOM) is read from config.json into DecoderConfig fields,
+plus one ARCHITECTURES row each: positions (learned table, GPT-NeoX or GPT-J
+rotary on the first rotary_dim dims of a head, ALiBi slopes of the rank's
+heads), the softmax scale (q_scaling), per-layer attention windows
+(max_attention_window_size: GPT-Neo's local layers, Mistral's sliding
+window), the parallel residual, and optional tensors (embedding layernorm,
+LM head bias) by their presence in the rank file.
+
 One step function serves prefill and decode:
 
     logits, k_cache, v_cache = step(input_ids[B, T], start_pos[1], k_cache, v_cache)
@@ -30,6 +39,24 @@ from ..quant import bits_of, int_values
 ACTS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 
 
+# What each TensorRT-LLM architecture implies for the runtime beyond its
+# config.json fields: one row per architecture, so that the layer code reads
+# config fields only (no per-family branches).
+ARCHITECTURES: dict[str, dict] = {
+    "OPTForCausalLM": {"norm": "layernorm"},
+    "LlamaForCausalLM": {"norm": "rmsnorm", "gated_mlp": True},
+    "MistralForCausalLM": {"norm": "rmsnorm", "gated_mlp": True},
+    "GPTForCausalLM": {"norm": "layernorm"},
+    "GPTNeoXForCausalLM": {"norm": "layernorm", "parallel_residual": True},
+    # GPT-J: attention and MLP read one layernorm, and TensorRT-LLM adds
+    # their row-parallel partial sums before one all-reduce (so mlp.proj's
+    # bias sits on rank 0 only)
+    "GPTJForCausalLM": {"norm": "layernorm", "parallel_residual": True, "allreduce_once": True},
+    "BloomForCausalLM": {"norm": "layernorm"},
+}
+POSITIONS = ("learned_absolute", "rope_gpt_neox", "rope_gptj", "alibi")
+
+
 @dataclass
 class DecoderConfig:
     architecture: str
@@ -42,38 +69,55 @@ class DecoderConfig:
     hidden_act: str
     norm: str  # layernorm | rmsnorm
     norm_eps: float
-    positions: str  # learned_absolute | rope_gpt_neox
+    positions: str  # one of POSITIONS
     rotary_base: float
     max_position_embeddings: int
     gated_mlp: bool
     pre_norm: bool
     tp: int = 1
     quant_bits: int = 0  # 0: not quantized; 8 or 4: weight-only
+    tp_rank: int = 0
+    rotary_dim: int = 0  # rotary dims of a head (the first ones); 0: all of it
+    q_scaling: float = 1.0  # TensorRT-LLM's: softmax scale = 1 / (sqrt(head_size) * q_scaling)
+    parallel_residual: bool = False  # x + attn(ln1 x) + mlp(ln2 x) (ln2 missing: ln1's output)
+    allreduce_once: bool = False  # tp: one all-reduce of attn + mlp partial sums (GPT-J)
+    windows: tuple = ()  # per layer: attention window in tokens (0: the whole causal past)
 
     @classmethod
-    def from_trtllm(cls, c: dict) -> "DecoderConfig":
+    def from_trtllm(cls, c: dict, rank: int = 0) -> "DecoderConfig":
         arch = c["architecture"]
-        if arch not in ("OPTForCausalLM", "LlamaForCausalLM"):
+        if arch not in ARCHITECTURES:
             raise ValueError(f"the aoti decoder does not know architecture {arch}")
-        llama = arch == "LlamaForCausalLM"
+        if c["position_embedding_type"] not in POSITIONS:
+            raise ValueError(f"the aoti decoder does not know position_embedding_type {c['position_embedding_type']}")
+        a = ARCHITECTURES[arch]
+        n_layers = c["num_hidden_layers"]
+        head = c.get("head_size") or c["hidden_size"] // c["num_attention_heads"]
+        windows = c.get("max_attention_window_size") or [0] * n_layers
         return cls(
             architecture=arch,
             vocab_size=c["vocab_size"],
             hidden_size=c["hidden_size"],
-            num_layers=c["num_hidden_layers"],
+            num_layers=n_layers,
             num_heads=c["num_attention_heads"],
             num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-            head_size=c.get("head_size") or c["hidden_size"] // c["num_attention_heads"],
+            head_size=head,
             hidden_act=c["hidden_act"],
-            norm="rmsnorm" if llama else "layernorm",
+            norm=a["norm"],
             norm_eps=c.get("norm_epsilon", 1e-5),
             positions=c["position_embedding_type"],
-            rotary_base=c.get("rotary_base", 10000.0),
+            rotary_base=c.get("rotary_base") or c.get("rotary_emb_base") or 10000.0,
             max_position_embeddings=c["max_position_embeddings"],
-            gated_mlp=llama,
+            gated_mlp=a.get("gated_mlp", False),
             pre_norm=c.get("do_layer_norm_before", True),
             tp=(c.get("mapping") or {}).get("tp_size", 1),
             quant_bits=bits_of(c),
+            tp_rank=rank,
+            rotary_dim=c.get("rotary_dim") or int(head * c.get("rotary_pct", 1.0)),
+            q_scaling=c.get("q_scaling", 1.0),
+            parallel_residual=c.get("use_parallel_residual", a.get("parallel_residual", False)),
+            allreduce_once=a.get("allreduce_once", False),
+            windows=tuple(int(w or 0) for w in windows),
         )
 
     @property
@@ -84,6 +128,10 @@ class DecoderConfig:
     def kv_heads_per_rank(self) -> int:
         # TensorRT-LLM replicates kv heads when tp exceeds them
         return max(self.num_kv_heads // self.tp, 1)
+
+    @property
+    def attn_scale(self) -> float:
+        return 1.0 / (math.sqrt(self.head_size) * self.q_scaling)
 
 
 class Norm(nn.Module):
@@ -162,19 +210,52 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """GPT-J's rotation: each (even, odd) pair of dims (a, b) becomes (-b, a)."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotary positions on the first cos.shape[-1] dims of each head (partial
+    rotary: the rest pass through)."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]
+    rot = rot * cos + (_rotate_pairs(rot) if interleaved else _rotate_half(rot)) * sin
+    return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (BLOOM's: a geometric series over the closest power
+    of two, then every other slope of the next power of two)."""
+    p = 2 ** math.floor(math.log2(n_heads))
+    slopes = [2.0 ** (-8.0 * (i + 1) / p) for i in range(p)]
+    slopes += [2.0 ** (-4.0 * (2 * i + 1) / p) for i in range(min(p, n_heads - p))]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def _norm_or_none(cfg: DecoderConfig, W: dict, prefix: str, names: tuple[str, ...]):
+    for n in names:
+        if prefix + n + ".weight" in W:
+            return Norm(cfg, W[prefix + n + ".weight"], W.get(prefix + n + ".bias"))
+    return None
+
+
 class Layer(nn.Module):
     def __init__(self, cfg: DecoderConfig, W: dict, i: int):
         super().__init__()
         p = f"transformer.layers.{i}."
         self.cfg = cfg
+        self.window = cfg.windows[i % len(cfg.windows)] if cfg.windows else 0
         self.ln1 = Norm(cfg, W[p + "input_layernorm.weight"], W.get(p + "input_layernorm.bias"))
-        self.ln2 = Norm(cfg, W[p + "post_layernorm.weight"], W.get(p + "post_layernorm.bias"))
+        # GPT-NeoX's checkpoint names it post_attention_layernorm; GPT-J has none
+        self.ln2 = _norm_or_none(cfg, W, p, ("post_layernorm", "post_attention_layernorm"))
         bits, tp = cfg.quant_bits, cfg.tp
+        reduce_each = not cfg.allreduce_once
         self.qkv = Lin(W, p + "attention.qkv", bits)
-        self.dense = Lin(W, p + "attention.dense", bits, row_parallel=True, tp=tp)
+        self.dense = Lin(W, p + "attention.dense", bits, row_parallel=reduce_each, tp=tp)
         self.fc = Lin(W, p + "mlp.fc", bits)
         self.gate = Lin(W, p + "mlp.gate", bits) if cfg.gated_mlp else None
-        self.proj = Lin(W, p + "mlp.proj", bits, row_parallel=True, tp=tp)
+        self.proj = Lin(W, p + "mlp.proj", bits, row_parallel=reduce_each, tp=tp)
         self.act = ACTS[cfg.hidden_act]
 
     def attention(self, x, pos, cos, sin, mask, kc, vc):
@@ -186,15 +267,16 @@ class Layer(nn.Module):
         k = k.view(B, T, KV, D).transpose(1, 2)
         v = v.view(B, T, KV, D).transpose(1, 2)
         if cos is not None:
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            interleaved = cfg.positions == "rope_gptj"
+            q = _rope(q, cos, sin, interleaved)
+            k = _rope(k, cos, sin, interleaved)
         kc = kc.index_copy(2, pos, k)
         vc = vc.index_copy(2, pos, v)
         keys, vals = kc, vc
         if KV != H:
             keys = keys.repeat_interleave(H // KV, dim=1)
             vals = vals.repeat_interleave(H // KV, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0 / math.sqrt(D))
+        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=cfg.attn_scale)
         out = out.transpose(1, 2).reshape(B, T, H * D)
         return self.dense(out), kc, vc
 
@@ -204,8 +286,17 @@ class Layer(nn.Module):
             h = h * self.gate(x)
         return self.proj(h)
 
-    def forward(self, x, pos, cos, sin, mask, kc, vc):
-        if self.cfg.pre_norm:
+    def forward(self, x, pos, cos, sin, masks, kc, vc):
+        mask = masks[self.window]
+        cfg = self.cfg
+        if cfg.parallel_residual:  # GPT-NeoX, GPT-J: both branches read x
+            h = self.ln1(x)
+            a, kc, vc = self.attention(h, pos, cos, sin, mask, kc, vc)
+            m = self.mlp(self.ln2(x) if self.ln2 is not None else h)
+            if cfg.allreduce_once and cfg.tp > 1:
+                return x + all_reduce(a + m), kc, vc
+            return x + a + m, kc, vc
+        if cfg.pre_norm:
             a, kc, vc = self.attention(self.ln1(x), pos, cos, sin, mask, kc, vc)
             x = x + a
             x = x + self.mlp(self.ln2(x))
@@ -226,17 +317,25 @@ class DecoderLM(nn.Module):
             if cfg.positions == "learned_absolute"
             else None
         )
+        # BLOOM normalises the embeddings before the first layer
+        self.ln_embed = _norm_or_none(cfg, W, "transformer.", ("ln_embed",))
         self.layers = nn.ModuleList(Layer(cfg, W, i) for i in range(cfg.num_layers))
-        self.ln_f = (
-            Norm(cfg, W["transformer.ln_f.weight"], W.get("transformer.ln_f.bias")) if "transformer.ln_f.weight" in W else None
-        )
+        self.ln_f = _norm_or_none(cfg, W, "transformer.", ("ln_f",))
         # vocab-parallel for tp > 1 (rows padded to a multiple of tp); all-gathered in forward
         head = W["lm_head.weight"]
         self.lm_head = nn.Parameter(head if cfg.tp > 1 else head[: cfg.vocab_size], requires_grad=False)
-        if cfg.positions == "rope_gpt_neox":
-            d = cfg.head_size
+        bias = W.get("lm_head.bias")  # GPT-J
+        self.lm_head_bias = (
+            nn.Parameter(bias if cfg.tp > 1 else bias[: cfg.vocab_size], requires_grad=False) if bias is not None else None
+        )
+        if cfg.positions.startswith("rope"):
+            d = cfg.rotary_dim or cfg.head_size
             inv = 1.0 / (cfg.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
             self.register_buffer("inv_freq", inv, persistent=True)
+        if cfg.positions == "alibi":  # this rank's heads of the model's slopes
+            h = cfg.heads_per_rank
+            self.register_buffer("alibi", alibi_slopes(cfg.num_heads)[cfg.tp_rank * h : (cfg.tp_rank + 1) * h],
+                                 persistent=True)
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir, rank: int = 0, allow_tp: bool = False) -> "DecoderLM":
@@ -247,13 +346,29 @@ class DecoderLM(nn.Module):
         c, W = load_rank(ckpt_dir, rank)
         if c["mapping"]["tp_size"] != 1 and not allow_tp:
             raise ValueError("the aoti decoder exports tp=1 checkpoints")
-        return cls(DecoderConfig.from_trtllm(c), W).eval()
+        return cls(DecoderConfig.from_trtllm(c, rank), W).eval()
 
     def new_cache(self, batch: int, max_seq_len: int, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg
         shape = (c.num_layers, batch, c.kv_heads_per_rank, max_seq_len, c.head_size)
         dt = dtype or self.embed.dtype
         return torch.zeros(shape, dtype=dt), torch.zeros(shape, dtype=dt)
+
+    def _masks(self, pos: torch.Tensor, S: int, dtype: torch.dtype) -> dict:
+        """The attention mask of each window size the layers use: causal, the
+        last `window` tokens only where a window is set; with ALiBi, a float
+        mask carrying each head's linear distance bias."""
+        keys = torch.arange(S, dtype=torch.long)[None, :]
+        causal = keys <= pos[:, None]  # [T, S]
+        masks = {}
+        for w in sorted({layer.window for layer in self.layers}):
+            m = causal & (keys > pos[:, None] - w) if w else causal
+            if self.cfg.positions == "alibi":
+                dist = (keys - pos[:, None]).to(torch.float32)  # j - i <= 0 where visible
+                bias = (self.alibi[:, None, None] * dist[None]).masked_fill(~m[None], float("-inf"))
+                m = bias.to(dtype)
+            masks[w] = m
+        return masks
 
     def forward(self, input_ids: torch.Tensor, start_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
         B, T = input_ids.shape
@@ -263,19 +378,23 @@ class DecoderLM(nn.Module):
         cos = sin = None
         if self.pos_embed is not None:
             x = x + F.embedding(pos, self.pos_embed)[None]
-        else:
+        elif self.cfg.positions.startswith("rope"):
             f = pos.float()[:, None] * self.inv_freq[None, :]
-            emb = torch.cat((f, f), dim=-1)
+            emb = f.repeat_interleave(2, dim=-1) if self.cfg.positions == "rope_gptj" else torch.cat((f, f), dim=-1)
             cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        mask = torch.arange(S, dtype=torch.long)[None, :] <= pos[:, None]  # [T, S]
+        if self.ln_embed is not None:
+            x = self.ln_embed(x)
+        masks = self._masks(pos, S, x.dtype)
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            x, kc, vc = layer(x, pos, cos, sin, mask, k_cache[i], v_cache[i])
+            x, kc, vc = layer(x, pos, cos, sin, masks, k_cache[i], v_cache[i])
             ks.append(kc)
             vs.append(vc)
         if self.ln_f is not None:
             x = self.ln_f(x)
         logits = x @ self.lm_head.t()
+        if self.lm_head_bias is not None:
+            logits = logits + self.lm_head_bias
         if self.cfg.tp > 1:
             logits = all_gather_last(logits, self.cfg.tp)[..., : self.cfg.vocab_size]
         return logits.float(), torch.stack(ks), torch.stack(vs)

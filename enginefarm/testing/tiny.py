@@ -93,6 +93,81 @@ def _llama(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[i
     return LlamaForCausalLM(cfg)
 
 
+def _random_affine(model, std: float = 0.1):
+    """Hugging Face initialises biases to 0 and norm weights to 1; random
+    ones (from the seeded generator) make every bias and norm parameter
+    count, so that a converter dropping or misplacing one is caught."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, std)
+            elif p.dim() == 1:  # LayerNorm / RMSNorm weights
+                p.normal_(1.0, std)
+    return model
+
+
+def _gpt2(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=hidden, n_layer=layers, n_head=heads,
+                     bos_token_id=0, eos_token_id=2, pad_token_id=1, initializer_range=0.1)
+    return _random_affine(GPT2LMHeadModel(cfg))
+
+
+def _gpt_neo(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    # global and local layers alternate; a window of 16 tokens binds within
+    # the tests' 32-token inputs
+    cfg = GPTNeoConfig(vocab_size=VOCAB, max_position_embeddings=256, hidden_size=hidden, num_layers=layers,
+                       num_heads=heads, window_size=16,
+                       attention_types=[[["global", "local"], layers // 2]] + ([[["global"], 1]] if layers % 2 else []),
+                       intermediate_size=hidden * 2, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                       initializer_range=0.1)
+    return _random_affine(GPTNeoForCausalLM(cfg))
+
+
+def _gpt_neox(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool,
+              parallel_residual: bool = True):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=hidden * 2, max_position_embeddings=256, rotary_pct=0.5,
+                        use_parallel_residual=parallel_residual, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                        initializer_range=0.1, tie_word_embeddings=tied)
+    return _random_affine(GPTNeoXForCausalLM(cfg))
+
+
+def _gptj(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    cfg = GPTJConfig(vocab_size=VOCAB, n_positions=256, n_embd=hidden, n_layer=layers, n_head=heads,
+                     rotary_dim=(hidden // heads) // 2, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                     initializer_range=0.1, tie_word_embeddings=False)
+    return _random_affine(GPTJForCausalLM(cfg))
+
+
+def _bloom(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    cfg = BloomConfig(vocab_size=VOCAB, hidden_size=hidden, n_layer=layers, n_head=heads, bos_token_id=0,
+                      eos_token_id=2, pad_token_id=1, initializer_range=0.1)
+    return _random_affine(BloomForCausalLM(cfg))
+
+
+def _mistral(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    # a 16-token sliding window, so that it binds within the tests' inputs
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 2 + 32,
+                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                        max_position_embeddings=256, sliding_window=16, rms_norm_eps=1e-6, bos_token_id=0,
+                        eos_token_id=2, pad_token_id=1, initializer_range=0.1, tie_word_embeddings=tied)
+    return _random_affine(MistralForCausalLM(cfg))
+
+
 # name -> (builder, defaults)
 TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     "opt": (_opt, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True)),
@@ -102,6 +177,16 @@ TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     # has 2 kv heads (GQA), which tp 4 and 8 replicate
     "opt-h8": (_opt, dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=True)),
     "llama-h8": (_llama, dict(layers=2, hidden=64, heads=8, kv_heads=2, tied=False)),
+    # the other decoder-only families, 8 heads each (tp 1, 2, 4, 8 all divide them)
+    "gpt2": (_gpt2, dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=True)),
+    "gpt-neo": (_gpt_neo, dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=True)),
+    "gpt-neox": (_gpt_neox, dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=False)),
+    "gpt-neox-seq": (_gpt_neox, dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=True, parallel_residual=False)),
+    "gptj": (_gptj, dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=False)),
+    "bloom": (_bloom, dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=True)),
+    # 6 heads: ALiBi slopes of a head count that is not a power of two
+    "bloom-h6": (_bloom, dict(layers=2, hidden=48, heads=6, kv_heads=None, tied=True)),
+    "mistral": (_mistral, dict(layers=2, hidden=64, heads=8, kv_heads=2, tied=False)),
 }
 
 
