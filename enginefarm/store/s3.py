@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import BadInput, StepFailed
+from ..hashing import HashingWriter
 from .base import Store
 
 MiB = 1024 * 1024
@@ -183,16 +184,21 @@ class S3Store(Store):
         got = self._get_with_version(key)
         return None if got is None else got[0]
 
-    def _get_file(self, key: str, dest: Path) -> bool:
+    def _get_file(self, key: str, dest: Path) -> Optional[tuple[str, int]]:
+        """The transfer manager fetches the parts in parallel (ranged GETs);
+        given a non-seekable target it hands them over in order, so each byte
+        is hashed as it is written: one pass, no re-read to verify."""
         from botocore.exceptions import ClientError
 
         self._check_bucket()
         try:
-            self.s3.download_file(self.bucket, self._k(key), str(dest), Config=self.transfer)
-            return True
+            with open(dest, "wb") as f:
+                w = HashingWriter(f)
+                self.s3.download_fileobj(self.bucket, self._k(key), w, Config=self.transfer)
+            return w.result()
         except ClientError as e:
             if _not_found(e):
-                return False
+                return None
             raise
 
     def _list(self, prefix: str) -> list[str]:
