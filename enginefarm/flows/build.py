@@ -105,10 +105,11 @@ def answer_from_store(recipe: str | Recipe, variants: Optional[list[str]], store
     if len(complete) != len(vs):
         return None
     summary: dict = {"recipe": r.name, "store": st.uri, "variants": {}, "flow_run": None}
-    for v in vs:
-        steps = complete[v.name]
-        publish_step.move_aliases(st, r.name, v.name, steps["publish"])
-        summary["variants"][v.name] = variant_summary(st, r, steps)
+    with st.lock(f"build {r.name} (aliases)"):
+        for v in vs:
+            steps = complete[v.name]
+            publish_step.move_aliases(st, r.name, v.name, steps["publish"])
+            summary["variants"][v.name] = variant_summary(st, r, steps)
     return finish(summary, True)
 
 
@@ -120,7 +121,13 @@ def build(recipe: str, variants: Optional[list[str]] = None, store: Optional[str
     ctx = Ctx(store=st, recipe=r, force=force, workdir=workdir)
     log(f"build {r.name}: {len(vs)} variant(s) -> {st.uri}")
     fam = get_family(r.family)
+    # shared for the whole run: gc (exclusive) never deletes what this build
+    # looked up in the cache and will name in its manifests
+    with st.lock(f"build {r.name}"):
+        return _build(ctx, r, vs, st, fam)
 
+
+def _build(ctx: Ctx, r: Recipe, vs: list[Variant], st, fam) -> dict:
     fetched = fetch_step.fetch_task(ctx)
     config = fetched.results["config"]
     for v in vs:  # before any conversion: tp must divide the heads

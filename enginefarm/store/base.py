@@ -150,7 +150,7 @@ def encode_ref(value: dict) -> bytes:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 _DEPTH_GUARD = threading.Lock()
@@ -235,6 +235,12 @@ class Store(ABC):
     @abstractmethod
     def _delete(self, key: str) -> None:
         """Remove the object at key (no error if absent)."""
+
+    def _sweep_partials(self, max_age: float) -> int:
+        """Remove what writers killed half-way left behind (temp files,
+        incomplete multipart uploads) older than max_age seconds; how many.
+        Called by gc, under the exclusive lock."""
+        return 0
 
     @contextmanager
     def _stage_file(self, path: Path) -> Iterator[Staged]:

@@ -196,3 +196,22 @@ class LocalStore(Store):
 
     def _delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def _sweep_partials(self, max_age: float) -> int:
+        """Private temp files (`.*.tmp`, staging copies) of killed writers."""
+        import time
+
+        cutoff, n = time.time() - max_age, 0
+        if not self.root.is_dir():
+            return 0
+        for d, _, files in os.walk(self.root):
+            for f in files:
+                p = Path(d) / f
+                if (f.startswith(".") and f.endswith(".tmp")) or Path(d) == self._staging:
+                    try:
+                        if p.stat().st_mtime < cutoff:
+                            p.unlink()
+                            n += 1
+                    except FileNotFoundError:
+                        pass
+        return n

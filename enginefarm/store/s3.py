@@ -237,3 +237,17 @@ class S3Store(Store):
     def _delete(self, key: str) -> None:
         self._check_bucket()
         self.s3.delete_object(Bucket=self.bucket, Key=self._k(key))
+
+    def _sweep_partials(self, max_age: float) -> int:
+        """Abort multipart uploads under the prefix that killed writers left."""
+        from datetime import datetime, timedelta, timezone
+
+        self._check_bucket()
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=max_age)
+        n = 0
+        for page in self.s3.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for u in page.get("Uploads", []):
+                if u["Initiated"] < cutoff:
+                    self.s3.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+                    n += 1
+        return n
