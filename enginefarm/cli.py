@@ -57,7 +57,7 @@ def cmd_recipe_new(a) -> int:
     from .families import detect_family, get_family
     from .spec import NAME_RE, parse_recipe
 
-    if not NAME_RE.match(a.name):
+    if not NAME_RE.fullmatch(a.name):
         raise BadInput(f"recipe name {a.name!r}: use lower-case letters, digits, '.', '_', '-'")
     source = _source_arg(a.source)
     config = None

@@ -16,7 +16,7 @@ GPU_RE = re.compile(r"^sm_\d{2,3}$")
 
 
 def check_gpu(gpu: Any) -> str:
-    if not isinstance(gpu, str) or not GPU_RE.match(gpu):
+    if not isinstance(gpu, str) or not GPU_RE.fullmatch(gpu):
         raise BadInput(f"bad --gpu {gpu!r}: expected a GPU target such as sm_80, sm_89 or sm_90")
     return gpu
 

@@ -52,8 +52,13 @@ def _free_port() -> int:
 def s3_server():
     """The URL of a moto S3 server for this session; boto3 finds it through
     AWS_ENDPOINT_URL, as it would find a real endpoint."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    # the server's access log is noise, and from its threads it would land in
+    # whatever stderr a test is capturing
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -80,13 +80,13 @@ def _s3(uri: str, rest: str) -> Store:
             f"bad store {_shown(uri)!r}: credentials or endpoints do not belong in the URI; "
             "use the standard AWS settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)"
         )
-    if not BUCKET.match(bucket) or ".." in bucket:
+    if not BUCKET.fullmatch(bucket) or ".." in bucket:
         raise BadInput(
             f"bad store {_shown(uri)!r}: {bucket!r} is not a valid bucket name "
             "(3-63 lower-case letters, digits, '.', '-')"
         )
     for part in (p for p in prefix.split("/") if p):
-        if part in (".", "..") or not PREFIX_PART.match(part):
+        if part in (".", "..") or not PREFIX_PART.fullmatch(part):
             raise BadInput(
                 f"bad store {_shown(uri)!r}: prefix component {part!r} is not allowed "
                 "(letters, digits, '.', '_', '-', '=', '+'; no '.' or '..')"

@@ -70,7 +70,7 @@ class StoreBusy(StepFailed):
 
 def check_name(kind: str, value: Any) -> str:
     """A recipe/step/key/variant/alias: one safe path component, or BadInput."""
-    if not isinstance(value, str) or not NAME.match(value) or ".." in value:
+    if not isinstance(value, str) or not NAME.fullmatch(value) or ".." in value:
         raise BadInput(
             f"bad {kind} {value!r}: use 1-128 lower-case letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/', no '..')"
@@ -80,7 +80,7 @@ def check_name(kind: str, value: Any) -> str:
 
 def check_digest(value: Any) -> str:
     """A sha256 digest: 64 lower-case hex digits, or BadInput."""
-    if not isinstance(value, str) or not HEX64.match(value):
+    if not isinstance(value, str) or not HEX64.fullmatch(value):
         raise BadInput(f"bad sha256 digest {value!r}: expected 64 lower-case hex digits")
     return value
 
@@ -97,7 +97,7 @@ def check_rel_path(value: Any) -> str:
     letters, digits, '.', '_', '+', '-' (not starting with '.'), so that it
     can never name anything outside the directory it is laid out in."""
     parts = value.split("/") if isinstance(value, str) and len(value) <= 1024 else [None]
-    if not all(isinstance(p, str) and REL_PART.match(p) for p in parts):
+    if not all(isinstance(p, str) and REL_PART.fullmatch(p) for p in parts):
         raise BadInput(
             f"bad file path {value!r}: expected a relative path of letters, digits, '.', '_', '+', '-' "
             "(no '..', no absolute path, no part starting with '.')"
@@ -138,7 +138,7 @@ def ref_key(recipe: str, variant: str, alias: str) -> str:
 
 
 def _is_name(s: str) -> bool:
-    return bool(NAME.match(s)) and ".." not in s
+    return bool(NAME.fullmatch(s)) and ".." not in s
 
 
 # ---------------------------------------------------------------------- encoding
@@ -314,7 +314,7 @@ class Store(ABC):
         out = []
         for k in self._list("blobs/sha256/"):
             parts = k.split("/")
-            if len(parts) == 4 and HEX64.match(parts[3]) and parts[2] == parts[3][:2]:
+            if len(parts) == 4 and HEX64.fullmatch(parts[3]) and parts[2] == parts[3][:2]:
                 out.append(parts[3])
         return sorted(out)
 

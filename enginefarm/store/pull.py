@@ -108,9 +108,11 @@ def pull(store: Store, ref: dict, manifest: dict, dest, layout: str = "plain", w
         "bytes": sum(f["size"] for f in files.values()),
     }
     t0 = time.perf_counter()
-    lock_fd = os.open(dest.parent / f".{dest.name}.pull.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    # one pull at a time per parent directory (a lock on the directory
+    # itself: no lock file is left beside DEST)
+    lock_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # one pull at a time per DEST
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
         previous = _check_dest(dest)
         if previous and previous.get("digest") == digest and previous.get("layout") == layout \
                 and _intact(dest, previous):
