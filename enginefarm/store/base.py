@@ -213,10 +213,11 @@ class Store(ABC):
         """The object's bytes, or None if absent."""
 
     @abstractmethod
-    def _get_file(self, key: str, dest: Path) -> Optional[tuple[str, int]]:
+    def _get_file(self, key: str, dest: Path, size: Optional[int] = None) -> Optional[tuple[str, int]]:
         """Copy the object at key over the existing file dest (a private temp
         file), hashing the bytes as they are written: their (sha256, size),
-        or None if there is no object at key."""
+        or None if there is no object at key. `size`, when known, is the
+        expected size (a hint for how to fetch it)."""
 
     @abstractmethod
     def _list(self, prefix: str) -> list[str]:
@@ -291,7 +292,7 @@ class Store(ABC):
         os.close(fd)
         tmp = Path(name)
         try:
-            got = self._get_file(key, tmp)
+            got = self._get_file(key, tmp, size)
             if got is None:
                 raise MissingBlob(f"blob sha256:{digest} is missing from {self.uri}")
             self._check_digest(digest, got, size)

@@ -148,7 +148,7 @@ class LocalStore(Store):
         except FileNotFoundError:
             return None
 
-    def _get_file(self, key: str, dest: Path) -> Optional[tuple[str, int]]:
+    def _get_file(self, key: str, dest: Path, size: Optional[int] = None) -> Optional[tuple[str, int]]:
         # a copy, never a link: editing a pulled file must not touch the store
         try:
             src = open(self._path(key), "rb")

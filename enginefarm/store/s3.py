@@ -26,6 +26,8 @@ from ..hashing import HashingWriter
 from .base import Store
 
 MiB = 1024 * 1024
+STREAM_CHUNK = 8 * MiB
+STREAM_RETRIES = 5
 
 # an error code from a server that does not implement the checksum we sent
 _CHECKSUM_REFUSED = {"NotImplemented", "InvalidArgument", "InvalidRequest", "UnsupportedChecksumAlgorithm"}
@@ -33,6 +35,21 @@ _CHECKSUM_REFUSED = {"NotImplemented", "InvalidArgument", "InvalidRequest", "Uns
 _BAD_DIGEST = {"BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"}
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict"}
+
+
+def _stream_errors() -> tuple:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from urllib3.exceptions import ProtocolError
+
+    return (BotoConnectionError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError, ProtocolError,
+            ConnectionError)
+
+
+try:
+    _STREAM_ERRORS = _stream_errors()
+except ImportError:  # botocore not installed: the S3 store cannot be used anyway
+    _STREAM_ERRORS = (ConnectionError,)
 
 
 def _code(e: BaseException) -> str:
@@ -60,6 +77,7 @@ class S3Store(Store):
         multipart_threshold: int = 64 * MiB,
         multipart_chunksize: int = 16 * MiB,
         max_concurrency: int = 8,
+        download_threshold: Optional[int] = None,
     ):
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -82,6 +100,9 @@ class S3Store(Store):
             max_concurrency=max_concurrency,
             use_threads=True,
         )
+        # objects at least this big are fetched in parallel ranged parts;
+        # smaller ones (and all, when 0) in one stream each
+        self.download_threshold = multipart_threshold if download_threshold is None else download_threshold
         self._checksums = getattr(self.s3.meta.config, "request_checksum_calculation", None) != "when_required"
         self._bucket_ok = False
         self._bucket_lock = threading.Lock()
@@ -184,13 +205,17 @@ class S3Store(Store):
         got = self._get_with_version(key)
         return None if got is None else got[0]
 
-    def _get_file(self, key: str, dest: Path) -> Optional[tuple[str, int]]:
-        """The transfer manager fetches the parts in parallel (ranged GETs);
-        given a non-seekable target it hands them over in order, so each byte
-        is hashed as it is written: one pass, no re-read to verify."""
+    def _get_file(self, key: str, dest: Path, size: Optional[int] = None) -> Optional[tuple[str, int]]:
+        """A big object: the transfer manager fetches its parts in parallel
+        (ranged GETs) and, given a non-seekable target, hands them over in
+        order, so each byte is hashed as it is written. A small one (or every
+        one, with download_threshold 0): one GET, read while a second thread
+        hashes and writes. One pass either way, no re-read to verify."""
         from botocore.exceptions import ClientError
 
         self._check_bucket()
+        if size is None or not self.download_threshold or size < self.download_threshold:
+            return self._get_stream(key, dest)
         try:
             with open(dest, "wb") as f:
                 w = HashingWriter(f)
@@ -200,6 +225,59 @@ class S3Store(Store):
             if _not_found(e):
                 return None
             raise
+
+    def _get_stream(self, key: str, dest: Path) -> Optional[tuple[str, int]]:
+        """One GET streamed into dest, hashed and written by a second thread
+        while the next chunk arrives. A stream that breaks is resumed where it
+        stopped (a ranged GET), with backoff, up to STREAM_RETRIES times."""
+        import queue
+        import random
+        import time
+
+        from botocore.exceptions import ClientError
+
+        chunks: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=4)
+        failed: list[BaseException] = []
+        with open(dest, "wb") as f:
+            w = HashingWriter(f)
+
+            def sink() -> None:
+                while (b := chunks.get()) is not None:
+                    if not failed:
+                        try:
+                            w.write(b)
+                        except BaseException as e:  # noqa: BLE001 - re-raised by the reader
+                            failed.append(e)
+
+            t = threading.Thread(target=sink, name="enginefarm-s3-sink", daemon=True)
+            t.start()
+            offset, tries = 0, 0
+            try:
+                while True:
+                    try:
+                        extra = {"Range": f"bytes={offset}-"} if offset else {}
+                        body = self.s3.get_object(Bucket=self.bucket, Key=self._k(key), **extra)["Body"]
+                        while chunk := body.read(STREAM_CHUNK):
+                            if failed:
+                                raise failed[0]
+                            chunks.put(chunk)
+                            offset += len(chunk)
+                        break
+                    except ClientError as e:
+                        if _not_found(e):
+                            return None
+                        raise
+                    except _STREAM_ERRORS:
+                        tries += 1
+                        if tries > STREAM_RETRIES:
+                            raise
+                        time.sleep(random.random() * min(0.2 * 2 ** tries, 5.0))
+            finally:
+                chunks.put(None)
+                t.join()
+        if failed:
+            raise failed[0]
+        return w.result()
 
     def _list(self, prefix: str) -> list[str]:
         self._check_bucket()
