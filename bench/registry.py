@@ -149,7 +149,6 @@ def main() -> None:
                     value, m = resolve(store, "bench")
                     out = pull(store, value, m, tmp / "pulled")
                     assert out["fetched_bytes"] >= size
-                    shutil.rmtree(tmp / "pulled")
 
                 order = [("put", put), ("publish", publish)]
                 for name, fn in (order if r % 2 == 0 else order[::-1]):
@@ -159,12 +158,14 @@ def main() -> None:
                 for name, fn in (order if r % 2 == 0 else order[::-1]):
                     rows[name].append(timed(fn))
                     print(f"  repeat {r + 1}: {name:<9} {rows[name][-1]:7.2f} s", file=sys.stderr)
+                    shutil.rmtree(tmp / "pulled", ignore_errors=True)
                 if (tmp / "baseline.out").stat().st_size != size:
                     raise SystemExit("the baseline download is short")
                 (tmp / "baseline.out").unlink()
                 if a.ranged:
                     rows["ranged"].append(timed(lambda: do_pull(st)))
                     print(f"  repeat {r + 1}: ranged    {rows['ranged'][-1]:7.2f} s", file=sys.stderr)
+                    shutil.rmtree(tmp / "pulled", ignore_errors=True)
 
                 # republish: every step again (forced), counting what goes up
                 sent = {"blob": 0, "other": 0}

@@ -443,6 +443,12 @@ def parser() -> argparse.ArgumentParser:
     def store_arg(sp):
         sp.add_argument("--store", default=None, help="directory, file://..., or s3://bucket/prefix (default: $ENGINEFARM_STORE or .farm)")
 
+    def store_json(sp, fn):
+        """The options every store command shares: --store, --json; then its handler."""
+        store_arg(sp)
+        sp.add_argument("--json", action="store_true")
+        sp.set_defaults(fn=fn)
+
     b = sub.add_parser("build", help="build a recipe's variants")
     b.add_argument("recipe")
     b.add_argument("--variant", action="append", help="a variant to build (repeatable; default: all)")
@@ -456,37 +462,27 @@ def parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="the DAG, and which steps are cached")
     pl.add_argument("recipe")
     pl.add_argument("--variant", action="append")
-    store_arg(pl)
-    pl.add_argument("--json", action="store_true")
-    pl.set_defaults(fn=cmd_plan)
+    store_json(pl, cmd_plan)
 
     ls = sub.add_parser("ls", help="engines in the store (or --catalog: recipes)")
     ls.add_argument("recipe", nargs="?")
     ls.add_argument("--catalog", action="store_true", help="list the catalog's recipes instead")
-    store_arg(ls)
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(fn=cmd_ls)
+    store_json(ls, cmd_ls)
 
     sh = sub.add_parser("show", help="one engine's manifest, provenance and alias history")
     sh.add_argument("ref", help="RECIPE[:VARIANT][@ALIAS]")
-    store_arg(sh)
-    sh.add_argument("--json", action="store_true")
-    sh.set_defaults(fn=cmd_show)
+    store_json(sh, cmd_show)
 
     df = sub.add_parser("diff", help="what changed between two builds: inputs, toolchain, metrics, files")
     df.add_argument("ref_a", metavar="REF")
     df.add_argument("ref_b", metavar="REF")
-    store_arg(df)
-    df.add_argument("--json", action="store_true")
-    df.set_defaults(fn=cmd_diff)
+    store_json(df, cmd_diff)
 
     pr = sub.add_parser("promote", help="point an alias (prod, ...) at an engine; refuses an unvalidated one")
     pr.add_argument("ref", help="RECIPE[:VARIANT][@ALIAS]: the engine to promote")
     pr.add_argument("alias", help="the alias to move (prod, staging, ...)")
     pr.add_argument("--force", action="store_true", help="promote even if its validation did not pass")
-    store_arg(pr)
-    pr.add_argument("--json", action="store_true")
-    pr.set_defaults(fn=cmd_promote)
+    store_json(pr, cmd_promote)
 
     pu = sub.add_parser("pull", help="fetch an engine into a directory, verified, atomically")
     pu.add_argument("ref", help="RECIPE[:VARIANT][@ALIAS]")
@@ -495,17 +491,13 @@ def parser() -> argparse.ArgumentParser:
     pu.add_argument("--gpu", help="the GPU target the engine must be built for (sm_XY)")
     pu.add_argument("--dest", required=True, help="the directory to write (absent, empty, or an earlier pull)")
     pu.add_argument("--layout", default="plain", choices=["plain", "triton"])
-    store_arg(pu)
-    pu.add_argument("--json", action="store_true")
-    pu.set_defaults(fn=cmd_pull)
+    store_json(pu, cmd_pull)
 
     gcp = sub.add_parser("gc", help="delete manifests and blobs that no kept engine or alias needs")
     gcp.add_argument("--keep", type=int, required=True, help="publish manifests kept per variant (besides aliases)")
     gcp.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
     gcp.add_argument("--wait", type=float, default=60.0, help="seconds to wait for running builds (default 60)")
-    store_arg(gcp)
-    gcp.add_argument("--json", action="store_true")
-    gcp.set_defaults(fn=cmd_gc)
+    store_json(gcp, cmd_gc)
 
     rn = sub.add_parser("run", help="generate with a built engine")
     rn.add_argument("ref")

@@ -18,6 +18,10 @@ Layouts:
 DEST/.enginefarm-pull.json records what was pulled (ref, manifest, digest,
 layout, files); a later pull into the same DEST replaces it, and a DEST that
 holds anything else is refused.
+
+Atomic against a pull that is killed or fails; the files are not fsync'ed
+(a pull is cheap to repeat, and syncing a GB costs about a second), so a
+machine that crashes right after a pull may need it pulled again.
 """
 
 from __future__ import annotations
@@ -141,7 +145,6 @@ def pull(store: Store, ref: dict, manifest: dict, dest, layout: str = "plain", w
                                            "store", "files", "generated")}
         record["pulled_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         (staging / MARKER).write_text(json.dumps(record, indent=1) + "\n")
-        _fsync_tree(staging)
         _move_into_place(staging, dest)
     finally:
         os.close(lock_fd)
@@ -202,16 +205,6 @@ def _fetch_all(store: Store, todo: list, workers: int) -> None:
             fut.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _fsync_tree(root: Path) -> None:
-    for d, _, names in os.walk(root):
-        for n in names:
-            fd = os.open(os.path.join(d, n), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 _RENAME_EXCHANGE = 2

@@ -92,8 +92,14 @@ class S3Store(Store):
             max_pool_connections=max(32, 2 * max_concurrency),
             connect_timeout=10,
             read_timeout=120,
+            # every blob's sha256 is checked by the store itself as it arrives;
+            # botocore's own pass over the same bytes would only repeat it
+            response_checksum_validation="when_required",
         )
-        self.s3 = boto3.client("s3", config=cfg)
+        self._cfg = cfg
+        self._checksums = getattr(boto3.client("s3", config=cfg).meta.config, "request_checksum_calculation",
+                                  None) != "when_required"
+        self.s3 = self._client()
         self.transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
@@ -103,11 +109,26 @@ class S3Store(Store):
         # objects at least this big are fetched in parallel ranged parts;
         # smaller ones (and all, when 0) in one stream each
         self.download_threshold = multipart_threshold if download_threshold is None else download_threshold
-        self._checksums = getattr(self.s3.meta.config, "request_checksum_calculation", None) != "when_required"
         self._bucket_ok = False
         self._bucket_lock = threading.Lock()
 
     # ------------------------------------------------------------ helpers
+
+    def _client(self):
+        """The boto3 client. While every write carries a SHA-256 checksum that
+        the server verifies, the body is not also hashed for the signature
+        (what botocore already does over https; over plain http it would hash
+        every byte once more)."""
+        import boto3
+        from botocore.config import Config
+
+        cfg = self._cfg.merge(Config(s3={"payload_signing_enabled": False})) if self._checksums else self._cfg
+        return boto3.client("s3", config=cfg)
+
+    def _no_checksums(self) -> None:
+        """The server refused checksums: stop sending them, and sign bodies again."""
+        self._checksums = False
+        self.s3 = self._client()
 
     def _k(self, key: str) -> str:
         return self.prefix + key
@@ -149,7 +170,7 @@ class S3Store(Store):
             except ClientError as e:
                 if _code(e) not in _CHECKSUM_REFUSED:
                     raise
-                self._checksums = False  # this server does not take them
+                self._no_checksums()  # this server does not take them
         self.s3.put_object(**args)
 
     # ------------------------------------------------------------ primitives
@@ -195,7 +216,7 @@ class S3Store(Store):
             if _code(cause) in _BAD_DIGEST:
                 raise StepFailed(f"{path} changed while it was stored as sha256:{digest}; nothing was stored") from None
             if self._checksums and _code(cause) in _CHECKSUM_REFUSED:
-                self._checksums = False
+                self._no_checksums()
                 extra = {"Metadata": {"sha256": digest}}
                 self.s3.upload_file(str(path), self.bucket, self._k(key), Config=self.transfer, ExtraArgs=extra)
                 return
