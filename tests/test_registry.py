@@ -260,6 +260,14 @@ def test_pull_verifies_moves_atomically_replaces_and_is_up_to_date(uri, tmp_path
                                                                  "rank2.engine"]
     assert json.loads((dest / MARKER).read_text())["digest"] == second.digest
     assert sorted(p.name for p in dest.parent.iterdir()) == ["engines"]
+    # a file that no pull wrote is never thrown away with the earlier pull
+    (dest / "notes.txt").write_text("mine")
+    rc, _, err = run_cli(capsys, "pull", "synth@validated", "--dest", dest, "--store", uri)
+    assert rc == 0  # the same engine: up to date, nothing replaced
+    publish_synthetic(st, seed=12, n_files=1, size=1024)
+    rc, _, err = run_cli(capsys, "pull", "synth", "--dest", dest, "--store", uri)
+    assert rc == 2 and "notes.txt" in err and (dest / "notes.txt").read_text() == "mine"
+    assert json.loads((dest / MARKER).read_text())["digest"] == second.digest
 
 
 def test_interrupted_pull_leaves_nothing_at_dest_and_resumes(procs, s3_store_uri, tmp_path, capsys):

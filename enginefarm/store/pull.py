@@ -117,11 +117,12 @@ def pull(store: Store, ref: dict, manifest: dict, dest, layout: str = "plain", w
     lock_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        previous = _check_dest(dest)
+        previous = read_marker(dest) if dest.is_dir() else None
         if previous and previous.get("digest") == digest and previous.get("layout") == layout \
                 and _intact(dest, previous):
             return {**summary, "up_to_date": True, "fetched_bytes": 0, "reused_files": len(files),
                     "seconds": round(time.perf_counter() - t0, 3)}
+        _check_dest(dest)  # absent, empty, or an earlier pull holding only what it wrote
         staging = dest.parent / f".{dest.name}.pull-{digest[:16]}-{layout}"
         _clear_other_stagings(dest, staging)
         staging.mkdir(exist_ok=True)
@@ -154,13 +155,25 @@ def pull(store: Store, ref: dict, manifest: dict, dest, layout: str = "plain", w
 
 def _check_dest(dest: Path) -> Optional[dict]:
     """The marker of an earlier pull at dest, None if dest is absent or
-    empty; BadInput if it holds anything else (nothing there is touched)."""
+    empty; BadInput if it holds anything else (nothing there is touched):
+    files of its own, or files beside an earlier pull's."""
     if not dest.exists():
         return None
     marker = read_marker(dest)
-    if marker is None and any(dest.iterdir()):
-        raise BadInput(f"--dest {dest} exists and is not empty (and is not an earlier pull); "
-                       "pick another directory or empty it")
+    if marker is None:
+        if any(dest.iterdir()):
+            raise BadInput(f"--dest {dest} exists and is not empty (and is not an earlier pull); "
+                           "pick another directory or empty it")
+        return None
+    # an earlier pull is replaced whole: only if it holds nothing it did not write
+    ours = {MARKER} | {f.get("path") for f in marker.get("files", []) if isinstance(f, dict)} \
+        | set(marker.get("generated", []))
+    extra = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")
+                   if not p.is_dir() and p.relative_to(dest).as_posix() not in ours)
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise BadInput(f"--dest {dest} holds files that the earlier pull there did not write "
+                       f"({', '.join(extra[:3])}{more}); move them away or pick another directory")
     return marker
 
 
