@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -58,7 +57,7 @@ def cmd_recipe_new(a) -> int:
     from .families import detect_family, get_family
     from .spec import NAME_RE, parse_recipe
 
-    if not NAME_RE.match(a.name):
+    if not NAME_RE.fullmatch(a.name):
         raise BadInput(f"recipe name {a.name!r}: use lower-case letters, digits, '.', '_', '-'")
     source = _source_arg(a.source)
     config = None
@@ -194,58 +193,25 @@ def cmd_plan(a) -> int:
 # ----------------------------------------------------------------------------- ls / show / run
 
 
-def _age(iso: str) -> str:
-    try:
-        dt = datetime.fromisoformat(iso)
-    except (TypeError, ValueError):
-        return "?"
-    s = (datetime.now(timezone.utc) - dt).total_seconds()
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= n:
-            return f"{int(s // n)}{unit}"
-    return f"{int(s)}s"
+def _catalog_rows() -> list[dict]:
+    from .families import get_family
+    from .spec import catalog_paths, load_recipe
 
-
-def resolve(store, ref_text: str) -> tuple[dict, dict]:
-    """(ref value, publish manifest) for a ref; BadInput when it does not exist."""
-    from .spec import load_recipe, parse_ref
-
-    ref = parse_ref(ref_text)
-    variant = ref.variant
-    if variant is None:
+    rows = []
+    for p in catalog_paths():
         try:
-            variant = load_recipe(ref.recipe).variant(None).name
-        except BadInput:
-            variants = sorted({v for rr, v, _ in store.list_refs(ref.recipe)})
-            if not variants:
-                raise BadInput(f"ref {ref_text}: no engines for {ref.recipe!r} in {store.uri}") from None
-            if len(variants) != 1:
-                raise BadInput(f"ref {ref_text}: name the variant (RECIPE:VARIANT); the store has {variants or 'none'}") from None
-            variant = variants[0]
-    got = store.get_ref(ref.recipe, variant, ref.alias)
-    if got is None:
-        raise BadInput(f"ref {ref.recipe}:{variant}@{ref.alias} does not exist in {store.uri}")
-    value, _ = got
-    m = store.get_manifest_by_path(value["manifest"])
-    if m is None:
-        raise FarmError(f"ref {ref_text} points at {value['manifest']}, which is missing from {store.uri}")
-    return value, m
+            r = load_recipe(str(p))
+            fam = get_family(r.family)
+            rows.append({"recipe": r.name, "family": r.family, "implemented": fam.implemented,
+                         "variants": [v.name for v in r.variants()], "path": str(p)})
+        except BadInput as e:
+            rows.append({"recipe": p.stem, "error": str(e), "path": str(p)})
+    return rows
 
 
 def cmd_ls(a) -> int:
     if a.catalog:
-        from .families import get_family
-        from .spec import catalog_paths, load_recipe
-
-        rows = []
-        for p in catalog_paths():
-            try:
-                r = load_recipe(str(p))
-                fam = get_family(r.family)
-                rows.append({"recipe": r.name, "family": r.family, "implemented": fam.implemented,
-                             "variants": [v.name for v in r.variants()], "path": str(p)})
-            except BadInput as e:
-                rows.append({"recipe": p.stem, "error": str(e), "path": str(p)})
+        rows = _catalog_rows()
         if a.json:
             print(json.dumps(rows, indent=2))
         else:
@@ -255,53 +221,59 @@ def cmd_ls(a) -> int:
                 else:
                     print(f"{x['recipe']:<28} {x['family']:<17} {'' if x['implemented'] else '(not implemented) '}{' '.join(x['variants'])}")
         return 0
+    from .registry import age, engine_rows
     from .store import open_store
 
+    if a.recipe is not None:
+        from .store.base import check_name
+
+        check_name("recipe", a.recipe)
     st = open_store(a.store)
-    rows = []
-    for recipe, variant, alias in sorted(st.list_refs(a.recipe)):
-        got = st.get_ref(recipe, variant, alias)
-        if not got:
-            continue
-        value, _ = got
-        m = st.get_manifest_by_path(value["manifest"]) or {}
-        res = m.get("results", {})
-        rows.append({
-            "recipe": recipe, "variant": variant, "alias": alias, "digest": value.get("digest"),
-            "size": sum(f["size"] for f in m.get("files", {}).values()),
-            "validation": "passed" if res.get("validation", {}).get("passed") else "failed",
-            "created_at": m.get("created_at"), "manifest": value["manifest"],
-        })
+    rows = engine_rows(st, a.recipe)
     if a.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
         print(f"no engines in {st.uri}" + (f" for {a.recipe}" if a.recipe else ""))
         return 0
-    print(f"{'RECIPE':<24} {'VARIANT':<14} {'ALIAS':<10} {'DIGEST':<13} {'SIZE':>10} {'VALIDATION':<10} AGE")
+    # one line per engine: the aliases that point at it together
+    engines: dict[tuple, dict] = {}
     for x in rows:
-        print(f"{x['recipe']:<24} {x['variant']:<14} {x['alias']:<10} {x['digest'][:12]:<13} "
-              f"{x['size']/1e6:>8.2f}MB {x['validation']:<10} {_age(x['created_at'])}")
+        e = engines.setdefault((x["recipe"], x["variant"], x["digest"]), {**x, "aliases": []})
+        e["aliases"].append(x["alias"])
+    print(f"{'RECIPE':<24} {'VARIANT':<16} {'TARGET':<7} {'ALIASES':<26} {'DIGEST':<13} {'SIZE':>10} {'VALIDATION':<10} AGE")
+    for e in engines.values():
+        print(f"{e['recipe']:<24} {e['variant']:<16} {str(e['target']):<7} {','.join(e['aliases']):<26} "
+              f"{e['digest'][:12]:<13} {e['size']/1e6:>8.2f}MB {e['validation']:<10} {age(e['created_at'])}")
     return 0
 
 
 def cmd_show(a) -> int:
+    from .registry import resolve
     from .store import open_store
 
     st = open_store(a.store)
     value, m = resolve(st, a.ref)
+    history = st.ref_history(value["recipe"], value["variant"], value["alias"])
     if a.json:
-        print(json.dumps({"ref": value, "manifest": m}, indent=2))
+        print(json.dumps({"ref": value, "manifest": m, "history": history}, indent=2))
         return 0
     res = m.get("results", {})
     print(f"{value['recipe']}:{value['variant']}@{value['alias']} -> {value['manifest']}")
     print(f"  digest     {value['digest']}")
     print(f"  moved      {value.get('moved_at')} by {value.get('moved_by')} ({value.get('reason')})")
-    print(f"  created    {m.get('created_at')} on {m.get('host')}")
-    print(f"  source     {json.dumps(res.get('source'))}")
+    print(f"  created    {m.get('created_at')} on {m.get('host')}  (schema {m.get('schema')})")
+    src = res.get("source") or {}
+    print(f"  source     {src.get('repo') or json.dumps(src)}" + (f" @ {src['commit']}" if src.get("commit") else ""))
     print(f"  variant    {json.dumps(res.get('variant'))}")
     for c, info in (res.get("components") or {}).items():
         print(f"  {c:<10} backend {info['backend']}; toolchain {json.dumps(info['toolchain'])}")
+    if res.get("toolchain"):
+        print("  toolchain  " + ", ".join(f"{k} {v}" for k, v in res["toolchain"].items() if v))
+    if res.get("farm"):
+        print(f"  farm       enginefarm {res['farm'].get('version')}" + (f" @ {res['farm']['commit']}" if res['farm'].get('commit') else ""))
+    if res.get("timings"):
+        print("  timings    " + ", ".join(f"{k} {v}s" for k, v in res["timings"].items() if v is not None))
     val = res.get("validation") or {}
     print(f"  validation {'passed' if val.get('passed') else 'FAILED'}")
     for g, r in (val.get("gates") or {}).items():
@@ -309,6 +281,99 @@ def cmd_show(a) -> int:
     print("  files")
     for rel, f in sorted(m.get("files", {}).items()):
         print(f"    {rel:<24} {f['size']:>12}  sha256:{f['sha256'][:16]}")
+    if history:
+        print(f"  history of @{value['alias']} (newest last)")
+        for h in history[-10:]:
+            v = h.get("value") or {}
+            print(f"    {h.get('at')}  {(v.get('previous') or '-')[:12]} -> {str(v.get('digest'))[:12]}  "
+                  f"by {v.get('moved_by')} ({v.get('reason')})")
+    return 0
+
+
+def cmd_diff(a) -> int:
+    from .registry import diff_manifests, resolve
+    from .store import open_store
+
+    st = open_store(a.store)
+    (va, ma), (vb, mb) = resolve(st, a.ref_a), resolve(st, a.ref_b)
+    d = diff_manifests(ma, mb)
+    if a.json:
+        print(json.dumps({"a": va, "b": vb, "changes": d}, indent=2, default=str))
+        return 0
+    print(f"a: {a.ref_a} -> {va['digest'][:12]} ({ma.get('created_at')})")
+    print(f"b: {a.ref_b} -> {vb['digest'][:12]} ({mb.get('created_at')})")
+    if va["digest"] == vb["digest"]:
+        print("the same engine")
+        return 0
+    for section, changes in d.items():
+        print(f"{section}: " + ("unchanged" if not changes else f"{len(changes)} change(s)"))
+        for k, (old, new) in changes.items():
+            print(f"  {k}: {_short(old)} -> {_short(new)}")
+    return 0
+
+
+def _short(v) -> str:
+    s = json.dumps(v, default=str) if not isinstance(v, str) else v
+    return s if len(s) <= 72 else s[:69] + "..."
+
+
+def cmd_promote(a) -> int:
+    from .flows.promote import promote
+    from .registry import resolve
+    from .store import open_store
+
+    st = open_store(a.store)
+    value, m = resolve(st, a.ref)
+    out = promote(st, value, m, a.alias, force=a.force)
+    if a.json:
+        print(json.dumps(out, indent=2))
+    elif out["moved"]:
+        print(f"{out['recipe']}:{out['variant']}@{out['alias']}: {(out['from'] or '-')[:12]} -> {out['digest'][:12]}"
+              + (" (forced: validation did not pass)" if out["forced"] else ""))
+    else:
+        print(f"{out['recipe']}:{out['variant']}@{out['alias']} already points at {out['digest'][:12]}")
+    return 0
+
+
+def cmd_pull(a) -> int:
+    from .registry import resolve
+    from .store import open_store
+    from .store.pull import pull
+
+    try:
+        st = open_store(a.store)
+        value, m = resolve(st, a.ref, variant=a.variant, alias=a.alias, gpu=a.gpu)
+        out = pull(st, value, m, a.dest, layout=a.layout,
+                   progress=None if a.json else (lambda msg: print(f"[enginefarm] {msg}", file=sys.stderr)))
+    except FarmError as e:
+        if a.json:  # CI scripts read one JSON object either way
+            print(json.dumps({"ok": False, "error": str(e), "exit_code": e.exit_code}))
+        raise
+    if a.json:
+        print(json.dumps({"ok": True, **out}, indent=2))
+        return 0
+    state = "up to date" if out["up_to_date"] else (
+        f"{out['fetched_bytes']/1e6:.2f} MB fetched, {out['reused_files']} file(s) resumed")
+    print(f"{out['ref']} ({out['digest'][:12]}, validation {'passed' if out['validation'] else 'FAILED'}) "
+          f"-> {out['dest']} [{out['layout']}]: {len(out['files'])} file(s), every sha256 verified; {state}; "
+          f"{out['seconds']}s")
+    return 0
+
+
+def cmd_gc(a) -> int:
+    from .flows.gc import gc
+    from .store import open_store
+
+    st = open_store(a.store)
+    out = gc(st, a.keep, dry_run=a.dry_run, wait=a.wait,
+             progress=None if a.json else (lambda msg: print(f"[enginefarm] {msg}", file=sys.stderr)))
+    if a.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    verb = "would delete" if a.dry_run else "deleted"
+    print(f"gc {st.uri} --keep {a.keep}: {verb} {out['manifests']['deleted']} of {out['manifests']['total']} "
+          f"manifest(s) and {out['blobs']['deleted']} of {out['blobs']['total']} blob(s) "
+          f"({out['bytes_freed']/1e6:.2f} MB); aliases kept: {len(out['aliases'])}")
     return 0
 
 
@@ -320,6 +385,8 @@ def cmd_run(a) -> int:
 
     if a.image or a.video:
         raise BadInput("images and video need a multimodal family; none is implemented in this version")
+    from .registry import resolve
+
     st = open_store(a.store)
     value, m = resolve(st, a.ref)
     cache = Path(os.environ.get("ENGINEFARM_CACHE", Path(tempfile.gettempdir()) / "enginefarm-cache")) / value["digest"][:16]
@@ -454,6 +521,12 @@ def parser() -> argparse.ArgumentParser:
     def store_arg(sp):
         sp.add_argument("--store", default=None, help="directory, file://..., or s3://bucket/prefix (default: $ENGINEFARM_STORE or .farm)")
 
+    def store_json(sp, fn):
+        """The options every store command shares: --store, --json; then its handler."""
+        store_arg(sp)
+        sp.add_argument("--json", action="store_true")
+        sp.set_defaults(fn=fn)
+
     b = sub.add_parser("build", help="build a recipe's variants")
     b.add_argument("recipe")
     b.add_argument("--variant", action="append", help="a variant to build (repeatable; default: all)")
@@ -467,22 +540,42 @@ def parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="the DAG, and which steps are cached")
     pl.add_argument("recipe")
     pl.add_argument("--variant", action="append")
-    store_arg(pl)
-    pl.add_argument("--json", action="store_true")
-    pl.set_defaults(fn=cmd_plan)
+    store_json(pl, cmd_plan)
 
     ls = sub.add_parser("ls", help="engines in the store (or --catalog: recipes)")
     ls.add_argument("recipe", nargs="?")
     ls.add_argument("--catalog", action="store_true", help="list the catalog's recipes instead")
-    store_arg(ls)
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(fn=cmd_ls)
+    store_json(ls, cmd_ls)
 
-    sh = sub.add_parser("show", help="one engine's manifest")
+    sh = sub.add_parser("show", help="one engine's manifest, provenance and alias history")
     sh.add_argument("ref", help="RECIPE[:VARIANT][@ALIAS]")
-    store_arg(sh)
-    sh.add_argument("--json", action="store_true")
-    sh.set_defaults(fn=cmd_show)
+    store_json(sh, cmd_show)
+
+    df = sub.add_parser("diff", help="what changed between two builds: inputs, toolchain, metrics, files")
+    df.add_argument("ref_a", metavar="REF")
+    df.add_argument("ref_b", metavar="REF")
+    store_json(df, cmd_diff)
+
+    pr = sub.add_parser("promote", help="point an alias (prod, ...) at an engine; refuses an unvalidated one")
+    pr.add_argument("ref", help="RECIPE[:VARIANT][@ALIAS]: the engine to promote")
+    pr.add_argument("alias", help="the alias to move (prod, staging, ...)")
+    pr.add_argument("--force", action="store_true", help="promote even if its validation did not pass")
+    store_json(pr, cmd_promote)
+
+    pu = sub.add_parser("pull", help="fetch an engine into a directory, verified, atomically")
+    pu.add_argument("ref", help="RECIPE[:VARIANT][@ALIAS]")
+    pu.add_argument("--variant", help="the variant (or give it in REF)")
+    pu.add_argument("--alias", help="the alias (or give it in REF; default latest)")
+    pu.add_argument("--gpu", help="the GPU target the engine must be built for (sm_XY)")
+    pu.add_argument("--dest", required=True, help="the directory to write (absent, empty, or an earlier pull)")
+    pu.add_argument("--layout", default="plain", choices=["plain", "triton"])
+    store_json(pu, cmd_pull)
+
+    gcp = sub.add_parser("gc", help="delete manifests and blobs that no kept engine or alias needs")
+    gcp.add_argument("--keep", type=int, required=True, help="publish manifests kept per variant (besides aliases)")
+    gcp.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
+    gcp.add_argument("--wait", type=float, default=60.0, help="seconds to wait for running builds (default 60)")
+    store_json(gcp, cmd_gc)
 
     rn = sub.add_parser("run", help="generate with a built engine")
     rn.add_argument("ref")

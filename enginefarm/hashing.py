@@ -35,6 +35,36 @@ def digest_file(path: str | Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+class HashingWriter:
+    """A write-only, non-seekable wrapper around a binary file that hashes
+    every byte written through it (in order): what was written is what was
+    hashed, in one pass."""
+
+    def __init__(self, f):
+        self.f = f
+        self.h = hashlib.sha256()
+        self.size = 0
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def seekable(self) -> bool:
+        return False
+
+    def result(self) -> tuple[str, int]:
+        return self.h.hexdigest(), self.size
+
+
+def copy_hashed(src, dst) -> tuple[str, int]:
+    """Copy the binary file object src into dst: (sha256, size) of the bytes."""
+    w = HashingWriter(dst)
+    while chunk := src.read(CHUNK):
+        w.write(chunk)
+    return w.result()
+
+
 def code_version(*modules: str) -> str:
     """A digest of the source files of the given modules (dotted names).
 

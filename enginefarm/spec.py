@@ -61,7 +61,7 @@ class Source(Strict):
             if self.track:
                 if self.revision:
                     raise ValueError("give revision (a pinned commit) or track (a branch), not both")
-            elif not self.revision or not HEX40.match(self.revision):
+            elif not self.revision or not HEX40.fullmatch(self.revision):
                 raise ValueError(
                     "an hf source must be pinned: revision must be a 40-hex-digit commit sha "
                     "(or say track: BRANCH to follow a branch explicitly)"
@@ -125,7 +125,7 @@ class Matrix(Strict):
     @classmethod
     def _target(cls, v: list[str]) -> list[str]:
         for t in v:
-            if t != "cpu" and not re.match(r"^sm_\d{2,3}$", t):
+            if t != "cpu" and not re.fullmatch(r"sm_\d{2,3}", t):
                 raise ValueError(f"a target is 'cpu' or 'sm_XY' (got {t!r})")
         return v
 
@@ -198,7 +198,7 @@ class Recipe(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError("a name is lower-case letters, digits, '.', '_' and '-', starting with a letter or digit")
         return v
 
@@ -368,7 +368,7 @@ class Ref(BaseModel):
 
 
 def parse_ref(text: str) -> Ref:
-    m = REF_RE.match(text or "")
+    m = REF_RE.fullmatch(text or "")
     if not m or ".." in text:
         raise BadInput(
             f"bad ref {text!r}: expected RECIPE[:VARIANT][@ALIAS] with names of lower-case letters, digits, '.', '_', '-'"

@@ -17,6 +17,9 @@ _SESSION_TMP = Path(tempfile.mkdtemp(prefix="enginefarm-tests-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_TMP / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# the ephemeral API server starts in a subprocess; on a busy shared machine
+# its default 20 s to come up is not always enough
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ["ENGINEFARM_TINY_DIR"] = str(_SESSION_TMP / "tiny")
 os.environ["ENGINEFARM_CACHE"] = str(_SESSION_TMP / "cache")
 os.environ.pop("ENGINEFARM_STORE", None)
@@ -52,8 +55,13 @@ def _free_port() -> int:
 def s3_server():
     """The URL of a moto S3 server for this session; boto3 finds it through
     AWS_ENDPOINT_URL, as it would find a real endpoint."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    # the server's access log is noise, and from its threads it would land in
+    # whatever stderr a test is capturing
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -265,7 +265,7 @@ def test_local_racing_processes_exactly_one_wins(tmp_path):
 # ---------------------------------------------------------------------- names and URIs
 
 
-BAD_NAMES = ["..", "../x", "a..b", "/abs", "a/b", "", "UPPER", "a b", "-x", ".hidden", "x" * 129, None]
+BAD_NAMES = ["..", "../x", "a..b", "/abs", "a/b", "", "UPPER", "a b", "-x", ".hidden", "x" * 129, "x\n", None]
 
 
 @pytest.mark.parametrize("bad", BAD_NAMES)

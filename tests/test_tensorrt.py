@@ -112,3 +112,14 @@ def test_timing_cache_lives_in_the_store(store):
     assert store.get_cache(name) == b"cache-2"
     with pytest.raises(BadInput):
         store.put_cache("../escape", b"x")
+
+
+def test_gc_keeps_the_timing_caches(store):
+    from enginefarm.flows.gc import gc
+
+    name = "timing-cache/tensorrt/10.13.0/sm_90"
+    store.put_cache(name, b"tactics")
+    orphan = store.put_blob_bytes(b"nobody points here")
+    out = gc(store, keep=0)
+    assert out["blobs"]["deleted"] == 1 and not store.has_blob(orphan)
+    assert store.get_cache(name) == b"tactics"

@@ -102,6 +102,71 @@ class AOTI(Backend):
 
         return LLMEngine.load(engine_dir)
 
+    def triton_model(self, name: str, sidecar: dict) -> tuple[str, dict[str, str]]:
+        """Triton has no backend for AOTInductor packages: the engine is served
+        by Triton's Python backend (`model.py` in the version folder, which
+        needs enginefarm and torch in Triton's Python environment): token ids
+        in, greedy continuation out, a batch of up to max_batch_size prompts
+        of equal length per request."""
+        gpu = sidecar.get("device") == "cuda"
+        config = "\n".join([
+            f'name: "{name}"',
+            'backend: "python"',
+            f"max_batch_size: {int(sidecar['max_batch_size'])}",
+            "input [",
+            '  { name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] },',
+            '  { name: "max_new_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true }',
+            "]",
+            "output [",
+            '  { name: "output_ids" data_type: TYPE_INT64 dims: [ -1 ] }',
+            "]",
+            f"instance_group [ {{ count: 1 kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]",
+            f'parameters {{ key: "engine_file" value: {{ string_value: "{sidecar["file"]}" }} }}',
+            f'parameters {{ key: "max_input_len" value: {{ string_value: "{int(sidecar["max_input_len"])}" }} }}',
+            f'parameters {{ key: "max_seq_len" value: {{ string_value: "{int(sidecar["max_seq_len"])}" }} }}',
+            "",
+        ])
+        return config, {"model.py": TRITON_MODEL_PY}
+
+
+TRITON_MODEL_PY = '''"""Triton Python-backend model for an enginefarm aoti engine (written by
+`enginefarm pull --layout triton`). The engine files sit beside this file."""
+
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from enginefarm.runtime.engine import LLMEngine
+
+        here = os.path.join(args["model_repository"], args["model_version"])
+        self.engine = LLMEngine.load(here)
+        params = json.loads(args["model_config"]).get("parameters", {})
+        budget = int(params.get("max_seq_len", {}).get("string_value", self.engine.max_seq_len))
+        self.default_new_tokens = max(1, budget - int(params.get("max_input_len", {}).get("string_value", 0)))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
+                n = pb_utils.get_input_tensor_by_name(request, "max_new_tokens")
+                n = int(n.as_numpy().reshape(-1)[0]) if n is not None else self.default_new_tokens
+                outs = self.engine.generate([[int(t) for t in row] for row in ids], n)
+                width = max(len(o) for o in outs)
+                arr = np.full((len(outs), width), -1, dtype=np.int64)
+                for i, o in enumerate(outs):
+                    arr[i, : len(o)] = o
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("output_ids", arr)]))
+            except Exception as e:  # one bad request must not take the model down
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e))))
+        return responses
+'''
+
 
 def export_decoder(model, max_batch: int, max_tokens: int, max_seq_len: int, device: str = "cpu"):
     """The decoder's step function as a torch.export program with a dynamic

@@ -52,3 +52,10 @@ class Backend:
     def load(self, engine_dir: Path, device: str = "cpu"):
         """A runnable engine from a built engine directory."""
         raise NotImplementedError
+
+    def triton_model(self, name: str, sidecar: dict) -> tuple[str, dict[str, str]]:
+        """How Triton serves this backend's engine: (config.pbtxt text, {file
+        name: text} to add to the version folder beside the engine files)."""
+        from ..errors import NotAvailable
+
+        raise NotAvailable(f"the {self.name} backend has no Triton model layout in this version")

@@ -97,7 +97,7 @@ def plan(r: Recipe, vs: list[Variant], st) -> tuple[list[tuple[str, str, object]
         rows.append(("validate", v.name, val))
         pub = None
         if val and all(builds.values()):
-            pub = lookup(ctx, publish_step.spec(ctx, v, fetched, conv, builds, val))
+            pub = lookup(ctx, publish_step.spec(ctx, v, fetched, conv, builds, val, shards))
         rows.append(("publish", v.name, pub))
         if pub and (shards or not shards_step.needed(v)):
             complete[v.name] = {"fetch": fetched, "convert": conv, **({"shards": shards} if shards else {}),
@@ -116,10 +116,11 @@ def answer_from_store(recipe: str | Recipe, variants: Optional[list[str]], store
     if len(complete) != len(vs):
         return None
     summary: dict = {"recipe": r.name, "store": st.uri, "variants": {}, "flow_run": None}
-    for v in vs:
-        steps = complete[v.name]
-        publish_step.move_aliases(st, r.name, v.name, steps["publish"])
-        summary["variants"][v.name] = variant_summary(st, r, steps)
+    with st.lock(f"build {r.name} (aliases)"):
+        for v in vs:
+            steps = complete[v.name]
+            publish_step.move_aliases(st, r.name, v.name, steps["publish"])
+            summary["variants"][v.name] = variant_summary(st, r, steps)
     return finish(summary, True)
 
 
@@ -131,7 +132,13 @@ def build(recipe: str, variants: Optional[list[str]] = None, store: Optional[str
     ctx = Ctx(store=st, recipe=r, force=force, workdir=workdir)
     log(f"build {r.name}: {len(vs)} variant(s) -> {st.uri}")
     fam = get_family(r.family)
+    # shared for the whole run: gc (exclusive) never deletes what this build
+    # looked up in the cache and will name in its manifests
+    with st.lock(f"build {r.name}"):
+        return _build(ctx, r, vs, st, fam)
 
+
+def _build(ctx: Ctx, r: Recipe, vs: list[Variant], st, fam) -> dict:
     fetched = fetch_step.fetch_task(ctx)
     config = fetched.results["config"]
     for v in vs:  # before any conversion: tp must divide the heads
@@ -144,7 +151,7 @@ def build(recipe: str, variants: Optional[list[str]] = None, store: Optional[str
         checked = shards_step.shards_task(ctx, fetched, converted, v) if shards_step.needed(v) else None
         builds = {c: build_step.build_task(ctx, converted, v, c) for c in r.enabled_components}
         validated = validate_step.validate_task(ctx, fetched, builds["llm"], v)
-        published = publish_step.publish_task(ctx, v, fetched, converted, builds, validated)
+        published = publish_step.publish_task(ctx, v, fetched, converted, builds, validated, checked)
         steps = {"fetch": fetched, "convert": converted, **({"shards": checked} if checked else {}),
                  **{f"build.{c}": b for c, b in builds.items()}, "validate": validated, "publish": published}
         steps_cached += [s.cached for s in steps.values()]

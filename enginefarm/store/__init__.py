@@ -6,6 +6,13 @@ directory, `local.LocalStore`, and S3, `s3.S3Store`).
     open_store("file:///srv/farm")    the same, as a URI
     open_store("s3://bucket/prefix")  S3; endpoint and credentials from the
                                       standard boto3 chain only
+
+S3 transfer settings, from the environment (defaults in brackets):
+    ENGINEFARM_S3_PART_MB        part size of multipart uploads and ranged GETs [16]
+    ENGINEFARM_S3_MULTIPART_MB   files at least this big go up in parallel parts [64]
+    ENGINEFARM_S3_RANGED_GET_MB  objects at least this big come down in parallel
+                                 ranged GETs; 0: one stream per object [64]
+    ENGINEFARM_S3_CONCURRENCY    parts in flight per file [8]
 """
 
 from __future__ import annotations
@@ -80,17 +87,39 @@ def _s3(uri: str, rest: str) -> Store:
             f"bad store {_shown(uri)!r}: credentials or endpoints do not belong in the URI; "
             "use the standard AWS settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)"
         )
-    if not BUCKET.match(bucket) or ".." in bucket:
+    if not BUCKET.fullmatch(bucket) or ".." in bucket:
         raise BadInput(
             f"bad store {_shown(uri)!r}: {bucket!r} is not a valid bucket name "
             "(3-63 lower-case letters, digits, '.', '-')"
         )
     for part in (p for p in prefix.split("/") if p):
-        if part in (".", "..") or not PREFIX_PART.match(part):
+        if part in (".", "..") or not PREFIX_PART.fullmatch(part):
             raise BadInput(
                 f"bad store {_shown(uri)!r}: prefix component {part!r} is not allowed "
                 "(letters, digits, '.', '_', '-', '=', '+'; no '.' or '..')"
             )
-    from .s3 import S3Store
+    from .s3 import MiB, S3Store
 
-    return S3Store(bucket, prefix)
+    return S3Store(bucket, prefix, **{arg: _env_int(env) * (MiB if env.endswith("_MB") else 1)
+                                      for arg, env in S3_TUNING.items() if os.environ.get(env, "") != ""})
+
+
+# transfer settings of the S3 store, from the environment (sizes in MiB)
+S3_TUNING = {
+    "multipart_chunksize": "ENGINEFARM_S3_PART_MB",
+    "multipart_threshold": "ENGINEFARM_S3_MULTIPART_MB",
+    "download_threshold": "ENGINEFARM_S3_RANGED_GET_MB",
+    "max_concurrency": "ENGINEFARM_S3_CONCURRENCY",
+}
+
+
+def _env_int(name: str) -> int:
+    raw = os.environ[name]
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    low = 0 if name == "ENGINEFARM_S3_RANGED_GET_MB" else (5 if name.endswith("_MB") else 1)
+    if value < low:
+        raise BadInput(f"bad ${name} {raw!r}: expected a whole number >= {low}")
+    return value

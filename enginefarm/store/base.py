@@ -7,6 +7,7 @@ Layout, relative to the store root (a directory, or s3://bucket/prefix):
     manifests/<recipe>/<step>/<key>.json           immutable canonical JSON
     refs/<recipe>/<variant>/<alias>                mutable JSON, moved by CAS
     refs/<recipe>/<variant>/<alias>.history.jsonl  one line per move (best effort)
+    locks/<s|x>-<id>.json                          shared (build) / exclusive (gc) locks
 
 Every rule lives here: name safety, key building, hashing, verification,
 atomic pulls, JSON encoding, write-once and CAS semantics. An implementation
@@ -17,12 +18,17 @@ checked names.
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
+import platform
+import random
 import re
 import tempfile
+import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,8 +43,14 @@ log = logging.getLogger(__name__)
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# one component of a file path inside a manifest (what a pull writes under DEST)
+REL_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,254}$")
 HISTORY_SUFFIX = ".history.jsonl"
 HISTORY_TRIES = 8
+ALIAS_TRIES = 20
+LOCKS = "locks/"
+LOCK_TTL = 120.0  # a lock not refreshed for this long is stale
+LOCK_REFRESH = 30.0
 
 
 class CorruptBlob(StepFailed):
@@ -49,12 +61,16 @@ class MissingBlob(StepFailed):
     """A blob that a manifest names is not in the store."""
 
 
+class StoreBusy(StepFailed):
+    """The store lock could not be had in time (gc vs. builds)."""
+
+
 # ---------------------------------------------------------------------- names
 
 
 def check_name(kind: str, value: Any) -> str:
     """A recipe/step/key/variant/alias: one safe path component, or BadInput."""
-    if not isinstance(value, str) or not NAME.match(value) or ".." in value:
+    if not isinstance(value, str) or not NAME.fullmatch(value) or ".." in value:
         raise BadInput(
             f"bad {kind} {value!r}: use 1-128 lower-case letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/', no '..')"
@@ -64,7 +80,7 @@ def check_name(kind: str, value: Any) -> str:
 
 def check_digest(value: Any) -> str:
     """A sha256 digest: 64 lower-case hex digits, or BadInput."""
-    if not isinstance(value, str) or not HEX64.match(value):
+    if not isinstance(value, str) or not HEX64.fullmatch(value):
         raise BadInput(f"bad sha256 digest {value!r}: expected 64 lower-case hex digits")
     return value
 
@@ -74,6 +90,38 @@ def check_alias(value: Any) -> str:
     if value.endswith(HISTORY_SUFFIX):
         raise BadInput(f"bad alias {value!r}: names ending in {HISTORY_SUFFIX!r} are reserved for ref history")
     return value
+
+
+def check_rel_path(value: Any) -> str:
+    """A file path inside a manifest: relative, '/'-separated, each part of
+    letters, digits, '.', '_', '+', '-' (not starting with '.'), so that it
+    can never name anything outside the directory it is laid out in."""
+    parts = value.split("/") if isinstance(value, str) and len(value) <= 1024 else [None]
+    if not all(isinstance(p, str) and REL_PART.fullmatch(p) for p in parts):
+        raise BadInput(
+            f"bad file path {value!r}: expected a relative path of letters, digits, '.', '_', '+', '-' "
+            "(no '..', no absolute path, no part starting with '.')"
+        )
+    return value
+
+
+def parse_manifest_key(path: Any) -> tuple[str, str, str]:
+    """(recipe, step, key) of manifests/<recipe>/<step>/<key>.json, or BadInput."""
+    parts = path.split("/") if isinstance(path, str) else []
+    if len(parts) != 4 or parts[0] != "manifests" or not parts[3].endswith(".json"):
+        raise BadInput(f"bad manifest path {path!r}: expected manifests/<recipe>/<step>/<key>.json")
+    recipe, step, key = parts[1], parts[2], parts[3][: -len(".json")]
+    manifest_key(recipe, step, key)  # checks every name
+    return recipe, step, key
+
+
+def who() -> str:
+    """user@host of this process (recorded on alias moves and locks)."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        user = os.environ.get("USER", "unknown")
+    return f"{user}@{platform.node()}"
 
 
 def blob_key(digest: str) -> str:
@@ -90,7 +138,7 @@ def ref_key(recipe: str, variant: str, alias: str) -> str:
 
 
 def _is_name(s: str) -> bool:
-    return bool(NAME.match(s)) and ".." not in s
+    return bool(NAME.fullmatch(s)) and ".." not in s
 
 
 # ---------------------------------------------------------------------- encoding
@@ -102,7 +150,27 @@ def encode_ref(value: dict) -> bytes:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+_DEPTH_GUARD = threading.Lock()
+
+
+def _lock_live(info: dict) -> bool:
+    """Whether a lock still holds: not expired and, on this host, its process alive."""
+    try:
+        if float(info.get("expires", 0)) < time.time():
+            return False
+    except (TypeError, ValueError):
+        return False
+    if info.get("host") == platform.node():
+        try:
+            os.kill(int(info.get("pid")), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, TypeError, ValueError):
+            pass
+    return True
 
 
 @dataclass(frozen=True)
@@ -145,9 +213,11 @@ class Store(ABC):
         """The object's bytes, or None if absent."""
 
     @abstractmethod
-    def _get_file(self, key: str, dest: Path) -> bool:
+    def _get_file(self, key: str, dest: Path, size: Optional[int] = None) -> Optional[tuple[str, int]]:
         """Copy the object at key over the existing file dest (a private temp
-        file); False if there is no object at key."""
+        file), hashing the bytes as they are written: their (sha256, size),
+        or None if there is no object at key. `size`, when known, is the
+        expected size (a hint for how to fetch it)."""
 
     @abstractmethod
     def _list(self, prefix: str) -> list[str]:
@@ -166,6 +236,12 @@ class Store(ABC):
     @abstractmethod
     def _delete(self, key: str) -> None:
         """Remove the object at key (no error if absent)."""
+
+    def _sweep_partials(self, max_age: float) -> int:
+        """Remove what writers killed half-way left behind (temp files,
+        incomplete multipart uploads) older than max_age seconds; how many.
+        Called by gc, under the exclusive lock."""
+        return 0
 
     @contextmanager
     def _stage_file(self, path: Path) -> Iterator[Staged]:
@@ -216,9 +292,10 @@ class Store(ABC):
         os.close(fd)
         tmp = Path(name)
         try:
-            if not self._get_file(key, tmp):
+            got = self._get_file(key, tmp, size)
+            if got is None:
                 raise MissingBlob(f"blob sha256:{digest} is missing from {self.uri}")
-            self._verify_file(digest, tmp, size)
+            self._check_digest(digest, got, size)
             os.chmod(tmp, 0o644)
             os.replace(tmp, dest)
         finally:
@@ -238,15 +315,15 @@ class Store(ABC):
         out = []
         for k in self._list("blobs/sha256/"):
             parts = k.split("/")
-            if len(parts) == 4 and HEX64.match(parts[3]) and parts[2] == parts[3][:2]:
+            if len(parts) == 4 and HEX64.fullmatch(parts[3]) and parts[2] == parts[3][:2]:
                 out.append(parts[3])
         return sorted(out)
 
     def delete_blob(self, digest: str) -> None:
         self._delete(blob_key(digest))
 
-    def _verify_file(self, digest: str, path: Path, size: Optional[int]) -> None:
-        got, n = digest_file(path)
+    def _check_digest(self, digest: str, got_n: tuple[str, int], size: Optional[int]) -> None:
+        got, n = got_n
         if got != digest or (size is not None and n != size):
             want = f", expected {size} bytes" if size is not None else ""
             raise CorruptBlob(
@@ -283,10 +360,10 @@ class Store(ABC):
 
     def get_manifest_by_path(self, path: str) -> Optional[dict]:
         """A manifest by its relative key manifests/<recipe>/<step>/<key>.json."""
-        parts = path.split("/") if isinstance(path, str) else []
-        if len(parts) != 4 or parts[0] != "manifests" or not parts[3].endswith(".json"):
-            raise BadInput(f"bad manifest path {path!r}: expected manifests/<recipe>/<step>/<key>.json")
-        return self.get_manifest(parts[1], parts[2], parts[3][: -len(".json")])
+        return self.get_manifest(*parse_manifest_key(path))
+
+    def delete_manifest(self, recipe: str, step: str, key: str) -> None:
+        self._delete(manifest_key(recipe, step, key))
 
     def list_manifests(self, recipe: Optional[str] = None, step: Optional[str] = None) -> list[tuple[str, str, str]]:
         """(recipe, step, key) of every manifest, optionally of one recipe and/or step."""
@@ -358,6 +435,43 @@ class Store(ABC):
                 continue
         return out
 
+    def move_alias(self, recipe: str, variant: str, alias: str, manifest: str, digest: str, reason: str,
+                   **extra: Any) -> bool:
+        """Point an alias at a manifest (its path and digest) by compare-and-swap:
+        True if it moved, False if it pointed there already. The new value
+        records who moved it, from what, when and why; the move is appended to
+        the alias history."""
+        parse_manifest_key(manifest)
+        check_digest(digest)
+        for _ in range(ALIAS_TRIES):
+            cur = self.get_ref(recipe, variant, alias)
+            value, version = cur if cur else (None, None)
+            if value and value.get("digest") == digest and value.get("manifest") == manifest:
+                return False
+            new = {
+                "manifest": manifest,
+                "digest": digest,
+                "recipe": recipe,
+                "variant": variant,
+                "alias": alias,
+                "previous": value.get("digest") if value else None,
+                "previous_manifest": value.get("manifest") if value else None,
+                "moved_at": _now(),
+                "moved_by": who(),
+                "reason": reason,
+                "move_id": uuid.uuid4().hex,
+                **extra,
+            }
+            if self.cas_ref(recipe, variant, alias, new, version):
+                return True
+            # a write whose response was lost (and retried) looks like a conflict
+            again = self.get_ref(recipe, variant, alias)
+            if again and again[0].get("move_id") == new["move_id"]:
+                self._append_history(ref_key(recipe, variant, alias),
+                                     {"at": _now(), "previous_version": version, "value": new})
+                return True
+        raise StepFailed(f"alias {recipe}:{variant}@{alias} kept moving under us ({ALIAS_TRIES} tries)")
+
     # ------------------------------------------------------------ caches
 
     # Build accelerators that are not artifacts (a TensorRT timing cache per
@@ -379,6 +493,16 @@ class Store(ABC):
         except (MissingBlob, CorruptBlob):
             return None
 
+    def cache_digests(self) -> set[str]:
+        """The blobs the cache pointers reach (gc keeps them)."""
+        out = set()
+        for k in self._list("caches/"):
+            try:
+                out.add(check_digest(json.loads(self._get_bytes(k) or b"{}")["digest"]))
+            except (ValueError, KeyError, BadInput):
+                continue
+        return out
+
     def put_cache(self, name: str, data: bytes) -> str:
         key = "caches/" + "/".join(check_name("cache name part", p) for p in name.split("/")) + ".json"
         digest = self.put_blob_bytes(data)
@@ -399,6 +523,117 @@ class Store(ABC):
             log.warning("ref history %s in %s: gave up after %d tries", key, self.uri, HISTORY_TRIES)
         except Exception as e:  # noqa: BLE001 - history must never fail a move
             log.warning("ref history %s in %s: not recorded (%s)", key, self.uri, e)
+
+    # ------------------------------------------------------------ locks
+    # gc takes the store exclusively; builds, publishes and promotions share
+    # it. Each holder writes its own lock object (locks/<s|x>-<id>.json, with
+    # its host, pid and expiry, refreshed while held) and then lists the
+    # others: since both sides write before they look, of a gc and a build
+    # that start together at least one sees the other and steps back. A lock
+    # whose expiry passed, or whose process is gone (same host), is stale.
+
+    @contextmanager
+    def lock(self, purpose: str, exclusive: bool = False, wait: float = 600.0) -> Iterator[None]:
+        """Hold the store shared (builds) or exclusively (gc) for the block;
+        StoreBusy if it cannot be had within `wait` seconds. A shared lock is
+        re-entrant within one Store object."""
+        if not exclusive:
+            with self._lock_guard():
+                if self._shared_depth:
+                    self._shared_depth += 1
+                    reentered = True
+                else:
+                    reentered = False
+            if reentered:
+                try:
+                    yield
+                finally:
+                    with self._lock_guard():
+                        self._shared_depth -= 1
+                return
+        key = self._acquire(purpose, exclusive, wait)
+        stop = threading.Event()
+        body = lambda: self._lock_body("x" if exclusive else "s", purpose)  # noqa: E731
+
+        def refresh():
+            while not stop.wait(LOCK_REFRESH):
+                try:
+                    self._put_bytes(key, body())
+                except Exception as e:  # noqa: BLE001 - retried at the next tick
+                    log.warning("lock %s in %s: refresh failed (%s)", key, self.uri, e)
+
+        t = threading.Thread(target=refresh, name=f"enginefarm-lock-{key[6:14]}", daemon=True)
+        t.start()
+        if not exclusive:
+            with self._lock_guard():
+                self._shared_depth = 1
+        try:
+            yield
+        finally:
+            if not exclusive:
+                with self._lock_guard():
+                    self._shared_depth = 0
+            stop.set()
+            t.join(timeout=5)
+            try:
+                self._delete(key)
+            except Exception as e:  # noqa: BLE001 - it expires on its own
+                log.warning("lock %s in %s: not removed (%s); it expires in %ds", key, self.uri, e, LOCK_TTL)
+
+    def list_locks(self) -> list[dict]:
+        """The live locks (stale ones are left out)."""
+        out = []
+        for k in sorted(self._list(LOCKS)):
+            info = self._read_lock(k)
+            if info is not None and _lock_live(info):
+                out.append({"key": k, **info})
+        return out
+
+    _shared_depth = 0  # how many blocks of this object hold its shared lock
+
+    @staticmethod
+    def _lock_guard() -> threading.Lock:
+        return _DEPTH_GUARD
+
+    def _lock_body(self, kind: str, purpose: str) -> bytes:
+        now = time.time()
+        return encode_ref({
+            "kind": "exclusive" if kind == "x" else "shared", "purpose": purpose, "by": who(),
+            "host": platform.node(), "pid": os.getpid(),
+            "at": _now(), "expires": now + LOCK_TTL,
+        })
+
+    def _read_lock(self, key: str) -> Optional[dict]:
+        data = self._get_bytes(key)
+        try:
+            info = json.loads(data) if data is not None else None
+        except ValueError:
+            return None
+        return info if isinstance(info, dict) else None
+
+    def _acquire(self, purpose: str, exclusive: bool, wait: float) -> str:
+        kind = "x" if exclusive else "s"
+        key = f"{LOCKS}{kind}-{uuid.uuid4().hex}.json"
+        deadline = time.monotonic() + max(0.0, wait)
+        delay = 0.1
+        while True:
+            self._put_bytes(key, self._lock_body(kind, purpose))
+            blockers = []
+            for other in self._list(LOCKS):
+                if other == key or (not exclusive and not other.startswith(f"{LOCKS}x-")):
+                    continue  # shared locks do not exclude each other
+                info = self._read_lock(other)
+                if info is not None and _lock_live(info):
+                    blockers.append(info)
+            if not blockers:
+                return key
+            self._delete(key)
+            if time.monotonic() >= deadline:
+                held = "; ".join(f"{b.get('purpose')} by {b.get('by')} (pid {b.get('pid')}) since {b.get('at')}"
+                                 for b in blockers)
+                raise StoreBusy(f"store {self.uri} is busy ({held}); waited {wait:.0f}s, try again later")
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)
 
     # ------------------------------------------------------------ helpers
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..hashing import CHUNK
+from ..hashing import CHUNK, copy_hashed
 from .base import Staged, Store
 
 # errors of os.link on filesystems without hard links
@@ -112,16 +112,11 @@ class LocalStore(Store):
         the source is read once, and what gets stored is exactly what was hashed."""
         tmp = self._new_tmp(self._staging)
         try:
-            h = hashlib.sha256()
-            size = 0
             with open(path, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(CHUNK):
-                    h.update(chunk)
-                    dst.write(chunk)
-                    size += len(chunk)
+                digest, size = copy_hashed(src, dst)
                 dst.flush()
                 os.fsync(dst.fileno())
-            yield Staged(tmp, h.hexdigest(), size)
+            yield Staged(tmp, digest, size)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -153,15 +148,14 @@ class LocalStore(Store):
         except FileNotFoundError:
             return None
 
-    def _get_file(self, key: str, dest: Path) -> bool:
+    def _get_file(self, key: str, dest: Path, size: Optional[int] = None) -> Optional[tuple[str, int]]:
         # a copy, never a link: editing a pulled file must not touch the store
         try:
             src = open(self._path(key), "rb")
         except FileNotFoundError:
-            return False
+            return None
         with src, open(dest, "wb") as dst:
-            shutil.copyfileobj(src, dst, CHUNK)
-        return True
+            return copy_hashed(src, dst)
 
     def _list(self, prefix: str) -> list[str]:
         start = self._path(prefix.rstrip("/")) if prefix.rstrip("/") else self.root
@@ -202,3 +196,22 @@ class LocalStore(Store):
 
     def _delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def _sweep_partials(self, max_age: float) -> int:
+        """Private temp files (`.*.tmp`, staging copies) of killed writers."""
+        import time
+
+        cutoff, n = time.time() - max_age, 0
+        if not self.root.is_dir():
+            return 0
+        for d, _, files in os.walk(self.root):
+            for f in files:
+                p = Path(d) / f
+                if (f.startswith(".") and f.endswith(".tmp")) or Path(d) == self._staging:
+                    try:
+                        if p.stat().st_mtime < cutoff:
+                            p.unlink()
+                            n += 1
+                    except FileNotFoundError:
+                        pass
+        return n

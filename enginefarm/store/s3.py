@@ -22,9 +22,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import BadInput, StepFailed
+from ..hashing import HashingWriter
 from .base import Store
 
 MiB = 1024 * 1024
+STREAM_CHUNK = 8 * MiB
+STREAM_RETRIES = 5
 
 # an error code from a server that does not implement the checksum we sent
 _CHECKSUM_REFUSED = {"NotImplemented", "InvalidArgument", "InvalidRequest", "UnsupportedChecksumAlgorithm"}
@@ -32,6 +35,21 @@ _CHECKSUM_REFUSED = {"NotImplemented", "InvalidArgument", "InvalidRequest", "Uns
 _BAD_DIGEST = {"BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"}
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict"}
+
+
+def _stream_errors() -> tuple:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from urllib3.exceptions import ProtocolError
+
+    return (BotoConnectionError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError, ProtocolError,
+            ConnectionError)
+
+
+try:
+    _STREAM_ERRORS = _stream_errors()
+except ImportError:  # botocore not installed: the S3 store cannot be used anyway
+    _STREAM_ERRORS = (ConnectionError,)
 
 
 def _code(e: BaseException) -> str:
@@ -59,6 +77,7 @@ class S3Store(Store):
         multipart_threshold: int = 64 * MiB,
         multipart_chunksize: int = 16 * MiB,
         max_concurrency: int = 8,
+        download_threshold: Optional[int] = None,
     ):
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -73,19 +92,43 @@ class S3Store(Store):
             max_pool_connections=max(32, 2 * max_concurrency),
             connect_timeout=10,
             read_timeout=120,
+            # every blob's sha256 is checked by the store itself as it arrives;
+            # botocore's own pass over the same bytes would only repeat it
+            response_checksum_validation="when_required",
         )
-        self.s3 = boto3.client("s3", config=cfg)
+        self._cfg = cfg
+        self._checksums = getattr(boto3.client("s3", config=cfg).meta.config, "request_checksum_calculation",
+                                  None) != "when_required"
+        self.s3 = self._client()
         self.transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
             max_concurrency=max_concurrency,
             use_threads=True,
         )
-        self._checksums = getattr(self.s3.meta.config, "request_checksum_calculation", None) != "when_required"
+        # objects at least this big are fetched in parallel ranged parts;
+        # smaller ones (and all, when 0) in one stream each
+        self.download_threshold = multipart_threshold if download_threshold is None else download_threshold
         self._bucket_ok = False
         self._bucket_lock = threading.Lock()
 
     # ------------------------------------------------------------ helpers
+
+    def _client(self):
+        """The boto3 client. While every write carries a SHA-256 checksum that
+        the server verifies, the body is not also hashed for the signature
+        (what botocore already does over https; over plain http it would hash
+        every byte once more)."""
+        import boto3
+        from botocore.config import Config
+
+        cfg = self._cfg.merge(Config(s3={"payload_signing_enabled": False})) if self._checksums else self._cfg
+        return boto3.client("s3", config=cfg)
+
+    def _no_checksums(self) -> None:
+        """The server refused checksums: stop sending them, and sign bodies again."""
+        self._checksums = False
+        self.s3 = self._client()
 
     def _k(self, key: str) -> str:
         return self.prefix + key
@@ -127,7 +170,7 @@ class S3Store(Store):
             except ClientError as e:
                 if _code(e) not in _CHECKSUM_REFUSED:
                     raise
-                self._checksums = False  # this server does not take them
+                self._no_checksums()  # this server does not take them
         self.s3.put_object(**args)
 
     # ------------------------------------------------------------ primitives
@@ -173,7 +216,7 @@ class S3Store(Store):
             if _code(cause) in _BAD_DIGEST:
                 raise StepFailed(f"{path} changed while it was stored as sha256:{digest}; nothing was stored") from None
             if self._checksums and _code(cause) in _CHECKSUM_REFUSED:
-                self._checksums = False
+                self._no_checksums()
                 extra = {"Metadata": {"sha256": digest}}
                 self.s3.upload_file(str(path), self.bucket, self._k(key), Config=self.transfer, ExtraArgs=extra)
                 return
@@ -183,17 +226,79 @@ class S3Store(Store):
         got = self._get_with_version(key)
         return None if got is None else got[0]
 
-    def _get_file(self, key: str, dest: Path) -> bool:
+    def _get_file(self, key: str, dest: Path, size: Optional[int] = None) -> Optional[tuple[str, int]]:
+        """A big object: the transfer manager fetches its parts in parallel
+        (ranged GETs) and, given a non-seekable target, hands them over in
+        order, so each byte is hashed as it is written. A small one (or every
+        one, with download_threshold 0): one GET, read while a second thread
+        hashes and writes. One pass either way, no re-read to verify."""
         from botocore.exceptions import ClientError
 
         self._check_bucket()
+        if size is None or not self.download_threshold or size < self.download_threshold:
+            return self._get_stream(key, dest)
         try:
-            self.s3.download_file(self.bucket, self._k(key), str(dest), Config=self.transfer)
-            return True
+            with open(dest, "wb") as f:
+                w = HashingWriter(f)
+                self.s3.download_fileobj(self.bucket, self._k(key), w, Config=self.transfer)
+            return w.result()
         except ClientError as e:
             if _not_found(e):
-                return False
+                return None
             raise
+
+    def _get_stream(self, key: str, dest: Path) -> Optional[tuple[str, int]]:
+        """One GET streamed into dest, hashed and written by a second thread
+        while the next chunk arrives. A stream that breaks is resumed where it
+        stopped (a ranged GET), with backoff, up to STREAM_RETRIES times."""
+        import queue
+        import random
+        import time
+
+        from botocore.exceptions import ClientError
+
+        chunks: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=4)
+        failed: list[BaseException] = []
+        with open(dest, "wb") as f:
+            w = HashingWriter(f)
+
+            def sink() -> None:
+                while (b := chunks.get()) is not None:
+                    if not failed:
+                        try:
+                            w.write(b)
+                        except BaseException as e:  # noqa: BLE001 - re-raised by the reader
+                            failed.append(e)
+
+            t = threading.Thread(target=sink, name="enginefarm-s3-sink", daemon=True)
+            t.start()
+            offset, tries = 0, 0
+            try:
+                while True:
+                    try:
+                        extra = {"Range": f"bytes={offset}-"} if offset else {}
+                        body = self.s3.get_object(Bucket=self.bucket, Key=self._k(key), **extra)["Body"]
+                        while chunk := body.read(STREAM_CHUNK):
+                            if failed:
+                                raise failed[0]
+                            chunks.put(chunk)
+                            offset += len(chunk)
+                        break
+                    except ClientError as e:
+                        if _not_found(e):
+                            return None
+                        raise
+                    except _STREAM_ERRORS:
+                        tries += 1
+                        if tries > STREAM_RETRIES:
+                            raise
+                        time.sleep(random.random() * min(0.2 * 2 ** tries, 5.0))
+            finally:
+                chunks.put(None)
+                t.join()
+        if failed:
+            raise failed[0]
+        return w.result()
 
     def _list(self, prefix: str) -> list[str]:
         self._check_bucket()
@@ -231,3 +336,17 @@ class S3Store(Store):
     def _delete(self, key: str) -> None:
         self._check_bucket()
         self.s3.delete_object(Bucket=self.bucket, Key=self._k(key))
+
+    def _sweep_partials(self, max_age: float) -> int:
+        """Abort multipart uploads under the prefix that killed writers left."""
+        from datetime import datetime, timedelta, timezone
+
+        self._check_bucket()
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=max_age)
+        n = 0
+        for page in self.s3.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for u in page.get("Uploads", []):
+                if u["Initiated"] < cutoff:
+                    self.s3.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+                    n += 1
+        return n

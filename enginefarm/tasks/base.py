@@ -24,10 +24,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..errors import StepFailed
 from ..hashing import digest_json
 from ..spec import Recipe
+from ..store.base import check_rel_path
 
-SCHEMA = "enginefarm.manifest/1"
+SCHEMA = "enginefarm.manifest/2"
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schemas" / "manifest-2.schema.json"
+UPLOAD_WORKERS = 4  # files stored at once (each S3 file also goes up in parallel parts)
 
 
 def log(msg: str) -> None:
@@ -93,6 +97,50 @@ class StepResult:
         return self.manifest.get("results", {})
 
 
+def validate_manifest(manifest: dict) -> None:
+    """Check a manifest against the versioned JSON schema in the package
+    (`enginefarm/schemas/`); StepFailed naming the first problem."""
+    import jsonschema
+
+    v = _validator()
+    err = jsonschema.exceptions.best_match(v.iter_errors(manifest))
+    if err is not None:
+        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise StepFailed(f"manifest does not follow {SCHEMA} at {where}: {err.message}")
+
+
+_VALIDATOR = None
+
+
+def _validator():
+    global _VALIDATOR
+    if _VALIDATOR is None:
+        import json
+
+        import jsonschema
+
+        schema = json.loads(SCHEMA_FILE.read_text())
+        _VALIDATOR = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    return _VALIDATOR
+
+
+def store_files(store, files: dict[str, Any]) -> dict[str, dict]:
+    """Store every file as a blob, several at once: {rel: {sha256, size}}.
+    Values are paths, or {sha256, size} for what already is a blob. Every
+    name is checked first (a relative path that cannot escape a pull)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for rel in files:
+        check_rel_path(rel)
+    out = {rel: dict(v) for rel, v in files.items() if isinstance(v, dict)}
+    todo = sorted((rel, Path(v)) for rel, v in files.items() if not isinstance(v, dict))
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(UPLOAD_WORKERS, len(todo))) as pool:
+            for rel, (d, n) in zip([r for r, _ in todo], pool.map(lambda t: store.put_blob_file(t[1]), todo)):
+                out[rel] = {"sha256": d, "size": n}
+    return dict(sorted(out.items()))
+
+
 def lookup(ctx: Ctx, spec: StepSpec) -> Optional[StepResult]:
     key = spec.key()
     m = ctx.store.get_manifest(ctx.recipe.name, spec.step, key)
@@ -139,17 +187,8 @@ def run_step(
         out.mkdir()
         scratch.mkdir()
         results, extra = work(out, scratch)
-        files: dict[str, dict] = {}
-        for p in sorted(out.rglob("*")):
-            if p.is_file():
-                d, n = ctx.store.put_blob_file(p)
-                files[p.relative_to(out).as_posix()] = {"sha256": d, "size": n}
-        for rel, path in sorted((extra or {}).items()):
-            if isinstance(path, dict):  # already a blob: {"sha256", "size"}
-                files[rel] = path
-            else:
-                d, n = ctx.store.put_blob_file(path)
-                files[rel] = {"sha256": d, "size": n}
+        produced = {p.relative_to(out).as_posix(): p for p in sorted(out.rglob("*")) if p.is_file()}
+        files = store_files(ctx.store, {**produced, **(extra or {})})  # extra: paths, or {sha256, size} blobs
     finally:
         shutil.rmtree(base, ignore_errors=True)
     dt = time.perf_counter() - t0
@@ -166,11 +205,12 @@ def run_step(
         "toolchain": spec.toolchain,
         "files": files,
         "results": results,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "host": platform.node(),
         "user": _user(),
         "duration_s": round(dt, 3),
     }
+    validate_manifest(manifest)
     digest = ctx.store.put_manifest(ctx.recipe.name, spec.step, key, manifest)
     stored = ctx.store.get_manifest(ctx.recipe.name, spec.step, key) or manifest
     log(f"{label}: done in {dt:.1f}s ({len(files)} files)")

@@ -1,0 +1,169 @@
+"""The store seen as a registry: refs resolved to published engines, the
+rows of `ls`, and what changed between two builds (`diff`). Read-only; the
+commands that move or delete things are flows (`flows/promote.py`,
+`flows/gc.py`), and pulls live with the store (`store/pull.py`)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from .errors import BadInput, FarmError
+from .store.base import check_alias, check_name
+
+GPU_RE = re.compile(r"^sm_\d{2,3}$")
+
+
+def check_gpu(gpu: Any) -> str:
+    if not isinstance(gpu, str) or not GPU_RE.fullmatch(gpu):
+        raise BadInput(f"bad --gpu {gpu!r}: expected a GPU target such as sm_80, sm_89 or sm_90")
+    return gpu
+
+
+def target_of(manifest: dict) -> Optional[str]:
+    return ((manifest.get("results") or {}).get("variant") or {}).get("target")
+
+
+def resolve(store, text: str, variant: Optional[str] = None, alias: Optional[str] = None,
+            gpu: Optional[str] = None) -> tuple[dict, dict]:
+    """(ref value, publish manifest) for REF = RECIPE[:VARIANT][@ALIAS], with
+    --variant / --alias / --gpu as the pull command takes them. BadInput when
+    the ref is malformed, contradicts itself or does not exist."""
+    from .spec import load_recipe, parse_ref
+
+    ref = parse_ref(text)
+    if variant is not None:
+        check_name("variant", variant)
+        if ref.variant is not None and ref.variant != variant:
+            raise BadInput(f"ref {text!r} names variant {ref.variant!r} but --variant says {variant!r}")
+    if alias is not None:
+        check_alias(alias)
+        if "@" in text and ref.alias != alias:
+            raise BadInput(f"ref {text!r} names alias {ref.alias!r} but --alias says {alias!r}")
+    if gpu is not None:
+        check_gpu(gpu)
+    recipe, v, a = ref.recipe, ref.variant or variant, alias or ref.alias
+    check_alias(a)
+    if v is None or gpu is not None:
+        have = sorted({var for _, var, al in store.list_refs(recipe) if al == a})
+        if gpu is not None:
+            names = [x for x in ((f"{v}-{gpu}", v) if v else have) if x in have]
+            found = []
+            for name in names:
+                value, m = _get(store, recipe, name, a)
+                if target_of(m) == gpu:
+                    found.append(name)
+            if len(found) != 1:
+                what = f"{recipe}{':' + v if v else ''}@{a}"
+                if not found:
+                    raise BadInput(f"no engine {what} built for {gpu} in {store.uri}"
+                                   + (f" (variants with @{a}: {', '.join(have)})" if have else ""))
+                raise BadInput(f"several engines {what} are built for {gpu} ({', '.join(found)}); name the variant")
+            v = found[0]
+        else:
+            try:
+                v = load_recipe(recipe).variant(None).name
+            except BadInput:
+                if not have:
+                    raise BadInput(f"ref {text}: no engines for {recipe!r}@{a} in {store.uri}") from None
+                if len(have) != 1:
+                    raise BadInput(f"ref {text}: name the variant (RECIPE:VARIANT); the store has {have}") from None
+                v = have[0]
+    return _get(store, recipe, v, a)
+
+
+def _get(store, recipe: str, variant: str, alias: str) -> tuple[dict, dict]:
+    got = store.get_ref(recipe, variant, alias)
+    if got is None:
+        raise BadInput(f"ref {recipe}:{variant}@{alias} does not exist in {store.uri}")
+    value, _ = got
+    m = store.get_manifest_by_path(value.get("manifest"))
+    if m is None:
+        raise FarmError(f"ref {recipe}:{variant}@{alias} points at {value['manifest']}, which is missing from {store.uri}")
+    return value, m
+
+
+# ---------------------------------------------------------------------- ls
+
+
+def age(iso: Optional[str]) -> str:
+    try:
+        dt = datetime.fromisoformat(iso)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "?"
+    s = (datetime.now(timezone.utc) - dt).total_seconds()
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{int(s // n)}{unit}"
+    return f"{int(max(s, 0))}s"
+
+
+def engine_rows(store, recipe: Optional[str] = None) -> list[dict]:
+    """One row per alias: recipe, variant, alias, digest, size, validation,
+    target, when the engine was built and when/by whom the alias moved."""
+    rows = []
+    cache: dict[str, dict] = {}
+    for r, variant, alias in sorted(store.list_refs(recipe)):
+        got = store.get_ref(r, variant, alias)
+        if not got:
+            continue
+        value, _ = got
+        path = value.get("manifest")
+        if path not in cache:
+            cache[path] = store.get_manifest_by_path(path) or {}
+        m = cache[path]
+        res = m.get("results", {})
+        rows.append({
+            "recipe": r, "variant": variant, "alias": alias, "digest": value.get("digest"),
+            "size": sum(f["size"] for f in m.get("files", {}).values()),
+            "validation": "passed" if (res.get("validation") or {}).get("passed") else "failed",
+            "target": target_of(m), "created_at": m.get("created_at"), "moved_at": value.get("moved_at"),
+            "moved_by": value.get("moved_by"), "manifest": path,
+        })
+    return rows
+
+
+# ---------------------------------------------------------------------- diff
+
+
+def _flat(prefix: str, obj: Any, out: dict) -> dict:
+    if isinstance(obj, dict) and obj:
+        for k, v in obj.items():
+            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = obj
+    return out
+
+
+def diff_manifests(a: dict, b: dict) -> dict:
+    """What changed from publish manifest a to b, by section: inputs (recipe,
+    source, input manifests, source files), toolchain, variant, metrics
+    (validation gates and metrics), files. Each entry: path -> [old, new]."""
+    ra, rb = a.get("results") or {}, b.get("results") or {}
+
+    def sections(m: dict, r: dict) -> dict:
+        return {
+            "inputs": {
+                "recipe": r.get("recipe") if isinstance(r.get("recipe"), dict) else
+                {"name": m.get("recipe"), "digest": m.get("recipe_digest")},
+                "source": r.get("source"),
+                "steps": {k: v.get("digest") for k, v in (m.get("inputs") or {}).items()},
+                "source_files": r.get("source_files"),
+            },
+            "toolchain": {"farm": r.get("toolchain"),
+                          **{c: (info or {}).get("toolchain") for c, info in (r.get("components") or {}).items()}},
+            "variant": r.get("variant"),
+            "metrics": {"passed": (r.get("validation") or {}).get("passed"),
+                        "gates": {g: x.get("value") for g, x in ((r.get("validation") or {}).get("gates") or {}).items()},
+                        "metrics": (r.get("validation") or {}).get("metrics")},
+            "files": m.get("files"),
+        }
+
+    sa, sb = sections(a, ra), sections(b, rb)
+    out: dict[str, dict] = {}
+    for name in sa:
+        fa, fb = _flat("", sa[name], {}), _flat("", sb[name], {})
+        changed = {k: [fa.get(k), fb.get(k)] for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
+        out[name] = changed
+    return out
