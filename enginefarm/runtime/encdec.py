@@ -439,13 +439,13 @@ class EncDecEngine:
     max_seq_len = property(lambda self: self.meta["max_seq_len"])
     decoder_start_token_id = property(lambda self: self.meta["decoder_start_token_id"])
 
-    def _check(self, batch: int, n_in: int, n_dec: int) -> None:
+    def _check(self, batch: int, n_in: int, n_dec: int, what: str = "decoder tokens") -> None:
         if batch > self.max_batch_size:
             raise BadInput(f"{batch} sequences in one call, but the engine was built for max_batch_size {self.max_batch_size}")
         if n_in > self.max_input_len:
             raise BadInput(f"a prompt of {n_in} tokens, but the engine was built for max_input_len {self.max_input_len}")
         if n_dec > self.max_seq_len:
-            raise BadInput(f"{n_dec} decoder tokens exceed the engine's max_seq_len {self.max_seq_len}")
+            raise BadInput(f"{n_dec} {what} exceed the decoder's max_seq_len {self.max_seq_len}")
 
     def new_cache(self, batch: int):
         L, H, S, D = self.cache_dims
@@ -487,7 +487,7 @@ class EncDecEngine:
         if not prompts:
             return []
         # the decoder is fed its start token and every new token but the last
-        self._check(len(prompts), max(len(p) for p in prompts), max_new_tokens)
+        self._check(len(prompts), max(len(p) for p in prompts), max_new_tokens, "new tokens")
         ck, cv, lengths = self.encode(prompts)
         kc, vc = self.new_cache(len(prompts))
         nxt = torch.full((len(prompts), 1), self.decoder_start_token_id, dtype=torch.long)
