@@ -215,7 +215,7 @@ def test_generation_limits_are_bad_input(tmp_path):
 
 
 @pytest.mark.parametrize("name,heads,tps,quant", [
-    ("t5", 8, (2, 8), "none"),
+    ("t5", 8, (8,), "none"),
     ("flan-t5", 6, (2,), "none"),
     ("bart", 8, (4,), "none"),
     ("mbart", 4, (2,), "w8a16"),
