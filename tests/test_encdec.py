@@ -284,3 +284,73 @@ def test_bart_build_from_the_cli(tmp_path, capsys):
     assert v["validation"] is True
     assert v["gates"]["greedy_equal"]["value"] is True
     assert v["gates"]["logits_max_abs_diff"]["value"] < 1e-4
+
+
+# ----------------------------------------------------------------------------- real model configs (no weights)
+
+# config.json values of public checkpoints (the fields that matter here)
+REAL_CONFIGS = {
+    "google/flan-t5-small": dict(model_type="t5", d_model=512, d_kv=64, d_ff=1024, num_heads=6, num_layers=8,
+                                 num_decoder_layers=8, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                                 vocab_size=32128, decoder_start_token_id=0, eos_token_id=1, pad_token_id=0),
+    "t5-small": dict(model_type="t5", d_model=512, d_kv=64, d_ff=2048, num_heads=8, num_layers=6, vocab_size=32128,
+                     decoder_start_token_id=0, eos_token_id=1, pad_token_id=0),
+    "facebook/bart-large": dict(model_type="bart", d_model=1024, encoder_layers=12, decoder_layers=12,
+                                encoder_attention_heads=16, decoder_attention_heads=16, encoder_ffn_dim=4096,
+                                decoder_ffn_dim=4096, max_position_embeddings=1024, scale_embedding=False,
+                                activation_function="gelu", vocab_size=50265, decoder_start_token_id=2),
+    "facebook/mbart-large-50": dict(model_type="mbart", d_model=1024, encoder_layers=12, decoder_layers=12,
+                                    encoder_attention_heads=16, decoder_attention_heads=16, encoder_ffn_dim=4096,
+                                    decoder_ffn_dim=4096, max_position_embeddings=1024, scale_embedding=True,
+                                    activation_function="gelu", vocab_size=250054, decoder_start_token_id=2),
+}
+
+
+@pytest.mark.parametrize("repo", sorted(REAL_CONFIGS))
+def test_real_configs_convert_every_tensor(repo):
+    """The converter against the full-size architectures of public
+    checkpoints, on the meta device (shapes only): every output tensor can be
+    made from tensors the model has, with TensorRT-LLM's shapes, and every
+    tensor of the model is used (but aliases of the shared embedding)."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    hf = REAL_CONFIGS[repo]
+    cfg = AutoConfig.for_model(**hf)
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(cfg)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    fam = get_family(FAMILY["t5" if hf["model_type"] == "t5" else "bart"])
+    heads = hf.get("num_heads") or hf["encoder_attention_heads"]
+    for tp in (1, 2, 4, 8):
+        if heads % tp:
+            with pytest.raises(BadInput, match=f"tp size {tp} does not divide the model's {heads} encoder"):
+                fam.check_config(hf, V(tp=tp))
+            continue
+        fam.check_config(hf, V(tp=tp))
+        used = set()
+        for part in fam.checkpoint_parts(hf, set(shapes), V(tp=tp)):
+            c = part.config
+            for o in part.tensors(tp - 1):
+                used.update(o.sources)
+                t = o.make(*(torch.empty(shapes[s], device="meta") for s in o.sources))
+                if o.name.endswith("qkv.weight"):
+                    assert tuple(t.shape) == (3 * c["num_attention_heads"] * c["head_size"] // tp, c["hidden_size"])
+                if o.name.endswith("rel_attn_table"):
+                    assert tuple(t.shape) == (heads // tp, c["num_buckets"])
+                if o.name == "lm_head.weight":
+                    assert t.shape[0] * tp >= hf["vocab_size"] > (t.shape[0] - 1) * tp
+        aliases = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "model.encoder.embed_tokens.weight",
+                   "model.decoder.embed_tokens.weight", "model.shared.weight", "shared.weight"}
+        assert set(shapes) - used <= aliases, sorted(set(shapes) - used)
+    enc, dec = (p.config for p in fam.checkpoint_parts(hf, set(shapes), V()))
+    if hf["model_type"] == "t5":
+        flan = hf.get("feed_forward_proj") == "gated-gelu"
+        assert dec["rescale_before_lm_head"] is not flan  # T5 scales (tied), Flan-T5 does not
+        assert (enc["hidden_act"], enc["mlp_type"]) == (("gelu_new", 1) if flan else ("relu", 0))
+        assert enc["q_scaling"] == 1 / 8
+    else:
+        mbart = hf["model_type"] == "mbart"
+        assert enc["layernorm_position"] == dec["layernorm_position"] == (0 if mbart else 1)
+        assert enc["has_model_final_layernorm"] is dec["has_embedding_scale"] is mbart
+    assert dec["decoder_start_token_id"] == hf["decoder_start_token_id"]

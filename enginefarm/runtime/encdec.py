@@ -27,7 +27,8 @@ bucketed relative position bias from each layer's `rel_attn_table`
 (bidirectional in the encoder, causal in the decoder); q_scaling: attention
 scores scaled by 1 / (sqrt(head_size) * q_scaling) (T5: 1); mlp_type 1:
 gated MLP (act(fc(x)) * gate(x)); rescale_before_lm_head: decoder output x
-hidden**-0.5 (T5 with tied embeddings).
+hidden**-0.5 (T5 with tied embeddings). In float16, T5's residual stream is
+clamped to +-64000 after every residual add, as TensorRT-LLM does.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from ..quant import bits_of
 from .decoder import ACTS, Lin, Norm, all_gather_last
 
 ARCHITECTURES = ("EncoderModel", "DecoderModel")
+FP16_CLAMP = 64000.0  # TensorRT-LLM's enc-dec layers clamp fp16 T5 to this after each residual add
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -73,6 +75,7 @@ class EncDecConfig:
     rescale_before_lm_head: bool = False
     decoder_start_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
+    fp16_clamp: bool = False
     tp: int = 1
     quant_bits: int = 0
 
@@ -111,6 +114,8 @@ class EncDecConfig:
             rescale_before_lm_head=bool(c.get("rescale_before_lm_head", False)),
             decoder_start_token_id=c.get("decoder_start_token_id"),
             eos_token_id=c.get("eos_token_id"),
+            # as TensorRT-LLM: fp16 T5 clamps the residual stream, which overflows fp16 otherwise
+            fp16_clamp=c.get("dtype") == "float16" and c.get("model_type") == "t5",
             tp=(c.get("mapping") or {}).get("tp_size", 1),
             quant_bits=bits_of(c),
         )
@@ -233,8 +238,11 @@ class Block(nn.Module):
     def residual(self, x, norm, fn):
         """x + fn(norm(x)) (pre-norm) or norm(x + fn(x)) (post-norm)."""
         if self.cfg.pre_norm:
-            return x + fn(norm(x))
-        return norm(x + fn(x))
+            return self.clamp(x + fn(norm(x)))
+        return norm(self.clamp(x + fn(x)))
+
+    def clamp(self, x):
+        return x.clamp(-FP16_CLAMP, FP16_CLAMP) if self.cfg.fp16_clamp else x
 
     def position_bias(self, buckets: torch.Tensor) -> torch.Tensor:
         return self.table[:, buckets]  # [heads, T, keys]
