@@ -99,16 +99,8 @@ class AOTI(Backend):
         timings = self._compile(model, (ids, start, kc, vc), ds, out_dir / ENGINE_FILE, "decoder", progress)
         c = model.cfg
         sidecar = {
-            "format": "aoti-pt2",
-            "component": component,
+            **_sidecar(component, device, variant, limits, c.vocab_size),
             "file": ENGINE_FILE,
-            "device": device,
-            "target": variant.target,
-            "dtype": variant.dtype,
-            "max_batch_size": B,
-            "max_input_len": T,
-            "max_seq_len": S,
-            "vocab_size": c.vocab_size,
             "cache_shape": [c.num_layers, "batch", c.num_kv_heads, S, c.head_size],
             "inputs": [
                 {"name": "input_ids", "dtype": "int64", "shape": ["batch", "tokens"]},
@@ -163,17 +155,9 @@ class AOTI(Backend):
         cache = [c.num_layers, "batch", c.num_heads, S, c.head_size]
         cross = [c.num_layers, "batch", c.num_heads, "enc_len", c.head_size]
         sidecar = {
-            "format": "aoti-pt2",
+            **_sidecar(component, device, variant, limits, c.vocab_size),
             "kind": "encoder-decoder",
-            "component": component,
             "files": {"encoder": ENCODER_FILE, "decoder": DECODER_FILE},
-            "device": device,
-            "target": variant.target,
-            "dtype": variant.dtype,
-            "max_batch_size": B,
-            "max_input_len": T,
-            "max_seq_len": S,
-            "vocab_size": c.vocab_size,
             "decoder_start_token_id": c.decoder_start_token_id,
             "eos_token_id": c.eos_token_id,
             "cache_shape": cache,
@@ -215,6 +199,21 @@ class AOTI(Backend):
             LLMEngine.check_meta(engine_dir, meta)
             return EncDecEngine.load(engine_dir, meta)
         return LLMEngine.load(engine_dir)
+
+
+def _sidecar(component: str, device: str, variant, limits: dict, vocab_size: int) -> dict:
+    """engine.json fields every aoti LLM engine has."""
+    return {
+        "format": "aoti-pt2",
+        "component": component,
+        "device": device,
+        "target": variant.target,
+        "dtype": variant.dtype,
+        "max_batch_size": limits["max_batch_size"],
+        "max_input_len": limits["max_input_len"],
+        "max_seq_len": limits["max_seq_len"],
+        "vocab_size": vocab_size,
+    }
 
 
 def _dims(specs: list[dict]):
