@@ -143,8 +143,10 @@ def convert_checkpoint(
     allow_pickle: bool = False,
     progress: Optional[Callable[[str], None]] = None,
 ) -> dict:
-    """Convert one checkpoint for one variant; returns a summary."""
-    from .quant import is_quantized_weight, quantize, scheme_for
+    """Convert one checkpoint for one variant; returns a summary. A family
+    writes one checkpoint at out_dir (decoder-only) or several in
+    sub-directories (encoder-decoder: out_dir/encoder, out_dir/decoder)."""
+    from .quant import scheme_for
 
     scheme = scheme_for(variant.quant, variant.group_size)
     src_dir, out_dir = Path(src_dir), Path(out_dir)
@@ -156,38 +158,58 @@ def convert_checkpoint(
     src = TensorSource(src_dir, allow_pickle=allow_pickle)
     names = src.names()
     dtype = TORCH_DTYPES[variant.dtype]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = family.trtllm_config(hf, variant)
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    parts = family.checkpoint_parts(hf, names, variant)
     t0 = time.perf_counter()
     n_bytes = 0
-    for rank in range(variant.tp):
-        outs = family.tensors(hf, names, variant, rank)
-        plan = []
-        for o in outs:
-            shape, dt = _shape_of(o, src, dtype)
-            if scheme and is_quantized_weight(o.name):
-                qs, ss = scheme.shapes(shape, name=f"rank {rank} {o.name}")
-                plan.append((o.name, torch.int8, qs))
-                plan.append((o.name[: -len("weight")] + scheme.scale_name, dtype, ss))
-            else:
-                plan.append((o.name, dt, shape))
-        w = SafetensorsWriter(out_dir / f"rank{rank}.safetensors", plan, {"format": "pt", "rank": rank})
-        for i, o in enumerate(outs):
-            t = o.make(*(src.get(s).to(dtype) for s in o.sources))
-            if scheme and is_quantized_weight(o.name):
-                q, sc = quantize(t, scheme, dtype, name=o.name)
-                w.write(o.name, q)
-                w.write(o.name[: -len("weight")] + scheme.scale_name, sc)
-                n_bytes += q.numel() + sc.numel() * sc.element_size()
-            else:
-                w.write(o.name, t)
-                n_bytes += t.numel() * t.element_size()
-            del t
-            if progress and (i % 16 == 0 or i == len(outs) - 1):
-                progress(f"convert rank {rank}: {i + 1}/{len(outs)} tensors")
-        w.close()
-    return {"tensors_per_rank": len(outs), "bytes_written": n_bytes, "seconds": round(time.perf_counter() - t0, 3)}
+    counts: dict[str, int] = {}
+    for part in parts:
+        part_dir = out_dir / part.subdir if part.subdir else out_dir
+        part_dir.mkdir(parents=True, exist_ok=True)
+        (part_dir / "config.json").write_text(json.dumps(part.config, indent=2, sort_keys=True))
+        label = f"{part.subdir} " if part.subdir else ""
+        for rank in range(variant.tp):
+            outs = part.tensors(rank)
+            n_bytes += _write_rank(outs, src, part_dir / f"rank{rank}.safetensors", rank, dtype, scheme,
+                                   progress, f"convert {label}rank {rank}")
+        counts[part.subdir] = len(outs)
+    summary = {"tensors_per_rank": sum(counts.values()), "bytes_written": n_bytes,
+               "seconds": round(time.perf_counter() - t0, 3)}
+    if len(parts) > 1:
+        summary["parts"] = {k: {"tensors_per_rank": v} for k, v in counts.items()}
+    return summary
+
+
+def _write_rank(outs: list[OutTensor], src: TensorSource, path: Path, rank: int, dtype: torch.dtype, scheme,
+                progress: Optional[Callable[[str], None]], label: str) -> int:
+    """One rank file, tensor by tensor; returns the bytes written."""
+    from .quant import is_quantized_weight, quantize
+
+    plan = []
+    for o in outs:
+        shape, dt = _shape_of(o, src, dtype)
+        if scheme and is_quantized_weight(o.name):
+            qs, ss = scheme.shapes(shape, name=f"rank {rank} {o.name}")
+            plan.append((o.name, torch.int8, qs))
+            plan.append((o.name[: -len("weight")] + scheme.scale_name, dtype, ss))
+        else:
+            plan.append((o.name, dt, shape))
+    w = SafetensorsWriter(path, plan, {"format": "pt", "rank": rank})
+    n_bytes = 0
+    for i, o in enumerate(outs):
+        t = o.make(*(src.get(s).to(dtype) for s in o.sources))
+        if scheme and is_quantized_weight(o.name):
+            q, sc = quantize(t, scheme, dtype, name=o.name)
+            w.write(o.name, q)
+            w.write(o.name[: -len("weight")] + scheme.scale_name, sc)
+            n_bytes += q.numel() + sc.numel() * sc.element_size()
+        else:
+            w.write(o.name, t)
+            n_bytes += t.numel() * t.element_size()
+        del t
+        if progress and (i % 16 == 0 or i == len(outs) - 1):
+            progress(f"{label}: {i + 1}/{len(outs)} tensors")
+    w.close()
+    return n_bytes
 
 
 def load_rank(ckpt_dir: str | Path, rank: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:

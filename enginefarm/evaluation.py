@@ -23,6 +23,8 @@ def engine_outputs(eng, prompt_ids: list[list[int]], eval_ids: list[int], max_ne
     """Everything validation needs from the engine side, from token ids
     alone (so it also runs in the tp rank processes of runtime/tp.py, which
     load neither tokenizer nor reference model)."""
+    if getattr(eng, "seq2seq", False):
+        return _engine_outputs_seq2seq(eng, prompt_ids, eval_ids, max_new_tokens, eos)
     prompts = []
     for ids in prompt_ids:
         if not ids:
@@ -45,6 +47,9 @@ def reference_outputs(ref_model, prompt_ids: list[list[int]], eval_ids: list[int
     """The same as engine_outputs, from the Hugging Face model."""
     import torch
 
+    if ref_model.config.is_encoder_decoder:
+        return _reference_outputs_seq2seq(ref_model, prompt_ids, eval_ids, max_new_tokens, eos, pad, max_seq_len,
+                                          max_input_len)
     prompts = []
     for ids in prompt_ids:
         n_new = min(max_new_tokens, max_seq_len - len(ids))
@@ -65,6 +70,74 @@ def reference_outputs(ref_model, prompt_ids: list[list[int]], eval_ids: list[int
     return {"prompts": prompts, "eval": chunks}
 
 
+# ----------------------------------------------------------------------------- encoder-decoder (T5, BART)
+#
+# The prompt goes to the encoder; the decoder starts from
+# decoder_start_token_id. Greedy output: up to max_new_tokens after the start
+# token (the decoder holds max_seq_len tokens). Logits, for a prompt and for
+# each chunk of the text set: the encoder reads the tokens and the decoder,
+# teacher-forced on [start] + tokens[:-1], predicts the same tokens (BART's
+# reconstruction objective; for T5 it is simply a fixed, shared input), so
+# perplexity and top-N accuracy are those of reproducing the text.
+
+
+def seq2seq_chunks(eval_ids: list[int], window: int) -> list[list[int]]:
+    chunks = [eval_ids[s : s + window] for s in range(0, len(eval_ids), window)]
+    return [c for c in chunks if len(c) >= 2]
+
+
+def _engine_outputs_seq2seq(eng, prompt_ids, eval_ids, max_new_tokens, eos) -> dict:
+    start = eng.decoder_start_token_id
+    prompts = []
+    for ids in prompt_ids:
+        if not ids:
+            raise BadInput("a validation prompt encodes to no tokens")
+        n_new = min(max_new_tokens, eng.max_seq_len)
+        prompts.append({"ids": ids, "n_new": n_new, "targets": ids, "logits": eng.logits(ids, [start] + ids[:-1]),
+                        "generated": eng.generate([ids], n_new, eos_token_id=eos)[0]})
+    chunks = [{"ids": c, "targets": c, "logits": eng.logits(c, [start] + c[:-1])}
+              for c in seq2seq_chunks(eval_ids, min(eng.max_input_len, eng.max_seq_len))]
+    return {"prompts": prompts, "eval": chunks}
+
+
+def _reference_outputs_seq2seq(ref_model, prompt_ids, eval_ids, max_new_tokens, eos, pad, max_seq_len,
+                               max_input_len) -> dict:
+    import torch
+    from transformers import GenerationConfig
+
+    start = ref_model.config.decoder_start_token_id
+
+    def teacher_forced(ids):
+        with torch.no_grad():
+            return ref_model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([[start] + ids[:-1]])).logits[0].float()
+
+    prompts = []
+    for ids in prompt_ids:
+        n_new = min(max_new_tokens, max_seq_len)
+        # plain greedy search: none of the checkpoint's own generation settings
+        # (beams, forced BOS/EOS, n-gram blocking) that the engine does not apply
+        gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, num_beams=1, decoder_start_token_id=start,
+                              eos_token_id=eos, pad_token_id=pad)
+        with torch.no_grad():
+            gen = ref_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     generation_config=gc)[0, 1:].tolist()
+        prompts.append({"ids": ids, "n_new": n_new, "targets": ids, "logits": teacher_forced(ids), "generated": gen})
+    chunks = [{"ids": c, "targets": c, "logits": teacher_forced(c)}
+              for c in seq2seq_chunks(eval_ids, min(max_input_len, max_seq_len))]
+    return {"prompts": prompts, "eval": chunks}
+
+
+def load_reference(src_dir: str | Path):
+    """The Hugging Face model of a checkpoint in fp32: a causal LM, or a
+    sequence-to-sequence one for an encoder-decoder config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    cfg = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
+    cls = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
+    return cls.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False).eval()
+
+
 def compare(got: dict, ref: dict, names: tuple[str, str] = ("engine", "reference")) -> dict:
     """Metrics of one set of outputs against another, side by side."""
     import torch
@@ -76,7 +149,7 @@ def compare(got: dict, ref: dict, names: tuple[str, str] = ("engine", "reference
     for g, r in zip(got["prompts"], ref["prompts"]):
         max_diff = max(max_diff, float((g["logits"] - r["logits"]).abs().max()))
         agree += int((g["logits"].argmax(-1) == r["logits"].argmax(-1)).sum())
-        total += len(g["ids"])
+        total += g["logits"].shape[0]
         greedy.append({"ids": g["ids"], me: g["generated"], other: r["generated"],
                        "equal": g["generated"] == r["generated"]})
     nll = {me: 0.0, other: 0.0}
@@ -84,7 +157,7 @@ def compare(got: dict, ref: dict, names: tuple[str, str] = ("engine", "reference
     top5 = {me: 0, other: 0}
     n = 0
     for g, r in zip(got["eval"], ref["eval"]):
-        tgt = torch.tensor(g["ids"][1:])
+        tgt = torch.tensor(g["targets"] if "targets" in g else g["ids"][1:])
         e, rr = g["logits"], r["logits"]
         max_diff = max(max_diff, float((e - rr).abs().max()))
         agree += int((e.argmax(-1) == rr.argmax(-1)).sum())
@@ -178,8 +251,7 @@ def check_shard_sets(sets: list[tuple], prompts: list[str], text: str, max_new_t
     (so several models cost one process start-up per tp size, not one each)."""
     import json as _json
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from .runtime.tp import checkpoint_tp, run_checkpoints
@@ -191,7 +263,7 @@ def check_shard_sets(sets: list[tuple], prompts: list[str], text: str, max_new_t
         tok = AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False)
         prompt_ids, eval_ids = tokenize_inputs(tok, prompts, text, max_eval_tokens)
         eos, pad = tok.eos_token_id, tok.pad_token_id
-        ref_model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False).eval()
+        ref_model = load_reference(src_dir)
         refs.append(reference_outputs(ref_model, prompt_ids, eval_ids, max_new_tokens, eos, pad, max_seq_len,
                                       max_input_len))
         del ref_model

@@ -1,9 +1,13 @@
 """`aoti`: torch.export + AOTInductor packages (.pt2).
 
-The LLM engine is one package holding a step function with a static KV cache
-(see `enginefarm.runtime.decoder`): dynamic batch (1..max_batch_size) and
-dynamic token count (1..max_input_len), so one package does prefill and
-decode. Runs on CPU here and on CUDA where the target is a GPU.
+A decoder-only LLM engine is one package holding a step function with a
+static KV cache (see `enginefarm.runtime.decoder`): dynamic batch
+(1..max_batch_size) and dynamic token count (1..max_input_len), so one
+package does prefill and decode. An encoder-decoder LLM (T5, BART) is two
+packages (see `enginefarm.runtime.encdec`): the encoder, which also computes
+the decoder's cross-attention keys/values once per request, and the decoder
+step with its self-attention cache. Runs on CPU here and on CUDA where the
+target is a GPU.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import json
 import time
 from pathlib import Path
 
-from ..errors import NotAvailable
+from ..errors import BadInput, NotAvailable
 from .base import Backend, torch_toolchain, version_of
 
 ENGINE_FILE = "llm.pt2"
+ENCODER_FILE = "encoder.pt2"
+DECODER_FILE = "decoder.pt2"
 
 
 class AOTI(Backend):
@@ -46,40 +52,58 @@ class AOTI(Backend):
         return {"backend": "aoti", **torch_toolchain(target)}
 
     def build(self, component, src_dir, out_dir, variant, limits, progress=None) -> dict:
-        import torch
-
-        from ..runtime.decoder import DecoderLM
+        from ..runtime.encdec import is_encdec_checkpoint
 
         ok, why = self.usable(component, variant.target)
         if not ok:
             raise NotAvailable(why)
         if variant.tp > self.max_tp:
             raise NotAvailable(f"the aoti backend builds tp=1 engines (variant {variant.name} has tp={variant.tp})")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if is_encdec_checkpoint(src_dir):
+            return self._build_encdec(component, src_dir, out_dir, variant, limits, progress)
+        return self._build_decoder(component, src_dir, out_dir, variant, limits, progress)
+
+    @staticmethod
+    def _compile(model, args, dynamic_shapes, path: Path, what: str, progress) -> dict:
+        """torch.export + AOTInductor into one .pt2 package; the seconds each took."""
+        import torch
+
+        t0 = time.perf_counter()
+        if progress:
+            progress(f"aoti: torch.export ({what})")
+        with torch.no_grad():
+            ep = torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
+        return {"export_s": round(time.perf_counter() - t0, 3),
+                **AOTI._package(ep, path, what, args[0].device.type, progress)}
+
+    @staticmethod
+    def _package(ep, path: Path, what: str, device: str, progress) -> dict:
+        """AOTInductor-compile an exported program into one .pt2 package."""
+        import torch
+
+        t0 = time.perf_counter()
+        if progress:
+            progress(f"aoti: AOTInductor compile ({what}, {device})")
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
+        return {"compile_s": round(time.perf_counter() - t0, 3)}
+
+    def _build_decoder(self, component, src_dir, out_dir, variant, limits, progress) -> dict:
+        from ..runtime.decoder import DecoderLM
+
         device = "cpu" if variant.target == "cpu" else "cuda"
         model = DecoderLM.from_checkpoint(src_dir).to(device)
         B, T, S = limits["max_batch_size"], limits["max_input_len"], limits["max_seq_len"]
         t0 = time.perf_counter()
         if progress:
-            progress("aoti: torch.export")
+            progress("aoti: torch.export (decoder)")
         ep = export_decoder(model, B, T, S, device)
-        t1 = time.perf_counter()
-        if progress:
-            progress(f"aoti: AOTInductor compile ({device})")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(out_dir / ENGINE_FILE))
-        t2 = time.perf_counter()
+        timings = {"export_s": round(time.perf_counter() - t0, 3),
+                   **self._package(ep, out_dir / ENGINE_FILE, "decoder", device, progress)}
         c = model.cfg
         sidecar = {
-            "format": "aoti-pt2",
-            "component": component,
+            **_sidecar(component, device, variant, limits, c.vocab_size),
             "file": ENGINE_FILE,
-            "device": device,
-            "target": variant.target,
-            "dtype": variant.dtype,
-            "max_batch_size": B,
-            "max_input_len": T,
-            "max_seq_len": S,
-            "vocab_size": c.vocab_size,
             "cache_shape": [c.num_layers, "batch", c.num_kv_heads, S, c.head_size],
             "inputs": [
                 {"name": "input_ids", "dtype": "int64", "shape": ["batch", "tokens"]},
@@ -92,7 +116,74 @@ class AOTI(Backend):
                 {"name": "k_cache", "dtype": variant.dtype},
                 {"name": "v_cache", "dtype": variant.dtype},
             ],
-            "timings": {"export_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3)},
+            "timings": timings,
+        }
+        (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))
+        return sidecar
+
+    def _build_encdec(self, component, src_dir, out_dir, variant, limits, progress) -> dict:
+        """Two packages: the encoder (with the decoder's cross-attention K/V
+        projections of its output, so they are computed once per request) and
+        the decoder step (static self-attention cache; cross K/V as inputs)."""
+        import torch
+        from torch.export import Dim
+
+        from ..runtime.encdec import load_encdec
+
+        device = "cpu" if variant.target == "cpu" else "cuda"
+        encoder, decoder = load_encdec(src_dir)
+        encoder, decoder = encoder.to(device), decoder.to(device)
+        B, T, S = limits["max_batch_size"], limits["max_input_len"], limits["max_seq_len"]
+        # example sizes: the encoder input longer than the decoder's, so
+        # that export keeps the two token counts apart
+        eb, et, dt = min(2, B), min(3, T), min(2, T, S)
+        batch = Dim("batch", min=1, max=B) if B > 1 else None
+        enc_len = Dim("enc_len", min=1, max=T) if T > 1 else None
+        tokens = Dim("tokens", min=1, max=min(T, S)) if min(T, S) > 1 else None
+        ids = torch.zeros(eb, et, dtype=torch.long, device=device)
+        lengths = torch.full((eb,), et, dtype=torch.long, device=device)
+        timings = {"encoder": self._compile(encoder, (ids, lengths), _dims([{0: batch, 1: enc_len}, {0: batch}]),
+                                            out_dir / ENCODER_FILE, "encoder", progress)}
+        with torch.no_grad():
+            _, ck, cv = encoder(ids, lengths)
+        kc, vc = decoder.new_cache(eb, S)
+        kc, vc = kc.to(device), vc.to(device)
+        dec_ids = torch.zeros(eb, dt, dtype=torch.long, device=device)
+        start = torch.zeros(1, dtype=torch.long, device=device)
+        ds = _dims([{0: batch, 1: tokens}, {}, {1: batch}, {1: batch}, {1: batch, 3: enc_len}, {1: batch, 3: enc_len},
+                    {0: batch}])
+        timings["decoder"] = self._compile(decoder, (dec_ids, start, kc, vc, ck, cv, lengths), ds, out_dir / DECODER_FILE,
+                                           "decoder step", progress)
+        c = decoder.cfg
+        cache = [c.num_layers, "batch", c.num_heads, S, c.head_size]
+        cross = [c.num_layers, "batch", c.num_heads, "enc_len", c.head_size]
+        sidecar = {
+            **_sidecar(component, device, variant, limits, c.vocab_size),
+            "kind": "encoder-decoder",
+            "files": {"encoder": ENCODER_FILE, "decoder": DECODER_FILE},
+            "decoder_start_token_id": c.decoder_start_token_id,
+            "eos_token_id": c.eos_token_id,
+            "cache_shape": cache,
+            "encoder": {
+                "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "enc_len"]},
+                           {"name": "lengths", "dtype": "int64", "shape": ["batch"]}],
+                "outputs": [{"name": "encoder_output", "dtype": variant.dtype, "shape": ["batch", "enc_len", c.hidden_size]},
+                            {"name": "cross_k", "dtype": variant.dtype, "shape": cross},
+                            {"name": "cross_v", "dtype": variant.dtype, "shape": cross}],
+            },
+            "decoder": {
+                "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "tokens"]},
+                           {"name": "start_pos", "dtype": "int64", "shape": [1]},
+                           {"name": "k_cache", "dtype": variant.dtype, "shape": cache},
+                           {"name": "v_cache", "dtype": variant.dtype, "shape": cache},
+                           {"name": "cross_k", "dtype": variant.dtype, "shape": cross},
+                           {"name": "cross_v", "dtype": variant.dtype, "shape": cross},
+                           {"name": "lengths", "dtype": "int64", "shape": ["batch"]}],
+                "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "tokens", c.vocab_size]},
+                            {"name": "k_cache", "dtype": variant.dtype},
+                            {"name": "v_cache", "dtype": variant.dtype}],
+            },
+            "timings": timings,
         }
         (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))
         return sidecar
@@ -100,6 +191,16 @@ class AOTI(Backend):
     def load(self, engine_dir: Path, device: str = "cpu"):
         from ..runtime.engine import LLMEngine
 
+        engine_dir = Path(engine_dir)
+        try:
+            meta = json.loads((engine_dir / "engine.json").read_text())
+        except (OSError, ValueError) as e:
+            raise BadInput(f"{engine_dir} holds no readable engine.json: {e}") from None
+        if meta.get("kind") == "encoder-decoder":
+            from ..runtime.encdec import EncDecEngine
+
+            LLMEngine.check_meta(engine_dir, meta)
+            return EncDecEngine.load(engine_dir, meta)
         return LLMEngine.load(engine_dir)
 
     def triton_model(self, name: str, sidecar: dict) -> tuple[str, dict[str, str]]:
@@ -183,15 +284,34 @@ def export_decoder(model, max_batch: int, max_tokens: int, max_seq_len: int, dev
     kc, vc = kc.to(device), vc.to(device)
     batch = Dim("batch", min=1, max=B) if B > 1 else None
     seq = Dim("seq", min=1, max=T) if T > 1 else None
-    ds = (
-        {0: batch, 1: seq} if (batch or seq) else None,
-        None,
-        {1: batch} if batch else None,
-        {1: batch} if batch else None,
-    )
-    ds = tuple({k: v for k, v in d.items() if v is not None} if d else None for d in ds)
+    ds = _dims([{0: batch, 1: seq}, {}, {1: batch}, {1: batch}])
     with torch.no_grad():
         return torch.export.export(model, (ids, start, kc, vc), dynamic_shapes=ds, strict=False)
+
+
+def _sidecar(component: str, device: str, variant, limits: dict, vocab_size: int) -> dict:
+    """engine.json fields every aoti LLM engine has."""
+    return {
+        "format": "aoti-pt2",
+        "component": component,
+        "device": device,
+        "target": variant.target,
+        "dtype": variant.dtype,
+        "max_batch_size": limits["max_batch_size"],
+        "max_input_len": limits["max_input_len"],
+        "max_seq_len": limits["max_seq_len"],
+        "vocab_size": vocab_size,
+    }
+
+
+def _dims(specs: list[dict]):
+    """dynamic_shapes for torch.export: per input, its dynamic dims (None
+    entries, for a dim of size 1 that is not dynamic, left out)."""
+    out = []
+    for d in specs:
+        d = {k: v for k, v in d.items() if v is not None}
+        out.append(d or None)
+    return tuple(out)
 
 
 def backend(name: str) -> AOTI:

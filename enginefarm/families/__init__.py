@@ -15,7 +15,7 @@ from typing import Optional
 from ..errors import BadInput
 from .base import Family
 
-IMPLEMENTED = ("opt", "llama", "gpt2", "gpt-neo", "gpt-neox", "gptj", "bloom", "mistral")
+IMPLEMENTED = ("opt", "llama", "gpt2", "gpt-neo", "gpt-neox", "gptj", "bloom", "mistral", "t5", "bart")
 
 
 def _planned(name: str, title: str, model_types: tuple, kind: str, components=("llm",), visual_features=None) -> Family:
@@ -28,8 +28,6 @@ def _planned(name: str, title: str, model_types: tuple, kind: str, components=("
 _PLANNED = {
     f.name: f
     for f in [
-        _planned("t5", "T5 / Flan-T5", ("t5",), "encoder-decoder"),
-        _planned("bart", "BART / mBART", ("bart", "mbart"), "encoder-decoder"),
         _planned("blip2", "BLIP-2 (ViT + Q-Former + OPT or Flan-T5)", ("blip-2",), "multimodal", ("visual", "llm"), 32),
         _planned("llava", "LLaVA-1.5 (CLIP ViT-L/14-336 + projector + LLaMA)", ("llava",), "multimodal", ("visual", "llm"), 576),
         # any-resolution tiling: features depend on the image size; the

@@ -16,6 +16,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @dataclass(frozen=True)
+class CheckpointPart:
+    """One TensorRT-LLM checkpoint that a family writes: `subdir` is '' for
+    a decoder-only model (config.json and rank files at the root) and
+    'encoder' / 'decoder' for an encoder-decoder model, which TensorRT-LLM
+    builds as two engines from two checkpoint directories."""
+
+    subdir: str
+    config: dict
+    tensors: Callable[[int], list["OutTensor"]]  # rank -> the rank file's tensors
+
+
+@dataclass(frozen=True)
 class OutTensor:
     """One tensor of a TensorRT-LLM checkpoint rank file, produced on demand
     from the source tensors it names (so conversion streams tensor by tensor)."""
@@ -145,12 +157,19 @@ class DecoderFamily(Family):
             raise NotAvailable(f"variant {variant.name}: {self.title} with {why} is not what TensorRT-LLM's "
                                f"{self.architecture} computes; build it with the aoti backend ({where})")
 
-    def check_config(self, config: dict, variant: "Variant", where: str = "config.json") -> None:
+    def checkpoint_parts(self, hf: dict, names: set[str], variant: "Variant") -> list[CheckpointPart]:
+        """The checkpoint directories to write; a decoder-only model is one, at the root."""
+        return [CheckpointPart("", self.trtllm_config(hf, variant), lambda rank: self.tensors(hf, names, variant, rank))]
+
+    def check_model_type(self, config: dict, where: str) -> None:
         mt = config.get("model_type")
         if self.model_types and mt not in self.model_types:
             raise BadInput(
                 f"family {self.name} expects a config.json with model_type in {list(self.model_types)}, got {mt!r} ({where})"
             )
+
+    def check_config(self, config: dict, variant: "Variant", where: str = "config.json") -> None:
+        self.check_model_type(config, where)
         super().check_config(config, variant, where)
 
 
@@ -172,6 +191,87 @@ def prefix_of(names: set[str], probe: str, prefixes: tuple[str, ...]) -> str:
         if p + probe in names:
             return p
     raise BadInput(f"the checkpoint has no tensor {probe!r} under any of the prefixes {list(prefixes)}")
+
+
+# TensorRT-LLM's enums as its enc-dec config.json stores them (integers):
+# tensorrt_llm.functional.LayerNormType, LayerNormPositionType, MLPType
+LAYERNORM_TYPE = {"LayerNorm": 0, "RmsNorm": 1}
+LAYERNORM_POSITION = {"pre_layernorm": 0, "post_layernorm": 1}
+MLP_TYPE = {"MLP": 0, "GatedMLP": 1}
+
+
+class EncoderDecoderFamily(DecoderFamily):
+    """An encoder-decoder language model (T5, BART). TensorRT-LLM converts it
+    into two checkpoints, `encoder/` (architecture EncoderModel) and
+    `decoder/` (DecoderModel: self-attention, cross-attention to the encoder
+    output, lm_head), each with its own config.json and rank files; both are
+    split for the same tp size."""
+
+    kind = "encoder-decoder"
+
+    def side_heads(self, config: dict) -> dict[str, int]:  # pragma: no cover - abstract
+        """{'encoder': heads, 'decoder': heads} from the Hugging Face config.json."""
+        raise NotImplementedError
+
+    def head_counts(self, config: dict) -> tuple[int, int]:
+        h = self.side_heads(config)["decoder"]
+        return h, h
+
+    def check_config(self, config: dict, variant: "Variant", where: str = "config.json") -> None:
+        self.check_model_type(config, where)
+        try:
+            sides = self.side_heads(config)
+        except KeyError as e:
+            raise BadInput(f"family {self.name}: config.json has no {e.args[0]} ({where})") from None
+        for side, heads in sides.items():
+            if heads % variant.tp:
+                raise BadInput(
+                    f"variant {variant.name}: tp size {variant.tp} does not divide the model's {heads} {side} "
+                    f"attention heads ({where}); pick a tp size that divides {heads}"
+                )
+
+    def encoder_config(self, hf: dict, variant: "Variant") -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decoder_config(self, hf: dict, variant: "Variant") -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def encoder_tensors(self, hf: dict, names: set[str], variant: "Variant", rank: int) -> list[OutTensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def decoder_tensors(self, hf: dict, names: set[str], variant: "Variant", rank: int) -> list[OutTensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def checkpoint_parts(self, hf: dict, names: set[str], variant: "Variant") -> list[CheckpointPart]:
+        return [
+            CheckpointPart("encoder", self.encoder_config(hf, variant),
+                           lambda rank: self.encoder_tensors(hf, names, variant, rank)),
+            CheckpointPart("decoder", self.decoder_config(hf, variant),
+                           lambda rank: self.decoder_tensors(hf, names, variant, rank)),
+        ]
+
+
+def encdec_config(architecture: str, variant: "Variant", **fields: Any) -> dict:
+    """A TensorRT-LLM EncoderModel / DecoderModel config.json: the fields every
+    family gives, plus the family's own."""
+    return {
+        "architecture": architecture,
+        "dtype": variant.dtype,
+        "logits_dtype": "float32",
+        **fields,
+        "use_parallel_embedding": False,
+        "embedding_sharding_dim": 0,
+        "mapping": mapping(variant.tp),
+        "quantization": quantization(variant),
+    }
+
+
+def first_present(names: set[str], *candidates: str) -> str:
+    """The first of `candidates` the checkpoint has (tied tensors are stored once, under one of their names)."""
+    for c in candidates:
+        if c in names:
+            return c
+    raise BadInput(f"the checkpoint has none of the tensors {list(candidates)}")
 
 
 def mapping(tp: int, rank: int = 0) -> dict:

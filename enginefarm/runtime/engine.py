@@ -26,12 +26,17 @@ class LLMEngine:
     def load(cls, engine_dir: str | Path) -> "LLMEngine":
         engine_dir = Path(engine_dir)
         meta = json.loads((engine_dir / "engine.json").read_text())
+        cls.check_meta(engine_dir, meta)
+        runner = torch._inductor.aoti_load_package(str(engine_dir / meta["file"]))
+        return cls(runner, meta)
+
+    @staticmethod
+    def check_meta(engine_dir: Path, meta: dict) -> None:
+        """An aoti engine that this machine can run."""
         if meta.get("format") != "aoti-pt2":
             raise BadInput(f"{engine_dir} holds a {meta.get('format')} engine, not an aoti package")
         if meta.get("device") == "cuda" and not torch.cuda.is_available():
             raise BadInput(f"engine in {engine_dir} was built for {meta.get('target')}; this machine has no CUDA GPU")
-        runner = torch._inductor.aoti_load_package(str(engine_dir / meta["file"]))
-        return cls(runner, meta)
 
     @property
     def max_batch_size(self) -> int:

@@ -3,8 +3,10 @@
 `run_checkpoints` starts one process per rank (`python -m
 enginefarm.runtime.tp`), joined in a torch.distributed process group (gloo
 on CPU, nccl where each rank has a GPU). Every rank loads only its own
-`rank{N}.safetensors` into runtime/decoder.py's DecoderLM, which all-reduces
-after the row-parallel layers (attention dense, mlp proj) and all-gathers the
+`rank{N}.safetensors` into runtime/decoder.py's DecoderLM (or, for an
+encoder-decoder checkpoint, its `encoder/` and `decoder/` rank files into
+runtime/encdec.py's encoder and decoder step), which all-reduces after the
+row-parallel layers (attention dense, mlp proj) and all-gathers the
 vocab-parallel logits, where TensorRT-LLM does. The ranks run the validation
 inputs (token ids; no tokenizer, no Hugging Face model code in the ranks) and
 rank 0 writes the logits and greedy tokens, which the caller compares with
@@ -37,8 +39,12 @@ def _free_port() -> int:
 
 
 def checkpoint_tp(ckpt_dir: str | Path) -> int:
+    """The tp size of a checkpoint (of an encoder-decoder one: its decoder's, which its encoder shares)."""
+    root = Path(ckpt_dir)
+    if not (root / "config.json").is_file() and (root / "decoder" / "config.json").is_file():
+        root = root / "decoder"
     try:
-        cfg = json.loads((Path(ckpt_dir) / "config.json").read_text())
+        cfg = json.loads((root / "config.json").read_text())
         return int(cfg["mapping"]["tp_size"])
     except (OSError, ValueError, KeyError) as e:
         raise BadInput(f"{ckpt_dir} is not a TensorRT-LLM checkpoint (config.json with mapping.tp_size): {e}") from None
@@ -128,6 +134,7 @@ def _rank_main(job_path: str, rank: int, world: int, port: int, out_dir: str) ->
 
     from ..evaluation import engine_outputs
     from .decoder import DecoderLM
+    from .encdec import EncDecEngine, is_encdec_checkpoint, load_encdec
     from .engine import LLMEngine
 
     job = json.loads(Path(job_path).read_text())
@@ -138,20 +145,23 @@ def _rank_main(job_path: str, rank: int, world: int, port: int, out_dir: str) ->
     device = f"cuda:{rank}" if backend == "nccl" else "cpu"
     try:
         for i, ckpt in enumerate(job["checkpoints"]):
-            model = DecoderLM.from_checkpoint(ckpt, rank=rank, allow_tp=True).to(device)
-            c = model.cfg
-            meta = {
-                "dtype": {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[model.embed.dtype],
-                "device": "cuda" if device != "cpu" else "cpu",
-                "cache_shape": [c.num_layers, 1, c.kv_heads_per_rank, job["max_seq_len"], c.head_size],
-                "max_batch_size": 1, "max_input_len": job["max_input_len"], "max_seq_len": job["max_seq_len"],
-            }
+            limits = {"device": "cuda" if device != "cpu" else "cpu", "max_batch_size": 1,
+                      "max_input_len": job["max_input_len"], "max_seq_len": job["max_seq_len"]}
+            if is_encdec_checkpoint(ckpt):
+                encoder, model = load_encdec(ckpt, rank=rank, allow_tp=True)
+                eng = EncDecEngine.from_modules(encoder.to(device), model.to(device), limits)
+            else:
+                model = DecoderLM.from_checkpoint(ckpt, rank=rank, allow_tp=True).to(device)
+                c = model.cfg
+                eng = LLMEngine(model, {
+                    "dtype": {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[model.embed.dtype],
+                    "cache_shape": [c.num_layers, 1, c.kv_heads_per_rank, job["max_seq_len"], c.head_size], **limits,
+                })
             with torch.no_grad():
-                out = engine_outputs(LLMEngine(model, meta), job["prompt_ids"], job["eval_ids"],
-                                     job["max_new_tokens"], job["eos"])
+                out = engine_outputs(eng, job["prompt_ids"], job["eval_ids"], job["max_new_tokens"], job["eos"])
             if rank == 0:
                 torch.save(out, Path(out_dir) / f"out{i}.pt")
-            del model
+            del model, eng
     finally:
         dist.destroy_process_group()
 

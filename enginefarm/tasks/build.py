@@ -23,7 +23,8 @@ def spec(ctx: Ctx, converted: StepResult, variant: Variant, component: str = "ll
     b = get_backend(bname)
     limits = get_family(ctx.recipe.family).derived_limits(ctx.recipe)
     params = {"component": component, "backend": bname, "variant": variant.params(), "limits": limits}
-    code = code_version(__name__, type(b).__module__, "enginefarm.runtime.decoder", "enginefarm.runtime.engine")
+    code = code_version(__name__, type(b).__module__, "enginefarm.runtime.decoder", "enginefarm.runtime.engine",
+                        "enginefarm.runtime.encdec")
     return StepSpec("build", params, {"convert": converted}, code, b.toolchain(variant.target), variant=variant.name)
 
 

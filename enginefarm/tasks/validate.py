@@ -19,7 +19,7 @@ from ..backends import get_backend
 from ..backends.base import version_of
 from ..errors import BadInput
 from ..hashing import code_version, digest_bytes
-from ..evaluation import builtin_text, evaluate, gates_line, judge
+from ..evaluation import builtin_text, evaluate, gates_line, judge, load_reference
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
 
@@ -44,7 +44,7 @@ def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant) -> 
         "text_digest": digest_bytes(text_set(v.text_set, ctx).encode()),
     }
     tc = {"torch": version_of("torch"), "transformers": version_of("transformers")}
-    code = code_version(__name__, "enginefarm.runtime.engine", "enginefarm.evaluation")
+    code = code_version(__name__, "enginefarm.runtime.engine", "enginefarm.runtime.encdec", "enginefarm.evaluation")
     return StepSpec("validate", params, {"fetch": fetched, "build": built}, code, tc, variant=variant.name)
 
 
@@ -53,15 +53,14 @@ def validate_task(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Var
     s = spec(ctx, fetched, built, variant)
 
     def work(out: Path, scratch: Path):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         src = materialize(ctx, fetched, scratch / "src")
         eng_dir = materialize(ctx, built, scratch / "engine")
         v = ctx.recipe.validation
         log(f"validate [{variant.name}]: loading the reference model (fp32) and the engine")
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
-        ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, trust_remote_code=False).eval()
+        ref = load_reference(src)  # causal or seq2seq, from config.json
         eng = get_backend(built.manifest["params"]["backend"]).load(eng_dir)
         metrics = evaluate(ref, tok, eng, v.prompts, text_set(v.text_set, ctx), v.max_new_tokens, v.max_eval_tokens)
         gates = judge(metrics, v.gates_for(variant.quant).model_dump())

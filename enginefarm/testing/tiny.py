@@ -28,9 +28,7 @@ def default_root() -> Path:
 
 
 def eval_text() -> str:
-    from ..evaluation import builtin_text
-
-    return builtin_text()
+    return (Path(__file__).resolve().parent.parent / "data" / "eval.txt").read_text()
 
 
 def make_tokenizer(vocab_size: int = VOCAB):
@@ -168,6 +166,89 @@ def _mistral(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional
     return _random_affine(MistralForCausalLM(cfg))
 
 
+def _t5(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, gated: bool = False):
+    """T5 (ReLU MLP, tied embeddings: decoder output scaled) or, gated, a
+    Flan-T5-like one (gated GELU, its own lm_head, no scaling, and like
+    Flan-T5 an attention width heads x d_kv that differs from d_model).
+    Few relative-position buckets and a short max_distance, so short test
+    sequences reach T5's logarithmic buckets too."""
+    import torch
+    from torch import nn
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    d_kv = 16 if gated else hidden // heads
+    cfg = T5Config(
+        vocab_size=VOCAB,
+        d_model=hidden,
+        d_kv=d_kv,
+        d_ff=hidden * 2 + 32,
+        num_layers=layers,
+        num_heads=heads,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        tie_word_embeddings=tied,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,  # T5 starts the decoder from its pad token
+        initializer_factor=1.0,
+    )
+    model = T5ForConditionalGeneration(cfg)
+    if not tied:
+        # transformers 5 always ties T5's lm_head; an untied checkpoint (as
+        # Flan-T5's) keeps both tensors, and says so in config.json
+        model.lm_head.weight = nn.Parameter(torch.randn(VOCAB, hidden) * hidden**-0.5)
+        model.config.tie_word_embeddings = False
+    _settle(model, 1.0 if gated else 4.0)
+    return model
+
+
+def _bart(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, mbart: bool = False):
+    """BART (post-norm) or mBART (pre-norm, final layer norms, scaled embeddings)."""
+    from transformers import BartConfig, BartForConditionalGeneration, MBartConfig, MBartForConditionalGeneration
+
+    config_cls, model_cls = (MBartConfig, MBartForConditionalGeneration) if mbart else (BartConfig, BartForConditionalGeneration)
+    cfg = config_cls(
+        vocab_size=VOCAB,
+        d_model=hidden,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=hidden * 2,
+        decoder_ffn_dim=hidden * 2,
+        max_position_embeddings=256,
+        scale_embedding=mbart,
+        init_std=0.1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,  # BART starts the decoder from </s>
+        forced_eos_token_id=None,
+    )
+    model = model_cls(cfg)
+    _settle(model, 4.0 if mbart else 1.0)
+    return model
+
+
+def _settle(model, out_scale: float) -> None:
+    """Seeded changes that make a random encoder-decoder a sharper test:
+    norm weights and biases off their 1 / 0 init (a converter that dropped or
+    swapped a norm would otherwise go unnoticed); a smaller shared embedding
+    and larger attention / MLP output projections, so that with tied
+    embeddings the greedy continuation does not just repeat its last token."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith(("SelfAttention.o.weight", "EncDecAttention.o.weight", "DenseReluDense.wo.weight",
+                                "out_proj.weight", "fc2.weight")):
+                p.mul_(out_scale)
+        model.get_input_embeddings().weight.mul_(0.1)
+
+
 # name -> (builder, defaults)
 TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     "opt": (_opt, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True)),
@@ -187,6 +268,12 @@ TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     # 6 heads: ALiBi slopes of a head count that is not a power of two
     "bloom-h6": (_bloom, dict(layers=2, hidden=48, heads=6, kv_heads=None, tied=True)),
     "mistral": (_mistral, dict(layers=2, hidden=64, heads=8, kv_heads=2, tied=False)),
+    # encoder-decoder: T5 (ReLU, tied), a Flan-T5-like one (gated GELU, untied,
+    # 6 heads like flan-t5-small: tp 1 and 2), BART (post-norm), mBART (pre-norm)
+    "t5": (_t5, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True, gated=False)),
+    "flan-t5": (_t5, dict(layers=2, hidden=64, heads=6, kv_heads=None, tied=False, gated=True)),
+    "bart": (_bart, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True, mbart=False)),
+    "mbart": (_bart, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True, mbart=True)),
 }
 
 
