@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NONE
 
 from ..errors import BadInput
 from ..hashing import code_version
 from .base import Ctx, StepResult, StepSpec, run_step
+from .policy import step_task
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TAKEN = (".safetensors", ".json", ".txt", ".model", ".tiktoken")
@@ -161,7 +160,7 @@ def _work(ctx: Ctx, spec_: StepSpec):
     return work
 
 
-@task(name="fetch", cache_policy=NONE)
+@step_task("fetch")
 def fetch_task(ctx: Ctx) -> StepResult:
     s = spec(ctx)
     return run_step(ctx, s, _work(ctx, s))

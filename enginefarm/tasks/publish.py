@@ -12,12 +12,11 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NONE
 
 from ..hashing import code_version
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, _user, log, run_step
+from .policy import step_task
 
 MAX_CAS_TRIES = 20
 
@@ -54,7 +53,7 @@ def move_alias(store, recipe: str, variant: str, alias: str, target: StepResult,
     raise RuntimeError(f"alias {recipe}:{variant}@{alias} kept moving under us ({MAX_CAS_TRIES} tries)")
 
 
-@task(name="publish", cache_policy=NONE)
+@step_task("publish")
 def publish_task(ctx: Ctx, variant: Variant, fetched: StepResult, converted: StepResult,
                  builds: dict[str, StepResult], validated: StepResult) -> StepResult:
     s = spec(ctx, variant, fetched, converted, builds, validated)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NONE
 
 from ..backends import get_backend
 from ..backends.base import version_of
@@ -22,6 +20,7 @@ from ..errors import BadInput
 from ..hashing import code_version, digest_bytes
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
+from .policy import step_task
 
 
 def text_set(name: str, ctx: Ctx) -> str:
@@ -127,7 +126,7 @@ def judge(metrics: dict, gates: dict) -> dict:
     return out
 
 
-@task(name="validate", cache_policy=NONE)
+@step_task("validate")
 def validate_task(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant) -> StepResult:
     s = spec(ctx, fetched, built, variant)
 
