@@ -150,16 +150,16 @@ def _where(args: tuple, kwargs: dict) -> tuple[Optional[str], Optional[str]]:
     return recipe, variant
 
 
-def _attempt(step: str) -> str:
-    """' (attempt 1 of 4, will be retried)' inside a task run that has retries left."""
+def _attempt(step: str, e: BaseException) -> str:
+    """' (attempt 1 of 4; will retry)' when Prefect is about to retry this step."""
     try:
         from prefect.context import TaskRunContext
 
         ctx = TaskRunContext.get()
-        if ctx is None:
+        if ctx is None or not should_retry(step, e):
             return ""
         n, total = ctx.task_run.run_count, POLICIES[step].retries + 1
-        return f" (attempt {n} of {total})" if total > 1 else ""
+        return f" (attempt {n} of {total}; will retry)" if n < total else ""
     except Exception:
         return ""
 
@@ -170,7 +170,7 @@ def step_failed(step: str, e: BaseException, recipe: Optional[str], variant: Opt
     from .base import log_error
 
     line = failure_line(recipe, variant, step, e)
-    log_error(line + _attempt(step))
+    log_error(line + _attempt(step, e))
     out: FarmError
     try:
         out = type(e)(line) if isinstance(e, FarmError) else StepFailed(line)
