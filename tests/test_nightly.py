@@ -142,3 +142,24 @@ def test_bad_catalog_exits_2(tmp_path, capsys):
     assert "not a directory of recipes" in capsys.readouterr().err
     assert cli(["report", "--store", str(tmp_path / "empty")]) == 2
     assert "no nightly runs recorded" in capsys.readouterr().err
+
+
+def test_a_variant_built_tonight_that_fails_its_gates_is_a_failure(farm):
+    from dataclasses import replace
+
+    from enginefarm.flows import report
+
+    st = open_store(farm["store"])
+    r = load_recipe(str(farm["catalog"] / "good-opt.yaml"))
+    v = r.variants()[0]
+    steps = staleness(r, [v], st)[v.name].steps
+    assert report.row(st, r.name, v.name, steps)["status"] == "up to date"
+    val = steps["validate"]
+    gates = {**val.results["gates"], "logits_max_abs_diff": {"value": 0.5, "limit": 0.001, "passed": False}}
+    failing = replace(val, cached=False, manifest={**val.manifest, "results": {**val.results, "passed": False, "gates": gates}})
+    row = report.row(st, r.name, v.name, {**steps, "validate": failing}, ["never built"])
+    assert row["status"] == "failed" and row["validation"] == "failed"
+    assert row["why"] == ("recipe good-opt, variant fp32-tp1: validation gates failed: logits_max_abs_diff "
+                          "(published as latest, not validated); stale because never built")
+    # known to fail, nothing new tonight: up to date (its validation column says failed)
+    assert report.row(st, r.name, v.name, {**steps, "validate": replace(failing, cached=True)})["status"] == "up to date"

@@ -107,3 +107,20 @@ def test_a_tracked_branch_that_moved_is_the_reason():
            "code_version": "c0de", "toolchain": {}}
     spec = StepSpec("fetch", {**old["params"], "revision": "b" * 40}, {}, "c0de", {})
     assert explain(r, "fetch", spec, old) == [f"upstream: branch main of facebook/opt-125m moved {'a' * 12} -> {'b' * 12}"]
+
+
+def test_a_distributed_runner_is_a_setting_that_names_its_install():
+    try:
+        import prefect_dask  # noqa: F401
+    except ImportError:
+        with pytest.raises(BadInput, match=r"pip install 'enginefarm\[dask\]'"):
+            settings.task_runner("dask")
+    else:
+        assert type(settings.task_runner("dask")).__name__ == "DaskTaskRunner"
+    try:
+        import prefect_ray  # noqa: F401
+    except ImportError:
+        with pytest.raises(BadInput, match=r"pip install 'enginefarm\[ray\]'"):
+            settings.task_runner("ray")
+    else:
+        assert type(settings.task_runner("ray")).__name__ == "RayTaskRunner"

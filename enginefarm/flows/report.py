@@ -2,7 +2,8 @@
 build or nightly run, the nightly's record in the store, and the picture of
 the last N nights (which `enginefarm report` also writes to a file).
 
-A row: recipe, variant, status (built | up to date | failed | skipped),
+A row: recipe, variant, status (built | up to date | failed | skipped; a
+variant built in this run whose validation gates failed is failed),
 cache (which steps ran), engine size, build time (of the build step that
 made the engine, so a cached variant keeps its build's time), validation
 and its metrics, why (what made it stale, or what failed), and the
@@ -52,7 +53,13 @@ def row(st, recipe: str, variant: str, steps: dict, reasons: Iterable[str] = ())
     ran = [k for k, s in steps.items() if not s.cached]
     pub, val = steps["publish"], steps["validate"]
     metrics = val.results.get("metrics") or {}
-    out = _blank(recipe, variant, "built" if ran else "up to date", "; ".join(reasons))
+    status, why_ = ("built" if ran else "up to date"), "; ".join(reasons)
+    if ran and not val.results.get("passed"):  # built tonight, not good enough: a failure of tonight's
+        failing = [g for g, x in (val.results.get("gates") or {}).items() if not x.get("passed")]
+        status = "failed"
+        why_ = (f"recipe {recipe}, variant {variant}: validation gates failed: {', '.join(failing)} "
+                f"(published as latest, not validated)" + (f"; stale because {why_}" if why_ else ""))
+    out = _blank(recipe, variant, status, why_)
     out.update(
         cache="all cached" if not ran else "ran: " + ", ".join(ran),
         size_mb=round(sum(f["size"] for f in pub.files.values()) / 1e6, 3),
