@@ -124,3 +124,45 @@ def test_a_distributed_runner_is_a_setting_that_names_its_install():
             settings.task_runner("ray")
     else:
         assert type(settings.task_runner("ray")).__name__ == "RayTaskRunner"
+
+
+def test_an_unreachable_hub_is_retried_a_missing_repo_is_bad_input(monkeypatch):
+    """A tracked branch resolves through the Hugging Face API: nothing listens
+    on the endpoint below (a refused connection is transient), and a hub
+    that answers 404 is the recipe's fault."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from huggingface_hub import constants
+
+    from enginefarm.tasks.fetch import resolve_branch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    # what HF_ENDPOINT sets, had it been in the environment when huggingface_hub was imported
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
+    with pytest.raises(StepFailed, match="tracks branch 'main', which could not be resolved") as e:
+        resolve_branch("facebook/opt-125m", "main")
+    assert should_retry("check", e.value)
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": "Repository not found"}')
+
+        def log_message(self, *a):
+            pass
+
+    hub = HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{hub.server_port}")
+        with pytest.raises(BadInput, match="pin a revision to build offline") as e:
+            resolve_branch("nobody/nothing", "main")
+        assert not should_retry("check", e.value)
+    finally:
+        hub.shutdown()
