@@ -110,20 +110,16 @@ def test_a_tracked_branch_that_moved_is_the_reason():
 
 
 def test_a_distributed_runner_is_a_setting_that_names_its_install():
-    try:
-        import prefect_dask  # noqa: F401
-    except ImportError:
-        with pytest.raises(BadInput, match=r"pip install 'enginefarm\[dask\]'"):
-            settings.task_runner("dask")
-    else:
-        assert type(settings.task_runner("dask")).__name__ == "DaskTaskRunner"
-    try:
-        import prefect_ray  # noqa: F401
-    except ImportError:
-        with pytest.raises(BadInput, match=r"pip install 'enginefarm\[ray\]'"):
-            settings.task_runner("ray")
-    else:
-        assert type(settings.task_runner("ray")).__name__ == "RayTaskRunner"
+    import importlib
+
+    for kind, (module, cls, _) in settings.DISTRIBUTED.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            with pytest.raises(BadInput, match=rf"pip install 'enginefarm\[{kind}\]'"):
+                settings.task_runner(kind)
+        else:
+            assert type(settings.task_runner(kind)).__name__ == cls
 
 
 def test_an_unreachable_hub_is_retried_a_missing_repo_is_bad_input(monkeypatch):

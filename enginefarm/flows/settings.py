@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Optional
 
@@ -23,6 +24,11 @@ from ..errors import BadInput
 
 STORE_VARIABLE = "enginefarm_store"
 RUNNERS = ("threads", "dask", "ray")
+# kind -> (module, task runner class, its options for a local cluster of n workers)
+DISTRIBUTED = {
+    "dask": ("prefect_dask", "DaskTaskRunner", lambda n: {"cluster_kwargs": {"n_workers": n, "threads_per_worker": 1}}),
+    "ray": ("prefect_ray", "RayTaskRunner", lambda n: {"init_kwargs": {"num_cpus": n}}),
+}
 
 
 def max_parallel() -> int:
@@ -45,22 +51,14 @@ def task_runner(kind: Optional[str] = None):
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=n)
-    if kind == "dask":
+    if kind in DISTRIBUTED:
+        module, name, local = DISTRIBUTED[kind]
         try:
-            from prefect_dask import DaskTaskRunner
+            runner = getattr(importlib.import_module(module), name)
         except ImportError:
-            raise BadInput("ENGINEFARM_TASK_RUNNER=dask needs prefect-dask: pip install 'enginefarm[dask]'") from None
-        if address:
-            return DaskTaskRunner(address=address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1})
-    if kind == "ray":
-        try:
-            from prefect_ray import RayTaskRunner
-        except ImportError:
-            raise BadInput("ENGINEFARM_TASK_RUNNER=ray needs prefect-ray: pip install 'enginefarm[ray]'") from None
-        if address:
-            return RayTaskRunner(address=address)
-        return RayTaskRunner(init_kwargs={"num_cpus": n})
+            raise BadInput(f"ENGINEFARM_TASK_RUNNER={kind} needs {module.replace('_', '-')}: "
+                           f"pip install 'enginefarm[{kind}]'") from None
+        return runner(address=address) if address else runner(**local(n))
     raise BadInput(f"ENGINEFARM_TASK_RUNNER={kind!r}: expected one of {', '.join(RUNNERS)}")
 
 
