@@ -162,3 +162,17 @@ def test_an_unreachable_hub_is_retried_a_missing_repo_is_bad_input(monkeypatch):
         assert not should_retry("check", e.value)
     finally:
         hub.shutdown()
+
+
+def test_the_cause_of_a_failed_gpu_run_is_its_step_line():
+    from enginefarm.flows.gpu import _state_cause
+
+    line = "recipe a, variant fp16-tp1, step build failed: RuntimeError: CUDA error: out of memory"
+
+    @flow
+    def gpu_like():
+        raise StepFailed(line)
+
+    state = gpu_like(return_state=True)
+    assert state.is_failed() and state.message != line
+    assert _state_cause(state) == line

@@ -16,6 +16,7 @@ those manifests. Nothing but keys crosses between the pools.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from typing import Optional
 
@@ -31,7 +32,7 @@ from ..store import open_store
 from ..tasks import build as build_step
 from ..tasks import validate as validate_step
 from ..tasks.base import Ctx, StepResult, log
-from ..tasks.policy import POLICIES
+from ..tasks.policy import POLICIES, step_failed
 from .settings import gpu_deployment
 
 
@@ -109,14 +110,17 @@ def _read_rows(flow_run_id) -> Optional[list[dict]]:
     return None
 
 
+_EXC_PREFIX = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Failed|Input|Available|Blob): ")
+
+
 def _state_cause(state) -> str:
-    msg = (getattr(state, "message", None) or "").strip()
-    for prefix in ("Flow run encountered an exception: ", "Task run encountered an exception "):
+    """The one line that says why a gpu run failed, from its final state."""
+    msg = " ".join((getattr(state, "message", None) or "").split())
+    for prefix in ("Flow run encountered an exception: ", "Flow run encountered an exception:"):
         if msg.startswith(prefix):
             msg = msg[len(prefix):]
-    for cls in ("StepFailed: ", "BadInput: ", "NotAvailable: ", "GateFailed: "):
-        msg = msg.replace(cls, "", 1) if msg.startswith(cls) else msg
-    return " ".join(msg.split()) or state.name
+            break
+    return _EXC_PREFIX.sub("", msg, count=1) or state.name
 
 
 def gpu_steps_for(ctx: Ctx, fetched: StepResult, converted: StepResult, v: Variant):
@@ -136,9 +140,15 @@ def gpu_steps_for(ctx: Ctx, fetched: StepResult, converted: StepResult, v: Varia
     state = fr.state
     if state is None or not state.is_completed():
         if state is not None and state.is_final():
-            raise StepFailed(_state_cause(state))
-        raise StepFailed(f"the gpu steps (flow run {fr.name} of {dep}) did not finish within "
-                         f"{POLICIES['gpu'].timeout_s:.0f} s (state {state.name if state else 'unknown'})")
+            cause = _state_cause(state)
+        else:
+            cause = (f"the gpu steps (flow run {fr.name} of {dep}) did not finish within "
+                     f"{POLICIES['gpu'].timeout_s:.0f} s (state {state.name if state else 'unknown'})")
+        if cause.startswith(f"recipe {r.name}, variant {v.name}, step "):  # the failing step's own line
+            err = StepFailed(cause)
+            err.step_line = cause
+            raise err
+        raise step_failed("gpu", StepFailed(cause), r.name, v.name)
     rows = _read_rows(fr.id)
     if not rows:
         raise StepFailed(f"the gpu steps (flow run {fr.name} of {dep}) finished but published no result table")

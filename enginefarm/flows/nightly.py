@@ -168,9 +168,14 @@ def load_catalog(catalog: str) -> tuple[list[tuple[Recipe, list[Variant]]], list
 
 @flow(name="nightly", log_prints=False, validate_parameters=True, task_runner=task_runner())
 def nightly(catalog: str = "models", store: Optional[str] = None, force: bool = False, nights: int = 14):
-    """Rebuild what changed in the catalog. catalog: a directory of recipes;
-    store: a store URI (default: the Prefect variable enginefarm_store);
-    force: rebuild every variant; nights: how many nights the plot shows."""
+    """Rebuild what changed in the catalog.
+
+    Args:
+        catalog: a directory of recipes (relative to the repository)
+        store: a store URI; empty: the Prefect variable enginefarm_store
+        force: rebuild every variant, stale or not
+        nights: how many nights the plot shows
+    """
     started = datetime.now(timezone.utc)
     st = open_store(resolve_store(store))
     items, rows = load_catalog(catalog)
@@ -211,10 +216,11 @@ def nightly(catalog: str = "models", store: Optional[str] = None, force: bool = 
                 reasons = verdicts[v.name].reasons or ["forced"]
                 rows.append(report.row(st, r.name, v.name, got, reasons))
 
+    rows.sort(key=lambda x: (x["recipe"], x["variant"]))
     record = report.night_record(started, catalog, st, flow_run_id(), rows)
     name = report.night_name(started, record["flow_run"])
     key = st.put_report(report.NIGHTLY, name, record)
-    png = report.plot(report.last_nights(st, nights))
+    png = report.plot(report.last_nights(st, max(nights, 1)))
     report.publish_nightly(st, record, key, png)
     failed = [r for r in rows if r["status"] == "failed"]
     message = f"nightly: {report.headline(rows)}"
