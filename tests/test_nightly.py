@@ -76,6 +76,7 @@ def test_broken_source_fails_alone_with_its_cause_in_the_artifacts(farm):
     assert arts["nightly-plot"].startswith("data:image/png;base64,")
     st = open_store(farm["store"])
     assert st.get_ref("good-opt", "fp32-tp1", "validated")[0]["manifest"] == good[0]["manifest"]
+    assert arts["nightly-good-opt-fp32-tp1-manifest"].endswith(f"({(st.root / good[0]['manifest']).as_uri()})")
     assert st.get_ref("broken-opt", "fp32-tp1", "latest") is None
     assert arts["nightly-record"].endswith(f"({(st.root / summary['record']).as_uri()})")
 

@@ -141,16 +141,12 @@ def publish_build(st, recipe: str, rows: list[dict]) -> None:
     """The build run's artifacts: summary, table of variants, a link per manifest."""
     if not _in_flow_run():
         return
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     create_markdown_artifact(markdown(f"build {recipe}", rows, st), key=artifact_key("build", recipe, "summary"),
                              description=f"build {recipe}: {headline(rows)}")
     create_table_artifact(rows, key=artifact_key("build", recipe, "variants"), description=f"variants of {recipe}")
-    for r in rows:
-        if r.get("manifest"):
-            create_link_artifact(manifest_url(st, r["manifest"]), link_text=f"{recipe}:{r['variant']} manifest",
-                                 key=artifact_key("build", recipe, r["variant"], "manifest"),
-                                 description=f"the publish manifest of {recipe}:{r['variant']}")
+    _manifest_links(st, "build", rows)
 
 
 # ----------------------------------------------------------------------------- nights
@@ -226,3 +222,15 @@ def publish_nightly(st, record: dict, record_key: str, png: bytes) -> None:
                           description="build time and validation metrics per variant, last nights")
     create_link_artifact(manifest_url(st, record_key), link_text="tonight's record in the store",
                          key="nightly-record", description="the night's rows as JSON")
+    _manifest_links(st, "nightly", [r for r in rows if r["status"] != "up to date"])
+
+
+def _manifest_links(st, kind: str, rows: list[dict]) -> None:
+    """A link artifact to the publish manifest of each row that has one."""
+    from prefect.artifacts import create_link_artifact
+
+    for r in rows:
+        if r.get("manifest"):
+            create_link_artifact(manifest_url(st, r["manifest"]), link_text=f"{r['recipe']}:{r['variant']} manifest",
+                                 key=artifact_key(kind, r["recipe"], r["variant"], "manifest"),
+                                 description=f"the publish manifest of {r['recipe']}:{r['variant']}")
