@@ -28,6 +28,8 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    # the ephemeral API can take longer than Prefect's 20 s to start on a busy machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
 # ----------------------------------------------------------------------------- recipe new
@@ -160,8 +162,8 @@ def cmd_plan(a) -> int:
 
     r, vs = prepare(a.recipe, a.variant or None, require_backends=False)
     st = open_store(a.store)
-    rows = [(step, variant, "cached" if hit else "will run", hit.key[:12] if hit else "")
-            for step, variant, hit in plan(r, vs, st)[0]]
+    rows = [(x.step, x.variant, "cached" if x.hit else "will run", x.hit.key[:12] if x.hit else "")
+            for x in plan(r, vs, st)[0]]
     limits = get_family(r.family).derived_limits(r)
     notes = {}  # per variant: the backend command where there is one, or why it cannot run here
     for v in vs:
@@ -187,6 +189,64 @@ def cmd_plan(a) -> int:
     for name, lines in notes.items():
         for line in lines:
             print(f"  {name}: {line}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- nightly / report
+
+
+def cmd_nightly(a) -> int:
+    _quiet_prefect()
+    from .flows.nightly import load_catalog
+
+    load_catalog(a.catalog)  # a missing or empty catalog exits 2 before Prefect starts
+    from .flows.nightly import nightly
+
+    if a.nights < 1:
+        raise BadInput(f"--nights {a.nights}: expected 1 or more")
+    state = nightly(catalog=a.catalog, store=a.store, force=a.force, nights=a.nights, return_state=True)
+    summary = state.result(raise_on_failure=False)
+    if not isinstance(summary, dict):  # the flow itself failed (not a variant): its exception says why
+        if isinstance(summary, FarmError):
+            raise summary
+        raise FarmError(f"nightly failed: {state.message}")
+    if a.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        from .flows.report import headline
+
+        print(f"nightly {a.catalog} -> {summary['store']} ({summary['seconds']}s): {headline(summary['rows'])}")
+        for r in summary["rows"]:
+            if r["status"] != "up to date":
+                print(f"  {r['status']:<10} {r['recipe']}:{r['variant']}  {r['why']}")
+        print(f"  record: {summary['record']}")
+    return 0 if state.is_completed() else 1
+
+
+def cmd_report(a) -> int:
+    from .flows.report import NIGHTLY, last_nights, plot
+    from .store import open_store
+
+    if a.nights < 1:
+        raise BadInput(f"--nights {a.nights}: expected 1 or more")
+    st = open_store(a.store)
+    records = last_nights(st, a.nights)
+    if not records:
+        raise BadInput(f"no nightly runs recorded in {st.uri} (reports/{NIGHTLY}/ is empty)")
+    out = Path(a.out)
+    if out.parent and not out.parent.is_dir():
+        raise BadInput(f"--out {a.out}: directory {out.parent} does not exist")
+    out.write_bytes(plot(records))
+    if a.json:
+        print(json.dumps({"plot": str(out), "nights": [{k: v for k, v in rec.items() if k != "rows"}
+                                                       for rec in records]}, indent=2))
+        return 0
+    print(f"{'NIGHT (UTC)':<20} {'SECONDS':>8} {'BUILT':>6} {'UP TO DATE':>10} {'FAILED':>6} {'SKIPPED':>7}")
+    for rec in records:
+        c = rec["counts"]
+        print(f"{rec['started_at'][:19]:<20} {rec['seconds']:>8} {c['built']:>6} {c['up to date']:>10} "
+              f"{c['failed']:>6} {c['skipped']:>7}")
+    print(f"plot of the last {len(records)} night(s): {out}")
     return 0
 
 
@@ -541,6 +601,21 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("recipe")
     pl.add_argument("--variant", action="append")
     store_json(pl, cmd_plan)
+
+    ni = sub.add_parser("nightly", help="rebuild the catalog's stale variants (the nightly flow, here)")
+    ni.add_argument("--catalog", default="models", help="a directory of recipes (default: models)")
+    store_arg(ni)
+    ni.add_argument("--force", action="store_true", help="rebuild every variant")
+    ni.add_argument("--nights", type=int, default=14, help="nights shown in the plot (default 14)")
+    ni.add_argument("--json", action="store_true")
+    ni.set_defaults(fn=cmd_nightly)
+
+    rp_ = sub.add_parser("report", help="the last nights: a table, and their plot as a PNG file")
+    store_arg(rp_)
+    rp_.add_argument("--nights", type=int, default=14)
+    rp_.add_argument("--out", default="nightly.png", help="where to write the plot (default nightly.png)")
+    rp_.add_argument("--json", action="store_true")
+    rp_.set_defaults(fn=cmd_report)
 
     ls = sub.add_parser("ls", help="engines in the store (or --catalog: recipes)")
     ls.add_argument("recipe", nargs="?")

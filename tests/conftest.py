@@ -17,10 +17,8 @@ _SESSION_TMP = Path(tempfile.mkdtemp(prefix="enginefarm-tests-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_TMP / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-# Prefect's ephemeral API server gets 20 s to start by default, which a busy
-# 2-core CI machine can miss (seen: the first flow test failing with "Timed out
-# while attempting to connect to ephemeral Prefect API server")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# the ephemeral API starts slowly on a busy 2-core machine (default: 20 s)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ["ENGINEFARM_TINY_DIR"] = str(_SESSION_TMP / "tiny")
 os.environ["ENGINEFARM_CACHE"] = str(_SESSION_TMP / "cache")
 os.environ.pop("ENGINEFARM_STORE", None)

@@ -15,41 +15,8 @@ from enginefarm.cli import main as cli
 from enginefarm.flows.build import build
 from enginefarm.store import open_store
 from enginefarm.testing import write_tiny
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def recipe_for(tmp_path: Path, name: str, family: str, src: Path, **extra) -> Path:
-    """A copy of the tiny recipe of `family`, pointing at src as a local path."""
-    import yaml
-
-    data = yaml.safe_load((ROOT / "models" / "tiny" / f"tiny-{family}.yaml").read_text())
-    data["name"] = name
-    data["source"] = {"path": str(src)}
-    for k, v in extra.items():
-        data[k] = v
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
-
-
-class OpenSpy:
-    """Records every Python-level open() of a file under the given roots."""
-
-    def __init__(self, *roots):
-        self.roots = [str(Path(r).resolve()) for r in roots]
-        self.hits = []
-        self.on = False
-
-    def __call__(self, event, args):
-        if self.on and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
-            p = os.path.realpath(os.fsdecode(args[0]))
-            if any(p.startswith(r) for r in self.roots):
-                self.hits.append(p)
-
-
-_SPY = OpenSpy()
-sys.addaudithook(_SPY)
+from helpers import SPY as _SPY
+from helpers import recipe_for
 
 
 def test_build_validates_and_second_build_is_all_cached_reading_no_weights(tmp_path, capsys):

@@ -1,22 +1,27 @@
 """The `build` flow: one recipe, its variants, every step a cached task.
 
-    fetch -> convert(tp, dtype, quant) -> [shards: tp > 1 or quantized] -> build[llm](backend, target) -> validate -> publish -> alias
+    fetch -> convert(tp, dtype, quant) -> [shards: tp > 1 or quantized] -> build[llm](backend, target)
+          -> validate -> publish -> alias
 
 Everything that can be checked without weights is checked before the first
 task runs (recipe, family, backends); the tp / head-count check runs right
-after fetch, on the fetched config.json, before any conversion.
+after fetch, on the fetched config.json, before any conversion. After fetch
+the variants fan out (one `variant` task each, bounded by the task runner);
+a variant that fails does not stop the others. build and validate run here,
+or as runs of the `gpu` deployment when ENGINEFARM_GPU_DEPLOYMENT names one
+(see `gpu.py`).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from prefect import flow
 
 from .. import backends
-from ..errors import GateFailed
+from ..errors import GateFailed, StepFailed
 from ..families import get_family
 from ..spec import Recipe, Variant, load_recipe
 from ..store import open_store
@@ -26,21 +31,32 @@ from ..tasks import fetch as fetch_step
 from ..tasks import publish as publish_step
 from ..tasks import shards as shards_step
 from ..tasks import validate as validate_step
-from ..tasks.base import Ctx, log, lookup
+from ..tasks.base import Ctx, StepResult, StepSpec, log, lookup
+from ..tasks.policy import step_task
+from . import gpu, report
+from .settings import gpu_deployment, task_runner
 
 
 def prepare(recipe: str | Recipe, variants: Optional[list[str]] = None,
             require_backends: bool = True) -> tuple[Recipe, list[Variant]]:
+    """The recipe and its variants, checked before anything runs. When GPU
+    steps run on the `gpu` pool, GPU targets are checked there, not here.
+    `plan` passes require_backends=False: it shows what would run anywhere."""
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     fam = get_family(r.family)
     fam.require_implemented(r)
     vs = [r.variant(v) for v in variants] if variants else r.variants()
+    remote = gpu_deployment() is not None
     if require_backends:
         backends.require(
             [(r.components[c].backend or v.backend, c, v.target, v.tp if c == "llm" else 1)
-             for v in vs for c in r.enabled_components]
+             for v in vs for c in r.enabled_components if not (remote and v.target != "cpu")]
         )
     return r, vs
+
+
+def workdir() -> Optional[Path]:
+    return Path(os.environ["ENGINEFARM_WORK"]) if os.environ.get("ENGINEFARM_WORK") else None
 
 
 def variant_summary(st, r: Recipe, steps: dict) -> dict:
@@ -69,37 +85,42 @@ def finish(summary: dict, all_cached: bool) -> dict:
     return summary
 
 
-def plan(r: Recipe, vs: list[Variant], st) -> tuple[list[tuple[str, str, object]], dict]:
-    """Every step's cache lookup, without running anything: rows of
-    (step, variant, StepResult or None), and {variant: steps} for the
-    variants whose every step is cached."""
+class PlanRow(NamedTuple):
+    step: str  # fetch, convert, shards, build[<component>], validate, publish
+    variant: str
+    hit: Optional[StepResult]  # the stored result, or None: the step would run
+    spec: Optional[StepSpec]  # None when an input is not built yet (its key is not known)
+
+
+def plan(r: Recipe, vs: list[Variant], st) -> tuple[list[PlanRow], dict]:
+    """Every step's cache lookup, without running anything: one PlanRow a
+    step and variant, and {variant: steps} for the variants whose every step
+    is cached."""
     ctx = Ctx(store=st, recipe=r)
     fam = get_family(r.family)
-    rows: list = []
+    rows: list[PlanRow] = []
     complete: dict = {}
-    fetched = lookup(ctx, fetch_step.spec(ctx))
-    rows.append(("fetch", "-", fetched))
+
+    def look(step: str, variant: str, spec: Optional[StepSpec]) -> Optional[StepResult]:
+        hit = lookup(ctx, spec) if spec else None
+        rows.append(PlanRow(step, variant, hit, spec))
+        return hit
+
+    fetched = look("fetch", "-", fetch_step.spec(ctx))
     if fetched:
         for v in vs:
             fam.check_config(fetched.results["config"], v, where=f"{r.name}'s fetched config.json")
     for v in vs:
-        conv = lookup(ctx, convert_step.spec(ctx, fetched, v)) if fetched else None
-        rows.append(("convert", v.name, conv))
+        conv = look("convert", v.name, convert_step.spec(ctx, fetched, v) if fetched else None)
         shards = None
         if shards_step.needed(v):
-            shards = lookup(ctx, shards_step.spec(ctx, fetched, conv, v)) if conv else None
-            rows.append(("shards", v.name, shards))
-        builds = {}
-        for c in r.enabled_components:
-            builds[c] = lookup(ctx, build_step.spec(ctx, conv, v, c)) if conv else None
-            rows.append((f"build[{c}]", v.name, builds[c]))
-        val = lookup(ctx, validate_step.spec(ctx, fetched, builds["llm"], v)) if builds.get("llm") else None
-        rows.append(("validate", v.name, val))
-        pub = None
-        if val and all(builds.values()):
-            pub = lookup(ctx, publish_step.spec(ctx, v, fetched, conv, builds, val, shards))
-        rows.append(("publish", v.name, pub))
-        if pub and (shards or not shards_step.needed(v)):
+            shards = look("shards", v.name, shards_step.spec(ctx, fetched, conv, v) if conv else None)
+        builds = {c: look(f"build[{c}]", v.name, build_step.spec(ctx, conv, v, c) if conv else None)
+                  for c in r.enabled_components}
+        val = look("validate", v.name, validate_step.spec(ctx, fetched, builds["llm"], v) if builds.get("llm") else None)
+        ready = val and all(builds.values()) and (shards or not shards_step.needed(v))
+        pub = look("publish", v.name, publish_step.spec(ctx, v, fetched, conv, builds, val, shards) if ready else None)
+        if pub:
             complete[v.name] = {"fetch": fetched, "convert": conv, **({"shards": shards} if shards else {}),
                                 **{f"build.{c}": b for c, b in builds.items()},
                                 "validate": val, "publish": pub}
@@ -116,50 +137,95 @@ def answer_from_store(recipe: str | Recipe, variants: Optional[list[str]], store
     if len(complete) != len(vs):
         return None
     summary: dict = {"recipe": r.name, "store": st.uri, "variants": {}, "flow_run": None}
-    with st.lock(f"build {r.name} (aliases)"):
-        for v in vs:
-            steps = complete[v.name]
-            publish_step.move_aliases(st, r.name, v.name, steps["publish"])
-            summary["variants"][v.name] = variant_summary(st, r, steps)
+    for v in vs:
+        steps = complete[v.name]
+        publish_step.move_aliases(st, r.name, v.name, steps["publish"])
+        summary["variants"][v.name] = variant_summary(st, r, steps)
     return finish(summary, True)
 
 
-@flow(name="build", log_prints=False, validate_parameters=True)
-def build(recipe: str, variants: Optional[list[str]] = None, store: Optional[str] = None, force: bool = False) -> dict:
+# ----------------------------------------------------------------------------- one variant
+
+
+def run_variant(ctx: Ctx, fetched: StepResult, v: Variant) -> dict[str, StepResult]:
+    """convert -> [shards] -> build + validate (here or on the gpu pool) -> publish; the steps by name."""
+    converted = convert_step.convert_task(ctx, fetched, v)
+    checked = shards_step.shards_task(ctx, fetched, converted, v) if shards_step.needed(v) else None
+    builds, validated = gpu.gpu_steps_for(ctx, fetched, converted, v)
+    published = publish_step.publish_task(ctx, v, fetched, converted, builds, validated, checked)
+    return {"fetch": fetched, "convert": converted, **({"shards": checked} if checked else {}),
+            **{f"build.{c}": b for c, b in builds.items()}, "validate": validated, "publish": published}
+
+
+@step_task("variant", task_run_name="{ctx.recipe.name}:{variant.name}")
+def variant_task(ctx: Ctx, fetched: StepResult, variant: Variant) -> dict[str, StepResult]:
+    return run_variant(ctx, fetched, variant)
+
+
+def submit_variants(ctx: Ctx, fetched, vs: list[Variant]):
+    """Submit each variant as its own task (bounded by the flow's task
+    runner); returns collect(), which waits and gives {variant: its steps, or
+    the error that stopped it}. One failure stops no other variant."""
+    futures = [(v, variant_task.submit(ctx, fetched, v)) for v in vs]
+
+    def collect() -> dict[str, dict | BaseException]:
+        out: dict[str, dict | BaseException] = {}
+        for v, fut in futures:
+            try:
+                out[v.name] = fut.result()
+            except Exception as e:  # noqa: BLE001 - reported per variant
+                out[v.name] = e
+        return out
+
+    return collect
+
+
+def flow_run_id() -> Optional[str]:
+    try:
+        from prefect.runtime import flow_run
+
+        return flow_run.id
+    except Exception:
+        return None
+
+
+def run_build(recipe: str | Recipe, variants: Optional[list[str]], store: Optional[str], force: bool) -> dict:
+    """The body of the `build` flows (CLI and deployment)."""
     r, vs = prepare(recipe, variants)
     st = open_store(store)
-    workdir = Path(os.environ.get("ENGINEFARM_WORK", "")) if os.environ.get("ENGINEFARM_WORK") else None
-    ctx = Ctx(store=st, recipe=r, force=force, workdir=workdir)
+    ctx = Ctx(store=st, recipe=r, force=force, workdir=workdir())
     log(f"build {r.name}: {len(vs)} variant(s) -> {st.uri}")
     fam = get_family(r.family)
-    # shared for the whole run: gc (exclusive) never deletes what this build
-    # looked up in the cache and will name in its manifests
-    with st.lock(f"build {r.name}"):
-        return _build(ctx, r, vs, st, fam)
 
-
-def _build(ctx: Ctx, r: Recipe, vs: list[Variant], st, fam) -> dict:
     fetched = fetch_step.fetch_task(ctx)
     config = fetched.results["config"]
     for v in vs:  # before any conversion: tp must divide the heads
         fam.check_config(config, v, where=f"{r.name}'s fetched config.json")
 
-    summary: dict = {"recipe": r.name, "store": st.uri, "variants": {}}
-    steps_cached: list[bool] = [fetched.cached]
+    outcomes = submit_variants(ctx, fetched, vs)()
+    summary: dict = {"recipe": r.name, "store": st.uri, "variants": {}, "flow_run": flow_run_id()}
+    rows, errors = [], {}
     for v in vs:
-        converted = convert_step.convert_task(ctx, fetched, v)
-        checked = shards_step.shards_task(ctx, fetched, converted, v) if shards_step.needed(v) else None
-        builds = {c: build_step.build_task(ctx, converted, v, c) for c in r.enabled_components}
-        validated = validate_step.validate_task(ctx, fetched, builds["llm"], v)
-        published = publish_step.publish_task(ctx, v, fetched, converted, builds, validated, checked)
-        steps = {"fetch": fetched, "convert": converted, **({"shards": checked} if checked else {}),
-                 **{f"build.{c}": b for c, b in builds.items()}, "validate": validated, "publish": published}
-        steps_cached += [s.cached for s in steps.values()]
-        summary["variants"][v.name] = variant_summary(st, r, steps)
-    try:
-        from prefect.runtime import flow_run
+        got = outcomes[v.name]
+        if isinstance(got, BaseException):
+            errors[v.name] = got
+            rows.append(report.failed_row(r.name, v.name, got))
+            continue
+        summary["variants"][v.name] = variant_summary(st, r, got)
+        rows.append(report.row(st, r.name, v.name, got))
+    report.publish_build(st, r.name, rows)
+    if errors:
+        if len(errors) == 1:
+            err = next(iter(errors.values()))
+        else:
+            err = StepFailed(f"{len(errors)} of {len(vs)} variants of {r.name} failed: "
+                             + "; ".join(report.why(e) for e in errors.values()))
+        err.summary = summary
+        raise err
+    all_cached = all(s.cached for steps in outcomes.values() for s in steps.values())
+    return finish(summary, all_cached)
 
-        summary["flow_run"] = flow_run.id
-    except Exception:
-        summary["flow_run"] = None
-    return finish(summary, all(steps_cached))
+
+@flow(name="build", log_prints=False, validate_parameters=True, task_runner=task_runner())
+def build(recipe: str, variants: Optional[list[str]] = None, store: Optional[str] = None, force: bool = False) -> dict:
+    return run_build(recipe, variants, store, force)

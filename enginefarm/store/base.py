@@ -8,6 +8,7 @@ Layout, relative to the store root (a directory, or s3://bucket/prefix):
     refs/<recipe>/<variant>/<alias>                mutable JSON, moved by CAS
     refs/<recipe>/<variant>/<alias>.history.jsonl  one line per move (best effort)
     locks/<s|x>-<id>.json                          shared (build) / exclusive (gc) locks
+    reports/<kind>/<name>.json                     write-once run records (the nightly's)
 
 Every rule lives here: name safety, key building, hashing, verification,
 atomic pulls, JSON encoding, write-once and CAS semantics. An implementation
@@ -131,6 +132,10 @@ def blob_key(digest: str) -> str:
 
 def manifest_key(recipe: str, step: str, key: str) -> str:
     return f"manifests/{check_name('recipe', recipe)}/{check_name('step', step)}/{check_name('key', key)}.json"
+
+
+def report_key(kind: str, name: str) -> str:
+    return f"reports/{check_name('report kind', kind)}/{check_name('report', name)}.json"
 
 
 def ref_key(recipe: str, variant: str, alias: str) -> str:
@@ -634,8 +639,36 @@ class Store(ABC):
                 raise StoreBusy(f"store {self.uri} is busy ({held}); waited {wait:.0f}s, try again later")
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)
+    # ------------------------------------------------------------ reports
+
+    def put_report(self, kind: str, name: str, record: dict) -> str:
+        """Write a run record once (reports/<kind>/<name>.json); its key.
+        Names sort by time when they start with a UTC timestamp."""
+        key = report_key(kind, name)
+        if not isinstance(record, dict):
+            raise BadInput(f"a report must be a JSON object, not {type(record).__name__}")
+        if not self._put_bytes(key, canonical_json(record), if_none_match=True):
+            raise StepFailed(f"report {key} already exists in {self.uri}")
+        return key
+
+    def list_reports(self, kind: str) -> list[str]:
+        """Names of the reports of one kind, in name order."""
+        prefix = f"reports/{check_name('report kind', kind)}/"
+        names = (k[len(prefix):-len(".json")] for k in self._list(prefix) if k.endswith(".json"))
+        return sorted(n for n in names if "/" not in n and _is_name(n))
+
+    def get_report(self, kind: str, name: str) -> Optional[dict]:
+        key = report_key(kind, name)
+        data = self._get_bytes(key)
+        return None if data is None else self._decode(key, data)
 
     # ------------------------------------------------------------ helpers
+
+    def __reduce__(self):
+        """A store travels between processes (a Dask or Ray worker) as its URI."""
+        from . import open_store
+
+        return (open_store, (self.uri,))
 
     def _decode(self, path: str, data: bytes) -> dict:
         try:

@@ -34,18 +34,22 @@ SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schemas" / "manifest-2.s
 UPLOAD_WORKERS = 4  # files stored at once (each S3 file also goes up in parallel parts)
 
 
-def log(msg: str) -> None:
+def log(msg: str, level: str = "info") -> None:
     """Progress: to stderr for people, and to the Prefect run log when in a run."""
     try:
         from prefect.context import FlowRunContext, TaskRunContext
         from prefect.logging import get_run_logger
 
         if TaskRunContext.get() or FlowRunContext.get():
-            get_run_logger().info(msg)
+            getattr(get_run_logger(), level)(msg)
             return
     except Exception:
         pass
-    print(f"[enginefarm] {msg}", file=sys.stderr, flush=True)
+    print(f"[enginefarm] {'ERROR ' if level == 'error' else ''}{msg}", file=sys.stderr, flush=True)
+
+
+def log_error(msg: str) -> None:
+    log(msg, "error")
 
 
 @dataclass

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NONE
 
 from ..backends import get_backend
 from ..families import get_family
 from ..hashing import code_version
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
+from .policy import step_task
 
 
 def component_backend(ctx: Ctx, component: str, variant: Variant) -> str:
@@ -28,7 +27,7 @@ def spec(ctx: Ctx, converted: StepResult, variant: Variant, component: str = "ll
     return StepSpec("build", params, {"convert": converted}, code, b.toolchain(variant.target), variant=variant.name)
 
 
-@task(name="build", cache_policy=NONE)
+@step_task("build")
 def build_task(ctx: Ctx, converted: StepResult, variant: Variant, component: str = "llm") -> StepResult:
     s = spec(ctx, converted, variant, component)
 

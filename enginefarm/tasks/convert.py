@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NONE
 
 from ..backends.base import version_of
 from ..families import get_family
 from ..hashing import code_version
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
+from .policy import step_task
 
 
 def spec(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepSpec:
@@ -24,7 +23,7 @@ def spec(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepSpec:
     return StepSpec("convert", params, {"fetch": fetched}, code, tc, variant=f"tp{variant.tp}-{variant.dtype}-{variant.quant}")
 
 
-@task(name="convert", cache_policy=NONE)
+@step_task("convert")
 def convert_task(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepResult:
     s = spec(ctx, fetched, variant)
 

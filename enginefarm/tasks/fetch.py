@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NONE
 
-from ..errors import BadInput
+from ..errors import BadInput, StepFailed
 from ..hashing import code_version
 from .base import Ctx, StepResult, StepSpec, run_step
+from .policy import is_transient, step_task
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TAKEN = (".safetensors", ".json", ".txt", ".model", ".tiktoken")
@@ -102,10 +101,11 @@ def resolve_branch(repo: str, branch: str) -> str:
     try:
         sha = HfApi().model_info(repo, revision=branch).sha
     except Exception as e:
-        raise BadInput(
-            f"source {repo} tracks branch {branch!r}, which could not be resolved to a commit "
-            f"({e.__class__.__name__}: {e}); pin a revision to build offline"
-        ) from None
+        why = (f"source {repo} tracks branch {branch!r}, which could not be resolved to a commit "
+               f"({e.__class__.__name__}: {e})")
+        if is_transient(e):  # the hub did not answer: worth a retry (tasks/policy.py)
+            raise StepFailed(why) from e
+        raise BadInput(f"{why}; pin a revision to build offline") from None
     if not sha:
         raise BadInput(f"source {repo}: the hub returned no commit for branch {branch!r}")
     return sha
@@ -161,7 +161,7 @@ def _work(ctx: Ctx, spec_: StepSpec):
     return work
 
 
-@task(name="fetch", cache_policy=NONE)
+@step_task("fetch")
 def fetch_task(ctx: Ctx) -> StepResult:
     s = spec(ctx)
     return run_step(ctx, s, _work(ctx, s))

@@ -23,15 +23,16 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from prefect import task
-from prefect.cache_policies import NONE
 
 from .. import __version__
 from ..backends.base import version_of
 from ..errors import StepFailed
 from ..hashing import code_version
 from ..spec import Variant
-from .base import Ctx, StepResult, StepSpec, log, run_step
+from .base import Ctx, StepResult, StepSpec, _user, log, run_step
+from .policy import step_task
+
+MAX_CAS_TRIES = 20
 
 
 def spec(ctx: Ctx, variant: Variant, fetched: StepResult, converted: StepResult, builds: dict[str, StepResult],
@@ -111,7 +112,7 @@ def provenance(ctx: Ctx, variant: Variant, fetched: StepResult, converted: StepR
     }
 
 
-@task(name="publish", cache_policy=NONE)
+@step_task("publish")
 def publish_task(ctx: Ctx, variant: Variant, fetched: StepResult, converted: StepResult,
                  builds: dict[str, StepResult], validated: StepResult,
                  shards: Optional[StepResult] = None) -> StepResult:

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NONE
-
 from ..backends.base import version_of
 from ..errors import StepFailed
 from ..evaluation import check_shards, gates_line, judge
 from ..hashing import code_version, digest_bytes
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
+from .policy import step_task
 from .validate import text_set
 
 
@@ -44,7 +42,7 @@ def spec(ctx: Ctx, fetched: StepResult, converted: StepResult, variant: Variant)
     return StepSpec("shards", params, {"fetch": fetched, "convert": converted}, code, tc, variant=variant.name)
 
 
-@task(name="shards", cache_policy=NONE)
+@step_task("shards")
 def shards_task(ctx: Ctx, fetched: StepResult, converted: StepResult, variant: Variant) -> StepResult:
     s = spec(ctx, fetched, converted, variant)
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NONE
 
 from ..backends import get_backend
 from ..backends.base import version_of
@@ -22,6 +20,7 @@ from ..hashing import code_version, digest_bytes
 from ..evaluation import builtin_text, evaluate, gates_line, judge, load_reference
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
+from .policy import step_task
 
 
 def text_set(name: str, ctx: Ctx) -> str:
@@ -48,7 +47,7 @@ def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant) -> 
     return StepSpec("validate", params, {"fetch": fetched, "build": built}, code, tc, variant=variant.name)
 
 
-@task(name="validate", cache_policy=NONE)
+@step_task("validate")
 def validate_task(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant) -> StepResult:
     s = spec(ctx, fetched, built, variant)
 

@@ -16,6 +16,7 @@ import argparse
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -302,12 +303,20 @@ def write_tiny(name: str, dest: str | Path, seed: int = 0, **overrides) -> Path:
     return dest
 
 
+# one writer at a time in a process: the nightly checks recipes in threads,
+# and transformers' lazy imports are not thread-safe on first use
+_WRITING = threading.Lock()
+
+
 def ensure_tiny(name: str, root: str | Path | None = None) -> Path:
     """The tiny checkpoint `name` under root, written on first use only."""
     dest = Path(root or default_root()) / name
     if (dest / "config.json").is_file():
         return dest
-    return write_tiny(name, dest)
+    with _WRITING:
+        if (dest / "config.json").is_file():
+            return dest
+        return write_tiny(name, dest)
 
 
 def main(argv=None) -> None:

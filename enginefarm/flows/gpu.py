@@ -1,0 +1,162 @@
+"""The GPU steps of one variant: build (each component) and validate.
+
+Run here, as tasks of the calling flow, or, when ENGINEFARM_GPU_DEPLOYMENT
+names a deployment (`gpu-steps/gpu` in prefect.yaml, on the `gpu` work
+pool), as a run of that deployment through `run_deployment`. The deployment
+has a concurrency limit of one run per GPU slot, so builds queue for a GPU
+instead of sharing one.
+
+The job travels as plain JSON (the recipe as the caller loaded it, the store
+URI, the keys of the fetch and convert manifests); the results come back
+through the store: the gpu run publishes a table artifact of the manifest
+keys it produced, the caller reads it back from the Prefect API and loads
+those manifests. Nothing but keys crosses between the pools.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from typing import Optional
+
+from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import backends
+from ..errors import StepFailed
+from ..families import get_family
+from ..hashing import digest_json
+from ..spec import Variant, parse_recipe
+from ..store import open_store
+from ..tasks import build as build_step
+from ..tasks import validate as validate_step
+from ..tasks.base import Ctx, StepResult, log
+from ..tasks.policy import POLICIES, step_failed
+from .settings import gpu_deployment
+
+
+class GpuJob(BaseModel):
+    """What the `gpu` deployment needs to build and validate one variant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: dict = Field(description="the recipe as the dispatching build loaded it")
+    origin: Optional[str] = Field(None, description="where that recipe was loaded from (relative paths resolve there)")
+    variant: str
+    store: str = Field(description="the store URI (shared by both pools: S3 on many machines)")
+    fetch_key: str
+    convert_key: str
+    force: bool = False
+    force_nonce: str
+
+
+def stored_result(st, recipe: str, step: str, key: str) -> StepResult:
+    m = st.get_manifest(recipe, step, key)
+    if m is None:
+        raise StepFailed(f"manifest {st.manifest_path(recipe, step, key)} is not in {st.uri}")
+    return StepResult(step, key, digest_json(m), m, cached=True)
+
+
+# One variant's GPU steps at a time in one process: the rule the `gpu`
+# deployment's concurrency limit keeps across machines, kept here for runs
+# without it (and torch.export is not thread-safe: two exports in threads of
+# one process break each other).
+_ONE_AT_A_TIME = threading.Lock()
+
+
+def run_gpu_steps(ctx: Ctx, fetched: StepResult, converted: StepResult, v: Variant):
+    with _ONE_AT_A_TIME:
+        builds = {c: build_step.build_task(ctx, converted, v, c) for c in ctx.recipe.enabled_components}
+        validated = validate_step.validate_task(ctx, fetched, builds["llm"], v)
+    return builds, validated
+
+
+@flow(name="gpu-steps", log_prints=False, validate_parameters=True)
+def gpu_steps(job: GpuJob) -> list[dict]:
+    """build + validate of one variant, on a GPU worker."""
+    from prefect.artifacts import create_table_artifact
+
+    from .build import workdir
+
+    r = parse_recipe(job.recipe, job.origin or "the dispatched recipe")
+    get_family(r.family).check_recipe(r)
+    v = r.variant(job.variant)
+    backends.require([(r.components[c].backend or v.backend, c, v.target) for c in r.enabled_components])
+    st = open_store(job.store)
+    ctx = Ctx(store=st, recipe=r, force=job.force, force_nonce=job.force_nonce, workdir=workdir())
+    fetched = stored_result(st, r.name, "fetch", job.fetch_key)
+    converted = stored_result(st, r.name, "convert", job.convert_key)
+    builds, validated = run_gpu_steps(ctx, fetched, converted, v)
+    rows = [{"step": "build", "component": c, "key": b.key, "cached": b.cached} for c, b in builds.items()]
+    rows.append({"step": "validate", "component": "llm", "key": validated.key, "cached": validated.cached})
+    create_table_artifact(rows, description=f"gpu steps of {r.name}:{v.name}: the manifests they produced")
+    return rows
+
+
+def _read_rows(flow_run_id) -> Optional[list[dict]]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType,
+    )
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["table"])))
+    for a in arts:
+        data = json.loads(a.data) if isinstance(a.data, str) else a.data
+        if isinstance(data, list) and data and {"step", "key"} <= set(data[0]):
+            return data
+    return None
+
+
+_EXC_PREFIX = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Failed|Input|Available|Blob): ")
+
+
+def _state_cause(state) -> str:
+    """The one line that says why a gpu run failed, from its final state."""
+    msg = " ".join((getattr(state, "message", None) or "").split())
+    for prefix in ("Flow run encountered an exception: ", "Flow run encountered an exception:"):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+            break
+    return _EXC_PREFIX.sub("", msg, count=1) or state.name
+
+
+def gpu_steps_for(ctx: Ctx, fetched: StepResult, converted: StepResult, v: Variant):
+    """(builds, validated) of one variant: here, or on the gpu pool."""
+    dep = gpu_deployment()
+    if not dep:
+        return run_gpu_steps(ctx, fetched, converted, v)
+    from prefect.deployments import run_deployment
+
+    r = ctx.recipe
+    job = GpuJob(recipe=r.model_dump(mode="json"), origin=r.origin, variant=v.name, store=ctx.store.uri,
+                 fetch_key=fetched.key, convert_key=converted.key, force=ctx.force, force_nonce=ctx.force_nonce)
+    log(f"{r.name}:{v.name}: build + validate on deployment {dep}")
+    fr = run_deployment(dep, parameters={"job": job.model_dump(mode="json")}, timeout=POLICIES["gpu"].timeout_s,
+                        poll_interval=2,
+                        flow_run_name=f"{r.name}:{v.name}", tags=["enginefarm", f"recipe:{r.name}"])
+    state = fr.state
+    if state is None or not state.is_completed():
+        if state is not None and state.is_final():
+            cause = _state_cause(state)
+        else:
+            cause = (f"the gpu steps (flow run {fr.name} of {dep}) did not finish within "
+                     f"{POLICIES['gpu'].timeout_s:.0f} s (state {state.name if state else 'unknown'})")
+        if cause.startswith(f"recipe {r.name}, variant {v.name}, step "):  # the failing step's own line
+            err = StepFailed(cause)
+            err.step_line = cause
+            raise err
+        raise step_failed("gpu", StepFailed(cause), r.name, v.name)
+    rows = _read_rows(fr.id)
+    if not rows:
+        raise StepFailed(f"the gpu steps (flow run {fr.name} of {dep}) finished but published no result table")
+    st = ctx.store
+    builds = {x["component"]: stored_result(st, r.name, "build", x["key"]) for x in rows if x["step"] == "build"}
+    validated = next(stored_result(st, r.name, "validate", x["key"]) for x in rows if x["step"] == "validate")
+    cached = {(x["step"], x["component"]): x["cached"] for x in rows}
+    for c, b in builds.items():
+        b.cached = cached[("build", c)]
+    validated.cached = cached[("validate", "llm")]
+    return builds, validated
