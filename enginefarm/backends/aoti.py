@@ -3,7 +3,13 @@
 The LLM engine is one package holding a step function with a static KV cache
 (see `enginefarm.runtime.decoder`): dynamic batch (1..max_batch_size) and
 dynamic token count (1..max_input_len), so one package does prefill and
-decode. Runs on CPU here and on CUDA where the target is a GPU.
+decode. Runs on CPU here and on CUDA where the target is a GPU. Built for a
+multimodal recipe (limits carry max_multimodal_len), the step also takes a
+prompt table of 1..max_multimodal_len rows.
+
+The visual engine is the export step's ExportedProgram (the graph its ONNX
+was made from) compiled by AOTInductor: pixel_values with a dynamic batch
+(1..max_batch_size) -> features.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from ..errors import NotAvailable
 from .base import Backend, torch_toolchain, version_of
 
 ENGINE_FILE = "llm.pt2"
+VISUAL_FILE = "visual.pt2"
 
 
 class AOTI(Backend):
-    components = ("llm",)
+    components = ("llm", "visual")
     install_hint = "pip install 'torch>=2.6'"
 
     def usable(self, component: str, target: str) -> tuple[bool, str]:
@@ -53,6 +60,8 @@ class AOTI(Backend):
         ok, why = self.usable(component, variant.target)
         if not ok:
             raise NotAvailable(why)
+        if component == "visual":
+            return self._build_visual(src_dir, out_dir, variant, limits, progress)
         if variant.tp != 1:
             raise NotAvailable(f"the aoti backend builds tp=1 engines (variant {variant.name} has tp={variant.tp})")
         device = "cpu" if variant.target == "cpu" else "cuda"
@@ -71,12 +80,18 @@ class AOTI(Backend):
             {1: batch} if batch else None,
             {1: batch} if batch else None,
         )
+        args = (ids, start, kc, vc)
+        M = limits.get("max_multimodal_len") or 0
+        if M:  # multimodal: the prompt table (visual features) is an input
+            table = torch.zeros(min(2, M), model.cfg.hidden_size, dtype=kc.dtype, device=device)
+            args += (table,)
+            ds += ({0: Dim("prompt_rows", min=1, max=M)} if M > 1 else None,)
         ds = tuple({k: v for k, v in d.items() if v is not None} if d else None for d in ds)
         t0 = time.perf_counter()
         if progress:
             progress("aoti: torch.export")
         with torch.no_grad():
-            ep = torch.export.export(model, (ids, start, kc, vc), dynamic_shapes=ds, strict=False)
+            ep = torch.export.export(model, args, dynamic_shapes=ds, strict=False)
         t1 = time.perf_counter()
         if progress:
             progress(f"aoti: AOTInductor compile ({device})")
@@ -109,12 +124,70 @@ class AOTI(Backend):
             ],
             "timings": {"export_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3)},
         }
+        if M:
+            H = model.cfg.hidden_size
+            sidecar["prompt_table"] = {"max_rows": M, "hidden_size": H}
+            sidecar["inputs"].append({"name": "prompt_table", "dtype": variant.dtype, "shape": ["rows", H]})
+        (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))
+        return sidecar
+
+    def _build_visual(self, src_dir: Path, out_dir: Path, variant, limits: dict, progress=None) -> dict:
+        """src_dir: the export step's files (visual.ep.pt2, visual.json)."""
+        import torch
+
+        meta = json.loads((src_dir / "visual.json").read_text())
+        B = limits["max_batch_size"]
+        if B > meta["max_batch_size"]:
+            raise NotAvailable(f"the visual export takes batches up to {meta['max_batch_size']}, the build asks for {B}")
+        from torch.export import Dim
+
+        from ..runtime.engine import DTYPES
+
+        device = "cpu" if variant.target == "cpu" else "cuda"
+        t0 = time.perf_counter()
+        ep = torch.export.load(str(src_dir / meta["exported_program"]))
+        if device != "cpu":
+            from torch.export.passes import move_to_device_pass
+
+            ep = move_to_device_pass(ep, device)
+        # Re-traced before compiling: with torch 2.13, AOTInductor compiling the
+        # deserialized program of the CLIP tower gave NaN at batch 1 (batch 2
+        # was right); compiling a fresh trace of its module is right at every
+        # batch size (tests/test_multimodal.py checks batch 1 and max).
+        S = meta["image_size"]
+        example = torch.zeros(min(2, B), 3, S, S, dtype=DTYPES[meta["dtype"]], device=device)
+        dyn = ({0: Dim("batch", min=1, max=B)},) if B > 1 else None
+        with torch.no_grad():
+            ep = torch.export.export(ep.module(), (example,), dynamic_shapes=dyn, strict=False)
+        if progress:
+            progress(f"aoti: AOTInductor compile of the visual encoder ({device})")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(out_dir / VISUAL_FILE))
+        t1 = time.perf_counter()
+        F, H = meta["features"], meta["hidden_size"]
+        sidecar = {
+            "format": "aoti-pt2",
+            "component": "visual",
+            "file": VISUAL_FILE,
+            "device": device,
+            "target": variant.target,
+            "dtype": meta["dtype"],
+            "max_batch_size": B,
+            "visual": meta,
+            "inputs": [{"name": meta["input"], "dtype": meta["dtype"], "shape": ["batch", 3, S, S]}],
+            "outputs": [{"name": meta["output"], "dtype": meta["dtype"], "shape": ["batch", F, H]}],
+            "timings": {"compile_s": round(t1 - t0, 3)},
+        }
         (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))
         return sidecar
 
     def load(self, engine_dir: Path, device: str = "cpu"):
         from ..runtime.engine import LLMEngine
+        from ..runtime.visual import VisualEngine
 
+        meta = json.loads((Path(engine_dir) / "engine.json").read_text())
+        if meta.get("component") == "visual":
+            return VisualEngine.load(engine_dir)
         return LLMEngine.load(engine_dir)
 
 

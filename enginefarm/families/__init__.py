@@ -14,7 +14,7 @@ from typing import Optional
 from ..errors import BadInput
 from .base import Family
 
-IMPLEMENTED = ("opt", "llama")
+IMPLEMENTED = ("opt", "llama", "blip2", "llava")
 
 
 def _planned(name: str, title: str, model_types: tuple, kind: str, components=("llm",), visual_features=None) -> Family:
@@ -35,8 +35,6 @@ _PLANNED = {
         _planned("mistral", "Mistral", ("mistral",), "decoder"),
         _planned("t5", "T5 / Flan-T5", ("t5",), "encoder-decoder"),
         _planned("bart", "BART / mBART", ("bart", "mbart"), "encoder-decoder"),
-        _planned("blip2", "BLIP-2 (ViT + Q-Former + OPT or Flan-T5)", ("blip-2",), "multimodal", ("visual", "llm"), 32),
-        _planned("llava", "LLaVA-1.5 (CLIP ViT-L/14-336 + projector + LLaMA)", ("llava",), "multimodal", ("visual", "llm"), 576),
         # any-resolution tiling: features depend on the image size; the
         # multimodal issue derives the limit from the largest tiling allowed
         _planned("llava-next", "LLaVA-NeXT (1.6)", ("llava_next",), "multimodal", ("visual", "llm")),

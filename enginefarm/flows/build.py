@@ -1,6 +1,7 @@
 """The `build` flow: one recipe, its variants, every step a cached task.
 
     fetch -> convert(tp, dtype, quant) -> build[llm](backend, target) -> validate -> publish -> alias
+      \----> export[visual](onnx) -> build[visual](backend) ----/          (multimodal families)
 
 Everything that can be checked without weights is checked before the first
 task runs (recipe, family, backends); the tp / head-count check runs right
@@ -22,6 +23,7 @@ from ..spec import Recipe, Variant, load_recipe
 from ..store import open_store
 from ..tasks import build as build_step
 from ..tasks import convert as convert_step
+from ..tasks import export as export_step
 from ..tasks import fetch as fetch_step
 from ..tasks import publish as publish_step
 from ..tasks import validate as validate_step
@@ -73,25 +75,33 @@ def plan(r: Recipe, vs: list[Variant], st) -> tuple[list[tuple[str, str, object]
     complete: dict = {}
     fetched = lookup(ctx, fetch_step.spec(ctx))
     rows.append(("fetch", "-", fetched))
+    config = fetched.results["config"] if fetched else None
     if fetched:
         for v in vs:
-            fam.check_config(fetched.results["config"], v, where=f"{r.name}'s fetched config.json")
+            fam.check_config(config, v, where=f"{r.name}'s fetched config.json")
     for v in vs:
         conv = lookup(ctx, convert_step.spec(ctx, fetched, v)) if fetched else None
         rows.append(("convert", v.name, conv))
+        exported = None
+        if "visual" in r.enabled_components:
+            exported = lookup(ctx, export_step.spec(ctx, fetched, v)) if fetched else None
+            rows.append(("export[visual]", v.name, exported))
         builds = {}
         for c in r.enabled_components:
-            builds[c] = lookup(ctx, build_step.spec(ctx, conv, v, c)) if conv else None
+            src = exported if c == "visual" else conv
+            builds[c] = lookup(ctx, build_step.spec(ctx, src, v, c, config)) if src else None
             rows.append((f"build[{c}]", v.name, builds[c]))
-        val = lookup(ctx, validate_step.spec(ctx, fetched, builds["llm"], v)) if builds.get("llm") else None
+        val = None
+        if builds.get("llm") and ("visual" not in builds or builds["visual"]):
+            val = lookup(ctx, validate_step.spec(ctx, fetched, builds["llm"], v, builds.get("visual")))
         rows.append(("validate", v.name, val))
         pub = None
         if val and all(builds.values()):
             pub = lookup(ctx, publish_step.spec(ctx, v, fetched, conv, builds, val))
         rows.append(("publish", v.name, pub))
         if pub:
-            complete[v.name] = {"fetch": fetched, "convert": conv, **{f"build.{c}": b for c, b in builds.items()},
-                                "validate": val, "publish": pub}
+            complete[v.name] = {"fetch": fetched, "convert": conv, **({"export": exported} if exported else {}),
+                                **{f"build.{c}": b for c, b in builds.items()}, "validate": val, "publish": pub}
     return rows, complete
 
 
@@ -125,16 +135,19 @@ def build(recipe: str, variants: Optional[list[str]] = None, store: Optional[str
     config = fetched.results["config"]
     for v in vs:  # before any conversion: tp must divide the heads
         fam.check_config(config, v, where=f"{r.name}'s fetched config.json")
+    fam.derived_limits(r, config)  # and the limits must fit the checkpoint (visual features per image)
 
     summary: dict = {"recipe": r.name, "store": st.uri, "variants": {}}
     steps_cached: list[bool] = [fetched.cached]
     for v in vs:
         converted = convert_step.convert_task(ctx, fetched, v)
-        builds = {c: build_step.build_task(ctx, converted, v, c) for c in r.enabled_components}
-        validated = validate_step.validate_task(ctx, fetched, builds["llm"], v)
+        exported = export_step.export_task(ctx, fetched, v) if "visual" in r.enabled_components else None
+        builds = {c: build_step.build_task(ctx, exported if c == "visual" else converted, v, c, config)
+                  for c in r.enabled_components}
+        validated = validate_step.validate_task(ctx, fetched, builds["llm"], v, builds.get("visual"))
         published = publish_step.publish_task(ctx, v, fetched, converted, builds, validated)
-        steps = {"fetch": fetched, "convert": converted, **{f"build.{c}": b for c, b in builds.items()},
-                 "validate": validated, "publish": published}
+        steps = {"fetch": fetched, "convert": converted, **({"export": exported} if exported else {}),
+                 **{f"build.{c}": b for c, b in builds.items()}, "validate": validated, "publish": published}
         steps_cached += [s.cached for s in steps.values()]
         summary["variants"][v.name] = variant_summary(st, r, steps)
     try:
