@@ -82,25 +82,7 @@ class MultimodalPipeline:
         return torch.cat(pixels), ids
 
     def engine_ids(self, ids: list[int], image_index: int) -> list[int]:
-        """The processor's ids with image `image_index`'s placeholders turned
-        into prompt-table ids. A processor that wrote one placeholder (older
-        LLaVA processors) or none (older BLIP-2 ones) is expanded here."""
-        F, tok = self.features, self.meta["image_token_id"]
-        rows = list(range(self.meta["vocab_size"] + image_index * F, self.meta["vocab_size"] + (image_index + 1) * F))
-        at = [i for i, t in enumerate(ids) if t == tok]
-        if len(at) == F:
-            out = list(ids)
-            for i, r in zip(at, rows):
-                out[i] = r
-            return out
-        if len(at) == 1:
-            return ids[: at[0]] + rows + ids[at[0] + 1 :]
-        if not at and self.meta["image_placement"] == "prepend":
-            return rows + list(ids)
-        raise BadInput(
-            f"a prompt with {len(at)} image placeholders ({self.image_token}); each prompt takes exactly one image "
-            f"({F} visual features)"
-        )
+        return engine_ids(ids, image_index, self.meta, self.image_token)
 
     # ----------------------------------------------------------------- running
 
@@ -127,3 +109,26 @@ class MultimodalPipeline:
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def engine_ids(ids: list[int], image_index: int, meta: dict, image_token: str = "<image>") -> list[int]:
+    """The processor's ids with image `image_index`'s placeholders turned
+    into prompt-table ids (vocab_size + image_index * F + k). A processor
+    that wrote one placeholder (older LLaVA processors) or none (older
+    BLIP-2 ones, whose features go first) is expanded here."""
+    F, tok, V = meta["features"], meta["image_token_id"], meta["vocab_size"]
+    rows = list(range(V + image_index * F, V + (image_index + 1) * F))
+    at = [i for i, t in enumerate(ids) if t == tok]
+    if len(at) == F:
+        out = list(ids)
+        for i, r in zip(at, rows):
+            out[i] = r
+        return out
+    if len(at) == 1:
+        return ids[: at[0]] + rows + ids[at[0] + 1 :]
+    if not at and meta["image_placement"] == "prepend":
+        return rows + list(ids)
+    raise BadInput(
+        f"a prompt with {len(at)} image placeholders ({image_token}); each prompt takes exactly one image "
+        f"({F} visual features)"
+    )
