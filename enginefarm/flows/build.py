@@ -1,7 +1,7 @@
 """The `build` flow: one recipe, its variants, every step a cached task.
 
     fetch -> convert(tp, dtype, quant) -> build[llm](backend, target) -> validate -> publish -> alias
-      \----> export[visual](onnx) -> build[visual](backend) ----/          (multimodal families)
+      +--> export[visual](onnx) -> build[visual](backend) ---+            (multimodal families)
 
 Everything that can be checked without weights is checked before the first
 task runs (recipe, family, backends); the tp / head-count check runs right
