@@ -221,21 +221,26 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
     eos, pad = pipe.eos_token_id, tok.pad_token_id
     B = pipe.max_batch_size
 
-    pixels, proc_ids = pipe.prepare([p[0] for p in pairs], [p[2] for p in pairs])
+    encodings = pipe.prepare([p[0] for p in pairs], [p[2] for p in pairs])
     feat_diff = 0.0
+    n_feats = []
     with torch.no_grad():
         for s in range(0, n, B):
-            got_f = pipe.image_features(pixels[s : s + B])
-            ref_f = family.reference_features(ref_model, pixels[s : s + B]).float()
-            feat_diff = worst(feat_diff, float((got_f - ref_f).abs().max()))
+            got_f = pipe.image_features(encodings[s : s + B])
+            ref_f = family.reference_features(ref_model, encodings[s : s + B])
+            for g, r in zip(got_f, ref_f):
+                if g.shape != r.shape:
+                    raise BadInput(f"the engines make {tuple(g.shape)} visual features for an image, Hugging Face "
+                                   f"{tuple(r.shape)}")
+                feat_diff = worst(feat_diff, float((g - r.float()).abs().max()))
+                n_feats.append(g.shape[0])
 
     got_p, ref_p = [], []
-    for (image, name, prompt), ids in zip(pairs, proc_ids):
+    for (image, name, prompt), enc in zip(pairs, encodings):
         eng_ids, table = pipe.inputs([image], [prompt])
         n_new = min(max_new_tokens, pipe.llm.max_seq_len - len(eng_ids[0]))
         got_p.append({"ids": eng_ids[0], "logits": pipe.llm.logits(eng_ids[0], table),
                       "generated": pipe.llm.generate(eng_ids, n_new, eos_token_id=eos, prompt_table=table)[0]})
-        enc = pipe.processor(images=[image], text=[family.prompt_text(prompt, pipe.image_token)], return_tensors="pt")
         T = enc["input_ids"].shape[1]
         if T != len(eng_ids[0]):
             raise BadInput(f"the processor's prompt has {T} tokens, the engine's {len(eng_ids[0])}; the processor "
@@ -266,6 +271,7 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
         g["batched_equal"] = b == r["generated"][:n_b]  # both stop at eos
     m["visual_max_abs_diff"] = feat_diff
     m["visual_features"] = pipe.features
+    m["visual_features_by_image"] = n_feats
     m["greedy_batched_equal"] = all(g["batched_equal"] for g in m["greedy"])
     m["greedy_equal"] = m["greedy_equal"] and m["greedy_batched_equal"]  # the gate covers both ways of running
     return m

@@ -1,6 +1,8 @@
 """Images for the multimodal pipelines: reading one from a path, and the
 built-in validation images, drawn by code (no downloads), so a recipe can
-validate with `builtin:NAME` and a test can write a PNG of its own."""
+validate with `builtin:NAME` (96 x 96) or `builtin:NAME@WxH` (any size, as
+LLaVA-NeXT's tiling depends on the aspect ratio) and a test can write a PNG
+of its own."""
 
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ if TYPE_CHECKING:  # pragma: no cover
 BUILTIN_SIZE = 96
 
 
-def _draw(name: str, size: int):
+def _draw(name: str, width: int, height: int):
     import numpy as np
 
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    y, x = y / max(height - 1, 1), x / max(width - 1, 1)
     if name == "gradient":  # red left to right, green top to bottom, blue a diagonal band
         rgb = np.stack([x, y, 1.0 - np.abs(x - y)], -1)
     elif name == "rings":  # concentric rings around an off-centre point
@@ -35,10 +38,21 @@ def _draw(name: str, size: int):
 BUILTIN = ("gradient", "rings", "checker")
 
 
-def builtin_image(name: str, size: int = BUILTIN_SIZE) -> "Image":
+def builtin_image(name: str, size: int = BUILTIN_SIZE, height: Optional[int] = None) -> "Image":
+    """A drawn image, size x size (or size wide, height high); `name` may
+    carry its size as NAME@WxH."""
     from PIL import Image
 
-    return Image.fromarray(_draw(name, size), mode="RGB")
+    if "@" in name:
+        name, _, wh = name.partition("@")
+        try:
+            size, height = (int(v) for v in wh.lower().split("x"))
+        except ValueError:
+            raise BadInput(f"builtin:{name}@{wh}: give the size as WIDTHxHEIGHT, e.g. @120x80") from None
+    height = height or size
+    if not (8 <= size <= 4096 and 8 <= height <= 4096):
+        raise BadInput(f"built-in image sizes are 8 to 4096 px (got {size} x {height})")
+    return Image.fromarray(_draw(name, size, height))
 
 
 def load_image(spec: str, base: Optional[Path] = None) -> "Image":
@@ -75,9 +89,9 @@ def image_digest(spec: str, base: Optional[Path] = None) -> str:
         raise BadInput(f"cannot read image {spec}: {e}") from None
 
 
-def write_image(name: str, path: str | Path, size: int = BUILTIN_SIZE) -> Path:
+def write_image(name: str, path: str | Path, size: int = BUILTIN_SIZE, height: Optional[int] = None) -> Path:
     """Write a built-in image as a PNG file (for tests and the CLI)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    builtin_image(name, size).save(path, format="PNG")
+    builtin_image(name, size, height).save(path, format="PNG")
     return path

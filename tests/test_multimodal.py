@@ -1,4 +1,4 @@
-"""Multimodal pipelines (BLIP-2 with OPT, LLaVA with LLaMA) end to end on
+"""Multimodal pipelines (BLIP-2 with OPT, LLaVA and LLaVA-NeXT with LLaMA) end to end on
 Prefect's ephemeral API: fetch, convert, the visual export (ONNX checked with
 ONNX Runtime), real AOTInductor engines for both components, validation
 against Hugging Face `generate`, publish, and `enginefarm run` with images.
@@ -33,7 +33,9 @@ PROMPTS = {  # what a person would type for each model
     "blip2": ["Question: what is in the picture? Answer:", "a photo of"],
     "llava": ["USER: <image>\nWhat is shown here? ASSISTANT:", "USER: <image>\nDescribe it. ASSISTANT:"],
 }
-FEATURES = {"blip2": 8, "llava": 16}
+PROMPTS["llava-next"] = PROMPTS["llava"]
+FEATURES = {"blip2": 8, "llava": 16, "llava-next": 88}  # per image (llava-next: at most)
+ENCODER_BATCH = {"blip2": 2, "llava": 2, "llava-next": 10}  # images, or tiles: 2 images x (1 + 2 x 2)
 
 
 def recipe_for(dest: Path, name: str, family: str, src: Path, **extra) -> Path:
@@ -79,7 +81,8 @@ def hf_generate(family: str, src: Path, image, prompt: str, n: int) -> list[int]
     import transformers
 
     proc = transformers.AutoProcessor.from_pretrained(src)
-    cls = {"blip2": transformers.Blip2ForConditionalGeneration, "llava": transformers.LlavaForConditionalGeneration}
+    cls = {"blip2": transformers.Blip2ForConditionalGeneration, "llava": transformers.LlavaForConditionalGeneration,
+           "llava-next": transformers.LlavaNextForConditionalGeneration}
     model = cls[family].from_pretrained(src, dtype=torch.float32).eval()
     enc = proc(images=[image], text=[prompt], return_tensors="pt")
     tok = proc.tokenizer
@@ -92,7 +95,7 @@ def hf_generate(family: str, src: Path, image, prompt: str, n: int) -> list[int]
 # ----------------------------------------------------------------------------- the tiny recipes, built once
 
 
-@pytest.mark.parametrize("family", ["blip2", "llava"])
+@pytest.mark.parametrize("family", ["blip2", "llava", "llava-next"])
 def test_build_exports_checks_and_validates_against_hf(built, family):
     b = built(family)
     v = b.variant
@@ -104,13 +107,15 @@ def test_build_exports_checks_and_validates_against_hf(built, family):
     ex = manifest(b.store, b.name, "export")
     r = ex["results"]
     assert r["features"] == FEATURES[family] and r["hidden_size"] == 64 and r["image_size"] == 32
-    assert set(r["ort_max_abs_diff_by_batch"]) == {"1", "2"} and r["ort_max_abs_diff"] < 1e-4
+    assert set(r["ort_max_abs_diff_by_batch"]) == {"1", str(ENCODER_BATCH[family])} and r["ort_max_abs_diff"] < 1e-4
     assert {"visual.onnx", "visual.onnx.data", "visual.ep.pt2", "visual.json"} <= set(ex["files"])
 
-    # independently of the export's own check: ONNX Runtime on the stored file
-    # against Hugging Face's get_image_features, at batch 2
+    # independently of the export's own check: ONNX Runtime on the stored file,
+    # fed the processor's output for a real image, against Hugging Face's
+    # get_image_features
     import onnx
     import onnxruntime as ort
+    from transformers import AutoProcessor
 
     st = open_store(str(b.store))
     d = b.root / "export-files"
@@ -121,18 +126,28 @@ def test_build_exports_checks_and_validates_against_hf(built, family):
     assert m.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     fam = get_family(family)
     hf = fam.reference_model(b.src)
-    px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    got = ort.InferenceSession(str(d / "visual.onnx"), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": px.numpy()})[0]
+    proc = AutoProcessor.from_pretrained(b.src)
+    enc = proc(images=[builtin_image("rings", 80, 50)], text=[PROMPTS[family][0]], return_tensors="pt")
+    x = fam.encoder_inputs(enc)
+    got = ort.InferenceSession(str(d / "visual.onnx"), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x.numpy()})[0]
+    extras = {}
+    if r.get("extras"):
+        from safetensors.torch import load_file
+
+        extras = load_file(str(d / r["extras"]))
+    got = fam.pack_features([torch.from_numpy(got)], [enc], r, extras)[0]
     with torch.no_grad():
-        want = fam.reference_features(hf, px)
-    assert got.shape == (2, FEATURES[family], 64)
-    assert float((torch.from_numpy(got) - want).abs().max()) < 1e-4
+        want = fam.reference_features(hf, [enc])[0]
+    assert got.shape == want.shape and got.shape[1] == 64
+    assert float((got - want).abs().max()) < 1e-4
 
     # validation: engines against HF generate, one pair at a time and batched
     val = manifest(b.store, b.name, "validate")["results"]["metrics"]
     assert val["greedy_equal"] and val["greedy_batched_equal"]
     assert val["visual_max_abs_diff"] < 1e-4 and val["logits_max_abs_diff"] < 1e-3
     assert val["visual_features"] == FEATURES[family]
+    if family == "llava-next":  # three aspect ratios: three different counts, each as Hugging Face's
+        assert len(set(val["visual_features_by_image"])) == 3 and max(val["visual_features_by_image"]) <= 88
     assert len(val["greedy"]) == 3  # three images, two prompts, paired in turn
     for g in val["greedy"]:
         assert g["engine"] == g["reference"] == g["batched"] and len(g["engine"]) == 10
@@ -144,11 +159,11 @@ def test_build_exports_checks_and_validates_against_hf(built, family):
     assert pub["llm"]["engine"]["prompt_table"] == {"max_rows": 2 * FEATURES[family], "hidden_size": 64}
 
 
-@pytest.mark.parametrize("family", ["blip2", "llava"])
+@pytest.mark.parametrize("family", ["blip2", "llava", "llava-next"])
 def test_run_with_images_equals_hf_generate(built, family, tmp_path, capsys):
     b = built(family)
     a = write_image("checker", tmp_path / "a.png", size=40)
-    c = write_image("rings", tmp_path / "c.png", size=57)  # not square to the model's size: the processor resizes
+    c = write_image("rings", tmp_path / "c.png", size=57, height=35)  # not the model's size, nor square
     prompts = PROMPTS[family]
     capsys.readouterr()
     assert cli(["run", b.name, "--store", str(b.store), "--image", str(a), "--image", str(c),
@@ -193,6 +208,19 @@ def test_requests_over_the_built_limits_exit_2_naming_the_limit(built, tmp_path,
     assert cli(run + ["--image", str(tmp_path / "bad.png"), "--prompt", "a"]) == 2
     err = capsys.readouterr().err
     assert "cannot read image" in err and "Traceback" not in err
+
+
+def test_llava_next_limits_come_from_the_largest_tiling(built, tmp_path, capsys):
+    b = built("llava-next")
+    img = str(write_image("checker", tmp_path / "wide.png", size=200, height=40))
+    capsys.readouterr()
+    assert cli(["run", b.name, "--store", str(b.store), "--prompt", "What is it?"] + ["--image", img] * 3) == 2
+    assert "max_multimodal_len 176 = 2 x 88 visual features per image at most" in capsys.readouterr().err
+    # two images of the largest tiling fill the table exactly
+    big = str(write_image("gradient", tmp_path / "big.png", size=100))
+    assert cli(["run", b.name, "--store", str(b.store), "--prompt", "a", "--image", big, "--image", img,
+                "--max-new-tokens", "3", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 2
 
 
 def test_second_build_is_all_cached(built):
@@ -342,15 +370,16 @@ def test_prompt_table_rows_replace_ids_past_the_vocab(tmp_path):
 def test_engine_ids_place_the_features():
     from enginefarm.runtime.multimodal import engine_ids
 
-    inline = {"features": 3, "image_token_id": 9, "vocab_size": 100, "image_placement": "inline"}
-    assert engine_ids([1, 9, 9, 9, 2], 1, inline) == [1, 103, 104, 105, 2]  # the processor expanded <image>
-    assert engine_ids([1, 9, 2], 0, inline) == [1, 100, 101, 102, 2]  # an older processor did not
+    inline = {"image_token_id": 9, "vocab_size": 100, "image_placement": "inline"}
+    assert engine_ids([1, 9, 9, 9, 2], 3, 3, inline) == [1, 103, 104, 105, 2]  # the processor expanded <image>
+    assert engine_ids([1, 9, 2], 0, 3, inline) == [1, 100, 101, 102, 2]  # an older processor did not
     with pytest.raises(BadInput, match="2 image placeholders"):
-        engine_ids([9, 1, 9], 0, inline)
+        engine_ids([9, 1, 9], 0, 3, inline)
     with pytest.raises(BadInput, match="0 image placeholders"):
-        engine_ids([1, 2], 0, inline)
+        engine_ids([1, 2], 0, 3, inline)
     prepend = {**inline, "image_placement": "prepend"}
-    assert engine_ids([1, 2], 1, prepend) == [103, 104, 105, 1, 2]  # BLIP-2 without image tokens
+    assert engine_ids([1, 2], 3, 3, prepend) == [103, 104, 105, 1, 2]  # BLIP-2 without image tokens
+    assert engine_ids([9] * 5 + [7], 10, 5, inline) == [110, 111, 112, 113, 114, 7]  # rows after earlier images
 
 
 def test_both_llava_checkpoint_layouts_convert_alike(tmp_path):

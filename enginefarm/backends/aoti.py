@@ -15,6 +15,7 @@ was made from) compiled by AOTInductor: pixel_values with a dynamic batch
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -136,9 +137,7 @@ class AOTI(Backend):
         import torch
 
         meta = json.loads((src_dir / "visual.json").read_text())
-        B = limits["max_batch_size"]
-        if B > meta["max_batch_size"]:
-            raise NotAvailable(f"the visual export takes batches up to {meta['max_batch_size']}, the build asks for {B}")
+        B = meta["max_batch_size"]  # encoder inputs per call: images, or tiles (max_batch_size x tiles per image)
         from torch.export import Dim
 
         from ..runtime.engine import DTYPES
@@ -164,7 +163,7 @@ class AOTI(Backend):
         out_dir.mkdir(parents=True, exist_ok=True)
         torch._inductor.aoti_compile_and_package(ep, package_path=str(out_dir / VISUAL_FILE))
         t1 = time.perf_counter()
-        F, H = meta["features"], meta["hidden_size"]
+        F, H = meta["encoder_features"], meta["hidden_size"]
         sidecar = {
             "format": "aoti-pt2",
             "component": "visual",
@@ -178,6 +177,8 @@ class AOTI(Backend):
             "outputs": [{"name": meta["output"], "dtype": meta["dtype"], "shape": ["batch", F, H]}],
             "timings": {"compile_s": round(t1 - t0, 3)},
         }
+        if meta.get("extras"):
+            shutil.copyfile(src_dir / meta["extras"], out_dir / meta["extras"])
         (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))
         return sidecar
 

@@ -36,14 +36,12 @@ class OnnxRuntime(Backend):
         if not ok:
             raise NotAvailable(why)
         meta = json.loads((Path(src_dir) / "visual.json").read_text())
-        B = limits["max_batch_size"]
-        if B > meta["max_batch_size"]:
-            raise NotAvailable(f"the visual export takes batches up to {meta['max_batch_size']}, the build asks for {B}")
+        B = meta["max_batch_size"]  # encoder inputs per call: images, or tiles (max_batch_size x tiles per image)
         out_dir.mkdir(parents=True, exist_ok=True)
         for p in sorted(Path(src_dir).iterdir()):
-            if p.name.startswith(meta["onnx"]):  # visual.onnx and visual.onnx.data
+            if p.name.startswith(meta["onnx"]) or p.name == meta.get("extras"):  # visual.onnx(.data), extras
                 shutil.copyfile(p, out_dir / p.name)
-        S, F, H = meta["image_size"], meta["features"], meta["hidden_size"]
+        S, F, H = meta["image_size"], meta["encoder_features"], meta["hidden_size"]
         sidecar = {
             "format": "onnx",
             "component": component,

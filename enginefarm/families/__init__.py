@@ -14,7 +14,7 @@ from typing import Optional
 from ..errors import BadInput
 from .base import Family
 
-IMPLEMENTED = ("opt", "llama", "blip2", "llava")
+IMPLEMENTED = ("opt", "llama", "blip2", "llava", "llava-next")
 
 
 def _planned(name: str, title: str, model_types: tuple, kind: str, components=("llm",), visual_features=None) -> Family:
@@ -37,7 +37,6 @@ _PLANNED = {
         _planned("bart", "BART / mBART", ("bart", "mbart"), "encoder-decoder"),
         # any-resolution tiling: features depend on the image size; the
         # multimodal issue derives the limit from the largest tiling allowed
-        _planned("llava-next", "LLaVA-NeXT (1.6)", ("llava_next",), "multimodal", ("visual", "llm")),
         _planned("llava-next-video", "LLaVA-NeXT-Video", ("llava_next_video",), "multimodal", ("visual", "llm")),
         _planned("nougat", "Nougat (Swin + mBART)", ("vision-encoder-decoder",), "multimodal", ("visual", "llm"), 588),
         _planned("blip", "BLIP image captioning", ("blip",), "multimodal", ("visual", "llm"), 577),
@@ -47,7 +46,7 @@ _PLANNED = {
 
 def get_family(name: str, origin: Optional[str] = None) -> Family:
     if name in IMPLEMENTED:
-        return importlib.import_module(f".{name}", __name__).FAMILY
+        return importlib.import_module(f".{name.replace('-', '_')}", __name__).FAMILY
     if name in _PLANNED:
         return _PLANNED[name]
     where = f"bad recipe {origin}: family: " if origin else ""

@@ -76,8 +76,17 @@ class MultimodalFamily(Family):
         return get_family(self.llm_model_types[mt])
 
     def features(self, config: dict) -> int:  # pragma: no cover - abstract
-        """Visual features (prompt-table rows) per image."""
+        """Visual features (prompt-table rows) per image; at most, where the
+        count depends on the image (LLaVA-NeXT's tiling)."""
         raise NotImplementedError
+
+    def encoder_features(self, config: dict) -> int:
+        """Features the visual encoder makes per input (an image; LLaVA-NeXT: a tile)."""
+        return self.features(config)
+
+    def encoder_inputs_per_image(self, config: dict) -> int:
+        """Visual encoder inputs one image takes at most (LLaVA-NeXT: its tiles)."""
+        return 1
 
     def image_size(self, config: dict) -> int:
         v = self.full_config(config).vision_config
@@ -89,6 +98,7 @@ class MultimodalFamily(Family):
         return {
             "family": self.name,
             "features": self.features(config),
+            "encoder_features": self.encoder_features(config),
             "hidden_size": int(text["hidden_size"]),
             "vocab_size": int(text["vocab_size"]),
             "image_size": self.image_size(config),
@@ -221,8 +231,23 @@ class MultimodalFamily(Family):
         cls = getattr(transformers, self.reference_class)
         return cls.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False).eval()
 
-    def reference_features(self, model, pixel_values: "torch.Tensor") -> "torch.Tensor":  # pragma: no cover
+    def reference_features(self, model, encodings: list) -> list["torch.Tensor"]:  # pragma: no cover
+        """Hugging Face's features for each image ([F_i, hidden]), from the processor's outputs."""
         raise NotImplementedError
+
+    # ----------------------------------------------------------------- at run time (torch only, no model code)
+
+    def encoder_inputs(self, encoding) -> "torch.Tensor":
+        """The visual encoder's inputs for one image, from the processor's output."""
+        return encoding["pixel_values"]
+
+    def pack_features(self, outputs: list, encodings: list, meta: dict, extras: dict) -> list:
+        """Each image's encoder outputs [n_i, F_enc, hidden] -> its prompt-table rows [F_i, hidden]."""
+        return [o.reshape(-1, o.shape[-1]) for o in outputs]
+
+    def visual_extras(self, src_dir, config: dict, dtype) -> dict:
+        """Tensors the run-time packing needs beside the encoder (LLaVA-NeXT: image_newline)."""
+        return {}
 
     def reference_text_logits(self, model, ids: "torch.Tensor") -> "torch.Tensor":
         return model(input_ids=ids).logits

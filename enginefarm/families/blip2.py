@@ -69,8 +69,11 @@ class Blip2(MultimodalFamily):
         module.query_tokens.data = module.query_tokens.data.float()
         return module
 
-    def reference_features(self, model, pixel_values):
-        return model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    def reference_features(self, model, encodings):
+        import torch
+
+        pixels = torch.cat([e["pixel_values"] for e in encodings])
+        return list(model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output)
 
     def reference_text_logits(self, model, ids):
         return model.language_model(input_ids=ids).logits

@@ -99,11 +99,11 @@ class Llava(MultimodalFamily):
     def visual_module(self, config: dict):
         return _visual_class()(self._vision(config))
 
-    def reference_features(self, model, pixel_values):
+    def reference_features(self, model, encodings):
         import torch
 
-        feats = model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
-        return torch.stack(list(feats))
+        pixels = torch.cat([e["pixel_values"] for e in encodings])
+        return list(model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output)
 
     def prompt_text(self, prompt: str, image_token: str) -> str:
         # the image goes where the prompt says; a prompt that does not say, gets it first

@@ -2,11 +2,13 @@
 two built engines (no Hugging Face model code on this path; the model's own
 processor does the preprocessing).
 
-    pixel_values = processor(images)               [N, 3, S, S]
-    features     = visual engine(pixel_values)     [N, F, hidden]
-    prompt table = features as [N * F, hidden]
-    token ids    = the processor's ids, with image i's placeholder tokens
-                   replaced by vocab_size + i * F + 0 .. F - 1
+    encodings    = processor(image, prompt), one pair at a time
+    features     = visual engine(each image's inputs: the image, or its tiles),
+                   in batches the engine takes, packed per image by the
+                   family (LLaVA-NeXT: unpadded, with a newline row per row)
+    prompt table = every image's features, one after the other  [rows, hidden]
+    token ids    = the processor's ids, image i's placeholder tokens replaced
+                   by vocab_size + (rows before image i) + 0 .. F_i - 1
     output       = LLM engine greedy generation with the prompt table
 """
 
@@ -53,50 +55,54 @@ class MultimodalPipeline:
 
     @property
     def features(self) -> int:
+        """visual features per image (at most, where they depend on the image)"""
         return self.meta["features"]
 
     @property
     def max_batch_size(self) -> int:
-        return min(self.visual.max_batch_size, self.llm.max_batch_size)
+        return self.llm.max_batch_size
 
     def check_request(self, n_images: int) -> None:
         B = self.max_batch_size
         if n_images > B:
+            at_most = " at most" if self.meta["encoder_features"] != self.meta["features"] else ""
             raise BadInput(
                 f"{n_images} images in one call, but the engines were built for max_batch_size {B} "
-                f"(max_multimodal_len {self.llm.max_multimodal_len} = {B} x {self.features} visual features per image)"
+                f"(max_multimodal_len {self.llm.max_multimodal_len} = {B} x {self.features} visual features per "
+                f"image{at_most})"
             )
 
     # ----------------------------------------------------------------- inputs
 
-    def prepare(self, images: Sequence, prompts: Sequence[str]) -> tuple[torch.Tensor, list[list[int]]]:
-        """pixel_values [N, 3, S, S] and the processor's token ids, one image per prompt."""
+    def prepare(self, images: Sequence, prompts: Sequence[str]) -> list:
+        """The processor's output for each (image, prompt)."""
         if len(images) != len(prompts):
             raise BadInput(f"{len(images)} images for {len(prompts)} prompts; give one image per prompt")
-        pixels, ids = [], []
-        for image, prompt in zip(images, prompts):
-            text = self.family.prompt_text(prompt, self.image_token)
-            enc = self.processor(images=[image], text=[text], return_tensors="pt")
-            pixels.append(enc["pixel_values"])
-            ids.append(enc["input_ids"][0].tolist())
-        return torch.cat(pixels), ids
+        return [self.processor(images=[image], text=[self.family.prompt_text(prompt, self.image_token)],
+                               return_tensors="pt") for image, prompt in zip(images, prompts)]
 
-    def engine_ids(self, ids: list[int], image_index: int) -> list[int]:
-        return engine_ids(ids, image_index, self.meta, self.image_token)
-
-    # ----------------------------------------------------------------- running
-
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        self.check_request(pixel_values.shape[0])
-        return self.visual(pixel_values)
+    def image_features(self, encodings: list) -> list[torch.Tensor]:
+        """[F_i, hidden] per image, from the visual engine."""
+        self.check_request(len(encodings))
+        inputs = [self.family.encoder_inputs(e) for e in encodings]
+        x = torch.cat(inputs)
+        B = self.visual.max_batch_size
+        out = torch.cat([self.visual(x[s : s + B]) for s in range(0, x.shape[0], B)])
+        parts = list(out.split([i.shape[0] for i in inputs]))
+        return self.family.pack_features(parts, encodings, self.meta, self.visual.extras)
 
     def inputs(self, images: Sequence, prompts: Sequence[str]) -> tuple[list[list[int]], torch.Tensor]:
         """Engine token ids and the prompt table for a batch."""
         self.check_request(len(images))
-        pixels, proc_ids = self.prepare(images, prompts)
-        feats = self.image_features(pixels)
-        table = feats.reshape(-1, feats.shape[-1])
-        return [self.engine_ids(p, i) for i, p in enumerate(proc_ids)], table
+        encodings = self.prepare(images, prompts)
+        feats = self.image_features(encodings)
+        ids, first = [], 0
+        for e, f in zip(encodings, feats):
+            ids.append(engine_ids(e["input_ids"][0].tolist(), first, f.shape[0], self.meta, self.image_token))
+            first += f.shape[0]
+        return ids, torch.cat(feats)
+
+    # ----------------------------------------------------------------- running
 
     def generate(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int,
                  eos_token_id: int | None = None) -> list[list[int]]:
@@ -111,15 +117,15 @@ class MultimodalPipeline:
         return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def engine_ids(ids: list[int], image_index: int, meta: dict, image_token: str = "<image>") -> list[int]:
-    """The processor's ids with image `image_index`'s placeholders turned
-    into prompt-table ids (vocab_size + image_index * F + k). A processor
-    that wrote one placeholder (older LLaVA processors) or none (older
-    BLIP-2 ones, whose features go first) is expanded here."""
-    F, tok, V = meta["features"], meta["image_token_id"], meta["vocab_size"]
-    rows = list(range(V + image_index * F, V + (image_index + 1) * F))
+def engine_ids(ids: list[int], first_row: int, n_features: int, meta: dict, image_token: str = "<image>") -> list[int]:
+    """The processor's ids with one image's placeholders turned into
+    prompt-table ids vocab_size + first_row + 0 .. n_features - 1. A
+    processor that wrote one placeholder (older LLaVA processors) or none
+    (older BLIP-2 ones, whose features go first) is expanded here."""
+    tok, V = meta["image_token_id"], meta["vocab_size"]
+    rows = list(range(V + first_row, V + first_row + n_features))
     at = [i for i, t in enumerate(ids) if t == tok]
-    if len(at) == F:
+    if len(at) == n_features:
         out = list(ids)
         for i, r in zip(at, rows):
             out[i] = r
@@ -129,6 +135,6 @@ def engine_ids(ids: list[int], image_index: int, meta: dict, image_token: str = 
     if not at and meta["image_placement"] == "prepend":
         return rows + list(ids)
     raise BadInput(
-        f"a prompt with {len(at)} image placeholders ({image_token}); each prompt takes exactly one image "
-        f"({F} visual features)"
+        f"a prompt with {len(at)} image placeholders ({image_token}) for an image of {n_features} visual features; "
+        f"each prompt takes exactly one image"
     )

@@ -14,11 +14,12 @@ from .engine import DTYPES
 
 
 class VisualEngine:
-    def __init__(self, runner, sidecar: dict):
+    def __init__(self, runner, sidecar: dict, extras: dict | None = None):
         self.run = runner
         self.meta = sidecar
         self.visual = sidecar["visual"]  # the export's facts: features, hidden size, image size, image token ...
         self.device = sidecar.get("device", "cpu")
+        self.extras = extras or {}  # tensors the packing of features needs (LLaVA-NeXT: image_newline)
 
     @classmethod
     def load(cls, engine_dir: str | Path) -> "VisualEngine":
@@ -33,7 +34,12 @@ class VisualEngine:
             runner = _OrtRunner(engine_dir / meta["file"], meta["inputs"][0]["name"])
         else:
             raise BadInput(f"{engine_dir} holds a {fmt} engine, which this runner cannot run")
-        return cls(runner, meta)
+        extras = {}
+        if meta["visual"].get("extras"):
+            from safetensors.torch import load_file
+
+            extras = load_file(str(engine_dir / meta["visual"]["extras"]))
+        return cls(runner, meta, extras)
 
     @property
     def max_batch_size(self) -> int:
@@ -41,7 +47,8 @@ class VisualEngine:
 
     @property
     def features(self) -> int:
-        return self.visual["features"]
+        """per encoder input (an image, or a tile)"""
+        return self.visual["encoder_features"]
 
     @property
     def image_size(self) -> int:
@@ -51,7 +58,7 @@ class VisualEngine:
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         B = pixel_values.shape[0]
         if B > self.max_batch_size:
-            raise BadInput(f"{B} images in one call, but the visual engine was built for max_batch_size {self.max_batch_size}")
+            raise BadInput(f"{B} inputs in one call, but the visual engine was built for batches up to {self.max_batch_size}")
         want = (3, self.image_size, self.image_size)
         if tuple(pixel_values.shape[1:]) != want:
             raise BadInput(f"pixel_values of shape {tuple(pixel_values.shape[1:])} per image, but the visual engine "

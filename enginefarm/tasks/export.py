@@ -7,8 +7,12 @@ features for the LLM) gives both files the backends build from:
 
     visual.onnx (+ visual.onnx.data)  ONNX, batch axis "batch"    tensorrt, tensorrt-rtx, onnxruntime
     visual.ep.pt2                     the ExportedProgram           aoti
+    visual.extra.safetensors          tensors the runner's packing needs (LLaVA-NeXT's image_newline), if any
     visual.json                       facts the builds and the runner need (features, sizes, image token,
                                       ONNX Runtime's max abs diff against PyTorch per batch size checked)
+
+The batch axis counts the encoder's inputs: images, or for LLaVA-NeXT tiles
+(max_batch_size x the most tiles an image can take).
 
 Only the visual tensors of the checkpoint are read. The check runs the ONNX
 graph at batch 1 and at max_batch_size on seeded inputs; a difference over
@@ -34,6 +38,7 @@ from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
 ONNX_FILE = "visual.onnx"
 EP_FILE = "visual.ep.pt2"
 META_FILE = "visual.json"
+EXTRA_FILE = "visual.extra.safetensors"
 INPUT, OUTPUT = "pixel_values", "features"
 
 
@@ -45,7 +50,7 @@ def spec(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepSpec:
         "component": "visual",
         "family": fam.name,
         "dtype": variant.dtype,
-        "max_batch_size": limits["max_batch_size"],
+        "max_batch_size": limits["max_batch_size"] * fam.encoder_inputs_per_image(config),
         "image_size": ctx.recipe.components["visual"].image_size,
         "tolerance": ctx.recipe.validation.gates.visual_max_abs_diff,
     }
@@ -141,9 +146,15 @@ def export_visual(fam, src: Path, config: dict, out: Path, dtype_name: str, max_
         "exported_program_max_abs_diff": ep_diff,
         "timings": {"torch_export_s": round(t1 - t0, 3), "onnx_s": round(t2 - t1, 3)},
     }
-    if (meta["features"], meta["hidden_size"]) != (F, H):
-        raise StepFailed(f"export: the visual module makes [{F}, {H}] features per image, the family says "
-                         f"[{meta['features']}, {meta['hidden_size']}]")
+    if (meta["encoder_features"], meta["hidden_size"]) != (F, H):
+        raise StepFailed(f"export: the visual module makes [{F}, {H}] features per input, the family says "
+                         f"[{meta['encoder_features']}, {meta['hidden_size']}]")
+    extras = fam.visual_extras(src, config, dtype)
+    if extras:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in extras.items()}, str(out / EXTRA_FILE))
+        meta["extras"] = EXTRA_FILE
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
 

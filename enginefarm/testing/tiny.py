@@ -177,6 +177,34 @@ def _llava(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[i
     return model, proc
 
 
+def _llava_next(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
+                patch: int, vision_hidden: int, vision_layers: int):
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextProcessor)
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    # tiles of image_size; grids of 1 x 2, 2 x 1 and 2 x 2 tiles
+    pins = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
+                              num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
+                              patch_size=patch, projection_dim=vision_hidden)
+    text = LlamaConfig(vocab_size=MM_VOCAB, hidden_size=hidden, intermediate_size=hidden * 2 + 32,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                       max_position_embeddings=512, rms_norm_eps=1e-6, pad_token_id=1, bos_token_id=0,
+                       eos_token_id=2, tie_word_embeddings=tied)
+    cfg = LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=IMAGE_TOKEN_ID,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default",
+                          projector_hidden_act="gelu", image_grid_pinpoints=pins,
+                          image_seq_length=(image_size // patch) ** 2, tie_word_embeddings=tied)
+    model = LlavaNextForConditionalGeneration(cfg)
+    reinit(model, seed)
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                    crop_size={"height": image_size, "width": image_size}, image_grid_pinpoints=pins)
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=image_tokenizer(), patch_size=patch,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model, proc
+
+
 # name -> (builder, defaults)
 TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     "opt": (_opt, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True)),
@@ -192,6 +220,10 @@ TINY_MODELS: dict[str, tuple[Callable, dict]] = {
                            vision_hidden=32, vision_layers=2, queries=8)),
     "llava": (_llava, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False, image_size=32, patch=8,
                            vision_hidden=32, vision_layers=3)),
+    # 32 px tiles of 8 px patches (16 features a tile), up to 2 x 2 tiles:
+    # 16 + 8 rows x (8 + 1) = 88 features per image at most
+    "llava-next": (_llava_next, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False, image_size=32, patch=8,
+                                     vision_hidden=32, vision_layers=3)),
 }
 
 
@@ -239,7 +271,7 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int)
     ap.add_argument("--heads", type=int)
     ap.add_argument("--kv-heads", type=int, dest="kv_heads")
-    mm = ap.add_argument_group("multimodal (blip2, llava)")
+    mm = ap.add_argument_group("multimodal (blip2, llava, llava-next)")
     mm.add_argument("--image-size", type=int, dest="image_size")
     mm.add_argument("--patch", type=int)
     mm.add_argument("--vision-hidden", type=int, dest="vision_hidden")
