@@ -16,6 +16,13 @@ from ..errors import BadInput
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def load_aoti(engine_dir: Path, meta: dict):
+    """The runner of an aoti package (its engine.json: meta)."""
+    if meta.get("device") == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"engine in {engine_dir} was built for {meta.get('target')}; this machine has no CUDA GPU")
+    return torch._inductor.aoti_load_package(str(engine_dir / meta["file"]))
+
+
 class LLMEngine:
     def __init__(self, runner, sidecar: dict):
         self.run = runner
@@ -32,10 +39,7 @@ class LLMEngine:
         meta = json.loads((engine_dir / "engine.json").read_text())
         if meta.get("format") != "aoti-pt2":
             raise BadInput(f"{engine_dir} holds a {meta.get('format')} engine, not an aoti package")
-        if meta.get("device") == "cuda" and not torch.cuda.is_available():
-            raise BadInput(f"engine in {engine_dir} was built for {meta.get('target')}; this machine has no CUDA GPU")
-        runner = torch._inductor.aoti_load_package(str(engine_dir / meta["file"]))
-        return cls(runner, meta)
+        return cls(load_aoti(engine_dir, meta), meta)
 
     @property
     def max_batch_size(self) -> int:

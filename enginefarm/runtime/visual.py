@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput
-from .engine import DTYPES
+from .engine import DTYPES, load_aoti
 
 
 class VisualEngine:
@@ -27,9 +27,7 @@ class VisualEngine:
         meta = json.loads((engine_dir / "engine.json").read_text())
         fmt = meta.get("format")
         if fmt == "aoti-pt2":
-            if meta.get("device") == "cuda" and not torch.cuda.is_available():
-                raise BadInput(f"engine in {engine_dir} was built for {meta.get('target')}; this machine has no CUDA GPU")
-            runner = torch._inductor.aoti_load_package(str(engine_dir / meta["file"]))
+            runner = load_aoti(engine_dir, meta)
         elif fmt == "onnx":
             runner = _OrtRunner(engine_dir / meta["file"], meta["inputs"][0]["name"])
         else:

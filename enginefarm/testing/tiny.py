@@ -153,18 +153,28 @@ def _blip2(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[i
     return model, proc
 
 
-def _llava(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
-           patch: int, vision_hidden: int, vision_layers: int, feature_layer: int = -2):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+def _clip_and_llama(layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
+                    patch: int, vision_hidden: int, vision_layers: int, max_positions: int):
+    """The CLIP vision tower's and the LLaMA's configs of the tiny LLaVAs."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
                               num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
                               patch_size=patch, projection_dim=vision_hidden)
     text = LlamaConfig(vocab_size=MM_VOCAB, hidden_size=hidden, intermediate_size=hidden * 2 + 32,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
-                       max_position_embeddings=256, rms_norm_eps=1e-6, pad_token_id=1, bos_token_id=0,
+                       max_position_embeddings=max_positions, rms_norm_eps=1e-6, pad_token_id=1, bos_token_id=0,
                        eos_token_id=2, tie_word_embeddings=tied)
+    return vision, text
+
+
+def _llava(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
+           patch: int, vision_hidden: int, vision_layers: int, feature_layer: int = -2):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    vision, text = _clip_and_llama(layers, hidden, heads, kv_heads, tied, image_size, patch, vision_hidden,
+                                   vision_layers, max_positions=256)
     cfg = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=IMAGE_TOKEN_ID,
                       vision_feature_layer=feature_layer, vision_feature_select_strategy="default",
                       projector_hidden_act="gelu", image_seq_length=(image_size // patch) ** 2,
@@ -179,19 +189,13 @@ def _llava(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[i
 
 def _llava_next(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
                 patch: int, vision_hidden: int, vision_layers: int):
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextProcessor)
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     # tiles of image_size; grids of 1 x 2, 2 x 1 and 2 x 2 tiles
     pins = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
-    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
-                              num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
-                              patch_size=patch, projection_dim=vision_hidden)
-    text = LlamaConfig(vocab_size=MM_VOCAB, hidden_size=hidden, intermediate_size=hidden * 2 + 32,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
-                       max_position_embeddings=512, rms_norm_eps=1e-6, pad_token_id=1, bos_token_id=0,
-                       eos_token_id=2, tie_word_embeddings=tied)
+    vision, text = _clip_and_llama(layers, hidden, heads, kv_heads, tied, image_size, patch, vision_hidden,
+                                   vision_layers, max_positions=512)
     cfg = LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=IMAGE_TOKEN_ID,
                           vision_feature_layer=-2, vision_feature_select_strategy="default",
                           projector_hidden_act="gelu", image_grid_pinpoints=pins,
