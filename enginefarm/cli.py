@@ -437,37 +437,62 @@ def cmd_gc(a) -> int:
     return 0
 
 
-def cmd_run(a) -> int:
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".index.json")
+
+
+def _lay_out(st, value: dict, m: dict) -> Path:
+    """The ref's engines (<cache>/<component>/) and the fetched checkpoint's
+    files other than weights: tokenizer, processor, config (<cache>/source/)."""
     import tempfile
 
+    cache = Path(os.environ.get("ENGINEFARM_CACHE", Path(tempfile.gettempdir()) / "enginefarm-cache")) / value["digest"][:16]
+    for rel, f in m["files"].items():
+        if not (cache / rel).exists():
+            (cache / rel).parent.mkdir(parents=True, exist_ok=True)
+            st.get_blob_file(f["sha256"], cache / rel, size=f["size"])
+    fm = st.get_manifest(value["recipe"], "fetch", m["inputs"]["fetch"]["key"])
+    for rel, f in fm["files"].items():
+        if not rel.endswith(WEIGHTS) and not (cache / "source" / rel).exists():
+            (cache / "source" / rel).parent.mkdir(parents=True, exist_ok=True)
+            st.get_blob_file(f["sha256"], cache / "source" / rel, size=f["size"])
+    return cache
+
+
+def _pairs(images: list[str], prompts: list[str]) -> tuple[list[str], list[str]]:
+    """One image per prompt: n and n, or one of either for all of the other."""
+    if len(images) == len(prompts):
+        return images, prompts
+    if len(images) == 1:
+        return images * len(prompts), prompts
+    if len(prompts) == 1:
+        return images, prompts * len(images)
+    raise BadInput(f"{len(images)} --image and {len(prompts)} --prompt: give one image per prompt, "
+                   f"or one image for every prompt, or one prompt for every image")
+
+
+def cmd_run(a) -> int:
     from .backends import get_backend
     from .store import open_store
 
-    if a.image or a.video:
-        raise BadInput("images and video need a multimodal family; none is implemented in this version")
-    from .registry import resolve
-
+    if a.video:
+        raise BadInput("--video needs a video family (llava-next-video), which is not implemented in this version")
+    if a.max_new_tokens < 1:
+        raise BadInput(f"--max-new-tokens must be at least 1 (got {a.max_new_tokens})")
     st = open_store(a.store)
     value, m = resolve(st, a.ref)
-    cache = Path(os.environ.get("ENGINEFARM_CACHE", Path(tempfile.gettempdir()) / "enginefarm-cache")) / value["digest"][:16]
-    eng_dir = cache / "llm"
-    tok_dir = cache / "tokenizer"
-    for rel, f in m["files"].items():
-        if rel.startswith("llm/") and not (cache / rel).exists():
-            (cache / rel).parent.mkdir(parents=True, exist_ok=True)
-            st.get_blob_file(f["sha256"], cache / rel, size=f["size"])
-    fetch_in = m["inputs"]["fetch"]
-    fm = st.get_manifest(value["recipe"], "fetch", fetch_in["key"])
-    for rel, f in fm["files"].items():
-        if (rel.startswith("tokenizer") or rel in ("vocab.json", "merges.txt", "special_tokens_map.json", "config.json")
-                or rel.endswith(".model")) and not (tok_dir / rel).exists():
-            tok_dir.mkdir(parents=True, exist_ok=True)
-            st.get_blob_file(f["sha256"], tok_dir / rel, size=f["size"])
+    comps = m["results"]["components"]
+    if a.image and "visual" not in comps:
+        raise BadInput(f"{a.ref} has a text-only engine (no visual component); --image needs a multimodal recipe")
+    if "visual" in comps and not a.image:
+        raise BadInput(f"{a.ref} is multimodal: give --image PATH (one per prompt, or one for every prompt)")
+    if "visual" in comps:
+        images, prompts = _pairs(a.image, a.prompt)
+        return _run_multimodal(a, value, _lay_out(st, value, m), images, prompts)
+    cache = _lay_out(st, value, m)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
-    backend = m["results"]["components"]["llm"]["backend"]
-    eng = get_backend(backend).load(eng_dir)
+    tok = AutoTokenizer.from_pretrained(cache / "source", trust_remote_code=False)
+    eng = get_backend(comps["llm"]["backend"]).load(cache / "llm")
     prompts = [tok(p).input_ids for p in a.prompt]
     t0 = time.perf_counter()
     outs = eng.generate(prompts, a.max_new_tokens, eos_token_id=tok.eos_token_id)
@@ -478,6 +503,26 @@ def cmd_run(a) -> int:
     else:
         for r in results:
             print(f"{r['prompt']}{r['text']}")
+    return 0
+
+
+def _run_multimodal(a, value: dict, cache: Path, images: list[str], prompts: list[str]) -> int:
+    from .images import load_image
+    from .runtime.multimodal import MultimodalPipeline
+
+    pixels = [load_image(p) for p in images]  # unreadable files: exit 2 before any engine loads
+    pipe = MultimodalPipeline.load(cache)
+    pipe.check_request(len(pixels))
+    t0 = time.perf_counter()
+    outs = pipe.generate(pixels, prompts, a.max_new_tokens, eos_token_id=pipe.eos_token_id)
+    dt = time.perf_counter() - t0
+    results = [{"image": i, "prompt": p, "output_ids": o, "text": pipe.decode(o)} for i, p, o in zip(images, prompts, outs)]
+    if a.json:
+        print(json.dumps({"ref": value, "visual_features": pipe.features, "results": results,
+                          "seconds": round(dt, 3)}, indent=2))
+    else:
+        for r in results:
+            print(f"[{r['image']}] {r['prompt']}{r['text']}")
     return 0
 
 
@@ -655,7 +700,7 @@ def parser() -> argparse.ArgumentParser:
     rn = sub.add_parser("run", help="generate with a built engine")
     rn.add_argument("ref")
     rn.add_argument("--prompt", action="append", required=True, help="repeatable: one sequence each")
-    rn.add_argument("--image", action="append")
+    rn.add_argument("--image", action="append", help="repeatable: an image file, paired with the prompts in order")
     rn.add_argument("--video")
     rn.add_argument("--max-new-tokens", type=int, default=32)
     store_arg(rn)

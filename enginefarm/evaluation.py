@@ -2,7 +2,8 @@
 the convert command: engine-side and reference-side outputs on the same token
 ids, compared side by side (logits max-abs-diff, top-1 agreement, greedy
 tokens, and over a text set perplexity and top-1 / top-5 next-token accuracy),
-and the recipe's gates applied to the result."""
+and the recipe's gates applied to the result. Multimodal pipelines add the
+visual features (engine against PyTorch) and run the prompts with images."""
 
 from __future__ import annotations
 
@@ -138,6 +139,11 @@ def load_reference(src_dir: str | Path):
     return cls.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False).eval()
 
 
+def worst(a: float, b: float) -> float:
+    """max() that keeps a NaN (max(0.0, nan) is 0.0), so a NaN fails its gate."""
+    return b if (b != b or b > a) else a
+
+
 def compare(got: dict, ref: dict, names: tuple[str, str] = ("engine", "reference")) -> dict:
     """Metrics of one set of outputs against another, side by side."""
     import torch
@@ -147,7 +153,7 @@ def compare(got: dict, ref: dict, names: tuple[str, str] = ("engine", "reference
     agree = total = 0
     greedy = []
     for g, r in zip(got["prompts"], ref["prompts"]):
-        max_diff = max(max_diff, float((g["logits"] - r["logits"]).abs().max()))
+        max_diff = worst(max_diff, float((g["logits"] - r["logits"]).abs().max()))
         agree += int((g["logits"].argmax(-1) == r["logits"].argmax(-1)).sum())
         total += g["logits"].shape[0]
         greedy.append({"ids": g["ids"], me: g["generated"], other: r["generated"],
@@ -159,7 +165,7 @@ def compare(got: dict, ref: dict, names: tuple[str, str] = ("engine", "reference
     for g, r in zip(got["eval"], ref["eval"]):
         tgt = torch.tensor(g["targets"] if "targets" in g else g["ids"][1:])
         e, rr = g["logits"], r["logits"]
-        max_diff = max(max_diff, float((e - rr).abs().max()))
+        max_diff = worst(max_diff, float((e - rr).abs().max()))
         agree += int((e.argmax(-1) == rr.argmax(-1)).sum())
         total += len(tgt)
         for who, lg in ((me, e), (other, rr)):
@@ -207,7 +213,7 @@ def evaluate(ref_model, tok, eng, prompts: list[str], text: str, max_new_tokens:
 def judge(metrics: dict, gates: dict) -> dict:
     out = {}
     for name, limit in gates.items():
-        if limit is None or limit is False:
+        if limit is None or limit is False or name not in metrics:  # not set, or not for this kind of model
             continue
         value = metrics[name]
         if name == "greedy_equal":
@@ -294,3 +300,91 @@ def check_shard_sets(sets: list[tuple], prompts: list[str], text: str, max_new_t
             rs.append(m)
         results.append(rs)
     return results
+
+
+# ----------------------------------------------------------------------------- multimodal
+
+
+class _TextOnly:
+    """A multimodal reference model called on text alone, as reference_outputs calls a causal LM."""
+
+    def __init__(self, family, model):
+        self.family, self.model = family, model
+
+    def __call__(self, ids):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.family.reference_text_logits(self.model, ids))
+
+
+def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list[str], prompts: list[str], text: str,
+                        max_new_tokens: int, max_eval_tokens: int) -> dict:
+    """The engines (pipe: runtime.multimodal.MultimodalPipeline) against the
+    Hugging Face model in fp32 on the same images and prompts, paired in
+    turn (image i % n with prompt i % m): visual features, prefill logits
+    and greedy tokens one pair at a time, greedy tokens of all pairs in
+    batches of max_batch_size, and the LLM on the text set."""
+    import torch
+
+    n = max(len(images), len(prompts))
+    if not images or not prompts:
+        raise BadInput("multimodal validation needs at least one image and one prompt")
+    pairs = [(images[i % len(images)], image_names[i % len(images)], prompts[i % len(prompts)]) for i in range(n)]
+    tok = pipe.processor.tokenizer
+    eos, pad = pipe.eos_token_id, tok.pad_token_id
+    B = pipe.max_batch_size
+
+    encodings = pipe.prepare([p[0] for p in pairs], [p[2] for p in pairs])
+    feat_diff = 0.0
+    n_feats = []
+    with torch.no_grad():
+        for s in range(0, n, B):
+            got_f = pipe.image_features(encodings[s : s + B])
+            ref_f = family.reference_features(ref_model, encodings[s : s + B])
+            for g, r in zip(got_f, ref_f):
+                if g.shape != r.shape:
+                    raise BadInput(f"the engines make {tuple(g.shape)} visual features for an image, Hugging Face "
+                                   f"{tuple(r.shape)}")
+                feat_diff = worst(feat_diff, float((g - r.float()).abs().max()))
+                n_feats.append(g.shape[0])
+
+    got_p, ref_p = [], []
+    for (image, name, prompt), enc in zip(pairs, encodings):
+        eng_ids, table = pipe.inputs([image], [prompt])
+        n_new = min(max_new_tokens, pipe.llm.max_seq_len - len(eng_ids[0]))
+        got_p.append({"ids": eng_ids[0], "logits": pipe.llm.logits(eng_ids[0], table),
+                      "generated": pipe.llm.generate(eng_ids, n_new, eos_token_id=eos, prompt_table=table)[0]})
+        T = enc["input_ids"].shape[1]
+        if T != len(eng_ids[0]):
+            raise BadInput(f"the processor's prompt has {T} tokens, the engine's {len(eng_ids[0])}; the processor "
+                           f"does not write the image placeholders the model expects")
+        with torch.no_grad():
+            logits = ref_model(**enc).logits[0].float()
+            out = ref_model.generate(**enc, max_new_tokens=n_new, do_sample=False, eos_token_id=eos,
+                                     pad_token_id=pad)[0].tolist()
+        ref_p.append({"ids": eng_ids[0], "logits": logits, "generated": out[T:]})  # generate repeats the prompt
+
+    # all pairs at once, in batches of the engines' max_batch_size
+    n_b = min(len(g["generated"]) for g in got_p) if got_p else 0
+    n_b = max(1, min(max_new_tokens, n_b))
+    batched: list[list[int]] = []
+    for s in range(0, n, B):
+        chunk = pairs[s : s + B]
+        batched += pipe.generate([c[0] for c in chunk], [c[2] for c in chunk], n_b, eos_token_id=eos)
+
+    eval_ids = tok(text).input_ids[:max_eval_tokens]
+    got_eval = engine_outputs(pipe.llm, [], eval_ids, 0, eos)["eval"]
+    ref_eval = reference_outputs(_TextOnly(family, ref_model), [], eval_ids, 0, eos, pad, pipe.llm.max_seq_len,
+                                 pipe.llm.max_input_len)["eval"]
+    m = compare({"prompts": got_p, "eval": got_eval}, {"prompts": ref_p, "eval": ref_eval})
+    for g, (_, name, prompt), b, r in zip(m["greedy"], pairs, batched, ref_p):
+        g["prompt"], g["image"] = prompt, name
+        g["ids"] = [t if t < pipe.meta["vocab_size"] else -1 for t in g["ids"]]  # -1: a visual feature
+        g["batched"] = b
+        g["batched_equal"] = b == r["generated"][:n_b]  # both stop at eos
+    m["visual_max_abs_diff"] = feat_diff
+    m["visual_features"] = pipe.features
+    m["visual_features_by_image"] = n_feats
+    m["greedy_batched_equal"] = all(g["batched_equal"] for g in m["greedy"])
+    m["greedy_equal"] = m["greedy_equal"] and m["greedy_batched_equal"]  # the gate covers both ways of running
+    return m

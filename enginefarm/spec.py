@@ -149,6 +149,9 @@ class Gates(Strict):
     greedy_equal: bool = True
     perplexity_rel_diff: Optional[float] = Field(0.01, ge=0)
     top5_accuracy_drop: Optional[float] = Field(0.01, ge=0, le=1)
+    visual_max_abs_diff: Optional[float] = Field(
+        1e-3, ge=0, description="multimodal: visual features, engine (and ONNX export) against PyTorch"
+    )
 
 
 # Weight-only quantized variants are judged by their own gates (the
@@ -165,6 +168,10 @@ DEFAULT_QUANT_GATES = {
 
 class Validation(Strict):
     prompts: list[str] = ["The build farm", "Engines are rebuilt every night when"]
+    images: list[str] = Field(
+        ["builtin:gradient", "builtin:rings"],
+        description="multimodal: images paired with the prompts (builtin:NAME, or a path relative to the recipe)",
+    )
     max_new_tokens: int = Field(16, ge=1)
     text_set: str = Field("builtin:eval", description="builtin:eval or a path to a UTF-8 text file")
     max_eval_tokens: int = Field(256, ge=8)

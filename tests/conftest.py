@@ -16,6 +16,9 @@ _SESSION_TMP = Path(tempfile.mkdtemp(prefix="enginefarm-tests-"))
 # before anything imports prefect: a private, throwaway Prefect home
 os.environ["PREFECT_HOME"] = str(_SESSION_TMP / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# on a loaded 2-core machine the ephemeral API server can take longer than
+# Prefect's default 20 s to come up
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # the ephemeral API starts slowly on a busy 2-core machine (default: 20 s)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")

@@ -7,12 +7,19 @@ package does prefill and decode. An encoder-decoder LLM (T5, BART) is two
 packages (see `enginefarm.runtime.encdec`): the encoder, which also computes
 the decoder's cross-attention keys/values once per request, and the decoder
 step with its self-attention cache. Runs on CPU here and on CUDA where the
-target is a GPU.
+target is a GPU. Built for a multimodal recipe (limits carry
+max_multimodal_len), the decoder step also takes a prompt table of
+1..max_multimodal_len rows.
+
+The visual engine is the export step's ExportedProgram (the graph its ONNX
+was made from) compiled by AOTInductor: pixel_values with a dynamic batch
+(1..max_batch_size) -> features.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -21,11 +28,12 @@ from .base import Backend, torch_toolchain, version_of
 
 ENGINE_FILE = "llm.pt2"
 ENCODER_FILE = "encoder.pt2"
+VISUAL_FILE = "visual.pt2"
 DECODER_FILE = "decoder.pt2"
 
 
 class AOTI(Backend):
-    components = ("llm",)
+    components = ("llm", "visual")
     max_tp = 1  # one process, one device: tp > 1 checkpoints are proven by the shards step, built by tensorrt-llm
     install_hint = "pip install 'torch>=2.6'"
 
@@ -57,6 +65,8 @@ class AOTI(Backend):
         ok, why = self.usable(component, variant.target)
         if not ok:
             raise NotAvailable(why)
+        if component == "visual":
+            return self._build_visual(src_dir, out_dir, variant, limits, progress)
         if variant.tp > self.max_tp:
             raise NotAvailable(f"the aoti backend builds tp=1 engines (variant {variant.name} has tp={variant.tp})")
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +107,8 @@ class AOTI(Backend):
         t0 = time.perf_counter()
         if progress:
             progress("aoti: torch.export (decoder)")
-        ep = export_decoder(model, B, T, S, device)
+        M = limits.get("max_multimodal_len") or 0
+        ep = export_decoder(model, B, T, S, device, prompt_rows=M)
         timings = {"export_s": round(time.perf_counter() - t0, 3),
                    **self._package(ep, out_dir / ENGINE_FILE, "decoder", device, progress)}
         c = model.cfg
@@ -118,6 +129,10 @@ class AOTI(Backend):
             ],
             "timings": timings,
         }
+        if M:
+            H = model.cfg.hidden_size
+            sidecar["prompt_table"] = {"max_rows": M, "hidden_size": H}
+            sidecar["inputs"].append({"name": "prompt_table", "dtype": variant.dtype, "shape": ["rows", H]})
         (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))
         return sidecar
 
@@ -188,6 +203,57 @@ class AOTI(Backend):
         (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))
         return sidecar
 
+
+    def _build_visual(self, src_dir: Path, out_dir: Path, variant, limits: dict, progress=None) -> dict:
+        """src_dir: the export step's files (visual.ep.pt2, visual.json)."""
+        import torch
+
+        meta = json.loads((src_dir / "visual.json").read_text())
+        B = meta["max_batch_size"]  # encoder inputs per call: images, or tiles (max_batch_size x tiles per image)
+        from torch.export import Dim
+
+        from ..runtime.engine import DTYPES
+
+        device = "cpu" if variant.target == "cpu" else "cuda"
+        t0 = time.perf_counter()
+        ep = torch.export.load(str(src_dir / meta["exported_program"]))
+        if device != "cpu":
+            from torch.export.passes import move_to_device_pass
+
+            ep = move_to_device_pass(ep, device)
+        # Re-traced before compiling: with torch 2.13, AOTInductor compiling the
+        # deserialized program of the CLIP tower gave NaN at batch 1 (batch 2
+        # was right); compiling a fresh trace of its module is right at every
+        # batch size (tests/test_multimodal.py checks batch 1 and max).
+        S = meta["image_size"]
+        example = torch.zeros(min(2, B), 3, S, S, dtype=DTYPES[meta["dtype"]], device=device)
+        dyn = ({0: Dim("batch", min=1, max=B)},) if B > 1 else None
+        with torch.no_grad():
+            ep = torch.export.export(ep.module(), (example,), dynamic_shapes=dyn, strict=False)
+        if progress:
+            progress(f"aoti: AOTInductor compile of the visual encoder ({device})")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(out_dir / VISUAL_FILE))
+        t1 = time.perf_counter()
+        F, H = meta["encoder_features"], meta["hidden_size"]
+        sidecar = {
+            "format": "aoti-pt2",
+            "component": "visual",
+            "file": VISUAL_FILE,
+            "device": device,
+            "target": variant.target,
+            "dtype": meta["dtype"],
+            "max_batch_size": B,
+            "visual": meta,
+            "inputs": [{"name": meta["input"], "dtype": meta["dtype"], "shape": ["batch", 3, S, S]}],
+            "outputs": [{"name": meta["output"], "dtype": meta["dtype"], "shape": ["batch", F, H]}],
+            "timings": {"compile_s": round(t1 - t0, 3)},
+        }
+        if meta.get("extras"):
+            shutil.copyfile(src_dir / meta["extras"], out_dir / meta["extras"])
+        (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))
+        return sidecar
+
     def load(self, engine_dir: Path, device: str = "cpu"):
         from ..runtime.engine import LLMEngine
 
@@ -201,6 +267,10 @@ class AOTI(Backend):
 
             LLMEngine.check_meta(engine_dir, meta)
             return EncDecEngine.load(engine_dir, meta)
+        if meta.get("component") == "visual":
+            from ..runtime.visual import VisualEngine
+
+            return VisualEngine.load(engine_dir)
         return LLMEngine.load(engine_dir)
 
     def triton_model(self, name: str, sidecar: dict) -> tuple[str, dict[str, str]]:
@@ -269,10 +339,12 @@ class TritonPythonModel:
 '''
 
 
-def export_decoder(model, max_batch: int, max_tokens: int, max_seq_len: int, device: str = "cpu"):
+def export_decoder(model, max_batch: int, max_tokens: int, max_seq_len: int, device: str = "cpu",
+                   prompt_rows: int = 0):
     """The decoder's step function as a torch.export program with a dynamic
     batch (1..max_batch) and token count (1..max_tokens): what the package
-    is compiled from."""
+    is compiled from. With prompt_rows (multimodal: max_multimodal_len), the
+    step also takes a prompt table of 1..prompt_rows rows."""
     import torch
     from torch.export import Dim
 
@@ -284,9 +356,13 @@ def export_decoder(model, max_batch: int, max_tokens: int, max_seq_len: int, dev
     kc, vc = kc.to(device), vc.to(device)
     batch = Dim("batch", min=1, max=B) if B > 1 else None
     seq = Dim("seq", min=1, max=T) if T > 1 else None
-    ds = _dims([{0: batch, 1: seq}, {}, {1: batch}, {1: batch}])
+    specs = [{0: batch, 1: seq}, {}, {1: batch}, {1: batch}]
+    args = (ids, start, kc, vc)
+    if prompt_rows:  # multimodal: the prompt table (visual features) is an input
+        args += (torch.zeros(min(2, prompt_rows), model.cfg.hidden_size, dtype=kc.dtype, device=device),)
+        specs.append({0: Dim("prompt_rows", min=1, max=prompt_rows) if prompt_rows > 1 else None})
     with torch.no_grad():
-        return torch.export.export(model, (ids, start, kc, vc), dynamic_shapes=ds, strict=False)
+        return torch.export.export(model, args, dynamic_shapes=_dims(specs), strict=False)
 
 
 def _sidecar(component: str, device: str, variant, limits: dict, vocab_size: int) -> dict:

@@ -1,8 +1,17 @@
-"""`onnxruntime`: runs ONNX exports of visual components on CPU (checks and a
-CPU serving option). LLM engines are not built with it."""
+"""`onnxruntime`: serves the ONNX export of a visual component on the CPU
+(a CPU serving option; the export step checks every export with it too).
+LLM engines are not built with it.
+
+The "engine" is the export's ONNX file as it is (plus its external data),
+with a sidecar; the runner opens it in an ONNX Runtime session."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import NotAvailable
 from .base import Backend, version_of
 
 
@@ -15,10 +24,43 @@ class OnnxRuntime(Backend):
             return False, f"onnxruntime is not installed ({self.install_hint})"
         if component not in self.components:
             return False, "onnxruntime serves visual components (ONNX exports); build LLMs with aoti or tensorrt-llm"
-        return False, "visual components are not implemented in this version of enginefarm"
+        if target != "cpu":
+            return False, f"this backend serves on the CPU (target cpu), not {target}"
+        return True, ""
 
     def toolchain(self, target: str) -> dict:
         return {"backend": "onnxruntime", "onnxruntime": version_of("onnxruntime")}
+
+    def build(self, component, src_dir, out_dir, variant, limits, progress=None) -> dict:
+        ok, why = self.usable(component, variant.target)
+        if not ok:
+            raise NotAvailable(why)
+        meta = json.loads((Path(src_dir) / "visual.json").read_text())
+        B = meta["max_batch_size"]  # encoder inputs per call: images, or tiles (max_batch_size x tiles per image)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for p in sorted(Path(src_dir).iterdir()):
+            if p.name.startswith(meta["onnx"]) or p.name == meta.get("extras"):  # visual.onnx(.data), extras
+                shutil.copyfile(p, out_dir / p.name)
+        S, F, H = meta["image_size"], meta["encoder_features"], meta["hidden_size"]
+        sidecar = {
+            "format": "onnx",
+            "component": component,
+            "file": meta["onnx"],
+            "device": "cpu",
+            "target": "cpu",
+            "dtype": meta["dtype"],
+            "max_batch_size": B,
+            "visual": meta,
+            "inputs": [{"name": meta["input"], "dtype": meta["dtype"], "shape": ["batch", 3, S, S]}],
+            "outputs": [{"name": meta["output"], "dtype": meta["dtype"], "shape": ["batch", F, H]}],
+        }
+        (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))
+        return sidecar
+
+    def load(self, engine_dir: Path, device: str = "cpu"):
+        from ..runtime.visual import VisualEngine
+
+        return VisualEngine.load(engine_dir)
 
 
 def backend(name: str) -> OnnxRuntime:

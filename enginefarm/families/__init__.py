@@ -15,7 +15,8 @@ from typing import Optional
 from ..errors import BadInput
 from .base import Family
 
-IMPLEMENTED = ("opt", "llama", "gpt2", "gpt-neo", "gpt-neox", "gptj", "bloom", "mistral", "t5", "bart")
+IMPLEMENTED = ("opt", "llama", "gpt2", "gpt-neo", "gpt-neox", "gptj", "bloom", "mistral", "t5", "bart",
+               "blip2", "llava", "llava-next")
 
 
 def _planned(name: str, title: str, model_types: tuple, kind: str, components=("llm",), visual_features=None) -> Family:
@@ -28,11 +29,8 @@ def _planned(name: str, title: str, model_types: tuple, kind: str, components=("
 _PLANNED = {
     f.name: f
     for f in [
-        _planned("blip2", "BLIP-2 (ViT + Q-Former + OPT or Flan-T5)", ("blip-2",), "multimodal", ("visual", "llm"), 32),
-        _planned("llava", "LLaVA-1.5 (CLIP ViT-L/14-336 + projector + LLaMA)", ("llava",), "multimodal", ("visual", "llm"), 576),
         # any-resolution tiling: features depend on the image size; the
         # multimodal issue derives the limit from the largest tiling allowed
-        _planned("llava-next", "LLaVA-NeXT (1.6)", ("llava_next",), "multimodal", ("visual", "llm")),
         _planned("llava-next-video", "LLaVA-NeXT-Video", ("llava_next_video",), "multimodal", ("visual", "llm")),
         _planned("nougat", "Nougat (Swin + mBART)", ("vision-encoder-decoder",), "multimodal", ("visual", "llm"), 588),
         _planned("blip", "BLIP image captioning", ("blip",), "multimodal", ("visual", "llm"), 577),

@@ -67,7 +67,10 @@ class Family:
                     f"family {self.name}) = {derived}; remove it (it is derived) or make them agree"
                 )
 
-    def derived_limits(self, recipe: "Recipe") -> dict[str, Any]:
+    def derived_limits(self, recipe: "Recipe", config: Optional[dict] = None) -> dict[str, Any]:
+        """The recipe's limits with max_multimodal_len filled in. Families
+        whose feature count comes from the checkpoint use `config` (the
+        fetched config.json) when given."""
         lim = recipe.limits.model_dump()
         if self.visual_features is not None and "visual" in recipe.enabled_components:
             lim["max_multimodal_len"] = lim["max_batch_size"] * self.visual_features

@@ -2,6 +2,7 @@
 
     fetch -> convert(tp, dtype, quant) -> [shards: tp > 1 or quantized] -> build[llm](backend, target)
           -> validate -> publish -> alias
+      +--> export[visual](onnx) -> build[visual](backend) ---+            (multimodal families)
 
 Everything that can be checked without weights is checked before the first
 task runs (recipe, family, backends); the tp / head-count check runs right
@@ -27,6 +28,7 @@ from ..spec import Recipe, Variant, load_recipe
 from ..store import open_store
 from ..tasks import build as build_step
 from ..tasks import convert as convert_step
+from ..tasks import export as export_step
 from ..tasks import fetch as fetch_step
 from ..tasks import publish as publish_step
 from ..tasks import shards as shards_step
@@ -107,6 +109,7 @@ def plan(r: Recipe, vs: list[Variant], st) -> tuple[list[PlanRow], dict]:
         return hit
 
     fetched = look("fetch", "-", fetch_step.spec(ctx))
+    config = fetched.results["config"] if fetched else None
     if fetched:
         for v in vs:
             fam.check_config(fetched.results["config"], v, where=f"{r.name}'s fetched config.json")
@@ -115,13 +118,21 @@ def plan(r: Recipe, vs: list[Variant], st) -> tuple[list[PlanRow], dict]:
         shards = None
         if shards_step.needed(v):
             shards = look("shards", v.name, shards_step.spec(ctx, fetched, conv, v) if conv else None)
-        builds = {c: look(f"build[{c}]", v.name, build_step.spec(ctx, conv, v, c) if conv else None)
-                  for c in r.enabled_components}
-        val = look("validate", v.name, validate_step.spec(ctx, fetched, builds["llm"], v) if builds.get("llm") else None)
+        exported = None
+        if "visual" in r.enabled_components:
+            exported = look("export[visual]", v.name, export_step.spec(ctx, fetched, v) if fetched else None)
+        builds = {}
+        for c in r.enabled_components:
+            src = exported if c == "visual" else conv
+            builds[c] = look(f"build[{c}]", v.name, build_step.spec(ctx, src, v, c, config) if src else None)
+        both = builds.get("llm") and ("visual" not in builds or builds["visual"])
+        val = look("validate", v.name,
+                   validate_step.spec(ctx, fetched, builds["llm"], v, builds.get("visual")) if both else None)
         ready = val and all(builds.values()) and (shards or not shards_step.needed(v))
         pub = look("publish", v.name, publish_step.spec(ctx, v, fetched, conv, builds, val, shards) if ready else None)
         if pub:
             complete[v.name] = {"fetch": fetched, "convert": conv, **({"shards": shards} if shards else {}),
+                                **({"export": exported} if exported else {}),
                                 **{f"build.{c}": b for c, b in builds.items()},
                                 "validate": val, "publish": pub}
     return rows, complete
@@ -151,9 +162,11 @@ def run_variant(ctx: Ctx, fetched: StepResult, v: Variant) -> dict[str, StepResu
     """convert -> [shards] -> build + validate (here or on the gpu pool) -> publish; the steps by name."""
     converted = convert_step.convert_task(ctx, fetched, v)
     checked = shards_step.shards_task(ctx, fetched, converted, v) if shards_step.needed(v) else None
-    builds, validated = gpu.gpu_steps_for(ctx, fetched, converted, v)
+    exported = export_step.export_task(ctx, fetched, v) if "visual" in ctx.recipe.enabled_components else None
+    builds, validated = gpu.gpu_steps_for(ctx, fetched, converted, v, exported)
     published = publish_step.publish_task(ctx, v, fetched, converted, builds, validated, checked)
     return {"fetch": fetched, "convert": converted, **({"shards": checked} if checked else {}),
+            **({"export": exported} if exported else {}),
             **{f"build.{c}": b for c, b in builds.items()}, "validate": validated, "publish": published}
 
 

@@ -47,6 +47,7 @@ class GpuJob(BaseModel):
     store: str = Field(description="the store URI (shared by both pools: S3 on many machines)")
     fetch_key: str
     convert_key: str
+    export_key: Optional[str] = Field(None, description="the visual export's key (multimodal recipes)")
     force: bool = False
     force_nonce: str
 
@@ -65,10 +66,15 @@ def stored_result(st, recipe: str, step: str, key: str) -> StepResult:
 _ONE_AT_A_TIME = threading.Lock()
 
 
-def run_gpu_steps(ctx: Ctx, fetched: StepResult, converted: StepResult, v: Variant):
+def run_gpu_steps(ctx: Ctx, fetched: StepResult, converted: StepResult, v: Variant,
+                  exported: Optional[StepResult] = None):
+    """build every component (the llm from the converted checkpoint, the
+    visual encoder from its export) and validate them together."""
+    config = fetched.results.get("config")
     with _ONE_AT_A_TIME:
-        builds = {c: build_step.build_task(ctx, converted, v, c) for c in ctx.recipe.enabled_components}
-        validated = validate_step.validate_task(ctx, fetched, builds["llm"], v)
+        builds = {c: build_step.build_task(ctx, exported if c == "visual" else converted, v, c, config)
+                  for c in ctx.recipe.enabled_components}
+        validated = validate_step.validate_task(ctx, fetched, builds["llm"], v, builds.get("visual"))
     return builds, validated
 
 
@@ -87,7 +93,8 @@ def gpu_steps(job: GpuJob) -> list[dict]:
     ctx = Ctx(store=st, recipe=r, force=job.force, force_nonce=job.force_nonce, workdir=workdir())
     fetched = stored_result(st, r.name, "fetch", job.fetch_key)
     converted = stored_result(st, r.name, "convert", job.convert_key)
-    builds, validated = run_gpu_steps(ctx, fetched, converted, v)
+    exported = stored_result(st, r.name, "export", job.export_key) if job.export_key else None
+    builds, validated = run_gpu_steps(ctx, fetched, converted, v, exported)
     rows = [{"step": "build", "component": c, "key": b.key, "cached": b.cached} for c, b in builds.items()]
     rows.append({"step": "validate", "component": "llm", "key": validated.key, "cached": validated.cached})
     create_table_artifact(rows, description=f"gpu steps of {r.name}:{v.name}: the manifests they produced")
@@ -123,16 +130,18 @@ def _state_cause(state) -> str:
     return _EXC_PREFIX.sub("", msg, count=1) or state.name
 
 
-def gpu_steps_for(ctx: Ctx, fetched: StepResult, converted: StepResult, v: Variant):
+def gpu_steps_for(ctx: Ctx, fetched: StepResult, converted: StepResult, v: Variant,
+                  exported: Optional[StepResult] = None):
     """(builds, validated) of one variant: here, or on the gpu pool."""
     dep = gpu_deployment()
     if not dep:
-        return run_gpu_steps(ctx, fetched, converted, v)
+        return run_gpu_steps(ctx, fetched, converted, v, exported)
     from prefect.deployments import run_deployment
 
     r = ctx.recipe
     job = GpuJob(recipe=r.model_dump(mode="json"), origin=r.origin, variant=v.name, store=ctx.store.uri,
-                 fetch_key=fetched.key, convert_key=converted.key, force=ctx.force, force_nonce=ctx.force_nonce)
+                 fetch_key=fetched.key, convert_key=converted.key,
+                 export_key=exported.key if exported else None, force=ctx.force, force_nonce=ctx.force_nonce)
     log(f"{r.name}:{v.name}: build + validate on deployment {dep}")
     fr = run_deployment(dep, parameters={"job": job.model_dump(mode="json")}, timeout=POLICIES["gpu"].timeout_s,
                         poll_interval=2,

@@ -18,11 +18,16 @@ LM head bias) by their presence in the rank file.
 
 One step function serves prefill and decode:
 
-    logits, k_cache, v_cache = step(input_ids[B, T], start_pos[1], k_cache, v_cache)
+    logits, k_cache, v_cache = step(input_ids[B, T], start_pos[1], k_cache, v_cache[, prompt_table])
 
 with a static KV cache of shape [layers, B, kv_heads, max_seq_len, head_size]
 written at positions start_pos .. start_pos + T - 1. The caches are returned,
 so the exported graph stays functional.
+
+Multimodal LLMs take a prompt table [rows, hidden] (visual features), in
+TensorRT-LLM's convention: a token id >= vocab_size stands for row
+id - vocab_size of the table. Both lookups run for every token and a `where`
+picks one, so the graph has no data-dependent shapes.
 """
 
 from __future__ import annotations
@@ -354,6 +359,15 @@ class DecoderLM(nn.Module):
         dt = dtype or self.embed.dtype
         return torch.zeros(shape, dtype=dt), torch.zeros(shape, dtype=dt)
 
+    def embed_tokens(self, input_ids: torch.Tensor, prompt_table: torch.Tensor | None) -> torch.Tensor:
+        if prompt_table is None:
+            return F.embedding(input_ids, self.embed)
+        V = self.cfg.vocab_size
+        is_prompt = input_ids >= V
+        x = F.embedding(torch.where(is_prompt, 0, input_ids), self.embed)
+        rows = (input_ids - V).clamp(0, prompt_table.shape[0] - 1)
+        return torch.where(is_prompt[..., None], F.embedding(rows, prompt_table.to(x.dtype)), x)
+
     def _masks(self, pos: torch.Tensor, S: int, dtype: torch.dtype) -> dict:
         """The attention mask of each window size the layers use: causal, the
         last `window` tokens only where a window is set; with ALiBi, a float
@@ -370,11 +384,12 @@ class DecoderLM(nn.Module):
             masks[w] = m
         return masks
 
-    def forward(self, input_ids: torch.Tensor, start_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, start_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                prompt_table: torch.Tensor | None = None):
         B, T = input_ids.shape
         S = k_cache.shape[3]
         pos = start_pos + torch.arange(T, dtype=torch.long)  # [T]
-        x = F.embedding(input_ids, self.embed)
+        x = self.embed_tokens(input_ids, prompt_table)
         cos = sin = None
         if self.pos_embed is not None:
             x = x + F.embedding(pos, self.pos_embed)[None]

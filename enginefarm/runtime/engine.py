@@ -1,5 +1,8 @@
 """Running a built LLM engine: greedy generation and scoring from the
-package alone (no Hugging Face model code on this path)."""
+package alone (no Hugging Face model code on this path).
+
+An engine built for a multimodal recipe takes a prompt table (the visual
+features, [rows, hidden]); token ids >= vocab_size select its rows."""
 
 from __future__ import annotations
 
@@ -13,6 +16,13 @@ from ..errors import BadInput
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def load_aoti(engine_dir: Path, meta: dict):
+    """The runner of an aoti package (its engine.json: meta)."""
+    if meta.get("device") == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"engine in {engine_dir} was built for {meta.get('target')}; this machine has no CUDA GPU")
+    return torch._inductor.aoti_load_package(str(engine_dir / meta["file"]))
+
+
 class LLMEngine:
     def __init__(self, runner, sidecar: dict):
         self.run = runner
@@ -21,14 +31,14 @@ class LLMEngine:
         self.dtype = DTYPES[sidecar["dtype"]]
         L, _, KV, S, D = sidecar["cache_shape"]
         self.cache_dims = (L, KV, S, D)
+        self.table = sidecar.get("prompt_table")  # {"max_rows", "hidden_size"} or None
 
     @classmethod
     def load(cls, engine_dir: str | Path) -> "LLMEngine":
         engine_dir = Path(engine_dir)
         meta = json.loads((engine_dir / "engine.json").read_text())
         cls.check_meta(engine_dir, meta)
-        runner = torch._inductor.aoti_load_package(str(engine_dir / meta["file"]))
-        return cls(runner, meta)
+        return cls(load_aoti(engine_dir, meta), meta)
 
     @staticmethod
     def check_meta(engine_dir: Path, meta: dict) -> None:
@@ -55,6 +65,31 @@ class LLMEngine:
         z = torch.zeros((L, batch, KV, S, D), dtype=self.dtype, device=self.device)
         return z, z.clone()
 
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["vocab_size"]
+
+    @property
+    def max_multimodal_len(self) -> int:
+        return self.table["max_rows"] if self.table else 0
+
+    def _check_table(self, prompts: list[list[int]], prompt_table) -> None:
+        top = max((max(p) for p in prompts if p), default=-1)
+        if prompt_table is None:
+            if top >= self.vocab_size:
+                raise BadInput(f"token id {top} is past the vocabulary ({self.vocab_size}) and no prompt table was given")
+            return
+        if not self.table:
+            raise BadInput("this engine was built without a prompt table (not for a multimodal recipe)")
+        rows, hidden = prompt_table.shape
+        if rows > self.table["max_rows"]:
+            raise BadInput(f"a prompt table of {rows} rows (visual features), but the engine was built for "
+                           f"max_multimodal_len {self.table['max_rows']}")
+        if hidden != self.table["hidden_size"]:
+            raise BadInput(f"prompt table rows of width {hidden}, but the LLM's hidden size is {self.table['hidden_size']}")
+        if top >= self.vocab_size + rows:
+            raise BadInput(f"token id {top} points past the prompt table ({rows} rows after vocab_size {self.vocab_size})")
+
     def _check(self, batch: int, n_in: int, n_new: int = 0) -> None:
         if batch > self.max_batch_size:
             raise BadInput(f"{batch} sequences in one call, but the engine was built for max_batch_size {self.max_batch_size}")
@@ -65,25 +100,34 @@ class LLMEngine:
                 f"{n_in} prompt tokens + {n_new} new tokens exceed the engine's max_seq_len {self.max_seq_len}"
             )
 
-    def step(self, ids: torch.Tensor, start: int, kc, vc):
-        out = self.run(ids.to(self.device), torch.tensor([start], dtype=torch.long, device=self.device), kc, vc)
+    def step(self, ids: torch.Tensor, start: int, kc, vc, prompt_table: torch.Tensor | None = None):
+        args = [ids.to(self.device), torch.tensor([start], dtype=torch.long, device=self.device), kc, vc]
+        if self.table:  # the package always takes one; a text-only step gets a row of zeros
+            if prompt_table is None:
+                prompt_table = torch.zeros(1, self.table["hidden_size"])
+            args.append(prompt_table.to(self.device, self.dtype))
+        out = self.run(*args)
         return out[0], out[1], out[2]
 
     @torch.no_grad()
-    def logits(self, ids: list[int]) -> torch.Tensor:
+    def logits(self, ids: list[int], prompt_table: torch.Tensor | None = None) -> torch.Tensor:
         """[T, vocab] logits for one sequence (a prefill)."""
         self._check(1, len(ids))
+        self._check_table([ids], prompt_table)
         kc, vc = self.new_cache(1)
-        lg, _, _ = self.step(torch.tensor([ids], dtype=torch.long), 0, kc, vc)
+        lg, _, _ = self.step(torch.tensor([ids], dtype=torch.long), 0, kc, vc, prompt_table)
         return lg[0].float().cpu()
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None = None) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None = None,
+                 prompt_table: torch.Tensor | None = None) -> list[list[int]]:
         """Greedy continuation of each prompt. Prompts of equal length run as
-        one batch; others run one after another."""
+        one batch; others run one after another. Ids >= vocab_size pick rows
+        of prompt_table (shared by the whole call)."""
         if not prompts:
             return []
         self._check(len(prompts), max(len(p) for p in prompts), max_new_tokens)
+        self._check_table(prompts, prompt_table)
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             if not p:
@@ -93,7 +137,7 @@ class LLMEngine:
         for n, idx in groups.items():
             ids = torch.tensor([prompts[i] for i in idx], dtype=torch.long)
             kc, vc = self.new_cache(len(idx))
-            lg, kc, vc = self.step(ids, 0, kc, vc)
+            lg, kc, vc = self.step(ids, 0, kc, vc, prompt_table)
             done = torch.zeros(len(idx), dtype=torch.bool)
             pos = n
             for _ in range(max_new_tokens):

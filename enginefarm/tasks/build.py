@@ -1,9 +1,9 @@
-"""build: one engine for one component of one variant, with its backend."""
+"""build: one engine for one component of one variant, with its backend:
+the llm from the converted checkpoint, the visual encoder from its export."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
 
 from ..backends import get_backend
 from ..families import get_family
@@ -17,28 +17,32 @@ def component_backend(ctx: Ctx, component: str, variant: Variant) -> str:
     return ctx.recipe.components[component].backend or variant.backend
 
 
-def spec(ctx: Ctx, converted: StepResult, variant: Variant, component: str = "llm") -> StepSpec:
+def spec(ctx: Ctx, source: StepResult, variant: Variant, component: str = "llm", config: dict | None = None) -> StepSpec:
+    """source: the convert step's result (llm) or the export step's (visual);
+    config: the fetched config.json, for limits that depend on the checkpoint."""
     bname = component_backend(ctx, component, variant)
     b = get_backend(bname)
-    limits = get_family(ctx.recipe.family).derived_limits(ctx.recipe)
+    limits = get_family(ctx.recipe.family).derived_limits(ctx.recipe, config)
     params = {"component": component, "backend": bname, "variant": variant.params(), "limits": limits}
     code = code_version(__name__, type(b).__module__, "enginefarm.runtime.decoder", "enginefarm.runtime.engine",
-                        "enginefarm.runtime.encdec")
-    return StepSpec("build", params, {"convert": converted}, code, b.toolchain(variant.target), variant=variant.name)
+                        "enginefarm.runtime.encdec", "enginefarm.runtime.visual")
+    inputs = {"export" if component == "visual" else "convert": source}
+    return StepSpec("build", params, inputs, code, b.toolchain(variant.target), variant=variant.name)
 
 
 @step_task("build")
-def build_task(ctx: Ctx, converted: StepResult, variant: Variant, component: str = "llm") -> StepResult:
-    s = spec(ctx, converted, variant, component)
+def build_task(ctx: Ctx, source: StepResult, variant: Variant, component: str = "llm",
+               config: dict | None = None) -> StepResult:
+    s = spec(ctx, source, variant, component, config)
 
     def work(out: Path, scratch: Path):
-        ckpt = materialize(ctx, converted, scratch / "ckpt")
+        src = materialize(ctx, source, scratch / "src")
         b = get_backend(s.params["backend"])
         extra = {}
         cache_name = b.timing_cache_name(variant.target) if hasattr(b, "timing_cache_name") else None
         if cache_name:  # TensorRT: the timing cache of this flavour, version and GPU target, from the store
             extra = {"timing_cache": ctx.store.get_cache(cache_name), "timing_cache_out": scratch / "timing.cache"}
-        sidecar = b.build(component, ckpt, out, variant, s.params["limits"], progress=log, **extra)
+        sidecar = b.build(component, src, out, variant, s.params["limits"], progress=log, **extra)
         if cache_name and extra["timing_cache_out"].is_file():
             ctx.store.put_cache(cache_name, extra["timing_cache_out"].read_bytes())
         return {"engine": sidecar}, {}

@@ -55,6 +55,8 @@ POLICIES: dict[str, StepPolicy] = {
     "convert": StepPolicy(2, (10, 60), 4 * HOUR, "transient", "the store"),
     # tp rank processes (gloo / nccl) against the HF model: a hung rank is killed by runtime/tp.py's own timeout
     "shards": StepPolicy(1, (30,), 2 * HOUR, "transient", "the store, local rank processes"),
+    # the visual component to ONNX (+ ExportedProgram), checked with ONNX Runtime
+    "export": StepPolicy(1, (30,), 2 * HOUR, "transient", "the store"),
     "build": StepPolicy(1, (60,), 6 * HOUR, "any", "a GPU, the store"),
     "validate": StepPolicy(1, (60,), 3 * HOUR, "any", "a GPU, the store"),
     "publish": StepPolicy(3, (5, 30, 120), 30 * MINUTE, "transient", "the store"),

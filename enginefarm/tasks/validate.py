@@ -6,6 +6,11 @@ mode): perplexity and top-1 / top-5 next-token accuracy, engine next to
 reference, plus their logits difference. The recipe's gates decide pass or
 fail; the result goes into the manifest (a failed gate is a result, not an
 exception: the build is published as `latest` but not `validated`).
+
+Multimodal recipes (a visual engine next to the LLM): the recipe's images
+and prompts, paired, through both engines and through the Hugging Face
+model (fp32, `generate`): visual features max abs diff, prefill logits,
+greedy tokens one pair at a time and batched; the text set through the LLM.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from ..backends import get_backend
 from ..backends.base import version_of
 from ..errors import BadInput
 from ..hashing import code_version, digest_bytes
-from ..evaluation import builtin_text, evaluate, gates_line, judge, load_reference
+from ..evaluation import builtin_text, evaluate, evaluate_multimodal, gates_line, judge, load_reference
+from ..families import get_family
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
 from .policy import step_task
@@ -35,7 +41,9 @@ def text_set(name: str, ctx: Ctx) -> str:
         raise BadInput(f"recipe {ctx.recipe.name}: validation.text_set {name}: {e}") from None
 
 
-def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant) -> StepSpec:
+def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant,
+         visual: StepResult | None = None) -> StepSpec:
+    """built: the llm engine's build; visual: the visual engine's (multimodal recipes)."""
     v = ctx.recipe.validation
     params = {
         "variant": variant.params(),
@@ -43,15 +51,46 @@ def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant) -> 
         "text_digest": digest_bytes(text_set(v.text_set, ctx).encode()),
     }
     tc = {"torch": version_of("torch"), "transformers": version_of("transformers")}
-    code = code_version(__name__, "enginefarm.runtime.engine", "enginefarm.runtime.encdec", "enginefarm.evaluation")
-    return StepSpec("validate", params, {"fetch": fetched, "build": built}, code, tc, variant=variant.name)
+    modules = [__name__, "enginefarm.runtime.engine", "enginefarm.runtime.encdec", "enginefarm.evaluation"]
+    inputs = {"fetch": fetched, "build": built}
+    if visual is not None:
+        from ..images import image_digest
+
+        params["image_digests"] = [image_digest(i, ctx.recipe.recipe_dir()) for i in v.images]
+        modules += ["enginefarm.runtime.visual", "enginefarm.runtime.multimodal", "enginefarm.images",
+                    "enginefarm.families._multimodal", type(get_family(ctx.recipe.family)).__module__]
+        inputs["build.visual"] = visual
+    return StepSpec("validate", params, inputs, code_version(*modules), tc, variant=variant.name)
+
+
+def _validate_multimodal(ctx: Ctx, fetched: StepResult, built: StepResult, visual: StepResult, variant: Variant,
+                         scratch: Path) -> dict:
+    from transformers import AutoProcessor
+
+    from ..images import load_image
+    from ..runtime.multimodal import MultimodalPipeline
+
+    fam = get_family(ctx.recipe.family)
+    v = ctx.recipe.validation
+    src = materialize(ctx, fetched, scratch / "src")
+    llm = get_backend(built.manifest["params"]["backend"]).load(materialize(ctx, built, scratch / "llm"))
+    vis = get_backend(visual.manifest["params"]["backend"]).load(materialize(ctx, visual, scratch / "visual"))
+    log(f"validate [{variant.name}]: loading the reference model (fp32), the processor and both engines")
+    pipe = MultimodalPipeline(vis, llm, AutoProcessor.from_pretrained(src, trust_remote_code=False))
+    ref = fam.reference_model(src)
+    images = [load_image(i, ctx.recipe.recipe_dir()) for i in v.images]
+    return evaluate_multimodal(fam, ref, pipe, images, v.images, v.prompts, text_set(v.text_set, ctx),
+                               v.max_new_tokens, v.max_eval_tokens)
 
 
 @step_task("validate")
-def validate_task(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant) -> StepResult:
-    s = spec(ctx, fetched, built, variant)
+def validate_task(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant,
+                  visual: StepResult | None = None) -> StepResult:
+    s = spec(ctx, fetched, built, variant, visual)
 
     def work(out: Path, scratch: Path):
+        if visual is not None:
+            return _finish(_validate_multimodal(ctx, fetched, built, visual, variant, scratch))
         from transformers import AutoTokenizer
 
         src = materialize(ctx, fetched, scratch / "src")
@@ -62,7 +101,10 @@ def validate_task(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Var
         ref = load_reference(src)  # causal or seq2seq, from config.json
         eng = get_backend(built.manifest["params"]["backend"]).load(eng_dir)
         metrics = evaluate(ref, tok, eng, v.prompts, text_set(v.text_set, ctx), v.max_new_tokens, v.max_eval_tokens)
-        gates = judge(metrics, v.gates_for(variant.quant).model_dump())
+        return _finish(metrics)
+
+    def _finish(metrics: dict):
+        gates = judge(metrics, ctx.recipe.validation.gates_for(variant.quant).model_dump())
         passed = all(g["passed"] for g in gates.values())
         log(f"validate [{variant.name}]: {'PASSED' if passed else 'FAILED'}: {gates_line(gates)}")
         return {"metrics": metrics, "gates": gates, "passed": passed}, {}

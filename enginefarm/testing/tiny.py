@@ -2,12 +2,15 @@
 
 Each is random-initialised from a fixed seed and saved with
 `save_pretrained` (config.json + model.safetensors) next to a small
-byte-level BPE tokenizer trained on the farm's own text set, so tests and
-the demo never download anything. `ensure_tiny(name)` writes one once and
+byte-level BPE tokenizer trained on the farm's own text set (multimodal
+ones: next to their processor, that is the image processor and that
+tokenizer with an `<image>` token), so tests and the demo never download
+anything. `ensure_tiny(name)` writes one once and
 afterwards leaves it untouched (its files keep their mtimes, so the fetch
 step's cache key stays put).
 
     python -m enginefarm.testing.tiny opt /tmp/tiny-opt [--seed 1 --layers 3 ...]
+    python -m enginefarm.testing.tiny llava /tmp/tiny-llava [--image-size 48 --patch 12 ...]
 """
 
 from __future__ import annotations
@@ -250,6 +253,121 @@ def _settle(model, out_scale: float) -> None:
         model.get_input_embeddings().weight.mul_(0.1)
 
 
+# ----------------------------------------------------------------------------- multimodal
+
+IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN_ID = VOCAB  # the first id after the trained vocabulary
+MM_VOCAB = VOCAB + 16  # the LLM's embedding rows: padded past the image token (as LLaVA's 32000 -> 32064)
+
+
+def image_tokenizer():
+    """The tiny tokenizer plus the image placeholder token, as the LLaVA and
+    BLIP-2 processors expect it (one special token, never split)."""
+    from tokenizers import AddedToken
+
+    tok = make_tokenizer()
+    tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    assert tok.convert_tokens_to_ids(IMAGE_TOKEN) == IMAGE_TOKEN_ID
+    return tok
+
+
+def reinit(model, seed: int, std: float = 0.3) -> None:
+    """Seeded weights with some spread: matrices N(0, std), biases N(0, 0.02),
+    norm scales 1 + N(0, 0.1). (Hugging Face's own init leaves BLIP-2's vision
+    tower near zero, so every image would look alike to the LLM; and with a
+    small spread greedy decoding of a random model repeats one token, which
+    would prove little.)"""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if p.dim() >= 2:
+                p.copy_(r * std)
+            elif name.endswith("bias"):
+                p.copy_(r * 0.02)
+            else:
+                p.copy_(1.0 + r * 0.1)
+
+
+def _blip2(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
+           patch: int, vision_hidden: int, vision_layers: int, queries: int):
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, OPTConfig
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    vision = dict(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
+                  num_attention_heads=2, image_size=image_size, patch_size=patch)
+    qformer = dict(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=2,
+                   num_attention_heads=2, encoder_hidden_size=vision_hidden, cross_attention_frequency=1)
+    text = OPTConfig(vocab_size=MM_VOCAB, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=hidden * 2,
+                     num_attention_heads=heads, max_position_embeddings=256, word_embed_proj_dim=hidden,
+                     pad_token_id=1, bos_token_id=2, eos_token_id=2, tie_word_embeddings=True)
+    cfg = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text.to_dict(),
+                      num_query_tokens=queries, image_token_index=IMAGE_TOKEN_ID)
+    model = Blip2ForConditionalGeneration(cfg)
+    reinit(model, seed)
+    proc = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
+                          tokenizer=image_tokenizer(), num_query_tokens=queries)
+    return model, proc
+
+
+def _clip_and_llama(layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
+                    patch: int, vision_hidden: int, vision_layers: int, max_positions: int):
+    """The CLIP vision tower's and the LLaMA's configs of the tiny LLaVAs."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
+                              num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
+                              patch_size=patch, projection_dim=vision_hidden)
+    text = LlamaConfig(vocab_size=MM_VOCAB, hidden_size=hidden, intermediate_size=hidden * 2 + 32,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                       max_position_embeddings=max_positions, rms_norm_eps=1e-6, pad_token_id=1, bos_token_id=0,
+                       eos_token_id=2, tie_word_embeddings=tied)
+    return vision, text
+
+
+def _llava(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
+           patch: int, vision_hidden: int, vision_layers: int, feature_layer: int = -2):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    vision, text = _clip_and_llama(layers, hidden, heads, kv_heads, tied, image_size, patch, vision_hidden,
+                                   vision_layers, max_positions=256)
+    cfg = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=IMAGE_TOKEN_ID,
+                      vision_feature_layer=feature_layer, vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu", image_seq_length=(image_size // patch) ** 2,
+                      tie_word_embeddings=tied)
+    model = LlavaForConditionalGeneration(cfg)
+    reinit(model, seed)
+    ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=image_tokenizer(), patch_size=patch,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model, proc
+
+
+def _llava_next(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
+                patch: int, vision_hidden: int, vision_layers: int):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    # tiles of image_size; grids of 1 x 2, 2 x 1 and 2 x 2 tiles
+    pins = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    vision, text = _clip_and_llama(layers, hidden, heads, kv_heads, tied, image_size, patch, vision_hidden,
+                                   vision_layers, max_positions=512)
+    cfg = LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=IMAGE_TOKEN_ID,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default",
+                          projector_hidden_act="gelu", image_grid_pinpoints=pins,
+                          image_seq_length=(image_size // patch) ** 2, tie_word_embeddings=tied)
+    model = LlavaNextForConditionalGeneration(cfg)
+    reinit(model, seed)
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                    crop_size={"height": image_size, "width": image_size}, image_grid_pinpoints=pins)
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=image_tokenizer(), patch_size=patch,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model, proc
+
+
 # name -> (builder, defaults)
 TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     "opt": (_opt, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True)),
@@ -275,6 +393,16 @@ TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     "flan-t5": (_t5, dict(layers=2, hidden=64, heads=6, kv_heads=None, tied=False, gated=True)),
     "bart": (_bart, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True, mbart=False)),
     "mbart": (_bart, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True, mbart=True)),
+    # multimodal: a 32 px image in 8 px patches (16 patches + CLS); BLIP-2 makes
+    # 8 query features, LLaVA 16 (CLS dropped, second-to-last CLIP layer)
+    "blip2": (_blip2, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True, image_size=32, patch=8,
+                           vision_hidden=32, vision_layers=2, queries=8)),
+    "llava": (_llava, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False, image_size=32, patch=8,
+                           vision_hidden=32, vision_layers=3)),
+    # 32 px tiles of 8 px patches (16 features a tile), up to 2 x 2 tiles:
+    # 16 + 8 rows x (8 + 1) = 88 features per image at most
+    "llava-next": (_llava_next, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False, image_size=32, patch=8,
+                                     vision_hidden=32, vision_layers=3)),
 }
 
 
@@ -291,9 +419,11 @@ def write_tiny(name: str, dest: str | Path, seed: int = 0, **overrides) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         torch.manual_seed(seed)
-        model = build(seed, **args).eval()
-        model.save_pretrained(tmp, safe_serialization=True)
-        make_tokenizer().save_pretrained(tmp)
+        built = build(seed, **args)
+        model, processor = built if isinstance(built, tuple) else (built, None)
+        model.eval().save_pretrained(tmp, safe_serialization=True)
+        # multimodal: the processor (image processor + tokenizer) travels with the checkpoint
+        (processor or make_tokenizer()).save_pretrained(tmp)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -328,8 +458,18 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int)
     ap.add_argument("--heads", type=int)
     ap.add_argument("--kv-heads", type=int, dest="kv_heads")
+    mm = ap.add_argument_group("multimodal (blip2, llava, llava-next)")
+    mm.add_argument("--image-size", type=int, dest="image_size")
+    mm.add_argument("--patch", type=int)
+    mm.add_argument("--vision-hidden", type=int, dest="vision_hidden")
+    mm.add_argument("--vision-layers", type=int, dest="vision_layers")
+    mm.add_argument("--queries", type=int, help="blip2: Q-Former query tokens (visual features per image)")
     a = ap.parse_args(argv)
-    over = {k: v for k, v in vars(a).items() if k in ("layers", "hidden", "heads", "kv_heads") and v is not None}
+    keys = ("layers", "hidden", "heads", "kv_heads", "image_size", "patch", "vision_hidden", "vision_layers", "queries")
+    over = {k: v for k, v in vars(a).items() if k in keys and v is not None}
+    unknown = set(over) - set(TINY_MODELS[a.name][1])
+    if unknown:
+        ap.error(f"{a.name} takes no {', '.join('--' + k.replace('_', '-') for k in sorted(unknown))}")
     print(write_tiny(a.name, a.dest, seed=a.seed, **over))
 
 

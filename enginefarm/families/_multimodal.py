@@ -1,0 +1,257 @@
+"""What the multimodal families (blip2, llava) share: a `visual` component
+(exported through ONNX) and an `llm` component that is an ordinary
+decoder-only LLM stored under a prefix of the same checkpoint.
+
+The `llm` is converted by the LLM's own family (opt, llama): this class maps
+the checkpoint's tensor names onto the names that family expects and back,
+so no conversion code is repeated here. The visual features reach the LLM as
+a prompt table (TensorRT-LLM's convention: token ids >= vocab_size pick rows
+of the table), so the converted checkpoint is a plain LLM checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+from ..errors import BadInput, NotAvailable
+from .base import Family, OutTensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
+    import torch
+
+    from ..spec import Recipe, Variant
+
+# keys of a text config that the recipe-time checks read; a config.json
+# written by an older transformers omits those equal to their defaults
+_HEAD_KEYS = ("num_attention_heads", "hidden_size", "num_hidden_layers")
+
+
+class MultimodalFamily(Family):
+    implemented = True
+    kind = "multimodal"
+    components = ("visual", "llm")
+    text_key = "text_config"
+    # decoder families the LLM may belong to: text_config model_type -> family name
+    llm_model_types: dict[str, str] = {}
+    # (checkpoint prefix, LLM family prefix): the first that matches renames a tensor
+    llm_prefixes: tuple[tuple[str, str], ...] = ()
+    # where the image placeholder tokens sit when the processor does not
+    # write them: "prepend" (BLIP-2: before the text) or "inline" (LLaVA)
+    image_placement = "inline"
+
+    # ----------------------------------------------------------------- configs
+
+    def full_config(self, config: dict):
+        """The transformers config object, every default filled in."""
+        from transformers import AutoConfig
+
+        d = {k: v for k, v in config.items() if k != "model_type"}
+        try:
+            return AutoConfig.for_model(config["model_type"], **d)
+        except (KeyError, ValueError, TypeError) as e:
+            raise BadInput(f"family {self.name}: cannot read the checkpoint's config.json: {e}") from None
+
+    def text_config(self, config: dict, complete: bool = True) -> dict:
+        """The LLM's config. complete=False answers from config.json alone
+        when it has the keys the checks need (no transformers import, so a
+        cached build imports no torch)."""
+        text = config.get(self.text_key)
+        if not isinstance(text, dict) or "model_type" not in text:
+            raise BadInput(f"family {self.name}: config.json has no {self.text_key} with a model_type")
+        if not complete and all(k in text for k in _HEAD_KEYS):
+            return text
+        return getattr(self.full_config(config), self.text_key).to_dict()
+
+    def llm_family(self, config: dict):
+        from . import get_family
+
+        mt = (config.get(self.text_key) or {}).get("model_type")
+        if mt not in self.llm_model_types:
+            raise NotAvailable(
+                f"family {self.name}: a {mt!r} language model is not supported (supported: "
+                f"{', '.join(self.llm_model_types)}); encoder-decoder LLMs need the encoder-decoder runtime"
+            )
+        return get_family(self.llm_model_types[mt])
+
+    def features(self, config: dict) -> int:  # pragma: no cover - abstract
+        """Visual features (prompt-table rows) per image; at most, where the
+        count depends on the image (LLaVA-NeXT's tiling)."""
+        raise NotImplementedError
+
+    def encoder_features(self, config: dict) -> int:
+        """Features the visual encoder makes per input (an image; LLaVA-NeXT: a tile)."""
+        return self.features(config)
+
+    def encoder_inputs_per_image(self, config: dict) -> int:
+        """Visual encoder inputs one image takes at most (LLaVA-NeXT: its tiles)."""
+        return 1
+
+    def image_size(self, config: dict) -> int:
+        v = self.full_config(config).vision_config
+        return int(v.image_size)
+
+    def visual_meta(self, config: dict) -> dict:
+        """What the runner needs to know about the visual component, beside its engine."""
+        text = self.text_config(config)
+        return {
+            "family": self.name,
+            "features": self.features(config),
+            "encoder_features": self.encoder_features(config),
+            "hidden_size": int(text["hidden_size"]),
+            "vocab_size": int(text["vocab_size"]),
+            "image_size": self.image_size(config),
+            "image_token_id": self.image_token_id(config),
+            "image_placement": self.image_placement,
+        }
+
+    def image_token_id(self, config: dict) -> Optional[int]:
+        for k in ("image_token_index", "image_token_id"):
+            if config.get(k) is not None:
+                return int(config[k])
+        return None
+
+    # ----------------------------------------------------------------- checks and limits
+
+    def check_recipe(self, recipe: "Recipe") -> None:
+        super().check_recipe(recipe)
+        missing = [c for c in self.components if c not in recipe.enabled_components]
+        if missing:
+            raise BadInput(
+                f"bad recipe {recipe.origin or recipe.name}: family {self.name} builds its components together "
+                f"(visual features feed the llm); enable {', '.join(missing)}"
+            )
+
+    def derived_limits(self, recipe: "Recipe", config: Optional[dict] = None) -> dict[str, Any]:
+        """With the fetched config.json the feature count is the checkpoint's
+        own (BLIP-2's query tokens, LLaVA's patches), not the family's usual one."""
+        if config is None:
+            return super().derived_limits(recipe)
+        lim = recipe.limits.model_dump()
+        f = self.features(config)
+        derived = lim["max_batch_size"] * f
+        origin = recipe.origin or recipe.name
+        if recipe.limits.max_multimodal_len is not None and recipe.limits.max_multimodal_len != derived:
+            raise BadInput(
+                f"bad recipe {origin}: limits.max_multimodal_len is {recipe.limits.max_multimodal_len}, but "
+                f"max_batch_size ({lim['max_batch_size']}) x visual features per image ({f}, from the checkpoint's "
+                f"config.json) = {derived}; remove it (it is derived) or make them agree"
+            )
+        if lim["max_input_len"] <= f:
+            raise BadInput(
+                f"bad recipe {origin}: limits.max_input_len ({lim['max_input_len']}) must hold an image's {f} visual "
+                f"features and the prompt's tokens; raise it above {f}"
+            )
+        lim["max_multimodal_len"] = derived
+        return lim
+
+    def head_counts(self, config: dict) -> tuple[int, int]:
+        text = self.text_config(config, complete=False)
+        return self.llm_family(config).head_counts(text)
+
+    def check_config(self, config: dict, variant: "Variant", where: str = "config.json") -> None:
+        mt = config.get("model_type")
+        if mt not in self.model_types:
+            raise BadInput(f"family {self.name} expects a config.json with model_type in {list(self.model_types)}, got {mt!r} ({where})")
+        llm = self.llm_family(config)
+        llm.check_config(self.text_config(config, complete=False), variant, f"{where}, {self.text_key}")
+
+    # ----------------------------------------------------------------- llm: the LLM family's conversion, renamed
+
+    def _llm_names(self, names: set[str]) -> dict[str, str]:
+        """{name the LLM family knows: name in this checkpoint}"""
+        out = {}
+        for n in names:
+            for outer, inner in self.llm_prefixes:
+                if n.startswith(outer):
+                    out[inner + n[len(outer):]] = n
+                    break
+        return out
+
+    def trtllm_config(self, hf: dict, variant: "Variant") -> dict:
+        return self.llm_family(hf).trtllm_config(self.text_config(hf), variant)
+
+    def tensors(self, hf: dict, names: set[str], variant: "Variant", rank: int = 0) -> list[OutTensor]:
+        m = self._llm_names(names)
+        if not m:
+            raise BadInput(
+                f"family {self.name}: the checkpoint has no language-model tensors under "
+                f"{', '.join(repr(o) for o, _ in self.llm_prefixes)}"
+            )
+        outs = self.llm_family(hf).tensors(self.text_config(hf), set(m), variant, rank)
+        return [OutTensor(o.name, tuple(m.get(s, s) for s in o.sources), o.make) for o in outs]
+
+    # ----------------------------------------------------------------- visual
+
+    # (checkpoint prefix, visual module prefix), tried in order
+    visual_prefixes: tuple[tuple[str, str], ...] = ()
+
+    def visual_module(self, config: dict) -> "torch.nn.Module":  # pragma: no cover - abstract
+        """An nn.Module pixel_values [B, 3, S, S] -> features [B, F, llm hidden], random weights."""
+        raise NotImplementedError
+
+    def load_visual(self, src_dir: "str | Path", config: dict, dtype: "torch.dtype", allow_pickle: bool = False):
+        """The visual module with the checkpoint's weights (only those are read)."""
+        from ..checkpoint import TensorSource
+
+        src = TensorSource(src_dir, allow_pickle=allow_pickle)
+        module = self.visual_module(config).eval()
+        want = module.state_dict()
+        state = {}
+        for n in src.names():
+            # the rules are alternatives (checkpoints of different transformers
+            # versions nest the same module differently): the first that names
+            # a tensor of the module wins
+            for outer, inner in self.visual_prefixes:
+                key = inner + n[len(outer):]
+                if n.startswith(outer) and key in want:
+                    state[key] = src.get(n)
+                    break
+        missing = sorted(set(want) - set(state))
+        if missing:
+            raise BadInput(
+                f"family {self.name}: the checkpoint in {src_dir} lacks visual tensors, e.g. "
+                f"{', '.join(missing[:4])} ({len(missing)} missing)"
+            )
+        module.load_state_dict(state, strict=True)
+        return self.cast_visual(module, dtype).eval()
+
+    def cast_visual(self, module, dtype):
+        return module.to(dtype)
+
+    # ----------------------------------------------------------------- the Hugging Face reference (validation)
+
+    reference_class = ""  # transformers class name of the whole model
+
+    def reference_model(self, src_dir):
+        import torch
+        import transformers
+
+        cls = getattr(transformers, self.reference_class)
+        return cls.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False).eval()
+
+    def reference_features(self, model, encodings: list) -> list["torch.Tensor"]:  # pragma: no cover
+        """Hugging Face's features for each image ([F_i, hidden]), from the processor's outputs."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- at run time (torch only, no model code)
+
+    def encoder_inputs(self, encoding) -> "torch.Tensor":
+        """The visual encoder's inputs for one image, from the processor's output."""
+        return encoding["pixel_values"]
+
+    def pack_features(self, outputs: list, encodings: list, meta: dict, extras: dict) -> list:
+        """Each image's encoder outputs [n_i, F_enc, hidden] -> its prompt-table rows [F_i, hidden]."""
+        return [o.reshape(-1, o.shape[-1]) for o in outputs]
+
+    def visual_extras(self, src_dir, config: dict, dtype) -> dict:
+        """Tensors the run-time packing needs beside the encoder (LLaVA-NeXT: image_newline)."""
+        return {}
+
+    def reference_text_logits(self, model, ids: "torch.Tensor") -> "torch.Tensor":
+        return model(input_ids=ids).logits
+
+    def prompt_text(self, prompt: str, image_token: str) -> str:
+        """The text given to the processor for one image and one prompt."""
+        return prompt

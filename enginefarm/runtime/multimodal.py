@@ -1,0 +1,140 @@
+"""The multimodal pipeline: images and prompts in, token ids out, through
+two built engines (no Hugging Face model code on this path; the model's own
+processor does the preprocessing).
+
+    encodings    = processor(image, prompt), one pair at a time
+    features     = visual engine(each image's inputs: the image, or its tiles),
+                   in batches the engine takes, packed per image by the
+                   family (LLaVA-NeXT: unpadded, with a newline row per row)
+    prompt table = every image's features, one after the other  [rows, hidden]
+    token ids    = the processor's ids, image i's placeholder tokens replaced
+                   by vocab_size + (rows before image i) + 0 .. F_i - 1
+    output       = LLM engine greedy generation with the prompt table
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import BadInput
+from .engine import LLMEngine
+from .visual import VisualEngine
+
+
+class MultimodalPipeline:
+    def __init__(self, visual: VisualEngine, llm: LLMEngine, processor):
+        self.visual, self.llm, self.processor = visual, llm, processor
+        self.meta = visual.visual
+        if not llm.table:
+            raise BadInput("the LLM engine was built without a prompt table; rebuild it with the visual component enabled")
+        if llm.table["hidden_size"] != self.meta["hidden_size"] or llm.vocab_size != self.meta["vocab_size"]:
+            raise BadInput(
+                f"the visual engine makes features for an LLM of hidden size {self.meta['hidden_size']} and vocab "
+                f"{self.meta['vocab_size']}, but the LLM engine has {llm.table['hidden_size']} and {llm.vocab_size}"
+            )
+        from ..families import get_family
+
+        self.family = get_family(self.meta["family"])
+        tok = getattr(processor, "image_token", None) or "<image>"
+        self.image_token = getattr(tok, "content", None) or str(tok)
+
+    @classmethod
+    def load(cls, root: str | Path) -> "MultimodalPipeline":
+        """root/visual and root/llm: engine directories; root/source: the
+        processor's files (preprocessing and tokenizer configs)."""
+        from transformers import AutoProcessor
+
+        root = Path(root)
+        processor = AutoProcessor.from_pretrained(root / "source", trust_remote_code=False)
+        return cls(VisualEngine.load(root / "visual"), LLMEngine.load(root / "llm"), processor)
+
+    # ----------------------------------------------------------------- limits
+
+    @property
+    def features(self) -> int:
+        """visual features per image (at most, where they depend on the image)"""
+        return self.meta["features"]
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.llm.max_batch_size
+
+    def check_request(self, n_images: int) -> None:
+        B = self.max_batch_size
+        if n_images > B:
+            at_most = " at most" if self.meta["encoder_features"] != self.meta["features"] else ""
+            raise BadInput(
+                f"{n_images} images in one call, but the engines were built for max_batch_size {B} "
+                f"(max_multimodal_len {self.llm.max_multimodal_len} = {B} x {self.features} visual features per "
+                f"image{at_most})"
+            )
+
+    # ----------------------------------------------------------------- inputs
+
+    def prepare(self, images: Sequence, prompts: Sequence[str]) -> list:
+        """The processor's output for each (image, prompt)."""
+        if len(images) != len(prompts):
+            raise BadInput(f"{len(images)} images for {len(prompts)} prompts; give one image per prompt")
+        return [self.processor(images=[image], text=[self.family.prompt_text(prompt, self.image_token)],
+                               return_tensors="pt") for image, prompt in zip(images, prompts)]
+
+    def image_features(self, encodings: list) -> list[torch.Tensor]:
+        """[F_i, hidden] per image, from the visual engine."""
+        self.check_request(len(encodings))
+        inputs = [self.family.encoder_inputs(e) for e in encodings]
+        x = torch.cat(inputs)
+        B = self.visual.max_batch_size
+        out = torch.cat([self.visual(x[s : s + B]) for s in range(0, x.shape[0], B)])
+        parts = list(out.split([i.shape[0] for i in inputs]))
+        return self.family.pack_features(parts, encodings, self.meta, self.visual.extras)
+
+    def inputs(self, images: Sequence, prompts: Sequence[str]) -> tuple[list[list[int]], torch.Tensor]:
+        """Engine token ids and the prompt table for a batch."""
+        self.check_request(len(images))
+        encodings = self.prepare(images, prompts)
+        feats = self.image_features(encodings)
+        ids, first = [], 0
+        for e, f in zip(encodings, feats):
+            ids.append(engine_ids(e["input_ids"][0].tolist(), first, f.shape[0], self.meta, self.image_token))
+            first += f.shape[0]
+        return ids, torch.cat(feats)
+
+    # ----------------------------------------------------------------- running
+
+    def generate(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int,
+                 eos_token_id: int | None = None) -> list[list[int]]:
+        ids, table = self.inputs(images, prompts)
+        return self.llm.generate(ids, max_new_tokens, eos_token_id=eos_token_id, prompt_table=table)
+
+    @property
+    def eos_token_id(self):
+        return getattr(self.processor, "tokenizer", self.processor).eos_token_id
+
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def engine_ids(ids: list[int], first_row: int, n_features: int, meta: dict, image_token: str = "<image>") -> list[int]:
+    """The processor's ids with one image's placeholders turned into
+    prompt-table ids vocab_size + first_row + 0 .. n_features - 1. A
+    processor that wrote one placeholder (older LLaVA processors) or none
+    (older BLIP-2 ones, whose features go first) is expanded here."""
+    tok, V = meta["image_token_id"], meta["vocab_size"]
+    rows = list(range(V + first_row, V + first_row + n_features))
+    at = [i for i, t in enumerate(ids) if t == tok]
+    if len(at) == n_features:
+        out = list(ids)
+        for i, r in zip(at, rows):
+            out[i] = r
+        return out
+    if len(at) == 1:
+        return ids[: at[0]] + rows + ids[at[0] + 1 :]
+    if not at and meta["image_placement"] == "prepend":
+        return rows + list(ids)
+    raise BadInput(
+        f"a prompt with {len(at)} image placeholders ({image_token}) for an image of {n_features} visual features; "
+        f"each prompt takes exactly one image"
+    )
