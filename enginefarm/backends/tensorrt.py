@@ -84,7 +84,8 @@ def check_runs_here(meta: dict, gpu: Optional[str] = None, what: str = "engine")
 
 def find_onnx(src_dir: Path) -> tuple[Path, dict]:
     """The export's ONNX file and its sidecar (export.json), if any."""
-    meta_path = src_dir / "export.json"
+    # the export step's sidecar (visual.json), or a hand-made export.json
+    meta_path = next((src_dir / n for n in ("visual.json", "export.json") if (src_dir / n).is_file()), src_dir / "export.json")
     meta = {}
     if meta_path.is_file():
         try:
@@ -151,7 +152,8 @@ class TensorRT(Backend):
         """min/opt/max shape per input: batch from the limits, every other
         dynamic axis from the export's `profiles` (no guessing)."""
         given = export_meta.get("profiles") or {}
-        max_b = int(limits.get("max_batch_size", 1))
+        # encoder inputs per call: the export's own bound (images, or tiles of them) where it gives one
+        max_b = int(export_meta.get("max_batch_size") or limits.get("max_batch_size", 1))
         out = {}
         for i in range(network.num_inputs):
             t = network.get_input(i)
