@@ -472,6 +472,7 @@ def _pairs(images: list[str], prompts: list[str]) -> tuple[list[str], list[str]]
 
 def cmd_run(a) -> int:
     from .backends import get_backend
+    from .registry import resolve
     from .store import open_store
 
     if a.video:
