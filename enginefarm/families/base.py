@@ -85,6 +85,14 @@ class Family:
                 f"built for it (implemented families: {', '.join(implemented_families())})"
             )
 
+    # ----------------------------------------------------------------- conversion
+
+    def checkpoint_parts(self, hf: dict, names: set[str], variant: "Variant") -> list[CheckpointPart]:
+        """The checkpoint directories to write: one, at the root, from the
+        family's `trtllm_config` and `tensors` (decoder-only LLMs, and the llm
+        of a multimodal family); encoder-decoder families write two."""
+        return [CheckpointPart("", self.trtllm_config(hf, variant), lambda rank: self.tensors(hf, names, variant, rank))]
+
     # ----------------------------------------------------------------- checks against config.json (after fetch)
 
     def head_counts(self, config: dict) -> tuple[int, int]:
@@ -159,10 +167,6 @@ class DecoderFamily(Family):
         if why and variant.backend == "tensorrt-llm":
             raise NotAvailable(f"variant {variant.name}: {self.title} with {why} is not what TensorRT-LLM's "
                                f"{self.architecture} computes; build it with the aoti backend ({where})")
-
-    def checkpoint_parts(self, hf: dict, names: set[str], variant: "Variant") -> list[CheckpointPart]:
-        """The checkpoint directories to write; a decoder-only model is one, at the root."""
-        return [CheckpointPart("", self.trtllm_config(hf, variant), lambda rank: self.tensors(hf, names, variant, rank))]
 
     def check_model_type(self, config: dict, where: str) -> None:
         mt = config.get("model_type")

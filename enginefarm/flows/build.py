@@ -51,7 +51,7 @@ def prepare(recipe: str | Recipe, variants: Optional[list[str]] = None,
     remote = gpu_deployment() is not None
     if require_backends:
         backends.require(
-            [(r.components[c].backend or v.backend, c, v.target, v.tp if c == "llm" else 1)
+            [(r.components[c].backend or v.backend, c, v.target)
              for v in vs for c in r.enabled_components if not (remote and v.target != "cpu")]
         )
     return r, vs
