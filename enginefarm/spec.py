@@ -82,6 +82,9 @@ class ComponentSpec(Strict):
     backend: Optional[Backend] = Field(None, description="overrides the variant's backend for this component (e.g. visual: tensorrt next to an llm on tensorrt-llm)")
     # visual components: image size the engine is built for (family default if unset)
     image_size: Optional[int] = None
+    dtype: Optional[DType] = Field(
+        None, description="visual components: the dtype they are exported and built in (default: the variant's)"
+    )
     num_frames: Optional[int] = Field(None, description="video families: frames sampled per video")
 
 

@@ -478,6 +478,23 @@ def test_an_export_over_the_tolerance_builds_no_engine(tmp_path, capsys):
     assert "build" not in steps and "export" not in steps
 
 
+def test_half_precision_visual_exports(tmp_path):
+    """float16 exports pass the ONNX Runtime check with a half-precision-sized
+    difference; bfloat16 ones cannot be checked on the CPU and say what to do."""
+    from enginefarm.errors import StepFailed
+    from enginefarm.tasks.export import export_visual
+
+    src = write_tiny("blip2", tmp_path / "src", seed=2)
+    cfg = json.loads((src / "config.json").read_text())
+    fam = get_family("blip2")
+    (tmp_path / "f16").mkdir()
+    meta = export_visual(fam, src, cfg, tmp_path / "f16", "float16", 2, None, 0.5)
+    assert meta["dtype"] == "float16" and 0 < meta["ort_max_abs_diff"] < 0.5
+    (tmp_path / "bf16").mkdir()
+    with pytest.raises(StepFailed, match="set components.visual.dtype to float16 or float32"):
+        export_visual(fam, src, cfg, tmp_path / "bf16", "bfloat16", 2, None, 0.5)
+
+
 def test_builtin_images_are_drawn_not_downloaded(tmp_path):
     import numpy as np
 

@@ -48,14 +48,14 @@ def spec(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepSpec:
     params = {
         "component": "visual",
         "family": fam.name,
-        "dtype": variant.dtype,
+        "dtype": ctx.recipe.components["visual"].dtype or variant.dtype,
         "max_batch_size": limits["max_batch_size"] * fam.encoder_inputs_per_image(config),
         "image_size": ctx.recipe.components["visual"].image_size,
         "tolerance": ctx.recipe.validation.gates.visual_max_abs_diff,
     }
     code = code_version(__name__, "enginefarm.checkpoint", "enginefarm.families._multimodal", type(fam).__module__)
     tc = {d: version_of(d) for d in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")}
-    return StepSpec("export", params, {"fetch": fetched}, code, tc, variant=f"visual-{variant.dtype}")
+    return StepSpec("export", params, {"fetch": fetched}, code, tc, variant=f"visual-{params['dtype']}")
 
 
 def _batch_axis_named(path: Path, name: str = "batch") -> None:
@@ -103,7 +103,13 @@ def export_visual(fam, src: Path, config: dict, out: Path, dtype_name: str, max_
     t2 = time.perf_counter()
 
     # the check: ONNX Runtime and the ExportedProgram against the PyTorch module
-    sess = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own error types
+        hint = (" (ONNX Runtime's CPU kernels take no bfloat16 convolutions: set components.visual.dtype to "
+                "float16 or float32)") if dtype_name == "bfloat16" else ""
+        raise StepFailed(f"export: ONNX Runtime cannot load the {dtype_name} visual export{hint}: "
+                         f"{str(e).splitlines()[0][:300]}") from None
     ep_mod = ep.module()
     ort_diff: dict[str, float] = {}
     ep_diff = 0.0
