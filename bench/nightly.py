@@ -14,7 +14,8 @@ running), and Prefect's ephemeral API, which each process starts for itself
 (`enginefarm nightly` on one machine without a server). CPU seconds (user +
 sys of the process and its children, the ephemeral server included) are
 printed next to wall seconds: on a shared machine they vary less (with a
-local server, its own CPU is not counted).
+local server, its own CPU is not counted). The floor, measured the same way
+in the same run: a process that runs an empty Prefect flow.
 
     .venv/bin/python bench/nightly.py [--repeat 3]
 """
@@ -71,6 +72,22 @@ def night(env: dict, tmp: Path, catalog: str) -> tuple[float, float, dict, list[
     return dt, cpu, json.loads(p.stdout), json.loads(hits.read_text())
 
 
+EMPTY_FLOW = "from prefect import flow\nflow(lambda: None, name='empty')()\n"
+
+
+def empty_flows(env: dict, n: int) -> tuple[list[float], list[float]]:
+    """The floor: an empty Prefect flow run, as a whole process, the same way."""
+    walls, cpus = [], []
+    for _ in range(n):
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", EMPTY_FLOW], env=env, cwd=ROOT, check=True, capture_output=True)
+        walls.append(time.perf_counter() - t0)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime))
+    return walls, cpus
+
+
 def unchanged(env: dict, tmp: Path, catalog: str, n: int, built: int) -> tuple[list[float], list[float]]:
     walls, cpus = [], []
     for _ in range(n):
@@ -125,19 +142,24 @@ def main() -> None:
             built = s1["counts"]["built"]
             assert built > 0 and not s1["counts"]["failed"], s1["counts"]
             on_server = unchanged(env, tmp, a.catalog, a.repeat, built)
+            server_floor = empty_flows(env, a.repeat)
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=60)
         env.pop("PREFECT_API_URL")
         ephemeral = unchanged(env, tmp, a.catalog, a.repeat, built)
+        ephemeral_floor = empty_flows(env, a.repeat)
     print(f"catalog {a.catalog}: {built} variants; every unchanged night built 0 and opened 0 weight files")
     print(f"{'':34} {'wall s':>8} {'cpu s':>7}   runs (wall)")
     print(f"{'first night (local server)':34} {first:8.2f} {first_cpu:7.2f}   built {built}, "
           f"opened {len(hits1)} weight files")
     for label, (walls, cpus) in (("unchanged night (local server)", on_server),
-                                 ("unchanged night (ephemeral API)", ephemeral)):
+                                 ("  an empty flow (local server)", server_floor),
+                                 ("unchanged night (ephemeral API)", ephemeral),
+                                 ("  an empty flow (ephemeral API)", ephemeral_floor)):
+        goal = "   goal < 20 s" if label.startswith("unchanged") else "   (the floor: Prefect alone)"
         print(f"{label:34} {statistics.median(walls):8.2f} {statistics.median(cpus):7.2f}   "
-              f"median of {len(walls)}: {', '.join(f'{x:.2f}' for x in walls)}   goal < 20 s")
+              f"median of {len(walls)}: {', '.join(f'{x:.2f}' for x in walls)}{goal}")
     print(f"ratio unchanged/first (local server) = {statistics.median(on_server[0]) / first:.3f}")
     print(f"machine load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
           f"on {os.cpu_count()} cores")

@@ -124,14 +124,16 @@ class Farm:
 
     def close(self) -> None:
         self.http.close()
-        for p in reversed(self.procs):
+        for p in reversed(self.procs):  # workers first, then the server
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.time() + 15
         for p in self.procs:
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
 
 
 @pytest.fixture(scope="module")
