@@ -155,7 +155,8 @@ def _rank_main(job_path: str, rank: int, world: int, port: int, out_dir: str) ->
                 c = model.cfg
                 eng = LLMEngine(model, {
                     "dtype": {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[model.embed.dtype],
-                    "cache_shape": [c.num_layers, 1, c.kv_heads_per_rank, job["max_seq_len"], c.head_size], **limits,
+                    "cache_shape": [c.num_layers, 1, c.kv_heads_per_rank, job["max_seq_len"], c.head_size],
+                    "vocab_size": c.vocab_size, **limits,
                 })
             with torch.no_grad():
                 out = engine_outputs(eng, job["prompt_ids"], job["eval_ids"], job["max_new_tokens"], job["eos"])
