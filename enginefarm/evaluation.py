@@ -48,7 +48,7 @@ def reference_outputs(ref_model, prompt_ids: list[list[int]], eval_ids: list[int
     """The same as engine_outputs, from the Hugging Face model."""
     import torch
 
-    if ref_model.config.is_encoder_decoder:
+    if getattr(getattr(ref_model, "config", None), "is_encoder_decoder", False):
         return _reference_outputs_seq2seq(ref_model, prompt_ids, eval_ids, max_new_tokens, eos, pad, max_seq_len,
                                           max_input_len)
     prompts = []

@@ -147,7 +147,7 @@ def test_every_manifest_follows_the_versioned_schema_with_full_provenance(built)
     assert p["source_files"]["model.safetensors"] == hashlib.sha256(
         (built["src"] / "model.safetensors").read_bytes()).hexdigest()
     assert p["variant"] | {} == {"name": V, "backend": "aoti", "dtype": "float32", "quant": "none", "tp": 1,
-                                 "target": "cpu", "components": ["llm"]}
+                                 "target": "cpu", "group_size": None, "components": ["llm"]}
     import torch
     import transformers
 
