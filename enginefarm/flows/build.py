@@ -214,6 +214,7 @@ def run_build(recipe: str | Recipe, variants: Optional[list[str]], store: Option
     config = fetched.results["config"]
     for v in vs:  # before any conversion: tp must divide the heads
         fam.check_config(config, v, where=f"{r.name}'s fetched config.json")
+    fam.derived_limits(r, config)  # and the limits must fit the checkpoint (visual features per image)
 
     outcomes = submit_variants(ctx, fetched, vs)()
     summary: dict = {"recipe": r.name, "store": st.uri, "variants": {}, "flow_run": flow_run_id()}
