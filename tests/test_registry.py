@@ -496,7 +496,7 @@ def test_concurrent_publishers_end_with_consistent_aliases(kind, procs, tmp_path
 def test_gc_keeps_aliases_and_the_newest_and_deletes_the_rest(uri, tmp_path, capsys):
     st = open_store(uri)
     pubs = [publish_synthetic(st, seed=30 + i, n_files=2, size=8 * 1024, passed=(i != 3)) for i in range(5)]
-    assert run_cli(capsys, "promote", f"synth@validated", "prod", "--store", uri)[0] == 0  # seed 34
+    assert run_cli(capsys, "promote", "synth@validated", "prod", "--store", uri)[0] == 0  # seed 34
     first = pubs[0]
     path = st.manifest_path("synth", "publish", first.key)
     st.move_alias("synth", V, "canary", path, first.digest, "test")
