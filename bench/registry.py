@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -102,6 +103,7 @@ def main() -> None:
     for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         env.pop(k, None)
     server, url = start_server(env)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is stopped on the way out
     env["AWS_ENDPOINT_URL"] = url
     os.environ.clear()
     os.environ.update(env)
