@@ -216,9 +216,14 @@ def cmd_nightly(a) -> int:
         from .flows.report import headline
 
         print(f"nightly {a.catalog} -> {summary['store']} ({summary['seconds']}s): {headline(summary['rows'])}")
+        skipped: dict = {}
         for r in summary["rows"]:
-            if r["status"] != "up to date":
+            if r["status"] == "skipped":  # one line a recipe: its variants share the reason
+                skipped.setdefault((r["recipe"], r["why"]), []).append(r["variant"])
+            elif r["status"] != "up to date":
                 print(f"  {r['status']:<10} {r['recipe']}:{r['variant']}  {r['why']}")
+        for (recipe, why), vs in skipped.items():
+            print(f"  {'skipped':<10} {recipe} ({len(vs)} variant{'s' if len(vs) != 1 else ''})  {why}")
         print(f"  record: {summary['record']}")
     return 0 if state.is_completed() else 1
 
