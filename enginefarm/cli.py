@@ -143,7 +143,11 @@ def _print_build(s: dict) -> None:
     for name, v in s["variants"].items():
         steps = "  ".join(f"{k}:{st}" for k, st in v["steps"].items())
         size = sum(f["size"] for f in v["files"].values())
-        status = "passed" if v["validation"] else "FAILED"
+        vs = v.get("validation_status") or ("passed" if v["validation"] else "failed")
+        status = {"passed": "passed", "failed": "FAILED"}.get(vs, "pending (no compatible GPU)")
+        if vs == "pending":
+            status += ": " + ", ".join(c for c, x in (v.get("validation_components") or {}).items()
+                                       if x["status"] == "pending") + " not run here; validated not moved"
         print(f"  {name}: validation {status}; engine {size/1e6:.2f} MB; {v['manifest']}")
         print(f"    {steps}")
         for g, r in (v.get("gates") or {}).items():
@@ -314,7 +318,7 @@ def cmd_ls(a) -> int:
 
 
 def cmd_show(a) -> int:
-    from .registry import resolve
+    from .registry import resolve, validation_line
     from .store import open_store
 
     st = open_store(a.store)
@@ -332,7 +336,10 @@ def cmd_show(a) -> int:
     print(f"  source     {src.get('repo') or json.dumps(src)}" + (f" @ {src['commit']}" if src.get("commit") else ""))
     print(f"  variant    {json.dumps(res.get('variant'))}")
     for c, info in (res.get("components") or {}).items():
-        print(f"  {c:<10} backend {info['backend']}; toolchain {json.dumps(info['toolchain'])}")
+        eng = info.get("engine") or {}
+        where = ", ".join(eng.get("compute_capabilities") or []) or info.get("target") or eng.get("target")
+        print(f"  {c:<10} backend {info['backend']}" + (f" for {where}" if where else "")
+              + f"; toolchain {json.dumps(info['toolchain'])}")
     if res.get("toolchain"):
         print("  toolchain  " + ", ".join(f"{k} {v}" for k, v in res["toolchain"].items() if v))
     if res.get("farm"):
@@ -340,7 +347,9 @@ def cmd_show(a) -> int:
     if res.get("timings"):
         print("  timings    " + ", ".join(f"{k} {v}s" for k, v in res["timings"].items() if v is not None))
     val = res.get("validation") or {}
-    print(f"  validation {'passed' if val.get('passed') else 'FAILED'}")
+    print(f"  validation {validation_line(val)}")
+    for c, x in (val.get("components") or {}).items():
+        print(f"    {c}: {x['status']}" + (f" ({x.get('reason')}: {x['detail']})" if x.get("detail") else ""))
     for g, r in (val.get("gates") or {}).items():
         print(f"    {g}: {r['value']} (limit {r['limit']}) {'ok' if r['passed'] else 'FAIL'}")
     print("  files")
@@ -400,16 +409,45 @@ def cmd_promote(a) -> int:
     return 0
 
 
+def _gpu_fit(value: dict, m: dict, given: Optional[str]) -> dict:
+    """Whether the engine runs on the GPU it is pulled for: --gpu (checked
+    by resolve already), else this machine's (nvidia-smi / torch.cuda).
+    BadInput, naming the engine's targets and the GPU, where it cannot; with
+    no GPU found, nothing is refused and the answer says so."""
+    from .backends.base import detect_gpu
+    from .registry import component_targets, why_not_on
+
+    targets = component_targets(m)
+    if given is not None:
+        return {"gpu": given, "source": "--gpu", "targets": targets, "checked": bool(targets)}
+    if not targets:
+        return {"gpu": None, "source": None, "targets": {}, "checked": False,
+                "note": "built for the CPU: runs on any machine"}
+    gpu, how = detect_gpu()
+    if gpu is None:
+        return {"gpu": None, "source": how, "targets": targets, "checked": False,
+                "note": f"no GPU detected here ({how}): not checked whether the engine runs here; "
+                        f"pass --gpu sm_XY to check it for the GPU it will run on"}
+    why = why_not_on(m, gpu)
+    if why:
+        raise BadInput(f"refusing {value['recipe']}:{value['variant']}@{value['alias']} for this machine's GPU "
+                       f"({gpu}, from {how}): its {why}; nothing was written to the destination")
+    return {"gpu": gpu, "source": how, "targets": targets, "checked": True}
+
+
 def cmd_pull(a) -> int:
-    from .registry import resolve
+    from .registry import resolve, status_of, validation_line
     from .store import open_store
     from .store.pull import pull
 
     try:
         st = open_store(a.store)
         value, m = resolve(st, a.ref, variant=a.variant, alias=a.alias, gpu=a.gpu)
+        fit = _gpu_fit(value, m, a.gpu)
         out = pull(st, value, m, a.dest, layout=a.layout,
                    progress=None if a.json else (lambda msg: print(f"[enginefarm] {msg}", file=sys.stderr)))
+        out["gpu"] = fit
+        out["validation_status"] = status_of((m.get("results") or {}).get("validation"))
     except FarmError as e:
         if a.json:  # CI scripts read one JSON object either way
             print(json.dumps({"ok": False, "error": str(e), "exit_code": e.exit_code}))
@@ -419,9 +457,11 @@ def cmd_pull(a) -> int:
         return 0
     state = "up to date" if out["up_to_date"] else (
         f"{out['fetched_bytes']/1e6:.2f} MB fetched, {out['reused_files']} file(s) resumed")
-    print(f"{out['ref']} ({out['digest'][:12]}, validation {'passed' if out['validation'] else 'FAILED'}) "
+    print(f"{out['ref']} ({out['digest'][:12]}, validation {validation_line((m.get('results') or {}).get('validation'))}) "
           f"-> {out['dest']} [{out['layout']}]: {len(out['files'])} file(s), every sha256 verified; {state}; "
           f"{out['seconds']}s")
+    if fit.get("note") and fit["targets"]:
+        print(f"enginefarm: {fit['note']}", file=sys.stderr)
     return 0
 
 

@@ -25,6 +25,52 @@ def target_of(manifest: dict) -> Optional[str]:
     return ((manifest.get("results") or {}).get("variant") or {}).get("target")
 
 
+def status_of(validation: Optional[dict]) -> str:
+    """passed, failed or pending (an engine that no machine so far could
+    run); records from before `status` existed: passed or failed."""
+    v = validation or {}
+    if v.get("status") in ("passed", "failed", "pending"):
+        return v["status"]
+    return "passed" if v.get("passed") else "failed"
+
+
+def validation_line(validation: Optional[dict]) -> str:
+    """`passed`, `FAILED`, or `pending (no compatible GPU): visual` for people."""
+    v = validation or {}
+    st = status_of(v)
+    if st != "pending":
+        return "passed" if st == "passed" else "FAILED"
+    comps = sorted(c for c, x in (v.get("components") or {}).items() if x.get("status") == "pending")
+    return f"pending ({v.get('reason') or 'no compatible GPU'})" + (f": {', '.join(comps)}" if comps else "")
+
+
+def component_targets(manifest: dict) -> dict[str, list[str]]:
+    """{component: the GPUs its engine runs on} for the components built for
+    GPUs (a TensorRT engine: its compute capabilities; another GPU engine:
+    its target); components built for the CPU are left out."""
+    res = manifest.get("results") or {}
+    out = {}
+    for c, info in (res.get("components") or {}).items():
+        eng = (info or {}).get("engine") or {}
+        targets = eng.get("compute_capabilities") or [info.get("target") or eng.get("target")
+                                                       or (res.get("variant") or {}).get("target")]
+        targets = [t for t in targets if t and t != "cpu"]
+        if targets:
+            out[c] = targets
+    return out
+
+
+def why_not_on(manifest: dict, gpu: Optional[str]) -> Optional[str]:
+    """Why the engine (every component) cannot run on `gpu` (None: no GPU),
+    naming each refusing component's targets; None if it can run there."""
+    bad = {c: t for c, t in component_targets(manifest).items() if gpu is None or gpu not in t}
+    if not bad:
+        return None
+    comps = manifest.get("results", {}).get("components") or {}
+    parts = [f"{c} is a {comps.get(c, {}).get('backend', '?')} engine for {', '.join(t)}" for c, t in sorted(bad.items())]
+    return "; ".join(parts) + (f"; it does not run on {gpu}" if gpu else "; there is no GPU to run it on")
+
+
 def resolve(store, text: str, variant: Optional[str] = None, alias: Optional[str] = None,
             gpu: Optional[str] = None) -> tuple[dict, dict]:
     """(ref value, publish manifest) for REF = RECIPE[:VARIANT][@ALIAS], with
@@ -49,16 +95,25 @@ def resolve(store, text: str, variant: Optional[str] = None, alias: Optional[str
         have = sorted({var for _, var, al in store.list_refs(recipe) if al == a})
         if gpu is not None:
             names = [x for x in ((f"{v}-{gpu}", v) if v else have) if x in have]
-            found = []
+            found, refused = [], {}
             for name in names:
                 value, m = _get(store, recipe, name, a)
-                if target_of(m) == gpu:
+                if not component_targets(m):  # built for the CPU only: not an engine for a GPU
+                    continue
+                why = why_not_on(m, gpu)
+                if why is None:
                     found.append(name)
+                else:
+                    refused[name] = why
             if len(found) != 1:
                 what = f"{recipe}{':' + v if v else ''}@{a}"
                 if not found:
+                    if len(refused) == 1:  # the one engine asked for, and the GPU it cannot run on
+                        name, why = next(iter(refused.items()))
+                        raise BadInput(f"refusing {recipe}:{name}@{a} for {gpu}: its {why}")
                     raise BadInput(f"no engine {what} built for {gpu} in {store.uri}"
-                                   + (f" (variants with @{a}: {', '.join(have)})" if have else ""))
+                                   + (f" (variants with @{a}: {', '.join(have)})" if have else "")
+                                   + "".join(f"; {n}: {w}" for n, w in refused.items()))
                 raise BadInput(f"several engines {what} are built for {gpu} ({', '.join(found)}); name the variant")
             v = found[0]
         else:
@@ -117,7 +172,7 @@ def engine_rows(store, recipe: Optional[str] = None) -> list[dict]:
         rows.append({
             "recipe": r, "variant": variant, "alias": alias, "digest": value.get("digest"),
             "size": sum(f["size"] for f in m.get("files", {}).values()),
-            "validation": "passed" if (res.get("validation") or {}).get("passed") else "failed",
+            "validation": status_of(res.get("validation")),
             "target": target_of(m), "created_at": m.get("created_at"), "moved_at": value.get("moved_at"),
             "moved_by": value.get("moved_by"), "manifest": path,
         })

@@ -30,6 +30,13 @@ Quant = Literal["none", "w8a16", "w4a16"]
 Component = Literal["llm", "visual"]
 
 DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+TARGET_RE = re.compile(r"sm_\d{2,3}")
+
+
+def check_target(t: str) -> str:
+    if t != "cpu" and not TARGET_RE.fullmatch(t):
+        raise ValueError(f"a target is 'cpu' or 'sm_XY' (got {t!r})")
+    return t
 
 
 class Strict(BaseModel):
@@ -86,6 +93,15 @@ class ComponentSpec(Strict):
         None, description="visual components: the dtype they are exported and built in (default: the variant's)"
     )
     num_frames: Optional[int] = Field(None, description="video families: frames sampled per video")
+    target: Optional[str] = Field(
+        None, description="overrides the variant's target for this component: cpu or sm_XY (e.g. visual: "
+        "{backend: tensorrt-rtx, target: sm_86} next to an llm built by aoti for the variant's cpu target)"
+    )
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else check_target(v)
 
 
 class Matrix(Strict):
@@ -128,8 +144,7 @@ class Matrix(Strict):
     @classmethod
     def _target(cls, v: list[str]) -> list[str]:
         for t in v:
-            if t != "cpu" and not re.fullmatch(r"sm_\d{2,3}", t):
-                raise ValueError(f"a target is 'cpu' or 'sm_XY' (got {t!r})")
+            check_target(t)
         return v
 
 
@@ -249,6 +264,17 @@ class Recipe(Strict):
             if v.name == name:
                 return v
         raise BadInput(f"recipe {self.name!r} has no variant {name!r}; its variants: {', '.join(x.name for x in vs)}")
+
+    def component_backend(self, component: str, variant: "Variant") -> str:
+        """The backend that builds `component` in `variant`: the component's own, or the variant's."""
+        return self.components[component].backend or variant.backend
+
+    def component_variant(self, component: str, variant: "Variant") -> "Variant":
+        """`variant` as `component` is built in it: its target replaced by the
+        component's own where the recipe gives one (same name: one variant,
+        components on different targets)."""
+        t = self.components[component].target
+        return variant if t is None or t == variant.target else variant.model_copy(update={"target": t})
 
     @property
     def enabled_components(self) -> list[str]:

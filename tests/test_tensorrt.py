@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -123,3 +124,228 @@ def test_gc_keeps_the_timing_caches(store):
     out = gc(store, keep=0)
     assert out["blobs"]["deleted"] == 1 and not store.has_blob(orphan)
     assert store.get_cache(name) == b"tactics"
+
+
+# ----------------------------------------------------------------------------- component targets
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    from enginefarm.cli import main as cli
+
+    capsys.readouterr()
+    try:
+        rc = cli([str(a) for a in args])
+    except SystemExit as e:  # argparse's own usage errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _recipe_file(tmp_path: Path, family: str = "blip2", **visual) -> Path:
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    data = yaml.safe_load((root / "models" / "tiny" / f"tiny-{family}-rtx.yaml").read_text())
+    data["components"]["visual"] = visual
+    p = tmp_path / f"r-{len(list(tmp_path.glob('*.yaml')))}.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_a_component_has_its_own_target(tmp_path):
+    from enginefarm.flows.build import prepare
+    from enginefarm.spec import load_recipe
+    from enginefarm.tasks import build as build_step
+    from enginefarm.tasks.base import Ctx, StepResult
+
+    r, (v,) = prepare(str(_recipe_file(tmp_path, backend="tensorrt-rtx", target="sm_86")))
+    assert v.target == "cpu" and v.backend == "aoti" and v.name == "fp32-tp1"
+    assert r.component_variant("visual", v).target == "sm_86" and r.component_variant("visual", v).name == v.name
+    assert r.component_variant("llm", v) is v and r.component_backend("visual", v) == "tensorrt-rtx"
+    # the build step's key and toolchain follow the component's target
+    ctx = Ctx(store=None, recipe=r)
+    src = StepResult("export", "0" * 64, "1" * 64, {}, cached=True)
+    vis = build_step.spec(ctx, src, v, "visual", None)
+    assert vis.params["variant"]["target"] == "sm_86" and vis.toolchain["gpu_arch"] == "sm_86"
+    llm = build_step.spec(ctx, src.__class__("convert", "0" * 64, "1" * 64, {}, True), v, "llm", None)
+    assert llm.params["variant"]["target"] == "cpu" and llm.toolchain["backend"] == "aoti"
+    # without a component target the visual engine is for the variant's target (cpu): refused before anything runs
+    with pytest.raises(NotAvailable, match=r"tensorrt-rtx \(visual, target cpu\): tensorrt-rtx builds engines for "
+                                           r"sm_75, .*; target cpu is not one of them"):
+        prepare(str(_recipe_file(tmp_path, backend="tensorrt-rtx")))
+    with pytest.raises(NotAvailable, match=r"target sm_90 is not one of them"):
+        prepare(str(_recipe_file(tmp_path, backend="tensorrt-rtx", target="sm_90")))
+    with pytest.raises(BadInput, match=r"components\.visual\.target: a target is 'cpu' or 'sm_XY' \(got 'ampere'\)"):
+        load_recipe(str(_recipe_file(tmp_path, backend="tensorrt-rtx", target="ampere")))
+
+
+# ----------------------------------------------------------------------------- the tiny multimodal recipes, built
+
+
+@pytest.fixture(scope="module")
+def rtx(tmp_path_factory):
+    """tiny-blip2-rtx and tiny-llava-rtx (catalog recipes: the visual engine by
+    TensorRT for RTX for sm_86, the LLM by aoti for the CPU) built for real
+    into one store by the build flow, once."""
+    from enginefarm.flows.build import build
+
+    store = tmp_path_factory.mktemp("rtx") / "store"
+    out = {fam: build(recipe=f"tiny-{fam}-rtx", store=str(store)) for fam in ("blip2", "llava")}
+    return SimpleNamespace(store=str(store), out=out)
+
+
+def _publish(st, recipe: str) -> dict:
+    value, _ = st.get_ref(recipe, "fp32-tp1", "latest")
+    return st.get_manifest_by_path(value["manifest"])
+
+
+@pytest.mark.parametrize("family", ["blip2", "llava"])
+def test_rtx_visual_and_aoti_llm_in_one_variant(rtx, family):
+    from enginefarm.store import open_store
+    from enginefarm.tasks.base import validate_manifest
+
+    st = open_store(rtx.store)
+    recipe = f"tiny-{family}-rtx"
+    summary = rtx.out[family]["variants"]["fp32-tp1"]
+    assert summary["validation_status"] == "pending" and summary["validation"] is False
+    m = _publish(st, recipe)
+    validate_manifest(m)
+    res = m["results"]
+    vis, llm = res["components"]["visual"], res["components"]["llm"]
+    assert (vis["backend"], vis["target"], llm["backend"], llm["target"]) == ("tensorrt-rtx", "sm_86", "aoti", "cpu")
+    assert vis["engine"]["compute_capabilities"] == ["sm_86"] and vis["engine"]["flavour"] == "tensorrt-rtx"
+    assert vis["toolchain"]["gpu_arch"] == "sm_86" and vis["toolchain"]["tensorrt-rtx"].startswith("1.")
+    # the sidecar carries what a runner on an sm_86 GPU needs: the export's facts and the batch bound
+    assert vis["engine"]["visual"]["encoder_features"] == {"blip2": 8, "llava": 16}[family]
+    assert vis["engine"]["max_batch_size"] == 2 and vis["engine"]["profiles"]["pixel_values"][2][0] == 2
+    assert m["files"]["visual/engine.plan"]["size"] > 100_000 and st.has_blob(m["files"]["visual/engine.plan"]["sha256"])
+    assert res["toolchain"]["tensorrt_flavour"] == "tensorrt-rtx"
+    # validation: the visual engine pending (no GPU here), the LLM validated on the PyTorch visual module
+    val = res["validation"]
+    assert val["status"] == "pending" and val["passed"] is False and val["reason"] == "no compatible GPU"
+    assert val["components"]["visual"]["status"] == "pending"
+    assert "tensorrt-rtx engine for sm_86" in val["components"]["visual"]["detail"]
+    assert val["components"]["llm"]["status"] == "passed" and val["metrics"]["visual_stand_in"] == "pytorch"
+    assert "visual_max_abs_diff" not in val["gates"] and "visual_max_abs_diff" not in val["metrics"]
+    assert val["gates"]["greedy_equal"]["passed"] and val["gates"]["logits_max_abs_diff"]["value"] < 1e-3
+    # latest moved, validated did not
+    assert st.get_ref(recipe, "fp32-tp1", "latest") is not None
+    assert st.get_ref(recipe, "fp32-tp1", "validated") is None
+
+
+def test_pending_validation_in_show_ls_build_and_promote(rtx, capsys):
+    rc, out, err = run_cli(capsys, "build", "tiny-blip2-rtx", "--store", rtx.store)
+    assert rc == 0, err  # pending is not a failure
+    assert "fp32-tp1: validation pending (no compatible GPU): visual not run here; validated not moved" in out
+    assert "every step cached" in out
+    rc, out, _ = run_cli(capsys, "show", "tiny-blip2-rtx", "--store", rtx.store)
+    assert rc == 0 and "validation pending (no compatible GPU): visual" in out
+    assert "visual     backend tensorrt-rtx for sm_86" in out and "llm        backend aoti for cpu" in out
+    assert "    llm: passed" in out
+    rc, out, _ = run_cli(capsys, "ls", "--store", rtx.store, "--json")
+    assert {(x["recipe"], x["alias"], x["validation"]) for x in json.loads(out)} == {
+        ("tiny-blip2-rtx", "latest", "pending"), ("tiny-llava-rtx", "latest", "pending")}
+    rc, _, err = run_cli(capsys, "promote", "tiny-blip2-rtx", "prod", "--store", rtx.store)
+    assert rc == 1 and "validation is pending (no compatible GPU): visual" in err
+    rc, _, err = run_cli(capsys, "promote", "tiny-blip2-rtx", "validated", "--store", rtx.store)
+    assert rc == 2 and "pending" in err
+
+
+def test_publish_never_moves_validated_while_pending(store):
+    from enginefarm.hashing import digest_json
+    from enginefarm.tasks.base import StepResult
+    from enginefarm.tasks.publish import move_aliases
+
+    for status, moved in (("pending", False), ("passed", True)):
+        m = {"results": {"validation": {"passed": True, "status": status}}}  # passed=True: only status stops it
+        res = StepResult("publish", "a" * 64 if moved else "b" * 64, digest_json(m), m, cached=False)
+        move_aliases(store, "r", "v", res)
+        assert (store.get_ref("r", "v", "validated") is not None) is moved
+    with pytest.raises(Exception, match="components|reason"):  # the schema: a pending record says why and which
+        from enginefarm.tasks.base import validate_manifest
+
+        bad = _schema_publish()
+        bad["results"]["validation"] = {"passed": False, "status": "pending", "gates": {}, "metrics": {}}
+        validate_manifest(bad)
+
+
+def _schema_publish() -> dict:
+    sha = "0" * 64
+    return {
+        "schema": "enginefarm.manifest/2", "recipe": "r", "recipe_digest": sha, "step": "publish", "key": sha,
+        "variant": "v", "params": {}, "inputs": {s: {"step": s, "key": sha, "digest": sha} for s in
+                                                  ("fetch", "convert", "validate")},
+        "code_version": "x", "toolchain": {}, "files": {"llm/a": {"sha256": sha, "size": 1}},
+        "results": {"recipe": {"name": "r", "digest": sha}, "source": {"kind": "tiny", "repo": None, "commit": None},
+                    "source_files": {}, "variant": {"name": "v", "backend": "aoti", "dtype": "float32", "quant": "none",
+                                                    "tp": 1, "target": "cpu", "components": ["llm"]},
+                    "components": {}, "toolchain": {k: None for k in ("torch", "transformers", "tensorrt_flavour",
+                                                                      "tensorrt", "tensorrt_llm", "cuda")} | {"python": "3"},
+                    "farm": {"version": "0", "commit": None, "code_versions": {}},
+                    "build_host": {"host": "h", "platform": "p", "step_hosts": {}}, "timings": {}},
+        "created_at": "2026-01-01T00:00:00Z", "host": "h", "user": "u", "duration_s": 0,
+    }
+
+
+# ----------------------------------------------------------------------------- pull --gpu
+
+
+def test_pull_refuses_a_gpu_the_engine_cannot_run_on(rtx, tmp_path, capsys):
+    d = tmp_path / "engines"
+    rc, out, err = run_cli(capsys, "pull", "tiny-blip2-rtx", "--gpu", "sm_90", "--dest", d, "--store", rtx.store)
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "sm_86" in lines[0] and "sm_90" in lines[0] and "visual is a tensorrt-rtx engine for sm_86" in lines[0]
+    assert not d.exists() and not list(tmp_path.glob(".engines*"))
+    rc, out, _ = run_cli(capsys, "pull", "tiny-blip2-rtx", "--gpu", "sm_90", "--dest", d, "--store", rtx.store,
+                         "--json")
+    got = json.loads(out)
+    assert rc == 2 and got["ok"] is False and got["exit_code"] == 2 and "sm_86" in got["error"]
+    # where it runs, it is pulled; the pulled engine refuses any other GPU when loaded
+    rc, out, _ = run_cli(capsys, "pull", "tiny-blip2-rtx", "--gpu", "sm_86", "--dest", d, "--store", rtx.store,
+                         "--json")
+    got = json.loads(out)
+    assert rc == 0 and got["gpu"] == {"gpu": "sm_86", "source": "--gpu", "targets": {"visual": ["sm_86"]},
+                                      "checked": True}
+    assert got["validation_status"] == "pending" and (d / "visual" / "engine.plan").is_file()
+    with pytest.raises(BadInput, match=r"engine for sm_86; it does not run on this GPU \(sm_89\)"):
+        get_backend("tensorrt-rtx").load(d / "visual", gpu="sm_89")
+
+
+def _pull_here(rtx, dest: Path, smi: str | None, tmp_path: Path):
+    """`enginefarm pull` in a fresh process (no torch loaded: the GPU comes
+    from nvidia-smi), with `smi` as what nvidia-smi prints (None: no
+    nvidia-smi on PATH). A stand-in for a GPU this machine does not have."""
+    import os
+    import subprocess
+    import sys
+
+    bindir = tmp_path / f"bin-{smi}"
+    bindir.mkdir()
+    if smi is not None:
+        (bindir / "nvidia-smi").write_text(f"#!/bin/sh\necho {smi}\n")
+        (bindir / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "enginefarm.cli", "pull", "tiny-llava-rtx", "--dest", str(dest),
+                           "--store", rtx.store, "--json"], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_pull_checks_the_gpu_it_finds_and_says_when_it_finds_none(rtx, tmp_path):
+    import shutil
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi: the no-GPU case cannot be shown here")
+    d = tmp_path / "here"
+    p = _pull_here(rtx, d, "9.0", tmp_path)  # an H100
+    got = json.loads(p.stdout)
+    assert p.returncode == 2 and got["ok"] is False, p.stderr
+    assert "this machine's GPU (sm_90, from nvidia-smi)" in got["error"] and "engine for sm_86" in got["error"]
+    assert not d.exists()
+    p = _pull_here(rtx, d, None, tmp_path)  # no GPU at all: not refused, and the answer says so
+    got = json.loads(p.stdout)
+    assert p.returncode == 0 and got["ok"] and got["gpu"]["gpu"] is None and got["gpu"]["checked"] is False
+    assert "no GPU detected here" in got["gpu"]["note"] and (d / "visual" / "engine.plan").is_file()
+    p = _pull_here(rtx, tmp_path / "ampere", "8.6", tmp_path)  # an RTX 3090 / A10
+    got = json.loads(p.stdout)
+    assert p.returncode == 0 and got["gpu"] == {"gpu": "sm_86", "source": "nvidia-smi",
+                                                "targets": {"visual": ["sm_86"]}, "checked": True}

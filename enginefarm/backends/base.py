@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import platform
+import shutil
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 def version_of(dist: str) -> str | None:
@@ -25,6 +29,36 @@ def torch_toolchain(target: str) -> dict[str, Any]:
     else:
         tc["cpu"] = platform.machine()
     return tc
+
+
+def detect_gpu() -> tuple[Optional[str], str]:
+    """(this machine's GPU as sm_XY, or None; how that was found out). CUDA's
+    device 0 as torch sees it where torch is already loaded, else
+    `nvidia-smi` (its first GPU), else torch (imported for this)."""
+    if "torch" not in sys.modules and shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError) as e:
+            return None, f"nvidia-smi failed ({e.__class__.__name__})"
+        lines = [x.strip() for x in out.stdout.splitlines() if x.strip()]
+        if out.returncode != 0 or not lines:
+            return None, "nvidia-smi found no GPU"
+        major, _, minor = lines[0].partition(".")
+        if not (major.isdigit() and minor.isdigit()):
+            return None, f"nvidia-smi said {lines[0]!r}, not a compute capability"
+        return f"sm_{major}{minor}", "nvidia-smi"
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return None, "CUDA_VISIBLE_DEVICES is empty"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return f"sm_{major}{minor}", "torch.cuda"
+    except Exception as e:  # a broken CUDA install says all sorts
+        return None, f"torch.cuda failed ({e.__class__.__name__})"
+    return None, "no nvidia-smi, and torch.cuda sees no GPU"
 
 
 class Backend:
@@ -48,6 +82,12 @@ class Backend:
         """Build an engine for `component` from `src_dir` (a converted checkpoint or an export) into
         `out_dir`; write `engine.json` (the sidecar) there and return it."""
         raise NotImplementedError
+
+    def cannot_run(self, sidecar: dict, gpu: Optional[str] = None) -> Optional[str]:
+        """Why an engine with this sidecar cannot run on this machine (or on
+        `gpu`, sm_XY), or None when it can. Engines of the backends that
+        build for the machine they build on run wherever they were built."""
+        return None
 
     def load(self, engine_dir: Path, device: str = "cpu"):
         """A runnable engine from a built engine directory."""

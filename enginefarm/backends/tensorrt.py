@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import BadInput, NotAvailable
-from .base import Backend, version_of
+from .base import Backend, detect_gpu, version_of
 
 FLAVOURS = {
     # name: (module, distribution, install hint)
@@ -59,27 +60,29 @@ def import_flavour(name: str):
 
 def local_gpu() -> Optional[str]:
     """This machine's GPU as sm_XY, or None."""
-    try:
-        import torch
+    return detect_gpu()[0]
 
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            return f"sm_{major}{minor}"
-    except Exception:
-        pass
+
+def why_not_runs(meta: dict, gpu: Optional[str] = None) -> Optional[str]:
+    """Why an engine (its sidecar) cannot run on `gpu` (default: this
+    machine's GPU), naming the engine's targets and the GPU; None if it can."""
+    how = "given"
+    if gpu is None:
+        gpu, how = detect_gpu()
+    targets = meta.get("compute_capabilities") or []
+    what = f"a {meta.get('flavour')} engine for {', '.join(targets) or '?'}"
+    if gpu is None:
+        return f"{what}; this machine has no CUDA GPU ({how})"
+    if gpu not in targets:
+        return f"{what}; it does not run on this GPU ({gpu})"
     return None
 
 
 def check_runs_here(meta: dict, gpu: Optional[str] = None, what: str = "engine") -> None:
     """Refuse an engine whose targets do not include the GPU it would run on."""
-    gpu = gpu or local_gpu()
-    targets = meta.get("compute_capabilities") or []
-    if gpu is None:
-        raise BadInput(f"{what} is a {meta.get('flavour')} engine for {', '.join(targets) or '?'}; "
-                       f"this machine has no CUDA GPU")
-    if gpu not in targets:
-        raise BadInput(f"{what} is a {meta.get('flavour')} engine for {', '.join(targets)}; it does not run on "
-                       f"this GPU ({gpu})")
+    why = why_not_runs(meta, gpu)
+    if why:
+        raise BadInput(f"{what} is {why}")
 
 
 def find_onnx(src_dir: Path) -> tuple[Path, dict]:
@@ -236,11 +239,13 @@ class TensorRT(Backend):
         meta: dict[str, Any] = {
             "format": "tensorrt-plan",
             "file": ENGINE_FILE,
+            "device": "cuda",
+            "target": variant.target,
             "flavour": self.name,
             "tensorrt_version": getattr(trt, "__version__", version_of(dist)),
             "compute_capabilities": ccs,
             "component": component,
-            "dtype": variant.dtype,
+            "dtype": export_meta.get("dtype") or variant.dtype,  # strongly typed (RTX): the export's own
             "strongly_typed": strongly_typed,
             "builder_flags": builder_flags,
             "profiles": shapes,
@@ -251,6 +256,11 @@ class TensorRT(Backend):
             "timing_cache": ({"given_bytes": len(timing_cache or b""), "bytes": len(new_cache)}
                              if self.uses_timing_cache else "not used by tensorrt-rtx (kernels chosen at run time)"),
         }
+        if export_meta.get("encoder_features"):  # the export step's facts: what a visual runner needs
+            meta["visual"] = export_meta
+            meta["max_batch_size"] = shapes[network.get_input(0).name][2][0]
+            if export_meta.get("extras"):  # tensors the packing of features needs (LLaVA-NeXT: image_newline)
+                shutil.copyfile(onnx_path.parent / export_meta["extras"], out_dir / export_meta["extras"])
         (out_dir / "engine.json").write_text(json.dumps(meta, indent=2))
         if timing_cache_out is not None and self.uses_timing_cache:  # for the build step to keep in the store (not an engine file)
             Path(timing_cache_out).write_bytes(new_cache)
@@ -258,11 +268,29 @@ class TensorRT(Backend):
 
     # ------------------------------------------------------------------ run
 
+    def cannot_run(self, sidecar: dict, gpu: Optional[str] = None) -> Optional[str]:
+        return why_not_runs(sidecar, gpu)
+
     def load(self, engine_dir: Path, device: str = "cuda", gpu: Optional[str] = None):
+        """The engine, refused (naming its targets and the GPU) where it
+        cannot run. A visual engine built from the export step comes as a
+        `runtime.visual.VisualEngine` (what the multimodal pipeline takes);
+        anything else as the bare TRTEngine (named tensors in and out)."""
         engine_dir = Path(engine_dir)
         meta = json.loads((engine_dir / "engine.json").read_text())
         check_runs_here(meta, gpu, what=str(engine_dir))
-        return TRTEngine(self.name, engine_dir / meta["file"], meta)
+        engine = TRTEngine(self.name, engine_dir / meta["file"], meta)
+        if not meta.get("visual"):
+            return engine
+        from ..runtime.visual import VisualEngine
+
+        extras = {}
+        if meta["visual"].get("extras"):
+            from safetensors.torch import load_file
+
+            extras = load_file(str(engine_dir / meta["visual"]["extras"]))
+        name_in, name_out = meta["visual"]["input"], meta["visual"]["output"]
+        return VisualEngine(lambda x: engine(**{name_in: x})[name_out], meta, extras)
 
 
 class TRTEngine:

@@ -24,6 +24,7 @@ from prefect import flow
 from .. import backends
 from ..errors import GateFailed, StepFailed
 from ..families import get_family
+from ..registry import status_of
 from ..spec import Recipe, Variant, load_recipe
 from ..store import open_store
 from ..tasks import build as build_step
@@ -50,10 +51,9 @@ def prepare(recipe: str | Recipe, variants: Optional[list[str]] = None,
     vs = [r.variant(v) for v in variants] if variants else r.variants()
     remote = gpu_deployment() is not None
     if require_backends:
-        backends.require(
-            [(r.components[c].backend or v.backend, c, v.target)
-             for v in vs for c in r.enabled_components if not (remote and v.target != "cpu")]
-        )
+        pairs = [(r.component_backend(c, v), c, r.component_variant(c, v).target)
+                 for v in vs for c in r.enabled_components]
+        backends.require([p for p in pairs if not (remote and p[2] != "cpu")])
     return r, vs
 
 
@@ -68,6 +68,8 @@ def variant_summary(st, r: Recipe, steps: dict) -> dict:
         "digest": published.digest,
         "steps": {k: ("cached" if s.cached else "built") for k, s in steps.items()},
         "validation": validated.results.get("passed"),
+        "validation_status": status_of(validated.results),  # passed, failed, or pending (no compatible GPU)
+        **({"validation_components": validated.results["components"]} if validated.results.get("components") else {}),
         **({"shards": {"passed": steps["shards"].results.get("passed"), "gates": steps["shards"].results.get("gates")}}
            if steps.get("shards") else {}),
         "gates": validated.results.get("gates"),
@@ -77,7 +79,7 @@ def variant_summary(st, r: Recipe, steps: dict) -> dict:
 
 def finish(summary: dict, all_cached: bool) -> dict:
     summary["all_cached"] = all_cached
-    failed = [n for n, x in summary["variants"].items() if not x["validation"]]
+    failed = [n for n, x in summary["variants"].items() if x["validation_status"] == "failed"]  # pending is no failure
     summary["failed"] = failed
     if failed:
         err = GateFailed(f"validation gates failed for {summary['recipe']}: {', '.join(failed)} "

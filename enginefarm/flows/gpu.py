@@ -88,7 +88,7 @@ def gpu_steps(job: GpuJob) -> list[dict]:
     r = parse_recipe(job.recipe, job.origin or "the dispatched recipe")
     get_family(r.family).check_recipe(r)
     v = r.variant(job.variant)
-    backends.require([(r.components[c].backend or v.backend, c, v.target) for c in r.enabled_components])
+    backends.require([(r.component_backend(c, v), c, r.component_variant(c, v).target) for c in r.enabled_components])
     st = open_store(job.store)
     ctx = Ctx(store=st, recipe=r, force=job.force, force_nonce=job.force_nonce, workdir=workdir())
     fetched = stored_result(st, r.name, "fetch", job.fetch_key)

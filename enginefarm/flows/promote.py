@@ -17,6 +17,7 @@ from typing import Optional
 from prefect import flow
 
 from ..errors import BadInput, GateFailed
+from ..registry import status_of, validation_line
 from ..store.base import MissingBlob, check_alias
 
 MANAGED = {"latest": "latest moves on every publish; promote to prod or a custom alias instead"}
@@ -29,11 +30,13 @@ def promote(store, ref: dict, manifest: dict, alias: str, force: bool = False) -
         raise BadInput(f"cannot promote to {alias!r}: {MANAGED[alias]}")
     recipe, variant = ref["recipe"], ref["variant"]
     validation = (manifest.get("results") or {}).get("validation") or {}
-    passed = bool(validation.get("passed"))
+    passed = bool(validation.get("passed")) and status_of(validation) == "passed"
     src = f"{recipe}:{variant}@{ref['alias']}"
     if not passed:
         failed = [g for g, r in (validation.get("gates") or {}).items() if not r.get("passed")]
         why = f"its validation did not pass ({', '.join(failed) or 'no validation recorded'})"
+        if status_of(validation) == "pending":
+            why = f"its validation is {validation_line(validation)}"
         if alias == "validated":
             raise BadInput(f"cannot promote {src} ({ref['digest'][:12]}) to validated: {why}")
         if not force:

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Optional
 
+from ..registry import status_of
 from ..tasks.policy import one_line
 
 METRICS = ("logits_max_abs_diff", "top1_agreement", "perplexity_rel_diff", "top5_accuracy_drop")
@@ -54,7 +55,7 @@ def row(st, recipe: str, variant: str, steps: dict, reasons: Iterable[str] = ())
     pub, val = steps["publish"], steps["validate"]
     metrics = val.results.get("metrics") or {}
     status, why_ = ("built" if ran else "up to date"), "; ".join(reasons)
-    if ran and not val.results.get("passed"):  # built tonight, not good enough: a failure of tonight's
+    if ran and status_of(val.results) == "failed":  # built tonight, not good enough: a failure of tonight's
         failing = [g for g, x in (val.results.get("gates") or {}).items() if not x.get("passed")]
         status = "failed"
         why_ = (f"recipe {recipe}, variant {variant}: validation gates failed: {', '.join(failing)} "
@@ -65,7 +66,7 @@ def row(st, recipe: str, variant: str, steps: dict, reasons: Iterable[str] = ())
         size_mb=round(sum(f["size"] for f in pub.files.values()) / 1e6, 3),
         build_s=round(sum(float(s.manifest.get("duration_s") or 0) for k, s in steps.items()
                           if k.startswith("build.")), 2),
-        validation="passed" if val.results.get("passed") else "failed",
+        validation=status_of(val.results),  # passed, failed, pending (no compatible GPU)
         manifest=st.manifest_path(recipe, "publish", pub.key),
         **{m: _num(metrics.get(m)) for m in METRICS},
     )

@@ -14,7 +14,7 @@ from .policy import step_task
 
 
 def component_backend(ctx: Ctx, component: str, variant: Variant) -> str:
-    return ctx.recipe.components[component].backend or variant.backend
+    return ctx.recipe.component_backend(component, variant)
 
 
 def spec(ctx: Ctx, source: StepResult, variant: Variant, component: str = "llm", config: dict | None = None) -> StepSpec:
@@ -22,6 +22,7 @@ def spec(ctx: Ctx, source: StepResult, variant: Variant, component: str = "llm",
     config: the fetched config.json, for limits that depend on the checkpoint."""
     bname = component_backend(ctx, component, variant)
     b = get_backend(bname)
+    variant = ctx.recipe.component_variant(component, variant)  # the component's own target, if the recipe gives one
     limits = get_family(ctx.recipe.family).derived_limits(ctx.recipe, config)
     params = {"component": component, "backend": bname, "variant": variant.params(), "limits": limits}
     code = code_version(__name__, type(b).__module__, "enginefarm.runtime.decoder", "enginefarm.runtime.engine",
@@ -34,6 +35,7 @@ def spec(ctx: Ctx, source: StepResult, variant: Variant, component: str = "llm",
 def build_task(ctx: Ctx, source: StepResult, variant: Variant, component: str = "llm",
                config: dict | None = None) -> StepResult:
     s = spec(ctx, source, variant, component, config)
+    variant = ctx.recipe.component_variant(component, variant)
 
     def work(out: Path, scratch: Path):
         src = materialize(ctx, source, scratch / "src")

@@ -28,6 +28,7 @@ from .. import __version__
 from ..backends.base import version_of
 from ..errors import StepFailed
 from ..hashing import code_version
+from ..registry import status_of, validation_line
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, _user, log, run_step
 from .policy import step_task
@@ -96,7 +97,9 @@ def provenance(ctx: Ctx, variant: Variant, fetched: StepResult, converted: StepR
         },
         "source_files": {rel: f["sha256"] for rel, f in sorted(fetched.files.items())},
         "variant": {**variant.params(), "components": sorted(builds)},
-        "components": {c: {"backend": b.manifest["params"]["backend"], "engine": b.results.get("engine", {}),
+        "components": {c: {"backend": b.manifest["params"]["backend"],
+                           "target": (b.manifest["params"].get("variant") or {}).get("target", variant.target),
+                           "engine": b.results.get("engine", {}),
                            "toolchain": b.manifest["toolchain"]} for c, b in sorted(builds.items())},
         "toolchain": toolchain(),
         "farm": {"version": __version__, "commit": farm_commit(),
@@ -106,6 +109,9 @@ def provenance(ctx: Ctx, variant: Variant, fetched: StepResult, converted: StepR
         "timings": {k: s.manifest.get("duration_s") for k, s in steps.items()},
         "validation": {
             "passed": bool(validated.results.get("passed")),
+            "status": status_of(validated.results),
+            **({"reason": validated.results["reason"]} if validated.results.get("reason") else {}),
+            **({"components": validated.results["components"]} if validated.results.get("components") else {}),
             "gates": validated.results.get("gates") or {},
             "metrics": validated.results.get("metrics") or {},
         },
@@ -136,10 +142,14 @@ def publish_task(ctx: Ctx, variant: Variant, fetched: StepResult, converted: Ste
 
 
 def move_aliases(store, recipe: str, variant: str, res: StepResult) -> None:
-    """latest on every publish; validated only when the gates passed."""
+    """latest on every publish; validated only when the gates passed (never
+    while any component's validation is pending: no GPU here could run it)."""
     path = store.manifest_path(recipe, "publish", res.key)
     if store.move_alias(recipe, variant, "latest", path, res.digest, "publish"):
         log(f"publish [{variant}]: latest -> {res.digest[:12]}")
-    if res.results.get("validation", {}).get("passed"):
+    val = res.results.get("validation") or {}
+    if status_of(val) == "pending":
+        log(f"publish [{variant}]: validated not moved: validation {validation_line(val)}")
+    elif status_of(val) == "passed" and val.get("passed"):
         if store.move_alias(recipe, variant, "validated", path, res.digest, "validation gates passed"):
             log(f"publish [{variant}]: validated -> {res.digest[:12]}")
