@@ -41,34 +41,69 @@ def export(dest: Path, dynamic_hw: bool = False) -> Path:
     return dest
 
 
-def variant(target="sm_86", dtype="float32") -> Variant:
-    return Variant(name="t", backend="tensorrt-rtx", dtype=dtype, quant="none", tp=1, target=target)
+def variant(target="sm_86", dtype="float32", backend="tensorrt-rtx") -> Variant:
+    return Variant(name="t", backend=backend, dtype=dtype, quant="none", tp=1, target=target)
 
 
-def test_rtx_builds_an_engine_with_its_provenance(tmp_path):
+def flavour_and_target(flavour: str):
+    """The backend of a flavour and the target to build for, or a skip that says why not here."""
+    from enginefarm.backends.base import detect_gpu
+
+    b = get_backend(flavour)
+    if flavour == "tensorrt-rtx":
+        return b, "sm_86"  # builds without a GPU
+    gpu, how = detect_gpu()
+    ok, why = b.usable("visual", gpu or "sm_90")
+    if not ok:
+        pytest.skip(f"{flavour}: {why}")
+    if gpu is None:
+        pytest.skip(f"{flavour} builds on the GPU it targets, and this machine has none ({how})")
+    return b, gpu
+
+
+@pytest.mark.parametrize("flavour", ["tensorrt-rtx", "tensorrt"])
+def test_builds_an_engine_with_its_provenance(tmp_path, flavour):
+    from enginefarm.backends.base import detect_gpu
+
+    b, target = flavour_and_target(flavour)
+    rtx = flavour == "tensorrt-rtx"
     src = export(tmp_path / "export")
-    b = get_backend("tensorrt-rtx")
-    meta = b.build("visual", src, tmp_path / "engine", variant(), {"max_batch_size": 4},
+    meta = b.build("visual", src, tmp_path / "engine", variant(target, backend=flavour), {"max_batch_size": 4},
                    timing_cache_out=tmp_path / "cache")
     plan = tmp_path / "engine" / "engine.plan"
     assert plan.stat().st_size > 10_000
     side = json.loads((tmp_path / "engine" / "engine.json").read_text())
     assert side == meta
-    assert side["flavour"] == "tensorrt-rtx" and side["tensorrt_version"].startswith("1.")
-    assert side["compute_capabilities"] == ["sm_86"] and side["strongly_typed"] is True
+    assert side["flavour"] == flavour and side["tensorrt_version"].startswith("1." if rtx else "1")
+    assert side["compute_capabilities"] == [target] and side["strongly_typed"] is True
     assert side["profiles"] == {"pixel_values": [[1, 3, 32, 32], [2, 3, 32, 32], [4, 3, 32, 32]]}
     ins = [x for x in side["io"] if x["kind"] == "input"]
     outs = [x for x in side["io"] if x["kind"] == "output"]
     assert ins == [{"name": "pixel_values", "kind": "input", "shape": [-1, 3, 32, 32], "dtype": "FLOAT"}]
     assert outs[0]["name"] == "features" and outs[0]["shape"] == [-1, 16, 32]
-    assert side["timing_cache"].startswith("not used by tensorrt-rtx")
-    assert not (tmp_path / "cache").exists()
-    # the engine deserialises in the same flavour's runtime only on a GPU it targets: never here
-    with pytest.raises(BadInput, match=r"engine for sm_86; this machine has no CUDA GPU"):
-        b.load(tmp_path / "engine")
-    with pytest.raises(BadInput, match=r"engine for sm_86; it does not run on this GPU \(sm_90\)"):
-        b.load(tmp_path / "engine", gpu="sm_90")
-    check_runs_here(side, gpu="sm_86")  # and accepted where it does
+    if rtx:
+        assert side["timing_cache"].startswith("not used by tensorrt-rtx")
+        assert not (tmp_path / "cache").exists()
+    else:
+        assert side["timing_cache"]["bytes"] > 0 and (tmp_path / "cache").stat().st_size == side["timing_cache"]["bytes"]
+    # the engine deserialises in the same flavour's runtime only on a GPU it targets
+    other = "sm_90" if target != "sm_90" else "sm_86"
+    with pytest.raises(BadInput, match=rf"engine for {target}; it does not run on this GPU \({other}\)"):
+        b.load(tmp_path / "engine", gpu=other)
+    check_runs_here(side, gpu=target)  # and accepted where it does
+    here, _ = detect_gpu()
+    if here != target:
+        with pytest.raises(BadInput, match=rf"engine for {target}; (this machine has no CUDA GPU|it does not run on "
+                                           rf"this GPU \({here}\))"):
+            b.load(tmp_path / "engine")
+        return
+    # a GPU among its targets: run it, against PyTorch on the module the ONNX came from
+    eng = b.load(tmp_path / "engine")
+    x = torch.randn(3, 3, 32, 32)
+    got = eng(pixel_values=x.cuda())["features"].float().cpu()
+    with torch.no_grad():
+        want = TinyVisual().eval()(x)
+    assert got.shape == want.shape and float((got - want).abs().max()) < 1e-2
 
 
 def test_rtx_refuses_targets_it_cannot_build_for_and_datacenter_reports_missing():
