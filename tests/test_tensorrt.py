@@ -263,6 +263,9 @@ def test_rtx_visual_and_aoti_llm_in_one_variant(rtx, family):
     assert val["components"]["llm"]["status"] == "passed" and val["metrics"]["visual_stand_in"] == "pytorch"
     assert "visual_max_abs_diff" not in val["gates"] and "visual_max_abs_diff" not in val["metrics"]
     assert val["gates"]["greedy_equal"]["passed"] and val["gates"]["logits_max_abs_diff"]["value"] < 1e-3
+    # which components are pending is part of the validate key: a worker that can run the engine validates anew
+    (vkey,) = [k for k in st.list_manifests(recipe, "validate")]
+    assert st.get_manifest(*vkey)["params"]["pending"] == ["visual"]
     # latest moved, validated did not
     assert st.get_ref(recipe, "fp32-tp1", "latest") is not None
     assert st.get_ref(recipe, "fp32-tp1", "validated") is None
