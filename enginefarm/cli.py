@@ -172,9 +172,12 @@ def cmd_plan(a) -> int:
     notes = {}  # per variant: the backend command where there is one, or why it cannot run here
     for v in vs:
         for c in r.enabled_components:
-            b = backends.get_backend(r.components[c].backend or v.backend)
-            ok, why = b.usable(c, v.target)
-            line = b.command(v, limits) if hasattr(b, "command") else ""
+            b = backends.get_backend(r.component_backend(c, v))
+            cv = r.component_variant(c, v)  # the component's own target, where the recipe gives one
+            ok, why = b.usable(c, cv.target)
+            line = b.command(cv, limits) if hasattr(b, "command") else ""
+            if cv.target != v.target:
+                line = f"{b.name} for {cv.target} (the variant's target: {v.target})" + (f"; {line}" if line else "")
             if not ok:
                 line = (line + "\n      " if line else "") + f"not here: {why}"
             if line:

@@ -387,3 +387,14 @@ def test_pull_checks_the_gpu_it_finds_and_says_when_it_finds_none(rtx, tmp_path)
     got = json.loads(p.stdout)
     assert p.returncode == 0 and got["gpu"] == {"gpu": "sm_86", "source": "nvidia-smi",
                                                 "targets": {"visual": ["sm_86"]}, "checked": True}
+
+
+def test_run_refuses_the_visual_engine_here_naming_its_gpu(rtx, tmp_path, capsys):
+    from enginefarm.images import write_image
+
+    img = tmp_path / "rings.png"
+    write_image("rings", str(img))
+    rc, out, err = run_cli(capsys, "run", "tiny-llava-rtx", "--image", img, "--prompt", "USER: <image>\nWhat? ASSISTANT:",
+                           "--store", rtx.store)
+    assert rc == 2 and "Traceback" not in err, err
+    assert "tensorrt-rtx engine for sm_86; this machine has no CUDA GPU" in err

@@ -28,6 +28,10 @@ class VisualEngine:
         fmt = meta.get("format")
         if fmt == "aoti-pt2":
             runner = load_aoti(engine_dir, meta)
+        elif fmt == "tensorrt-plan":  # its backend runs it, or refuses naming the engine's GPUs and this one
+            from ..backends import get_backend
+
+            return get_backend(meta.get("flavour", "tensorrt")).load(engine_dir)
         elif fmt == "onnx":
             runner = _OrtRunner(engine_dir / meta["file"], meta["inputs"][0]["name"])
         else:
