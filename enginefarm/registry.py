@@ -173,7 +173,7 @@ def engine_rows(store, recipe: Optional[str] = None) -> list[dict]:
             "recipe": r, "variant": variant, "alias": alias, "digest": value.get("digest"),
             "size": sum(f["size"] for f in m.get("files", {}).values()),
             "validation": status_of(res.get("validation")),
-            "target": target_of(m), "created_at": m.get("created_at"), "moved_at": value.get("moved_at"),
+            "target": target_of(m), "gpu_targets": component_targets(m), "created_at": m.get("created_at"), "moved_at": value.get("moved_at"),
             "moved_by": value.get("moved_by"), "manifest": path,
         })
     return rows

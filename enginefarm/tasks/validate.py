@@ -163,9 +163,11 @@ def _tensorrt_vs_onnxruntime_and_pytorch(ctx: Ctx, fam, src: Path, config: dict,
     sess = ort.InferenceSession(str(onnx_dir / meta["onnx"]), providers=["CPUExecutionProvider"])
     module = _pytorch_visual(fam, src, config, meta, ctx.recipe.source.allow_pickle)
     g = torch.Generator().manual_seed(0)
-    S, out = meta["image_size"], {"visual_vs_onnxruntime_max_abs_diff": 0.0, "visual_vs_pytorch_max_abs_diff": 0.0}
+    S = meta["image_size"]  # a side, or [height, width] (non-square families)
+    hw = tuple(S) if isinstance(S, (list, tuple)) else (S, S)
+    out = {"visual_vs_onnxruntime_max_abs_diff": 0.0, "visual_vs_pytorch_max_abs_diff": 0.0}
     for b in sorted({1, vis.max_batch_size}):
-        x = torch.randn(b, 3, S, S, generator=g)
+        x = torch.randn(b, 3, *hw, generator=g)
         got = vis(x)
         want_ort = torch.from_numpy(sess.run(None, {meta["input"]: x.to(DTYPES[meta["dtype"]]).numpy()})[0]).float()
         want_pt = module(x)
