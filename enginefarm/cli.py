@@ -164,13 +164,15 @@ def cmd_plan(a) -> int:
     st = open_store(a.store)
     rows = [(x.step, x.variant, "cached" if x.hit else "will run", x.hit.key[:12] if x.hit else "")
             for x in plan(r, vs, st)[0]]
-    limits = get_family(r.family).derived_limits(r)
+    fam = get_family(r.family)
+    limits = fam.derived_limits(r)
     notes = {}  # per variant: the backend command where there is one, or why it cannot run here
     for v in vs:
         for c in r.enabled_components:
             b = backends.get_backend(r.components[c].backend or v.backend)
             ok, why = b.usable(c, v.target)
-            line = b.command(v, limits) if hasattr(b, "command") else ""
+            encdec = c == "llm" and fam.llm_is_encoder_decoder
+            line = b.command(v, limits, encoder_decoder=encdec) if hasattr(b, "command") else ""
             if not ok:
                 line = (line + "\n      " if line else "") + f"not here: {why}"
             if line:
