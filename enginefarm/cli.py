@@ -168,14 +168,16 @@ def cmd_plan(a) -> int:
     st = open_store(a.store)
     rows = [(x.step, x.variant, "cached" if x.hit else "will run", x.hit.key[:12] if x.hit else "")
             for x in plan(r, vs, st)[0]]
-    limits = get_family(r.family).derived_limits(r)
+    fam = get_family(r.family)
+    limits = fam.derived_limits(r)
     notes = {}  # per variant: the backend command where there is one, or why it cannot run here
     for v in vs:
         for c in r.enabled_components:
             b = backends.get_backend(r.component_backend(c, v))
             cv = r.component_variant(c, v)  # the component's own target, where the recipe gives one
             ok, why = b.usable(c, cv.target)
-            line = b.command(cv, limits) if hasattr(b, "command") else ""
+            encdec = c == "llm" and fam.llm_is_encoder_decoder
+            line = b.command(cv, limits, encoder_decoder=encdec) if hasattr(b, "command") else ""
             if cv.target != v.target:
                 line = f"{b.name} for {cv.target} (the variant's target: {v.target})" + (f"; {line}" if line else "")
             if not ok:

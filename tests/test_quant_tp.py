@@ -209,7 +209,28 @@ def test_trtllm_build_flags_come_from_the_recipe():
     assert flags["--max_batch_size"] == "8" and flags["--max_input_len"] == "512"
     assert flags["--max_seq_len"] == "1024" and flags["--max_prompt_embedding_table_size"] == "4608"
     assert flags["--gemm_plugin"] == "float16" and flags["--gpt_attention_plugin"] == "float16"
-    assert flags["--weight_only_precision"] == "int4" and flags["--workers"] == "2"
+    assert flags["--workers"] == "2"
+    # weight-only GEMMs are chosen by trtllm-build from the checkpoint's
+    # quantization section: it has no flag for them (passing one fails)
+    assert not [a for a in args if "weight_only" in a]
+
+
+def test_trtllm_build_flags_for_encoder_decoder():
+    """Two runs, encoder then decoder, as TensorRT-LLM's enc-dec examples:
+    the decoder starts from one token and attends to the encoder's longest
+    input (prompt + a request's share of the prompt table)."""
+    from enginefarm.backends.tensorrt_llm import TensorRTLLM, build_commands
+
+    limits = {"max_batch_size": 4, "max_input_len": 64, "max_seq_len": 48, "max_multimodal_len": 4 * 32}
+    enc, dec = build_commands("C", "E", variant("w8a16", tp=2), limits, encoder_decoder=True)
+    fe, fd = (dict(zip(a[1::2], a[2::2])) for a in (enc, dec))
+    assert fe["--checkpoint_dir"] == "C/encoder" and fd["--output_dir"] == "E/decoder"
+    assert fe["--max_input_len"] == "96" and fe["--kv_cache_type"] == "disabled"
+    assert fe["--max_prompt_embedding_table_size"] == "128" and "--max_prompt_embedding_table_size" not in fd
+    assert fd["--max_input_len"] == "1" and fd["--max_seq_len"] == "48" and fd["--max_encoder_input_len"] == "96"
+    assert fe["--bert_attention_plugin"] == fd["--gemm_plugin"] == "float16" and fd["--workers"] == "2"
+    line = TensorRTLLM("tensorrt-llm").command(variant(), limits, encoder_decoder=True)
+    assert line.count("trtllm-build") == 2 and " && " in line
 
 
 def test_group_size_names_the_variant():
@@ -252,3 +273,22 @@ def test_quantized_variant_builds_with_a_shards_step_and_quant_gates(tmp_path):
     st = open_store(str(tmp_path / "store"))
     ckpt = [m for m in st.list_manifests("q-llama", "convert")]
     assert len(ckpt) == 1
+
+
+def test_attention_windows_are_recorded_for_the_tensorrt_llm_runner(tmp_path):
+    """TensorRT-LLM takes Mistral's sliding window and GPT-Neo's local layers
+    at run time (max_attention_window_size): the build records them per layer."""
+    from enginefarm.backends.tensorrt_llm import runtime_settings
+
+    for family, name in (("mistral", "mistral"), ("gpt-neo", "gpt-neo"), ("llama", "llama")):
+        src, out = write_tiny(name, tmp_path / name / "src", seed=3), tmp_path / name / "ckpt"
+        convert_checkpoint(get_family(family), src, out, variant())
+        got = runtime_settings(out, max_seq_len=64)
+        hf = json.loads((src / "config.json").read_text())
+        if family == "llama":
+            assert got == {}
+        elif family == "mistral":
+            assert got["max_attention_window_size"] == [hf["sliding_window"]] * hf["num_hidden_layers"]
+        else:
+            ws = got["max_attention_window_size"]
+            assert len(ws) == hf["num_layers"] and set(ws) == {hf["window_size"], 64}

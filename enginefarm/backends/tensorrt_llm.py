@@ -28,37 +28,68 @@ DTYPE_PLUGIN = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float3
 
 
 def build_args(ckpt_dir: str | Path, out_dir: str | Path, variant, limits: dict[str, Any],
-               multimodal_len: Optional[int] = None) -> list[str]:
-    """The trtllm-build command line for one variant (the one place these flags are chosen)."""
+               multimodal_len: Optional[int] = None, part: str = "") -> list[str]:
+    """The trtllm-build command line for one checkpoint directory of a
+    variant: the one place these flags are chosen. `part` is "" for a
+    decoder-only LLM, or "encoder" / "decoder" for the two checkpoints of an
+    encoder-decoder model (built separately, as TensorRT-LLM's enc-dec
+    examples do).
+
+    Weight-only quantization needs no flag: trtllm-build reads the algorithm
+    (W8A16, W4A16, W4A16_GPTQ + group size) from the checkpoint's
+    config.json and enables the matching weight-only GEMM plugin itself."""
     dt = DTYPE_PLUGIN[variant.dtype]
-    args = [
-        "trtllm-build",
-        "--checkpoint_dir", str(ckpt_dir),
-        "--output_dir", str(out_dir),
-        "--max_batch_size", str(limits["max_batch_size"]),
-        "--max_input_len", str(limits["max_input_len"]),
-        "--max_seq_len", str(limits["max_seq_len"]),
-        # attention and GEMMs through TensorRT-LLM's plugins in the variant's dtype
-        "--gpt_attention_plugin", dt,
-        "--gemm_plugin", dt,
-        "--remove_input_padding", "enable",
-        "--context_fmha", "enable" if dt != "float32" else "disable",
-        "--workers", str(variant.tp),
-    ]
     mm = multimodal_len if multimodal_len is not None else limits.get("max_multimodal_len")
-    if mm:
+    batch = int(limits["max_batch_size"])
+    args = ["trtllm-build", "--checkpoint_dir", str(ckpt_dir), "--output_dir", str(out_dir),
+            "--max_batch_size", str(batch)]
+    if part == "":
+        args += [
+            "--max_input_len", str(limits["max_input_len"]),
+            "--max_seq_len", str(limits["max_seq_len"]),
+            # attention and GEMMs through TensorRT-LLM's plugins in the variant's dtype
+            "--gpt_attention_plugin", dt,
+            "--gemm_plugin", dt,
+            "--remove_input_padding", "enable",
+            "--context_fmha", "enable" if dt != "float32" else "disable",
+        ]
+    else:
+        # the encoder reads the prompt plus, for a multimodal model, the
+        # visual rows of its prompt table; the decoder attends to all of them
+        enc_len = int(limits["max_input_len"]) + (int(mm) // batch if mm else 0)
+        args += ["--bert_attention_plugin", dt, "--gpt_attention_plugin", dt, "--gemm_plugin", dt,
+                 "--remove_input_padding", "enable",
+                 # T5's relative attention bias is not in the fused attention kernels
+                 "--context_fmha", "disable",
+                 "--max_beam_width", "1"]
+        if part == "encoder":
+            args += ["--max_input_len", str(enc_len), "--kv_cache_type", "disabled"]
+        elif part == "decoder":
+            # generation starts from the decoder start token: one input token
+            args += ["--max_input_len", "1", "--max_seq_len", str(limits["max_seq_len"]),
+                     "--max_encoder_input_len", str(enc_len), "--kv_cache_type", "paged"]
+        else:
+            raise ValueError(f"unknown checkpoint part {part!r}")
+    if mm and part in ("", "encoder"):
         # the visual features enter as a prompt table of this many rows
         args += ["--max_prompt_embedding_table_size", str(mm)]
-    if variant.quant != "none":
-        # weight-only GEMMs: the checkpoint's quantization section names the
-        # algorithm; the plugin runs the int8/int4 x fp16 GEMM
-        args += ["--weight_only_precision", {"w8a16": "int8", "w4a16": "int4"}[variant.quant]]
+    args += ["--workers", str(variant.tp)]
     return args
+
+
+def build_commands(ckpt_dir: str | Path, out_dir: str | Path, variant, limits: dict[str, Any],
+                   encoder_decoder: bool, multimodal_len: Optional[int] = None) -> list[list[str]]:
+    """Every trtllm-build run a variant needs: one, or encoder then decoder."""
+    if not encoder_decoder:
+        return [build_args(ckpt_dir, out_dir, variant, limits, multimodal_len)]
+    return [build_args(Path(ckpt_dir) / part, Path(out_dir) / part, variant, limits, multimodal_len, part)
+            for part in ("encoder", "decoder")]
 
 
 def preprocess_weight_only(ckpt_dir: Path, out_dir: Path) -> None:
     """Copy a plain-layout weight-only checkpoint, interleaving its integer
-    matrices for this GPU with TensorRT-LLM's own op."""
+    matrices for this GPU with TensorRT-LLM's own op (both checkpoints of
+    an encoder-decoder model)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -66,6 +97,10 @@ def preprocess_weight_only(ckpt_dir: Path, out_dir: Path) -> None:
 
     from ..quant import bits_of
 
+    if (ckpt_dir / "decoder" / "config.json").is_file():
+        for part in ("encoder", "decoder"):
+            preprocess_weight_only(ckpt_dir / part, out_dir / part)
+        return
     cfg = json.loads((ckpt_dir / "config.json").read_text())
     bits = bits_of(cfg)
     qtype = torch.int8 if bits == 8 else torch.quint4x2
@@ -77,6 +112,18 @@ def preprocess_weight_only(ckpt_dir: Path, out_dir: Path) -> None:
             if t.dtype == torch.int8 and name.endswith(".weight"):
                 tensors[name] = torch.ops.trtllm.preprocess_weights_for_mixed_gemm(t.contiguous(), qtype, torch.float16)
         save_file(tensors, str(out_dir / f.name))
+
+
+def runtime_settings(ckpt_dir: Path, max_seq_len: int, encoder_decoder: bool = False) -> dict:
+    """What TensorRT-LLM's runner must be given at run time because the
+    engine does not carry it: the attention window of each layer (Mistral's
+    sliding window, GPT-Neo's local layers), as `max_attention_window_size`
+    (one value per layer; the whole sequence where a layer has no window)."""
+    cfg = json.loads((ckpt_dir / ("decoder" if encoder_decoder else "") / "config.json").read_text())
+    windows = cfg.get("max_attention_window_size")
+    if not isinstance(windows, list) or all(w is None for w in windows):
+        return {}
+    return {"max_attention_window_size": [int(w) if w is not None else int(max_seq_len) for w in windows]}
 
 
 class TensorRTLLM(Backend):
@@ -93,8 +140,8 @@ class TensorRTLLM(Backend):
     def toolchain(self, target: str) -> dict:
         return {"backend": "tensorrt-llm", "tensorrt_llm": version_of("tensorrt-llm"), "gpu_arch": target}
 
-    def command(self, variant, limits: dict, ckpt_dir="CKPT", out_dir="ENGINE") -> str:
-        return shlex.join(build_args(ckpt_dir, out_dir, variant, limits))
+    def command(self, variant, limits: dict, ckpt_dir="CKPT", out_dir="ENGINE", encoder_decoder: bool = False) -> str:
+        return " && ".join(shlex.join(a) for a in build_commands(ckpt_dir, out_dir, variant, limits, encoder_decoder))
 
     def build(self, component: str, src_dir: Path, out_dir: Path, variant, limits: dict, progress=None) -> dict:
         ok, why = self.usable(component, variant.target)
@@ -107,14 +154,17 @@ class TensorRTLLM(Backend):
                 progress("tensorrt-llm: interleaving weight-only matrices for this GPU")
             preprocess_weight_only(ckpt, pre)
             ckpt = pre
-        args = build_args(ckpt, out_dir, variant, limits)
-        if progress:
-            progress("tensorrt-llm: " + shlex.join(args))
-        p = subprocess.run(args, capture_output=True, text=True)
-        if p.returncode != 0:
-            tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-20:])
-            raise StepFailed(f"trtllm-build exited with {p.returncode}:\n{tail}")
-        meta = {"format": "tensorrt-llm", "command": args, "tensorrt_llm": version_of("tensorrt-llm"),
+        encdec = (Path(src_dir) / "decoder" / "config.json").is_file()
+        commands = build_commands(ckpt, out_dir, variant, limits, encdec)
+        for args in commands:
+            if progress:
+                progress("tensorrt-llm: " + shlex.join(args))
+            p = subprocess.run(args, capture_output=True, text=True)
+            if p.returncode != 0:
+                tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-20:])
+                raise StepFailed(f"trtllm-build exited with {p.returncode}:\n{tail}")
+        meta = {"format": "tensorrt-llm", "command": commands[0] if len(commands) == 1 else commands,
+                "runtime": runtime_settings(Path(src_dir), limits["max_seq_len"], encdec), "tensorrt_llm": version_of("tensorrt-llm"),
                 "target": variant.target, "tp": variant.tp}
         (out_dir / "engine.json").write_text(json.dumps(meta, indent=2))
         return meta

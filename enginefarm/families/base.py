@@ -76,6 +76,12 @@ class Family:
             lim["max_multimodal_len"] = lim["max_batch_size"] * self.visual_features
         return lim
 
+    @property
+    def llm_is_encoder_decoder(self) -> bool:
+        """Whether the llm component converts into `encoder/` + `decoder/`
+        checkpoints (a multimodal family with a T5 or BART LLM says so too)."""
+        return self.kind == "encoder-decoder"
+
     def require_implemented(self, recipe: "Recipe") -> None:
         if not self.implemented:
             from . import implemented_families
