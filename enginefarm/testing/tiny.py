@@ -313,17 +313,20 @@ def _blip2(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[i
 
 
 def _clip_and_llama(layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
-                    patch: int, vision_hidden: int, vision_layers: int, max_positions: int):
-    """The CLIP vision tower's and the LLaMA's configs of the tiny LLaVAs."""
-    from transformers import CLIPVisionConfig, LlamaConfig
+                    patch: int, vision_hidden: int, vision_layers: int, max_positions: int, llm: str = "llama"):
+    """The CLIP vision tower's and the LLM's configs of the tiny LLaVAs
+    (llm "mistral": a Mistral with a 24-token sliding window, which the
+    image features make bind)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig
 
     vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
                               num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
                               patch_size=patch, projection_dim=vision_hidden)
-    text = LlamaConfig(vocab_size=MM_VOCAB, hidden_size=hidden, intermediate_size=hidden * 2 + 32,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
-                       max_position_embeddings=max_positions, rms_norm_eps=1e-6, pad_token_id=1, bos_token_id=0,
-                       eos_token_id=2, tie_word_embeddings=tied)
+    config_cls, extra = (MistralConfig, {"sliding_window": 24}) if llm == "mistral" else (LlamaConfig, {})
+    text = config_cls(vocab_size=MM_VOCAB, hidden_size=hidden, intermediate_size=hidden * 2 + 32,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                      max_position_embeddings=max_positions, rms_norm_eps=1e-6, pad_token_id=1, bos_token_id=0,
+                      eos_token_id=2, tie_word_embeddings=tied, **extra)
     return vision, text
 
 
@@ -347,14 +350,14 @@ def _llava(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[i
 
 
 def _llava_next(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
-                patch: int, vision_hidden: int, vision_layers: int):
+                patch: int, vision_hidden: int, vision_layers: int, llm: str = "llama"):
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     # tiles of image_size; grids of 1 x 2, 2 x 1 and 2 x 2 tiles
     pins = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
     vision, text = _clip_and_llama(layers, hidden, heads, kv_heads, tied, image_size, patch, vision_hidden,
-                                   vision_layers, max_positions=512)
+                                   vision_layers, max_positions=512, llm=llm)
     cfg = LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=IMAGE_TOKEN_ID,
                           vision_feature_layer=-2, vision_feature_select_strategy="default",
                           projector_hidden_act="gelu", image_grid_pinpoints=pins,
@@ -403,6 +406,9 @@ TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     # 16 + 8 rows x (8 + 1) = 88 features per image at most
     "llava-next": (_llava_next, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False, image_size=32, patch=8,
                                      vision_hidden=32, vision_layers=3)),
+    # the same with a Mistral LLM (as llava-v1.6-mistral-7b)
+    "llava-next-mistral": (_llava_next, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False, image_size=32,
+                                             patch=8, vision_hidden=32, vision_layers=3, llm="mistral")),
 }
 
 
