@@ -175,6 +175,11 @@ class Validation(Strict):
         ["builtin:gradient", "builtin:rings"],
         description="multimodal: images paired with the prompts (builtin:NAME, or a path relative to the recipe)",
     )
+    videos: Optional[list[str]] = Field(
+        None,
+        description="video families: videos paired with the prompts (builtin:NAME[@WxH[xT]], a directory of "
+        "frames or a uint8 .npy array [T, H, W, 3], paths relative to the recipe); unset: builtin:orbit, builtin:pan",
+    )
     max_new_tokens: int = Field(16, ge=1)
     text_set: str = Field("builtin:eval", description="builtin:eval or a path to a UTF-8 text file")
     max_eval_tokens: int = Field(256, ge=8)

@@ -371,6 +371,64 @@ def _llava_next(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optio
     return model, proc
 
 
+VIDEO_TOKEN = "<video>"
+VIDEO_TOKEN_ID = VOCAB + 1
+
+
+class _VideoProcessorFiles:
+    """The files of a LlavaNextVideoProcessor as save_pretrained writes them
+    (transformers cannot build that processor without torchvision, so they
+    are written here): the tokenizer with `<image>` and `<video>`, the image
+    processor's preprocessor_config.json, the video processor's
+    video_preprocessor_config.json (CLIP's steps: resize the shortest edge,
+    centre crop, rescale, normalise), processor_config.json."""
+
+    def __init__(self, image_processor, tokenizer, video: dict, processor: dict):
+        self.image_processor, self.tokenizer, self.video, self.processor = image_processor, tokenizer, video, processor
+
+    def save_pretrained(self, dest) -> None:
+        import json
+
+        self.tokenizer.save_pretrained(dest)
+        self.image_processor.save_pretrained(dest)
+        (Path(dest) / "video_preprocessor_config.json").write_text(json.dumps(self.video, indent=2) + "\n")
+        (Path(dest) / "processor_config.json").write_text(json.dumps(self.processor, indent=2) + "\n")
+
+
+def _llava_next_video(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool,
+                      image_size: int, patch: int, vision_hidden: int, vision_layers: int, llm: str = "llama",
+                      pool_mode: str = "average", pool_stride: int = 2):
+    from tokenizers import AddedToken
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    pins = [[image_size, 2 * image_size], [2 * image_size, image_size]]
+    vision, text = _clip_and_llama(layers, hidden, heads, kv_heads, tied, image_size, patch, vision_hidden,
+                                   vision_layers, max_positions=512, llm=llm)
+    cfg = LlavaNextVideoConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                               image_token_index=IMAGE_TOKEN_ID, video_token_index=VIDEO_TOKEN_ID,
+                               vision_feature_layer=-2, vision_feature_select_strategy="default",
+                               projector_hidden_act="gelu", image_grid_pinpoints=pins, spatial_pool_mode=pool_mode,
+                               spatial_pool_stride=pool_stride, image_seq_length=(image_size // patch) ** 2,
+                               tie_word_embeddings=tied)
+    model = LlavaNextVideoForConditionalGeneration(cfg)
+    reinit(model, seed)
+    tok = image_tokenizer()
+    tok.add_tokens([AddedToken(VIDEO_TOKEN, special=True, normalized=False)], special_tokens=True)
+    assert tok.convert_tokens_to_ids(VIDEO_TOKEN) == VIDEO_TOKEN_ID
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                    crop_size={"height": image_size, "width": image_size}, image_grid_pinpoints=pins)
+    video = {"video_processor_type": "LlavaNextVideoVideoProcessor", "processor_class": "LlavaNextVideoProcessor",
+             "size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size},
+             "do_resize": True, "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255,
+             "do_normalize": True, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+             "resample": 3, "do_convert_rgb": True, "do_sample_frames": False}
+    proc = {"processor_class": "LlavaNextVideoProcessor", "patch_size": patch, "vision_feature_select_strategy": "default",
+            "image_token": IMAGE_TOKEN, "video_token": VIDEO_TOKEN, "num_additional_image_tokens": 1}
+    return model, _VideoProcessorFiles(ip, tok, video, proc)
+
+
 # name -> (builder, defaults)
 TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     "opt": (_opt, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True)),
@@ -409,6 +467,10 @@ TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     # the same with a Mistral LLM (as llava-v1.6-mistral-7b)
     "llava-next-mistral": (_llava_next, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False, image_size=32,
                                              patch=8, vision_hidden=32, vision_layers=3, llm="mistral")),
+    # LLaVA-NeXT-Video: 32 px frames in 8 px patches, 4 x 4 pooled by 2: 4 features a frame
+    "llava-next-video": (_llava_next_video, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False, image_size=32,
+                                                 patch=8, vision_hidden=32, vision_layers=3, llm="llama",
+                                                 pool_mode="average", pool_stride=2)),
 }
 
 
@@ -470,8 +532,12 @@ def main(argv=None) -> None:
     mm.add_argument("--vision-hidden", type=int, dest="vision_hidden")
     mm.add_argument("--vision-layers", type=int, dest="vision_layers")
     mm.add_argument("--queries", type=int, help="blip2: Q-Former query tokens (visual features per image)")
+    mm.add_argument("--llm", choices=["llama", "mistral"], help="llava-next(-video): the language model")
+    mm.add_argument("--pool-mode", dest="pool_mode", choices=["average", "max", "conv"], help="llava-next-video")
+    mm.add_argument("--pool-stride", dest="pool_stride", type=int, help="llava-next-video")
     a = ap.parse_args(argv)
-    keys = ("layers", "hidden", "heads", "kv_heads", "image_size", "patch", "vision_hidden", "vision_layers", "queries")
+    keys = ("layers", "hidden", "heads", "kv_heads", "image_size", "patch", "vision_hidden", "vision_layers", "queries",
+            "llm", "pool_mode", "pool_stride")
     over = {k: v for k, v in vars(a).items() if k in keys and v is not None}
     unknown = set(over) - set(TINY_MODELS[a.name][1])
     if unknown:
