@@ -239,12 +239,27 @@ def test_video_recipes_need_frames_and_image_recipes_refuse_them(tmp_path, capsy
     p = _recipe(tmp_path, "frames-on-llava", "tiny-llava-next", src, components={"visual": {"num_frames": 4}, "llm": {}})
     assert cli(["plan", str(p)]) == 2
     assert "family llava-next takes images, not videos" in capsys.readouterr().err
-    # the limits follow from the frames: 8 x 4 features do not fit a 30-token input
-    p = _recipe(tmp_path, "short", "tiny-llava-next-video", src, limits={"max_batch_size": 1, "max_input_len": 30,
-                                                                          "max_seq_len": 40})
-    assert cli(["build", str(p), "--store", str(tmp_path / "store")]) == 2
-    err = capsys.readouterr().err
-    assert "max_input_len (30) must hold a video's 32 visual features" in err
+    # the limits follow from the frames and the checkpoint's pooling (what the
+    # build flow checks right after fetch): 2 videos x 8 frames x 4 features
+    from enginefarm.errors import BadInput
+    from enginefarm.families import get_family
+    from enginefarm.spec import load_recipe
+
+    fam, cfg = get_family("llava-next-video"), json.loads((src / "config.json").read_text())
+    ok = load_recipe(str(_recipe(tmp_path, "ok", "tiny-llava-next-video", src)))
+    assert fam.derived_limits(ok, cfg)["max_multimodal_len"] == 64
+    assert fam.derived_limits(ok)["max_multimodal_len"] is None  # before fetch: not known
+    short = load_recipe(str(_recipe(tmp_path, "short", "tiny-llava-next-video", src,
+                                    components={"visual": {"num_frames": 16}, "llm": {}},
+                                    limits={"max_batch_size": 1, "max_input_len": 60, "max_seq_len": 70})))
+    with pytest.raises(BadInput, match=r"max_input_len \(60\) must hold a video's 64 visual features"):
+        fam.derived_limits(short, cfg)
+    wrong = load_recipe(str(_recipe(tmp_path, "wrong", "tiny-llava-next-video", src,
+                                    limits={"max_batch_size": 2, "max_input_len": 96, "max_seq_len": 112,
+                                            "max_multimodal_len": 50})))
+    with pytest.raises(BadInput, match=r"x visual features per video \(32, from the checkpoint's config.json and "
+                                       r"components.visual.num_frames\) = 64"):
+        fam.derived_limits(wrong, cfg)
 
 
 def test_builtin_videos_and_frame_sampling(tmp_path):
