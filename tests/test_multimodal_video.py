@@ -281,3 +281,37 @@ def test_builtin_videos_and_frame_sampling(tmp_path):
         builtin_video("cat")
     with pytest.raises(BadInput, match="WIDTHxHEIGHTxFRAMES"):
         builtin_video("orbit@big")
+
+
+def test_released_configs_give_the_seed_limits():
+    """The released checkpoints' config.json facts (no weights): LLaVA-NeXT-Video-7B
+    makes 12 x 12 pooled features a 336 px frame, 1152 for the catalog's 8 frames;
+    llava-v1.6-mistral-7b converts through the mistral family."""
+    from enginefarm.families import get_family
+    from enginefarm.spec import Variant
+
+    clip = {"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+            "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768}
+    video = {"model_type": "llava_next_video", "image_token_index": 32001, "video_token_index": 32000,
+             "spatial_pool_mode": "average", "spatial_pool_stride": 2, "vision_feature_layer": -2,
+             "vision_feature_select_strategy": "default", "vision_config": clip,
+             "text_config": {"model_type": "llama", "vocab_size": 32064, "max_position_embeddings": 4096}}
+    fam = get_family("llava-next-video")
+    frames = {**video, "num_frames": 8}
+    assert (fam.encoder_features(frames), fam.features(frames), fam.image_token_id(frames)) == (144, 1152, 32000)
+    for tp in (1, 2, 4, 8):
+        fam.check_config(video, Variant(name="t", backend="tensorrt-llm", dtype="float16", quant="none", tp=tp,
+                                        target="sm_90"))
+    mistral = {"model_type": "llava_next", "image_token_index": 32000, "vision_feature_layer": -2,
+               "vision_feature_select_strategy": "default", "vision_config": clip,
+               "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+               "text_config": {"model_type": "mistral", "vocab_size": 32064, "hidden_size": 4096,
+                               "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
+                               "intermediate_size": 14336, "max_position_embeddings": 32768,
+                               "rope_theta": 1000000.0, "sliding_window": None}}
+    nxt = get_family("llava-next")
+    tc = nxt.trtllm_config(mistral, Variant(name="t", backend="tensorrt-llm", dtype="float16", quant="none", tp=1,
+                                            target="sm_90"))
+    assert tc["architecture"] == "MistralForCausalLM" and tc["num_key_value_heads"] == 8
+    assert tc["rotary_base"] == 1e6 and "max_attention_window_size" not in tc  # no window in v0.2-based 1.6
+    assert nxt.features(mistral) == 576 + 48 * (48 + 1)  # base + the 672 x 672 grid, a newline a row
