@@ -85,7 +85,12 @@ class ComponentSpec(Strict):
     dtype: Optional[DType] = Field(
         None, description="visual components: the dtype they are exported and built in (default: the variant's)"
     )
-    num_frames: Optional[int] = Field(None, description="video families: frames sampled per video")
+    num_frames: Optional[int] = Field(
+        None, ge=1,
+        description="video families (llava-next-video; required there, refused elsewhere): frames sampled per "
+        "video, spread evenly, first and last included. The visual engine's batch is max_batch_size x num_frames "
+        "frames; max_multimodal_len = max_batch_size x num_frames x pooled features per frame (derived)",
+    )
 
 
 class Matrix(Strict):

@@ -239,6 +239,9 @@ def test_video_recipes_need_frames_and_image_recipes_refuse_them(tmp_path, capsy
     p = _recipe(tmp_path, "frames-on-llava", "tiny-llava-next", src, components={"visual": {"num_frames": 4}, "llm": {}})
     assert cli(["plan", str(p)]) == 2
     assert "family llava-next takes images, not videos" in capsys.readouterr().err
+    p = _recipe(tmp_path, "videos-on-llava", "tiny-llava-next", src, validation={"videos": ["builtin:orbit"]})
+    assert cli(["plan", str(p)]) == 2
+    assert "validation.videos: family llava-next takes images" in capsys.readouterr().err
     # the limits follow from the frames and the checkpoint's pooling (what the
     # build flow checks right after fetch): 2 videos x 8 frames x 4 features
     from enginefarm.errors import BadInput

@@ -129,6 +129,9 @@ class MultimodalFamily(Family):
         if self.media != "video" and visual is not None and visual.num_frames is not None:
             raise BadInput(f"bad recipe {recipe.origin or recipe.name}: components.visual.num_frames: family "
                            f"{self.name} takes images, not videos; remove it")
+        if self.media != "video" and recipe.validation.videos:
+            raise BadInput(f"bad recipe {recipe.origin or recipe.name}: validation.videos: family {self.name} takes "
+                           f"images, not videos; give validation.images")
         missing = [c for c in self.components if c not in recipe.enabled_components]
         if missing:
             raise BadInput(
