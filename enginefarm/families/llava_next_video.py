@@ -109,7 +109,8 @@ class LlavaNextVideo(Llava):
             cfg = self.full_config(config)
             mode, stride = cfg.spatial_pool_mode, cfg.spatial_pool_stride
         if mode not in POOL_MODES:
-            raise NotAvailable(f"family {self.name}: spatial_pool_mode {mode!r} is not supported ({', '.join(POOL_MODES)})")
+            raise NotAvailable(f"family {self.name}: spatial_pool_mode {mode!r} is not supported "
+                               f"({', '.join(POOL_MODES)})")
         return mode, int(stride)
 
     def encoder_features(self, config: dict) -> int:
@@ -121,7 +122,8 @@ class LlavaNextVideo(Llava):
         side = math.isqrt(Llava.features(self, config))
         _, stride = self._pooling(config)
         if side < stride:
-            raise BadInput(f"family {self.name}: a {side} x {side} patch grid is smaller than spatial_pool_stride {stride}")
+            raise BadInput(f"family {self.name}: a {side} x {side} patch grid is smaller than "
+                           f"spatial_pool_stride {stride}")
         return (side // stride) ** 2  # floor: pooling without padding
 
     def features(self, config: dict) -> int:
@@ -190,7 +192,8 @@ class VideoInputs:
             raise BadInput(f"{src} has no video_preprocessor_config.json or preprocessor_config.json: the frames' "
                            f"size and normalisation are not known")
         frames = CLIPImageProcessorPil(**{k: settings[k] for k in FRAME_KEYS if k in settings})
-        proc_cfg = json.loads((src / "processor_config.json").read_text()) if (src / "processor_config.json").is_file() else {}
+        proc_file = src / "processor_config.json"
+        proc_cfg = json.loads(proc_file.read_text()) if proc_file.is_file() else {}
         token = proc_cfg.get("video_token") or "<video>"
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
         tid = tok.convert_tokens_to_ids(token)

@@ -176,7 +176,8 @@ def export_task(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepResult:
         fam = get_family(ctx.recipe.family)
         p = s.params
         log(f"export [visual-{p['dtype']}]: torch.export, ONNX, ONNX Runtime check")
-        meta = export_visual(fam, src, fam.media_config(fetched.results["config"], ctx.recipe), out, p["dtype"], p["max_batch_size"],
+        config = fam.media_config(fetched.results["config"], ctx.recipe)
+        meta = export_visual(fam, src, config, out, p["dtype"], p["max_batch_size"],
                              p["image_size"], p["tolerance"], allow_pickle=ctx.recipe.source.allow_pickle)
         log(f"export [visual-{p['dtype']}]: {meta['features']} features x {meta['hidden_size']}; ONNX Runtime vs "
             f"PyTorch max abs diff {meta['ort_max_abs_diff']:.3g}")
