@@ -318,3 +318,26 @@ def test_released_configs_give_the_seed_limits():
     assert tc["architecture"] == "MistralForCausalLM" and tc["num_key_value_heads"] == 8
     assert tc["rotary_base"] == 1e6 and "max_attention_window_size" not in tc  # no window in v0.2-based 1.6
     assert nxt.features(mistral) == 576 + 48 * (48 + 1)  # base + the 672 x 672 grid, a newline a row
+
+
+@pytest.mark.parametrize("mode,stride,per_frame", [("average", 2, 4), ("max", 3, 1), ("conv", 2, 4)])
+def test_each_pooling_mode_makes_hf_features(tmp_path, mode, stride, per_frame):
+    """The visual module (what the export traces) against Hugging Face's
+    get_video_features for every spatial_pool_mode; conv's weights load from
+    the checkpoint's vision_resampler. No engine is built."""
+    from enginefarm.families import get_family
+    from enginefarm.videos import load_video
+
+    src = write_tiny("llava-next-video", tmp_path / mode, seed=7, pool_mode=mode, pool_stride=stride)
+    fam = get_family("llava-next-video")
+    cfg = {**json.loads((src / "config.json").read_text()), "num_frames": 3}
+    assert fam.encoder_features(cfg) == per_frame and fam.features(cfg) == 3 * per_frame
+    module = fam.load_visual(src, cfg, torch.float32)
+    assert any(k.startswith("vision_resampler.") for k in module.state_dict()) == (mode == "conv")
+    enc = fam.encode(fam.load_processor(src, fam.visual_meta(cfg)), load_video("builtin:orbit@40x30x9"), "What?",
+                     "<video>")
+    assert enc["pixel_values_videos"].shape == (1, 3, 3, 32, 32) and enc["input_ids"].shape[1] > 3 * per_frame
+    with torch.no_grad():
+        got = module(fam.encoder_inputs(enc)).reshape(-1, 64)
+        want = fam.reference_features(fam.reference_model(src), [enc])[0]
+    assert got.shape == want.shape == (3 * per_frame, 64) and float((got - want).abs().max()) < 1e-5
