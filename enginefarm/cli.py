@@ -86,7 +86,9 @@ def cmd_recipe_new(a) -> int:
         "description": f"{fam.title} from {a.source}",
         "family": family,
         "source": source,
-        "components": {c: {} for c in fam.components},
+        # video families: 8 frames a video, as the released LLaVA-NeXT-Video models were trained with
+        "components": {c: {"num_frames": 8} if c == "visual" and getattr(fam, "media", "") == "video" else {}
+                       for c in fam.components},
         "matrix": {"backend": ["aoti"], "dtype": ["float32"], "quant": ["none"], "tp": [1], "target": ["cpu"]},
     }
     r = parse_recipe(data, f"<recipe new {a.name}>")  # fills every default, and checks
@@ -508,16 +510,16 @@ def _lay_out(st, value: dict, m: dict) -> Path:
     return cache
 
 
-def _pairs(images: list[str], prompts: list[str]) -> tuple[list[str], list[str]]:
-    """One image per prompt: n and n, or one of either for all of the other."""
+def _pairs(images: list[str], prompts: list[str], media: str = "image") -> tuple[list[str], list[str]]:
+    """One image (or video) per prompt: n and n, or one of either for all of the other."""
     if len(images) == len(prompts):
         return images, prompts
     if len(images) == 1:
         return images * len(prompts), prompts
     if len(prompts) == 1:
         return images, prompts * len(images)
-    raise BadInput(f"{len(images)} --image and {len(prompts)} --prompt: give one image per prompt, "
-                   f"or one image for every prompt, or one prompt for every image")
+    raise BadInput(f"{len(images)} --{media} and {len(prompts)} --prompt: give one {media} per prompt, "
+                   f"or one {media} for every prompt, or one prompt for every {media}")
 
 
 def cmd_run(a) -> int:
@@ -525,20 +527,29 @@ def cmd_run(a) -> int:
     from .registry import resolve
     from .store import open_store
 
-    if a.video:
-        raise BadInput("--video needs a video family (llava-next-video), which is not implemented in this version")
+    if a.image and a.video:
+        raise BadInput("give --image or --video, not both: a model takes one kind (LLaVA-NeXT-Video: --video)")
+    if a.frames is not None and not a.video:
+        raise BadInput("--frames is for --video")
+    if a.frames is not None and a.frames < 1:
+        raise BadInput(f"--frames must be at least 1 (got {a.frames})")
     if a.max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens must be at least 1 (got {a.max_new_tokens})")
     st = open_store(a.store)
     value, m = resolve(st, a.ref)
     comps = m["results"]["components"]
-    if a.image and "visual" not in comps:
-        raise BadInput(f"{a.ref} has a text-only engine (no visual component); --image needs a multimodal recipe")
-    if "visual" in comps and not a.image:
-        raise BadInput(f"{a.ref} is multimodal: give --image PATH (one per prompt, or one for every prompt)")
+    given = "image" if a.image else "video" if a.video else None
+    if given and "visual" not in comps:
+        raise BadInput(f"{a.ref} has a text-only engine (no visual component); --{given} needs a multimodal recipe")
     if "visual" in comps:
-        images, prompts = _pairs(a.image, a.prompt)
-        return _run_multimodal(a, value, _lay_out(st, value, m), images, prompts)
+        media = ((comps["visual"].get("engine") or {}).get("visual") or {}).get("media", "image")
+        if not given:
+            raise BadInput(f"{a.ref} is multimodal: give --{media} PATH (one per prompt, or one for every prompt)")
+        if given != media:
+            raise BadInput(f"{a.ref} takes {media}s, not {given}s: give --{media} PATH"
+                           + (" (--video needs a video family: llava-next-video)" if media == "image" else ""))
+        images, prompts = _pairs(a.image or a.video, a.prompt, media)
+        return _run_multimodal(a, value, _lay_out(st, value, m), images, prompts, media)
     cache = _lay_out(st, value, m)
     from transformers import AutoTokenizer
 
@@ -557,23 +568,36 @@ def cmd_run(a) -> int:
     return 0
 
 
-def _run_multimodal(a, value: dict, cache: Path, images: list[str], prompts: list[str]) -> int:
-    from .images import load_image
+def _run_multimodal(a, value: dict, cache: Path, images: list[str], prompts: list[str], media: str = "image") -> int:
     from .runtime.multimodal import MultimodalPipeline
 
-    pixels = [load_image(p) for p in images]  # unreadable files: exit 2 before any engine loads
+    if media == "video":
+        from .videos import load_video, sample_frames
+
+        # unreadable files: exit 2 before any engine loads
+        pixels = [load_video(p) for p in images]
+        if a.frames is not None:
+            pixels = [sample_frames(v, a.frames) for v in pixels]
+    else:
+        from .images import load_image
+
+        pixels = [load_image(p) for p in images]
     pipe = MultimodalPipeline.load(cache)
-    pipe.check_request(len(pixels))
+    pipe.check_request(len(pixels), a.frames)
     t0 = time.perf_counter()
     outs = pipe.generate(pixels, prompts, a.max_new_tokens, eos_token_id=pipe.eos_token_id)
     dt = time.perf_counter() - t0
-    results = [{"image": i, "prompt": p, "output_ids": o, "text": pipe.decode(o)} for i, p, o in zip(images, prompts, outs)]
+    results = [{media: i, "prompt": p, "output_ids": o, "text": pipe.decode(o)} for i, p, o in zip(images, prompts, outs)]
+    if media == "video":  # the frames each video gave (a short video gives all it has)
+        for r, v in zip(results, pixels):
+            r["frames"] = min(len(v), pipe.meta["num_frames"])
     if a.json:
-        print(json.dumps({"ref": value, "visual_features": pipe.features, "results": results,
+        extra = {"num_frames": pipe.meta["num_frames"]} if media == "video" else {}
+        print(json.dumps({"ref": value, "visual_features": pipe.features, **extra, "results": results,
                           "seconds": round(dt, 3)}, indent=2))
     else:
         for r in results:
-            print(f"[{r['image']}] {r['prompt']}{r['text']}")
+            print(f"[{r[media]}] {r['prompt']}{r['text']}")
     return 0
 
 
@@ -752,7 +776,11 @@ def parser() -> argparse.ArgumentParser:
     rn.add_argument("ref")
     rn.add_argument("--prompt", action="append", required=True, help="repeatable: one sequence each")
     rn.add_argument("--image", action="append", help="repeatable: an image file, paired with the prompts in order")
-    rn.add_argument("--video")
+    rn.add_argument("--video", action="append",
+                    help="repeatable: a video (a directory of frames, a uint8 .npy [T, H, W, 3], builtin:NAME), "
+                         "paired with the prompts in order; video models (llava-next-video)")
+    rn.add_argument("--frames", type=int,
+                    help="frames sampled per video (default: the engine's num_frames, which is also the most)")
     rn.add_argument("--max-new-tokens", type=int, default=32)
     store_arg(rn)
     rn.add_argument("--json", action="store_true")

@@ -92,7 +92,12 @@ class ComponentSpec(Strict):
     dtype: Optional[DType] = Field(
         None, description="visual components: the dtype they are exported and built in (default: the variant's)"
     )
-    num_frames: Optional[int] = Field(None, description="video families: frames sampled per video")
+    num_frames: Optional[int] = Field(
+        None, ge=1,
+        description="video families (llava-next-video; required there, refused elsewhere): frames sampled per "
+        "video, spread evenly, first and last included. The visual engine's batch is max_batch_size x num_frames "
+        "frames; max_multimodal_len = max_batch_size x num_frames x pooled features per frame (derived)",
+    )
     target: Optional[str] = Field(
         None, description="overrides the variant's target for this component: cpu or sm_XY (e.g. visual: "
         "{backend: tensorrt-rtx, target: sm_86} next to an llm built by aoti for the variant's cpu target)"
@@ -189,6 +194,11 @@ class Validation(Strict):
     images: list[str] = Field(
         ["builtin:gradient", "builtin:rings"],
         description="multimodal: images paired with the prompts (builtin:NAME, or a path relative to the recipe)",
+    )
+    videos: Optional[list[str]] = Field(
+        None,
+        description="video families: videos paired with the prompts (builtin:NAME[@WxH[xT]], a directory of "
+        "frames or a uint8 .npy array [T, H, W, 3], paths relative to the recipe); unset: builtin:orbit, builtin:pan",
     )
     max_new_tokens: int = Field(16, ge=1)
     text_set: str = Field("builtin:eval", description="builtin:eval or a path to a UTF-8 text file")

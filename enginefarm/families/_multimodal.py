@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 # keys of a text config that the recipe-time checks read; a config.json
 # written by an older transformers omits those equal to their defaults
 _HEAD_KEYS = ("num_attention_heads", "hidden_size", "num_hidden_layers")
+_A = {"image": "an image", "video": "a video"}
 
 
 class MultimodalFamily(Family):
@@ -40,6 +41,8 @@ class MultimodalFamily(Family):
     # where the image placeholder tokens sit when the processor does not
     # write them: "prepend" (BLIP-2: before the text) or "inline" (LLaVA)
     image_placement = "inline"
+    # what one request item is: "image", or "video" (LLaVA-NeXT-Video: sampled frames)
+    media = "image"
 
     # ----------------------------------------------------------------- configs
 
@@ -104,6 +107,7 @@ class MultimodalFamily(Family):
             "image_size": self.image_size(config),
             "image_token_id": self.image_token_id(config),
             "image_placement": self.image_placement,
+            "media": self.media,
         }
 
     def image_token_id(self, config: dict) -> Optional[int]:
@@ -114,8 +118,20 @@ class MultimodalFamily(Family):
 
     # ----------------------------------------------------------------- checks and limits
 
+    def media_config(self, config: dict, recipe: "Recipe") -> dict:
+        """config.json with what the recipe adds to the checkpoint's facts
+        (video families: the frames per video, under num_frames)."""
+        return config
+
     def check_recipe(self, recipe: "Recipe") -> None:
         super().check_recipe(recipe)
+        visual = recipe.components.get("visual")
+        if self.media != "video" and visual is not None and visual.num_frames is not None:
+            raise BadInput(f"bad recipe {recipe.origin or recipe.name}: components.visual.num_frames: family "
+                           f"{self.name} takes images, not videos; remove it")
+        if self.media != "video" and recipe.validation.videos:
+            raise BadInput(f"bad recipe {recipe.origin or recipe.name}: validation.videos: family {self.name} takes "
+                           f"images, not videos; give validation.images")
         missing = [c for c in self.components if c not in recipe.enabled_components]
         if missing:
             raise BadInput(
@@ -128,6 +144,7 @@ class MultimodalFamily(Family):
         own (BLIP-2's query tokens, LLaVA's patches), not the family's usual one."""
         if config is None:
             return super().derived_limits(recipe)
+        config = self.media_config(config, recipe)
         lim = recipe.limits.model_dump()
         f = self.features(config)
         derived = lim["max_batch_size"] * f
@@ -135,16 +152,19 @@ class MultimodalFamily(Family):
         if recipe.limits.max_multimodal_len is not None and recipe.limits.max_multimodal_len != derived:
             raise BadInput(
                 f"bad recipe {origin}: limits.max_multimodal_len is {recipe.limits.max_multimodal_len}, but "
-                f"max_batch_size ({lim['max_batch_size']}) x visual features per image ({f}, from the checkpoint's "
-                f"config.json) = {derived}; remove it (it is derived) or make them agree"
+                f"max_batch_size ({lim['max_batch_size']}) x visual features per {self.media} ({f}, from the checkpoint's "
+                f"config.json{self._recipe_part()}) = {derived}; remove it (it is derived) or make them agree"
             )
         if lim["max_input_len"] <= f:
             raise BadInput(
-                f"bad recipe {origin}: limits.max_input_len ({lim['max_input_len']}) must hold an image's {f} visual "
+                f"bad recipe {origin}: limits.max_input_len ({lim['max_input_len']}) must hold {_A[self.media]}'s {f} visual "
                 f"features and the prompt's tokens; raise it above {f}"
             )
         lim["max_multimodal_len"] = derived
         return lim
+
+    def _recipe_part(self) -> str:
+        return " and components.visual.num_frames" if self.media == "video" else ""
 
     def head_counts(self, config: dict) -> tuple[int, int]:
         text = self.text_config(config, complete=False)
@@ -236,6 +256,17 @@ class MultimodalFamily(Family):
         raise NotImplementedError
 
     # ----------------------------------------------------------------- at run time (torch only, no model code)
+
+    def load_processor(self, src_dir, meta: dict):
+        """The preprocessing of the checkpoint (its processor's files in
+        src_dir); meta: the visual engine's facts."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(src_dir, trust_remote_code=False)
+
+    def encode(self, processor, item, prompt: str, token: str) -> dict:
+        """The model's inputs for one image (or video) and one prompt."""
+        return processor(images=[item], text=[self.prompt_text(prompt, token)], return_tensors="pt")
 
     def encoder_inputs(self, encoding) -> "torch.Tensor":
         """The visual encoder's inputs for one image, from the processor's output."""

@@ -11,7 +11,10 @@ The visual engine encodes tiles (dynamic batch: max_batch_size x the most
 tiles an image takes); the packing is plain tensor work done by the runner
 (`pack_features`), with image_newline stored next to the engine.
 
-Language models: the LLaMA ones (Vicuna, Yi); Mistral waits for its family."""
+Language models: LLaMA-architecture ones (Vicuna, Nous-Hermes-2-Yi: their
+text_config says "llama") through the llama family's conversion, and Mistral
+through the mistral family's (the same tensors; its sliding window, where
+set, goes into the checkpoint's max_attention_window_size)."""
 
 from __future__ import annotations
 
@@ -47,10 +50,11 @@ def unpad(grid, height: int, width: int):
 
 class LlavaNext(Llava):
     name = "llava-next"
-    title = "LLaVA-NeXT (1.6): any-resolution tiles, CLIP + projector + LLaMA"
+    title = "LLaVA-NeXT (1.6): any-resolution tiles, CLIP + projector + LLaMA or Mistral"
     model_types = ("llava_next",)
     visual_features = None  # depends on the image; derived from the checkpoint's pinpoints
     reference_class = "LlavaNextForConditionalGeneration"
+    llm_model_types = {"llama": "llama", "mistral": "mistral"}
     extra_tensors = {"image_newline": ("image_newline", "model.image_newline")}
 
     def _tiling(self, config: dict) -> tuple[list, int, int]:

@@ -1,4 +1,4 @@
-"""The multimodal pipeline: images and prompts in, token ids out, through
+"""The multimodal pipeline: images (or videos) and prompts in, token ids out, through
 two built engines (no Hugging Face model code on this path; the model's own
 processor does the preprocessing).
 
@@ -10,6 +10,11 @@ processor does the preprocessing).
     token ids    = the processor's ids, image i's placeholder tokens replaced
                    by vocab_size + (rows before image i) + 0 .. F_i - 1
     output       = LLM engine greedy generation with the prompt table
+
+A video family (LLaVA-NeXT-Video) works the same way with a video for an
+image: its frames are the visual engine's inputs, its features the frames'
+pooled features one frame after the other, its placeholder `<video>`; the
+family supplies the preprocessing (`load_processor`, `encode`).
 """
 
 from __future__ import annotations
@@ -40,16 +45,18 @@ class MultimodalPipeline:
         self.family = get_family(self.meta["family"])
         tok = getattr(processor, "image_token", None) or "<image>"
         self.image_token = getattr(tok, "content", None) or str(tok)
+        self.media = self.meta.get("media", "image")  # what one request item is: an image or a video
 
     @classmethod
     def load(cls, root: str | Path) -> "MultimodalPipeline":
         """root/visual and root/llm: engine directories; root/source: the
         processor's files (preprocessing and tokenizer configs)."""
-        from transformers import AutoProcessor
+        from ..families import get_family
 
         root = Path(root)
-        processor = AutoProcessor.from_pretrained(root / "source", trust_remote_code=False)
-        return cls(VisualEngine.load(root / "visual"), LLMEngine.load(root / "llm"), processor)
+        visual = VisualEngine.load(root / "visual")
+        processor = get_family(visual.visual["family"]).load_processor(root / "source", visual.visual)
+        return cls(visual, LLMEngine.load(root / "llm"), processor)
 
     # ----------------------------------------------------------------- limits
 
@@ -62,24 +69,32 @@ class MultimodalPipeline:
     def max_batch_size(self) -> int:
         return self.llm.max_batch_size
 
-    def check_request(self, n_images: int) -> None:
-        B = self.max_batch_size
+    def check_request(self, n_images: int, frames: int | None = None) -> None:
+        """n_images images (or videos) in one call; frames: per video, where the request says."""
+        B, media = self.max_batch_size, self.media
+        at_most = " at most" if self.meta["encoder_features"] != self.meta["features"] and media == "image" else ""
+        limit = (f"max_multimodal_len {self.llm.max_multimodal_len} = {B} x {self.features} visual features per "
+                 f"{media}{at_most}")
+        if media == "video":
+            limit += f": num_frames {self.meta['num_frames']} x {self.meta['encoder_features']} per frame"
         if n_images > B:
-            at_most = " at most" if self.meta["encoder_features"] != self.meta["features"] else ""
-            raise BadInput(
-                f"{n_images} images in one call, but the engines were built for max_batch_size {B} "
-                f"(max_multimodal_len {self.llm.max_multimodal_len} = {B} x {self.features} visual features per "
-                f"image{at_most})"
-            )
+            raise BadInput(f"{n_images} {media}s in one call, but the engines were built for max_batch_size {B} "
+                           f"({limit})")
+        if frames is not None:
+            if media != "video":
+                raise BadInput("frames are for video models; this one takes images")
+            if not 1 <= frames <= self.meta["num_frames"]:
+                raise BadInput(f"{frames} frames per video, but the engines were built for num_frames "
+                               f"{self.meta['num_frames']} (components.visual.num_frames; {limit})")
 
     # ----------------------------------------------------------------- inputs
 
     def prepare(self, images: Sequence, prompts: Sequence[str]) -> list:
         """The processor's output for each (image, prompt)."""
         if len(images) != len(prompts):
-            raise BadInput(f"{len(images)} images for {len(prompts)} prompts; give one image per prompt")
-        return [self.processor(images=[image], text=[self.family.prompt_text(prompt, self.image_token)],
-                               return_tensors="pt") for image, prompt in zip(images, prompts)]
+            raise BadInput(f"{len(images)} {self.media}s for {len(prompts)} prompts; give one {self.media} per prompt")
+        return [self.family.encode(self.processor, image, prompt, self.image_token)
+                for image, prompt in zip(images, prompts)]
 
     def image_features(self, encodings: list) -> list[torch.Tensor]:
         """[F_i, hidden] per image, from the visual engine."""

@@ -12,7 +12,8 @@ features for the LLM) gives both files the backends build from:
                                       ONNX Runtime's max abs diff against PyTorch per batch size checked)
 
 The batch axis counts the encoder's inputs: images, or for LLaVA-NeXT tiles
-(max_batch_size x the most tiles an image can take).
+(max_batch_size x the most tiles an image can take), or for LLaVA-NeXT-Video
+frames (max_batch_size x components.visual.num_frames).
 
 Only the visual tensors of the checkpoint are read. The check runs the ONNX
 graph at batch 1 and at max_batch_size on seeded inputs; a difference over
@@ -43,8 +44,8 @@ INPUT, OUTPUT = "pixel_values", "features"
 
 def spec(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepSpec:
     fam = get_family(ctx.recipe.family)
-    config = fetched.results["config"]
-    limits = fam.derived_limits(ctx.recipe, config)
+    config = fam.media_config(fetched.results["config"], ctx.recipe)
+    limits = fam.derived_limits(ctx.recipe, fetched.results["config"])
     params = {
         "component": "visual",
         "family": fam.name,
@@ -53,6 +54,8 @@ def spec(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepSpec:
         "image_size": ctx.recipe.components["visual"].image_size,
         "tolerance": ctx.recipe.validation.gates.visual_max_abs_diff,
     }
+    if fam.media == "video":  # frames per video: the batch bound and the features follow from it
+        params["num_frames"] = config["num_frames"]
     code = code_version(__name__, "enginefarm.checkpoint", "enginefarm.families._multimodal", type(fam).__module__)
     tc = {d: version_of(d) for d in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")}
     return StepSpec("export", params, {"fetch": fetched}, code, tc, variant=f"visual-{params['dtype']}")
@@ -173,7 +176,8 @@ def export_task(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepResult:
         fam = get_family(ctx.recipe.family)
         p = s.params
         log(f"export [visual-{p['dtype']}]: torch.export, ONNX, ONNX Runtime check")
-        meta = export_visual(fam, src, fetched.results["config"], out, p["dtype"], p["max_batch_size"],
+        config = fam.media_config(fetched.results["config"], ctx.recipe)
+        meta = export_visual(fam, src, config, out, p["dtype"], p["max_batch_size"],
                              p["image_size"], p["tolerance"], allow_pickle=ctx.recipe.source.allow_pickle)
         log(f"export [visual-{p['dtype']}]: {meta['features']} features x {meta['hidden_size']}; ONNX Runtime vs "
             f"PyTorch max abs diff {meta['ort_max_abs_diff']:.3g}")

@@ -8,7 +8,7 @@ fail; the result goes into the manifest (a failed gate is a result, not an
 exception: the build is published as `latest` but not `validated`).
 
 Multimodal recipes (a visual engine next to the LLM): the recipe's images
-and prompts, paired, through both engines and through the Hugging Face
+(video families: its videos) and prompts, paired, through both engines and through the Hugging Face
 model (fp32, `generate`): visual features max abs diff, prefill logits,
 greedy tokens one pair at a time and batched; the text set through the LLM.
 
@@ -76,9 +76,12 @@ def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant,
          visual: StepResult | None = None) -> StepSpec:
     """built: the llm engine's build; visual: the visual engine's (multimodal recipes)."""
     v = ctx.recipe.validation
+    validation = v.model_dump(mode="json")
+    if validation["videos"] is None:  # unset: the key of a recipe from before the field is unchanged
+        del validation["videos"]
     params = {
         "variant": variant.params(),
-        "validation": v.model_dump(mode="json"),
+        "validation": validation,
         "text_digest": digest_bytes(text_set(v.text_set, ctx).encode()),
     }
     pending = pending_components(built, visual)
@@ -90,17 +93,28 @@ def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant,
     if visual is not None:
         from ..images import image_digest
 
-        params["image_digests"] = [image_digest(i, ctx.recipe.recipe_dir()) for i in v.images]
+        if get_family(ctx.recipe.family).media == "video":
+            from ..videos import video_digest
+
+            params["video_digests"] = [video_digest(i, ctx.recipe.recipe_dir()) for i in videos_of(ctx)]
+            modules.append("enginefarm.videos")
+        else:
+            params["image_digests"] = [image_digest(i, ctx.recipe.recipe_dir()) for i in v.images]
         modules += ["enginefarm.runtime.visual", "enginefarm.runtime.multimodal", "enginefarm.images",
                     "enginefarm.families._multimodal", type(get_family(ctx.recipe.family)).__module__]
         inputs["build.visual"] = visual
     return StepSpec("validate", params, inputs, code_version(*modules), tc, variant=variant.name)
 
 
+DEFAULT_VIDEOS = ["builtin:orbit", "builtin:pan"]
+
+
+def videos_of(ctx: Ctx) -> list[str]:
+    return ctx.recipe.validation.videos or DEFAULT_VIDEOS
+
+
 def _validate_multimodal(ctx: Ctx, fetched: StepResult, built: StepResult, visual: StepResult, variant: Variant,
                          scratch: Path, stand_in: bool = False) -> dict:
-    from transformers import AutoProcessor
-
     from ..images import load_image
     from ..runtime.multimodal import MultimodalPipeline
 
@@ -116,10 +130,17 @@ def _validate_multimodal(ctx: Ctx, fetched: StepResult, built: StepResult, visua
     else:
         vis = get_backend(visual.manifest["params"]["backend"]).load(materialize(ctx, visual, scratch / "visual"))
     log(f"validate [{variant.name}]: loading the reference model (fp32), the processor and the engines")
-    pipe = MultimodalPipeline(vis, llm, AutoProcessor.from_pretrained(src, trust_remote_code=False))
+    pipe = MultimodalPipeline(vis, llm, fam.load_processor(src, vis.visual))
     ref = fam.reference_model(src)
-    images = [load_image(i, ctx.recipe.recipe_dir()) for i in v.images]
-    metrics = evaluate_multimodal(fam, ref, pipe, images, v.images, v.prompts, text_set(v.text_set, ctx),
+    if fam.media == "video":
+        from ..videos import load_video
+
+        names = videos_of(ctx)
+        items = [load_video(i, ctx.recipe.recipe_dir()) for i in names]
+    else:
+        names = v.images
+        items = [load_image(i, ctx.recipe.recipe_dir()) for i in names]
+    metrics = evaluate_multimodal(fam, ref, pipe, items, names, v.prompts, text_set(v.text_set, ctx),
                                   v.max_new_tokens, v.max_eval_tokens)
     if stand_in:
         for k in VISUAL_GATES:  # the stand-in's features against Hugging Face say nothing about the engine

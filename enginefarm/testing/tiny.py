@@ -313,17 +313,20 @@ def _blip2(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[i
 
 
 def _clip_and_llama(layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
-                    patch: int, vision_hidden: int, vision_layers: int, max_positions: int):
-    """The CLIP vision tower's and the LLaMA's configs of the tiny LLaVAs."""
-    from transformers import CLIPVisionConfig, LlamaConfig
+                    patch: int, vision_hidden: int, vision_layers: int, max_positions: int, llm: str = "llama"):
+    """The CLIP vision tower's and the LLM's configs of the tiny LLaVAs
+    (llm "mistral": a Mistral with a 24-token sliding window, which the
+    image features make bind)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig
 
     vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
                               num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
                               patch_size=patch, projection_dim=vision_hidden)
-    text = LlamaConfig(vocab_size=MM_VOCAB, hidden_size=hidden, intermediate_size=hidden * 2 + 32,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
-                       max_position_embeddings=max_positions, rms_norm_eps=1e-6, pad_token_id=1, bos_token_id=0,
-                       eos_token_id=2, tie_word_embeddings=tied)
+    config_cls, extra = (MistralConfig, {"sliding_window": 24}) if llm == "mistral" else (LlamaConfig, {})
+    text = config_cls(vocab_size=MM_VOCAB, hidden_size=hidden, intermediate_size=hidden * 2 + 32,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                      max_position_embeddings=max_positions, rms_norm_eps=1e-6, pad_token_id=1, bos_token_id=0,
+                      eos_token_id=2, tie_word_embeddings=tied, **extra)
     return vision, text
 
 
@@ -347,14 +350,14 @@ def _llava(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[i
 
 
 def _llava_next(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
-                patch: int, vision_hidden: int, vision_layers: int):
+                patch: int, vision_hidden: int, vision_layers: int, llm: str = "llama"):
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     # tiles of image_size; grids of 1 x 2, 2 x 1 and 2 x 2 tiles
     pins = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
     vision, text = _clip_and_llama(layers, hidden, heads, kv_heads, tied, image_size, patch, vision_hidden,
-                                   vision_layers, max_positions=512)
+                                   vision_layers, max_positions=512, llm=llm)
     cfg = LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=IMAGE_TOKEN_ID,
                           vision_feature_layer=-2, vision_feature_select_strategy="default",
                           projector_hidden_act="gelu", image_grid_pinpoints=pins,
@@ -366,6 +369,64 @@ def _llava_next(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optio
     proc = LlavaNextProcessor(image_processor=ip, tokenizer=image_tokenizer(), patch_size=patch,
                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return model, proc
+
+
+VIDEO_TOKEN = "<video>"
+VIDEO_TOKEN_ID = VOCAB + 1
+
+
+class _VideoProcessorFiles:
+    """The files of a LlavaNextVideoProcessor as save_pretrained writes them
+    (transformers cannot build that processor without torchvision, so they
+    are written here): the tokenizer with `<image>` and `<video>`, the image
+    processor's preprocessor_config.json, the video processor's
+    video_preprocessor_config.json (CLIP's steps: resize the shortest edge,
+    centre crop, rescale, normalise), processor_config.json."""
+
+    def __init__(self, image_processor, tokenizer, video: dict, processor: dict):
+        self.image_processor, self.tokenizer, self.video, self.processor = image_processor, tokenizer, video, processor
+
+    def save_pretrained(self, dest) -> None:
+        import json
+
+        self.tokenizer.save_pretrained(dest)
+        self.image_processor.save_pretrained(dest)
+        (Path(dest) / "video_preprocessor_config.json").write_text(json.dumps(self.video, indent=2) + "\n")
+        (Path(dest) / "processor_config.json").write_text(json.dumps(self.processor, indent=2) + "\n")
+
+
+def _llava_next_video(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool,
+                      image_size: int, patch: int, vision_hidden: int, vision_layers: int, llm: str = "llama",
+                      pool_mode: str = "average", pool_stride: int = 2):
+    from tokenizers import AddedToken
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    pins = [[image_size, 2 * image_size], [2 * image_size, image_size]]
+    vision, text = _clip_and_llama(layers, hidden, heads, kv_heads, tied, image_size, patch, vision_hidden,
+                                   vision_layers, max_positions=512, llm=llm)
+    cfg = LlavaNextVideoConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                               image_token_index=IMAGE_TOKEN_ID, video_token_index=VIDEO_TOKEN_ID,
+                               vision_feature_layer=-2, vision_feature_select_strategy="default",
+                               projector_hidden_act="gelu", image_grid_pinpoints=pins, spatial_pool_mode=pool_mode,
+                               spatial_pool_stride=pool_stride, image_seq_length=(image_size // patch) ** 2,
+                               tie_word_embeddings=tied)
+    model = LlavaNextVideoForConditionalGeneration(cfg)
+    reinit(model, seed)
+    tok = image_tokenizer()
+    tok.add_tokens([AddedToken(VIDEO_TOKEN, special=True, normalized=False)], special_tokens=True)
+    assert tok.convert_tokens_to_ids(VIDEO_TOKEN) == VIDEO_TOKEN_ID
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                    crop_size={"height": image_size, "width": image_size}, image_grid_pinpoints=pins)
+    video = {"video_processor_type": "LlavaNextVideoVideoProcessor", "processor_class": "LlavaNextVideoProcessor",
+             "size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size},
+             "do_resize": True, "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255,
+             "do_normalize": True, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+             "resample": 3, "do_convert_rgb": True, "do_sample_frames": False}
+    proc = {"processor_class": "LlavaNextVideoProcessor", "patch_size": patch, "vision_feature_select_strategy": "default",
+            "image_token": IMAGE_TOKEN, "video_token": VIDEO_TOKEN, "num_additional_image_tokens": 1}
+    return model, _VideoProcessorFiles(ip, tok, video, proc)
 
 
 # name -> (builder, defaults)
@@ -403,6 +464,13 @@ TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     # 16 + 8 rows x (8 + 1) = 88 features per image at most
     "llava-next": (_llava_next, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False, image_size=32, patch=8,
                                      vision_hidden=32, vision_layers=3)),
+    # the same with a Mistral LLM (as llava-v1.6-mistral-7b)
+    "llava-next-mistral": (_llava_next, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False, image_size=32,
+                                             patch=8, vision_hidden=32, vision_layers=3, llm="mistral")),
+    # LLaVA-NeXT-Video: 32 px frames in 8 px patches, 4 x 4 pooled by 2: 4 features a frame
+    "llava-next-video": (_llava_next_video, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False, image_size=32,
+                                                 patch=8, vision_hidden=32, vision_layers=3, llm="llama",
+                                                 pool_mode="average", pool_stride=2)),
 }
 
 
@@ -464,8 +532,12 @@ def main(argv=None) -> None:
     mm.add_argument("--vision-hidden", type=int, dest="vision_hidden")
     mm.add_argument("--vision-layers", type=int, dest="vision_layers")
     mm.add_argument("--queries", type=int, help="blip2: Q-Former query tokens (visual features per image)")
+    mm.add_argument("--llm", choices=["llama", "mistral"], help="llava-next(-video): the language model")
+    mm.add_argument("--pool-mode", dest="pool_mode", choices=["average", "max", "conv"], help="llava-next-video")
+    mm.add_argument("--pool-stride", dest="pool_stride", type=int, help="llava-next-video")
     a = ap.parse_args(argv)
-    keys = ("layers", "hidden", "heads", "kv_heads", "image_size", "patch", "vision_hidden", "vision_layers", "queries")
+    keys = ("layers", "hidden", "heads", "kv_heads", "image_size", "patch", "vision_hidden", "vision_layers", "queries",
+            "llm", "pool_mode", "pool_stride")
     over = {k: v for k, v in vars(a).items() if k in keys and v is not None}
     unknown = set(over) - set(TINY_MODELS[a.name][1])
     if unknown:
