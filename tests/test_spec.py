@@ -93,3 +93,14 @@ def test_ref_defaults():
     assert (r.recipe, r.variant, r.alias) == ("tiny-opt", None, "latest")
     r = parse_ref("llava-1.5-7b:fp16-tp2@validated")
     assert (r.recipe, r.variant, r.alias) == ("llava-1.5-7b", "fp16-tp2", "validated")
+
+
+def test_convert_code_version_covers_the_family_modules_it_converts_through():
+    """Editing llama.py must re-key Mistral's conversions (Mistral inherits
+    LLaMA's) and LLaVA-NeXT's (its LLM converts through llama/mistral)."""
+    from enginefarm.families import get_family
+
+    assert "enginefarm.families.llama" in get_family("mistral").code_modules()
+    mods = get_family("llava-next").code_modules()
+    assert {"enginefarm.families.llama", "enginefarm.families.mistral", "enginefarm.families.llava_next"} <= set(mods)
+    assert "enginefarm.families.opt" not in mods

@@ -67,6 +67,14 @@ class MultimodalFamily(Family):
             return text
         return getattr(self.full_config(config), self.text_key).to_dict()
 
+    def code_modules(self) -> list[str]:
+        from . import get_family
+
+        mods = set(super().code_modules())
+        for name in set(self.llm_model_types.values()):
+            mods.update(get_family(name).code_modules())
+        return sorted(mods)
+
     def llm_family(self, config: dict):
         from . import get_family
 

@@ -76,6 +76,14 @@ class Family:
             lim["max_multimodal_len"] = lim["max_batch_size"] * self.visual_features
         return lim
 
+    def code_modules(self) -> list[str]:
+        """The modules whose code shapes this family's conversion: its own
+        and every family module it inherits from (Mistral from LLaMA); a
+        multimodal family adds the LLM families it converts through. They
+        enter the convert step's code version, so editing any of them
+        re-keys exactly the conversions that use it."""
+        return sorted({c.__module__ for c in type(self).__mro__ if c.__module__.startswith("enginefarm.families")})
+
     @property
     def llm_is_encoder_decoder(self) -> bool:
         """Whether the llm component converts into `encoder/` + `decoder/`
