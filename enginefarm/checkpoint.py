@@ -212,6 +212,34 @@ def _write_rank(outs: list[OutTensor], src: TensorSource, path: Path, rank: int,
     return n_bytes
 
 
+def convert_in_memory(family: DecoderFamily, hf_config: dict, tensors: dict, variant: Variant,
+                      rank: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The same conversion as `convert_checkpoint`, for one rank, from tensors
+    already in memory (a model's state dict, on any device) to a
+    (config.json dict, rank tensors) pair: what `DecoderLM(DecoderConfig.
+    from_trtllm(config), tensors)` takes. For benchmarks and tests that make
+    their weights where they run; nothing is written."""
+    from .quant import is_quantized_weight, quantize, scheme_for
+
+    scheme = scheme_for(variant.quant, variant.group_size)
+    family.check_config(hf_config, variant)
+    dtype = TORCH_DTYPES[variant.dtype]
+    cfg = family.trtllm_config(hf_config, variant)
+    out = {}
+    for o in family.tensors(hf_config, set(tensors), variant, rank):
+        missing = [x for x in o.sources if x not in tensors]
+        if missing:
+            raise BadInput(f"no tensor {missing[0]!r} (needed for {o.name})")
+        t = o.make(*(tensors[x].to(dtype) for x in o.sources))
+        if scheme and is_quantized_weight(o.name):
+            q, sc = quantize(t, scheme, dtype, name=o.name)
+            out[o.name] = q
+            out[o.name[: -len("weight")] + scheme.scale_name] = sc
+        else:
+            out[o.name] = t
+    return cfg, out
+
+
 def load_rank(ckpt_dir: str | Path, rank: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
     """config.json and one rank's tensors of a TensorRT-LLM checkpoint."""
     ckpt_dir = Path(ckpt_dir)

@@ -683,6 +683,24 @@ def cmd_convert(a) -> int:
     return 0 if not a.check or result["check"]["passed"] else 1
 
 
+# ----------------------------------------------------------------------------- bench
+
+
+def cmd_bench(a) -> int:
+    """Latency/throughput sweep of a built engine next to eager Hugging Face (enginefarm/benchmark.py)."""
+    from .benchmark import dumps, format_table, parse_ints, run_bench
+    from .store import open_store
+
+    st = open_store(a.store)
+    graphs = {"on": True, "off": False, "recipe": None}[a.cuda_graphs]
+    say = (lambda m: None) if a.json else (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
+    report = run_bench(st, a.ref, parse_ints(a.batch, "batch"), parse_ints(a.input_len, "input-len"),
+                       parse_ints(a.output_len, "output-len"), warmup=a.warmup, iters=a.iters, eager=not a.no_eager,
+                       record=not a.no_record, cuda_graphs=graphs, progress=say)
+    print(dumps(report) if a.json else format_table(report))
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -785,6 +803,21 @@ def parser() -> argparse.ArgumentParser:
     store_arg(rn)
     rn.add_argument("--json", action="store_true")
     rn.set_defaults(fn=cmd_run)
+
+    bn = sub.add_parser("bench", help="latency/throughput sweep of an engine, next to eager Hugging Face")
+    bn.add_argument("ref", help="RECIPE[:VARIANT][@ALIAS]")
+    bn.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1)")
+    bn.add_argument("--input-len", default="32", help="prompt lengths, comma-separated (default 32)")
+    bn.add_argument("--output-len", default="32", help="new tokens, comma-separated (default 32)")
+    bn.add_argument("--warmup", type=int, default=2)
+    bn.add_argument("--iters", type=int, default=5, help="timed repeats per point (medians are reported)")
+    bn.add_argument("--no-eager", action="store_true", help="skip the eager Hugging Face baseline")
+    bn.add_argument("--cuda-graphs", choices=["recipe", "on", "off"], default="recipe",
+                    help="decode through CUDA graphs (default: as the recipe built it)")
+    bn.add_argument("--no-record", action="store_true", help="do not record the result in the store")
+    store_arg(bn)
+    bn.add_argument("--json", action="store_true")
+    bn.set_defaults(fn=cmd_bench)
 
     cv = sub.add_parser("convert", help="HF checkpoint -> TensorRT-LLM checkpoint")
     cv.add_argument("src")

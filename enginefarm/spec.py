@@ -84,8 +84,24 @@ class Source(Strict):
         return next(k for k in ("hf", "path", "s3", "tiny") if getattr(self, k))
 
 
+class AotiOptions(Strict):
+    """How the aoti backend builds and loads a component's engine (all off: a plain AOTInductor package)."""
+
+    max_autotune: bool = Field(False, description="Inductor max-autotune: Triton GEMM templates with fused epilogues, "
+                               "autotuned against cuBLAS at build time (slower builds)")
+    coordinate_descent_tuning: bool = Field(False, description="Inductor's coordinate-descent tuning of generated kernels")
+    attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = Field(
+        "auto", description="the fused attention kernel scaled_dot_product_attention lowers to")
+    decode_kernels: bool = Field(True, description="llm on CUDA: a decode package (one token per sequence) whose "
+                                 "linear layers run the weight-only GEMV kernels (enginefarm.kernels.gemv)")
+    fp16_decode_kernel: bool = Field(False, description="float weights through the GEMV kernel too (else cuBLAS)")
+    cuda_graphs: bool = Field(False, description="the loader captures CUDA graphs: each decode step (llm) or each "
+                              "batch size's forward (visual) is one graph replay")
+
+
 class ComponentSpec(Strict):
     enabled: bool = True
+    aoti: Optional[AotiOptions] = Field(None, description="aoti backend options for this component")
     backend: Optional[Backend] = Field(None, description="overrides the variant's backend for this component (e.g. visual: tensorrt next to an llm on tensorrt-llm)")
     # visual components: image size the engine is built for (family default if unset)
     image_size: Optional[int] = None

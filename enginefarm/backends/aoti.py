@@ -59,19 +59,37 @@ class AOTI(Backend):
     def toolchain(self, target: str) -> dict:
         return {"backend": "aoti", **torch_toolchain(target)}
 
-    def build(self, component, src_dir, out_dir, variant, limits, progress=None) -> dict:
+    def build(self, component, src_dir, out_dir, variant, limits, progress=None, options=None) -> dict:
+        """options: the recipe's `components.<c>.aoti` (spec.AotiOptions) or None. A
+        decoder-only LLM with options is built in the GPU engine form
+        (enginefarm/gpu/export.py: decode package, weight-only kernels, weights
+        outside the packages, CUDA graphs at load); without options, as before."""
         from ..runtime.encdec import is_encdec_checkpoint
 
         ok, why = self.usable(component, variant.target)
         if not ok:
             raise NotAvailable(why)
         if component == "visual":
+            if options is not None:
+                raise NotAvailable("aoti options for a visual component are not applied by the build step yet "
+                                   "(bench/gpu_visual.py measures them); remove components.visual.aoti")
             return self._build_visual(src_dir, out_dir, variant, limits, progress)
         if variant.tp > self.max_tp:
             raise NotAvailable(f"the aoti backend builds tp=1 engines (variant {variant.name} has tp={variant.tp})")
         out_dir.mkdir(parents=True, exist_ok=True)
         if is_encdec_checkpoint(src_dir):
+            if options is not None:
+                raise NotAvailable("aoti options (the GPU engine form) apply to decoder-only LLMs in this version")
             return self._build_encdec(component, src_dir, out_dir, variant, limits, progress)
+        if options is not None:
+            from ..gpu.export import build_llm
+
+            if limits.get("max_multimodal_len"):
+                raise NotAvailable("aoti options (the GPU engine form) apply to text-only LLMs in this version: the "
+                                   "multimodal validation path runs the plain engine (bench/gpu_llava.py measures the "
+                                   "GPU form with a prompt table)")
+
+            return build_llm(Path(src_dir), Path(out_dir), variant, limits, options, progress)
         return self._build_decoder(component, src_dir, out_dir, variant, limits, progress)
 
     @staticmethod
@@ -254,7 +272,9 @@ class AOTI(Backend):
         (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))
         return sidecar
 
-    def load(self, engine_dir: Path, device: str = "cpu"):
+    def load(self, engine_dir: Path, device: str = "cpu", cuda_graphs: bool | None = None):
+        """The engine's runtime. cuda_graphs (GPU engine form only): capture each
+        decode step as a CUDA graph (default: as the recipe built it)."""
         from ..runtime.engine import LLMEngine
 
         engine_dir = Path(engine_dir)
@@ -262,6 +282,15 @@ class AOTI(Backend):
             meta = json.loads((engine_dir / "engine.json").read_text())
         except (OSError, ValueError) as e:
             raise BadInput(f"{engine_dir} holds no readable engine.json: {e}") from None
+        if meta.get("engine_form") == "gpu":
+            LLMEngine.check_meta(engine_dir, meta)
+            if meta.get("component") == "visual":
+                from ..gpu.vision import VisualEngine as GpuVisual
+
+                return GpuVisual.load(engine_dir, cuda_graphs=bool(cuda_graphs))
+            from ..gpu.engine import LLMEngine as GpuLLM
+
+            return GpuLLM.load(engine_dir, cuda_graphs=cuda_graphs)
         if meta.get("kind") == "encoder-decoder":
             from ..runtime.encdec import EncDecEngine
 

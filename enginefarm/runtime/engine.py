@@ -32,6 +32,9 @@ class LLMEngine:
         L, _, KV, S, D = sidecar["cache_shape"]
         self.cache_dims = (L, KV, S, D)
         self.table = sidecar.get("prompt_table")  # {"max_rows", "hidden_size"} or None
+        self.cuda_graphs = False  # the GPU engine form (enginefarm.gpu.engine) captures decode graphs; this one does not
+        self.decode_run = None
+        self._caches: dict[int, tuple] = {}
 
     @classmethod
     def load(cls, engine_dir: str | Path) -> "LLMEngine":
@@ -64,6 +67,41 @@ class LLMEngine:
         L, KV, S, D = self.cache_dims
         z = torch.zeros((L, batch, KV, S, D), dtype=self.dtype, device=self.device)
         return z, z.clone()
+
+    def cache(self, batch: int):
+        """The engine's own caches for a batch size, reused between calls (the step
+        masks positions past the current one)."""
+        if batch not in self._caches:
+            self._caches[batch] = self.new_cache(batch)
+        return self._caches[batch]
+
+    @torch.no_grad()
+    def generate_ids(self, ids: torch.Tensor, max_new_tokens: int, prompt_table=None, events: dict | None = None):
+        """Greedy continuation of a batch of equal-length prompts, no end-of-sequence
+        test: [B, T] -> [B, max_new_tokens] (the interface enginefarm bench times; the
+        GPU engine form has the same). With `events` on CUDA: 'start', 'first', 'end'."""
+        B, T = ids.shape
+        self._check(B, T, max_new_tokens)
+        cuda = self.device == "cuda"
+
+        def mark(k):
+            if events is not None and cuda:
+                e = torch.cuda.Event(enable_timing=True)
+                e.record()
+                events[k] = e
+
+        kc, vc = self.cache(B)
+        mark("start")
+        lg, kc, vc = self.step(ids, 0, kc, vc, prompt_table)
+        nxt = lg[:, -1].argmax(-1, keepdim=True)
+        out = [nxt]
+        mark("first")
+        for i in range(max_new_tokens - 1):
+            lg, kc, vc = self.step(nxt, T + i, kc, vc)
+            nxt = lg[:, -1].argmax(-1, keepdim=True)
+            out.append(nxt)
+        mark("end")
+        return torch.cat(out, dim=1)
 
     @property
     def vocab_size(self) -> int:

@@ -1,0 +1,117 @@
+"""Random-weight models of real shapes, made on the device where they run
+(nothing of their size travels): LLaMA-7B, CLIP ViT-L/14-336 and
+LLaVA-1.5-7B, as Hugging Face modules, plus the farm's in-memory
+conversion of their weights to the TensorRT-LLM layout."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768)
+
+
+@contextlib.contextmanager
+def default_dtype(dt):
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dt)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def hf_llama(layers: int | None = None, device: str = "cuda", dtype=torch.float16, seed: int = 0, **over):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = {**LLAMA_7B, **over}
+    if layers is not None:
+        kw["num_hidden_layers"] = layers
+    cfg = LlamaConfig(**kw, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    with default_dtype(dtype), torch.device(device):
+        m = LlamaForCausalLM(cfg)
+    m.generation_config.eos_token_id = None  # random weights: never stop early
+    m.generation_config.pad_token_id = 0
+    return m.eval()
+
+
+def hf_clip_vision(device: str = "cuda", dtype=torch.float16, seed: int = 0, layers: int | None = None):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    kw = dict(CLIP_L_336)
+    if layers is not None:
+        kw["num_hidden_layers"] = layers
+    torch.manual_seed(seed)
+    with default_dtype(dtype), torch.device(device):
+        m = CLIPVisionModel(CLIPVisionConfig(**kw))
+    return m.eval()
+
+
+def hf_llava(device: str = "cuda", dtype=torch.float16, seed: int = 0, llm_layers: int | None = None,
+             vision_layers: int | None = None, attn: str | None = None):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tk = dict(LLAMA_7B, vocab_size=32064)
+    if llm_layers is not None:
+        tk["num_hidden_layers"] = llm_layers
+    vk = dict(CLIP_L_336)
+    if vision_layers is not None:
+        vk["num_hidden_layers"] = vision_layers
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**vk), text_config=LlamaConfig(**tk, pad_token_id=0),
+                      image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu")
+    if attn:
+        cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    with default_dtype(dtype), torch.device(device):
+        m = LlavaForConditionalGeneration(cfg)
+    m.generation_config.eos_token_id = None
+    m.generation_config.pad_token_id = 0
+    return m.eval()
+
+
+def decoder_from_hf(hf_config: dict, state: dict, quant: str = "none", dtype: str = "float16",
+                    group_size: int | None = None):
+    """A DecoderLM (tp 1) from a Hugging Face LLaMA state dict, through the
+    farm's conversion (and weight-only quantization) in memory."""
+    from enginefarm.checkpoint import convert_in_memory
+    from enginefarm.families import get_family
+    from enginefarm.gpu.decoder import DecoderConfig, DecoderLM
+    from enginefarm.spec import Variant
+
+    v = Variant(name="bench", backend="aoti", dtype=dtype, quant=quant, tp=1, target="sm_90", group_size=group_size)
+    cfg, W = convert_in_memory(get_family("llama"), hf_config, state, v)
+    return DecoderLM(DecoderConfig.from_trtllm(cfg), W).eval()
+
+
+def llama_state(hf_model, prefix: str = "model.") -> dict:
+    """A LLaMA state dict under the plain names the family maps
+    (model.layers..., lm_head.weight), from LlamaForCausalLM or LLaVA's language model."""
+    sd = hf_model.state_dict()
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("model.language_model."):
+            out["model." + k[len("model.language_model."):]] = v
+        elif k.startswith("language_model.model."):
+            out["model." + k[len("language_model.model."):]] = v
+        elif k.startswith("language_model.lm_head."):
+            out[k[len("language_model."):]] = v
+        elif k.startswith("model.") or k.startswith("lm_head."):
+            out[k] = v
+    return out
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step must read: every parameter except the embedding
+    table (one row of it is read), counted from an engine-form DecoderLM."""
+    n = 0
+    for name, p in model.named_parameters():
+        if name == "embed":
+            continue
+        n += p.numel() * p.element_size()
+    return n

@@ -1,0 +1,179 @@
+"""The engine form of a DecoderLM: what the aoti backend exports.
+
+`prepare_engine(model, target)` rewrites a model built from a checkpoint:
+
+- every linear layer of the decoder becomes an `EngineLin` holding its
+  weight in the kernels' layout (kernels/gemv.py: repacked once, at build
+  time, from the checkpoint's plain layout, which does not change);
+- the gated MLP's two input projections (fc, gate) become one product with
+  their output channels concatenated (one pass over x, one launch);
+- the lm_head becomes an `EngineLin` too.
+
+An `EngineLin` computes one of two ways, chosen when a graph is exported
+(`set_mode`):
+
+- "general" (prefill, any number of tokens): float weights through
+  `F.linear` (cuBLAS); quantized ones dequantized by one fused elementwise
+  kernel, then `F.linear`;
+- "decode" (at most 16 rows, on CUDA with Triton): the skinny-product kernel
+  of kernels/gemv.py, which reads the integer weights once and dequantizes
+  in registers; float weights take it too, or cuBLAS (`fp16_kernel`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import gemv as G
+from ..quant import int_values
+
+_OP = None
+
+
+def gemv_op():
+    """torch.ops.enginefarm.wo_gemv, registered on first use (needs Triton):
+    a triton_op, so torch.export sees the kernel and AOTInductor compiles
+    it into the package."""
+    global _OP
+    if _OP is not None:
+        return _OP
+    if not G.HAVE_TRITON:
+        raise RuntimeError("the decode kernels need triton (a CUDA install of torch brings it)")
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("enginefarm::wo_gemv", mutates_args=())
+    def wo_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bits: int, block_n: int, block_k: int,
+                split_k: int, num_warps: int, num_stages: int, conv: int, swap: bool) -> torch.Tensor:
+        cfg = G.GemvConfig(block_n, block_k, split_k, num_warps, num_stages, conv, swap)
+        return G.launch(x, w, None if bits == 16 else s, bits, cfg, wrap=wrap_triton)
+
+    _OP = torch.ops.enginefarm.wo_gemv
+    return _OP
+
+
+class EngineLin(nn.Module):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                 in_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.bits = bits
+        self.in_features = in_features
+        self.out_features = weight.shape[0]
+        self.dtype = dtype
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False) if scale is not None else None
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.mode = "general"
+        self.fp16_kernel = False
+        g = in_features // scale.shape[1] if (scale is not None and scale.dim() == 2) else 0
+        self.group = g
+        self.cfg = G.default_config(bits, self.out_features, in_features, g)
+
+    @classmethod
+    def from_lin(cls, lins: list, dtype: torch.dtype) -> "EngineLin":
+        """One EngineLin from one or more checkpoint `Lin`s sharing their input
+        (outputs concatenated)."""
+        ws, ss, bs = [], [], []
+        bits = lins[0].bits or 16
+        for lin in lins:
+            if (lin.bits or 16) != bits:
+                raise ValueError("cannot fuse linears of different precisions")
+            if bits == 16:
+                w, s = G.pack_weight(lin.weight.data, None, 16)
+                k = lin.weight.shape[1]
+            else:
+                w, s = G.pack_weight(lin.qweight.data, lin.scale.data, bits)
+                k = lin.qweight.shape[0]
+            ws.append(w)
+            ss.append(s)
+            bs.append(lin.bias.data if lin.bias is not None else None)
+        if any(b is not None for b in bs):
+            bs = [b if b is not None else torch.zeros(w.shape[0], dtype=dtype, device=w.device) for b, w in zip(bs, ws)]
+            bias = torch.cat(bs)
+        else:
+            bias = None
+        w = torch.cat(ws) if len(ws) > 1 else ws[0]
+        s = None if bits == 16 else (torch.cat(ss) if len(ss) > 1 else ss[0])
+        return cls(w, s, bias, bits, k, dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """[N, K] weight in the model dtype (the general path's weight)."""
+        if self.bits == 16:
+            return self.weight
+        q = self.weight.to(torch.int16)
+        if self.bits == 8:
+            q = q - 128
+        else:
+            lo = (q & 0xF) - 8
+            hi = (q >> 4) - 8
+            q = torch.stack([lo, hi], dim=-1).reshape(q.shape[0], q.shape[1] * 2)
+        qf = q.to(self.dtype)
+        if self.scale.dim() == 1:
+            return qf * self.scale[:, None]
+        n, groups = self.scale.shape
+        return (qf.view(n, groups, -1) * self.scale[:, :, None]).view(n, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_kernel = self.mode == "decode" and (self.bits != 16 or self.fp16_kernel)
+        if use_kernel:
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1])
+            c = self.cfg
+            s = self.scale if self.scale is not None else self.weight
+            parts = gemv_op()(x2, self.weight, s, self.bits, c.block_n, c.block_k, c.split_k, c.num_warps,
+                              c.num_stages, c.conv, c.swap)
+            y = parts.sum(0).to(x.dtype).view(*shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantized())
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+def prepare_engine(model, fuse_mlp: bool = True, kernel_head: bool = True):
+    """Rewrite a (tp 1) DecoderLM into its engine form, in place; returns it."""
+    if model.cfg.tp != 1:
+        raise ValueError("engine form is for tp 1 models")
+    dtype = model.embed.dtype
+    for layer in model.layers:
+        layer.qkv = EngineLin.from_lin([layer.qkv], dtype)
+        layer.dense = EngineLin.from_lin([layer.dense], dtype)
+        layer.proj = EngineLin.from_lin([layer.proj], dtype)
+        if layer.gate is not None and fuse_mlp:
+            layer.fc_gate = EngineLin.from_lin([layer.fc, layer.gate], dtype)
+            layer.fc = layer.gate = None
+        else:
+            layer.fc = EngineLin.from_lin([layer.fc], dtype)
+            if layer.gate is not None:
+                layer.gate = EngineLin.from_lin([layer.gate], dtype)
+    if kernel_head:
+        head = EngineLin(model.lm_head.data.contiguous(), None, None, 16, model.lm_head.shape[1], dtype)
+        model.head = head
+        model.lm_head = None
+    return model
+
+
+def engine_linears(model):
+    return [m for m in model.modules() if isinstance(m, EngineLin)]
+
+
+def set_mode(model, mode: str, fp16_kernel: bool = False) -> None:
+    """'general' or 'decode' for every EngineLin (read when a graph is traced)."""
+    for m in engine_linears(model):
+        m.mode = mode
+        m.fp16_kernel = fp16_kernel
+
+
+def kernel_configs(model) -> list[dict]:
+    """The launch configuration of each distinct linear shape (for the sidecar)."""
+    seen = {}
+    for m in engine_linears(model):
+        key = (m.bits, m.out_features, m.in_features, m.group)
+        seen[key] = {"bits": m.bits, "n": m.out_features, "k": m.in_features, "group": m.group, **asdict(m.cfg)}
+    return list(seen.values())
+
+
+__all__ = ["EngineLin", "prepare_engine", "set_mode", "gemv_op", "kernel_configs", "int_values"]

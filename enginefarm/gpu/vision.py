@@ -1,0 +1,183 @@
+"""A CLIP vision tower in plain PyTorch over Hugging Face CLIPVisionModel
+weights: the graph the aoti backend exports for a visual component (the
+LLaVA family's encoder: CLIP ViT-L/14-336, features of the second-to-last
+layer, patch tokens only, through the two-layer GELU projector).
+
+Differences from the Hugging Face module are in the graph, not the
+function: q, k and v are one product (their weights concatenated at load),
+attention is one `scaled_dot_product_attention` call (the backend picks the
+kernel, see AotiOptions.attention), and only the layers whose output is
+used are run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu,
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@dataclass
+class VisionConfig:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    patch_size: int
+    image_size: int
+    hidden_act: str
+    eps: float
+
+    @classmethod
+    def from_hf(cls, c: dict) -> "VisionConfig":
+        return cls(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["patch_size"],
+                   c["image_size"], c.get("hidden_act", "quick_gelu"), c.get("layer_norm_eps", 1e-5))
+
+
+def _p(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig, W: dict, p: str):
+        super().__init__()
+        self.cfg = cfg
+        self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
+        self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
+        for ln, name in ((self.ln1, "layer_norm1"), (self.ln2, "layer_norm2")):
+            ln.weight = _p(W[p + name + ".weight"])
+            ln.bias = _p(W[p + name + ".bias"])
+        a = p + "self_attn."
+        self.qkv_w = _p(torch.cat([W[a + f"{x}_proj.weight"] for x in "qkv"]))
+        self.qkv_b = _p(torch.cat([W[a + f"{x}_proj.bias"] for x in "qkv"]))
+        self.out_w, self.out_b = _p(W[a + "out_proj.weight"]), _p(W[a + "out_proj.bias"])
+        self.fc1_w, self.fc1_b = _p(W[p + "mlp.fc1.weight"]), _p(W[p + "mlp.fc1.bias"])
+        self.fc2_w, self.fc2_b = _p(W[p + "mlp.fc2.weight"]), _p(W[p + "mlp.fc2.bias"])
+        self.act = ACTS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        H = self.cfg.num_heads
+        h = self.ln1(x)
+        qkv = F.linear(h, self.qkv_w, self.qkv_b).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        x = x + F.linear(o.transpose(1, 2).reshape(B, N, D), self.out_w, self.out_b)
+        h = self.act(F.linear(self.ln2(x), self.fc1_w, self.fc1_b))
+        return x + F.linear(h, self.fc2_w, self.fc2_b)
+
+
+class ClipVisionTower(nn.Module):
+    """pixels [B, 3, S, S] -> features [B, patches (+1 with the class token), d].
+
+    feature_layer: which hidden state (Hugging Face's hidden_states index:
+    0 = embeddings, -1 = last layer, -2 = the one before: LLaVA's); select:
+    'patch' drops the class token (LLaVA's 'default'), 'full' keeps it.
+    projector: weights of a LLaVA mlp2x_gelu projector (linear_1, linear_2)
+    or None."""
+
+    def __init__(self, cfg: VisionConfig, W: dict, prefix: str = "vision_model.", feature_layer: int = -2,
+                 select: str = "patch", projector: dict | None = None, projector_act: str = "gelu"):
+        super().__init__()
+        self.cfg = cfg
+        e = prefix + "embeddings."
+        self.patch_w = _p(W[e + "patch_embedding.weight"])
+        self.cls = _p(W[e + "class_embedding"])
+        self.pos = _p(W[e + "position_embedding.weight"])
+        self.pre_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
+        self.pre_ln.weight = _p(W[prefix + "pre_layrnorm.weight"])
+        self.pre_ln.bias = _p(W[prefix + "pre_layrnorm.bias"])
+        n_run = cfg.num_layers + 1 + feature_layer if feature_layer < 0 else feature_layer
+        if not 0 <= n_run <= cfg.num_layers:
+            raise ValueError(f"feature_layer {feature_layer} out of range for {cfg.num_layers} layers")
+        self.layers = nn.ModuleList(VisionLayer(cfg, W, f"{prefix}encoder.layers.{i}.") for i in range(n_run))
+        self.select = select
+        self.proj = None
+        if projector is not None:
+            self.proj1_w, self.proj1_b = _p(projector["linear_1.weight"]), _p(projector["linear_1.bias"])
+            self.proj2_w, self.proj2_b = _p(projector["linear_2.weight"]), _p(projector["linear_2.bias"])
+            self.proj = ACTS[projector_act]
+
+    @classmethod
+    def from_hf_vision(cls, vision_model, projector=None, feature_layer: int = -2, select: str = "patch",
+                       projector_act: str = "gelu") -> "ClipVisionTower":
+        """From a Hugging Face CLIPVisionModel (and a LLaVA projector module)."""
+        cfg = VisionConfig.from_hf(vision_model.config.to_dict())
+        W = {k: v.detach() for k, v in vision_model.state_dict().items()}
+        P = {k: v.detach() for k, v in projector.state_dict().items()} if projector is not None else None
+        prefix = "vision_model." if any(k.startswith("vision_model.") for k in W) else ""  # transformers 4 / 5
+        return cls(cfg, W, prefix, feature_layer, select, P, projector_act).eval()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(pixel_values.to(self.patch_w.dtype), self.patch_w, stride=self.cfg.patch_size)
+        x = x.flatten(2).transpose(1, 2)  # [B, n, d]
+        cls = self.cls.expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos
+        x = self.pre_ln(x)
+        for layer in self.layers:
+            x = layer(x)
+        if self.select == "patch":
+            x = x[:, 1:]
+        if self.proj is not None:
+            x = F.linear(self.proj(F.linear(x, self.proj1_w, self.proj1_b)), self.proj2_w, self.proj2_b)
+        return x
+
+
+class VisualEngine:
+    """A built visual engine (backends/aoti.export_visual): features for a
+    batch of images, optionally through one CUDA graph per batch size."""
+
+    def __init__(self, runner, meta: dict, cuda_graphs: bool = False):
+        self.run = runner
+        self.meta = meta
+        self.device = meta.get("device", "cpu")
+        self.cuda_graphs = bool(cuda_graphs) and self.device == "cuda"
+        self._graphs: dict[int, tuple] = {}
+
+    @classmethod
+    def load(cls, engine_dir, cuda_graphs: bool | None = None) -> "VisualEngine":
+        import json
+        from pathlib import Path
+
+        engine_dir = Path(engine_dir)
+        from .engine import _load_runner
+
+        meta = json.loads((engine_dir / "engine.json").read_text())
+        runner = _load_runner(engine_dir / meta["file"])
+        if cuda_graphs is None:
+            cuda_graphs = (meta.get("options") or {}).get("cuda_graphs", False)
+        return cls(runner, meta, cuda_graphs)
+
+    def _call(self, x):
+        loader = getattr(self.run, "loader", None)
+        out = loader.boxed_run([x]) if loader is not None else self.run(x)
+        return out[0]
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Features [B, n, d]. With CUDA graphs the result is the graph's
+        output buffer: read it (or clone it) before the next call."""
+        x = pixel_values.to(self.device)
+        if not self.cuda_graphs:
+            return self._call(x)
+        B = x.shape[0]
+        g = self._graphs.get(B)
+        if g is None:
+            static = x.clone()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    self._call(static)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._call(static)
+            g = self._graphs[B] = (graph, static, out)
+        graph, static, out = g
+        static.copy_(x)
+        graph.replay()
+        return out
