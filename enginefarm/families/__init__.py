@@ -16,7 +16,7 @@ from ..errors import BadInput
 from .base import Family
 
 IMPLEMENTED = ("opt", "llama", "gpt2", "gpt-neo", "gpt-neox", "gptj", "bloom", "mistral", "t5", "bart",
-               "blip2", "llava", "llava-next")
+               "blip2", "llava", "llava-next", "nougat")
 
 
 def _planned(name: str, title: str, model_types: tuple, kind: str, components=("llm",), visual_features=None) -> Family:
@@ -32,7 +32,6 @@ _PLANNED = {
         # any-resolution tiling: features depend on the image size; the
         # multimodal issue derives the limit from the largest tiling allowed
         _planned("llava-next-video", "LLaVA-NeXT-Video", ("llava_next_video",), "multimodal", ("visual", "llm")),
-        _planned("nougat", "Nougat (Swin + mBART)", ("vision-encoder-decoder",), "multimodal", ("visual", "llm"), 588),
         _planned("blip", "BLIP image captioning", ("blip",), "multimodal", ("visual", "llm"), 577),
     ]
 }

@@ -1,12 +1,16 @@
-"""What the multimodal families (blip2, llava) share: a `visual` component
-(exported through ONNX) and an `llm` component that is an ordinary
-decoder-only LLM stored under a prefix of the same checkpoint.
+"""What the multimodal families (blip2, llava, llava-next, nougat) share: a
+`visual` component (exported through ONNX) and an `llm` component that is an
+ordinary LLM stored under a prefix of the same checkpoint.
 
-The `llm` is converted by the LLM's own family (opt, llama): this class maps
-the checkpoint's tensor names onto the names that family expects and back,
-so no conversion code is repeated here. The visual features reach the LLM as
-a prompt table (TensorRT-LLM's convention: token ids >= vocab_size pick rows
-of the table), so the converted checkpoint is a plain LLM checkpoint.
+The `llm` is converted by the LLM's own family (opt, llama, t5, bart): this
+class maps the checkpoint's tensor names onto the names that family expects
+and back, so no conversion code is repeated here. The visual features reach
+the LLM as a prompt table (TensorRT-LLM's convention: token ids >= vocab_size
+pick rows of the table), so the converted checkpoint is a plain LLM
+checkpoint; with an encoder-decoder LLM (BLIP-2 with Flan-T5) the table feeds
+its encoder. A family whose visual features ARE the encoder output (Nougat:
+`features_as_encoder_output`) converts only the LLM's decoder (`encdec_parts`),
+which cross-attends to them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import BadInput, NotAvailable
-from .base import Family, OutTensor
+from .base import CheckpointPart, Family, OutTensor, hf_value
 
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
@@ -40,6 +44,10 @@ class MultimodalFamily(Family):
     # where the image placeholder tokens sit when the processor does not
     # write them: "prepend" (BLIP-2: before the text) or "inline" (LLaVA)
     image_placement = "inline"
+    # encoder-decoder LLMs: the TensorRT-LLM checkpoint parts converted (Nougat: its decoder only)
+    encdec_parts: tuple[str, ...] = ("encoder", "decoder")
+    # the visual features are the LLM decoder's encoder output (Nougat), not prompt-table rows
+    features_as_encoder_output = False
 
     # ----------------------------------------------------------------- configs
 
@@ -88,9 +96,14 @@ class MultimodalFamily(Family):
         """Visual encoder inputs one image takes at most (LLaVA-NeXT: its tiles)."""
         return 1
 
-    def image_size(self, config: dict) -> int:
+    def image_size(self, config: dict) -> "int | list[int]":
+        """The visual encoder's input size: an int (square) or [height, width]."""
         v = self.full_config(config).vision_config
         return int(v.image_size)
+
+    def llm_config(self, config: dict) -> dict:
+        """The LLM's config.json as its own family reads it."""
+        return self.text_config(config)
 
     def visual_meta(self, config: dict) -> dict:
         """What the runner needs to know about the visual component, beside its engine."""
@@ -99,11 +112,12 @@ class MultimodalFamily(Family):
             "family": self.name,
             "features": self.features(config),
             "encoder_features": self.encoder_features(config),
-            "hidden_size": int(text["hidden_size"]),
+            "hidden_size": int(hf_value(text, "hidden_size", "d_model")),
             "vocab_size": int(text["vocab_size"]),
             "image_size": self.image_size(config),
             "image_token_id": self.image_token_id(config),
             "image_placement": self.image_placement,
+            "encoder_output": self.features_as_encoder_output,
         }
 
     def image_token_id(self, config: dict) -> Optional[int]:
@@ -138,6 +152,11 @@ class MultimodalFamily(Family):
                 f"max_batch_size ({lim['max_batch_size']}) x visual features per image ({f}, from the checkpoint's "
                 f"config.json) = {derived}; remove it (it is derived) or make them agree"
             )
+        if self.features_as_encoder_output:
+            # the features are the decoder's encoder output; max_input_len bounds the decoder's prompt
+            lim["max_multimodal_len"] = derived
+            lim["max_encoder_input_len"] = f
+            return lim
         if lim["max_input_len"] <= f:
             raise BadInput(
                 f"bad recipe {origin}: limits.max_input_len ({lim['max_input_len']}) must hold an image's {f} visual "
@@ -169,18 +188,36 @@ class MultimodalFamily(Family):
                     break
         return out
 
-    def trtllm_config(self, hf: dict, variant: "Variant") -> dict:
-        return self.llm_family(hf).trtllm_config(self.text_config(hf), variant)
-
-    def tensors(self, hf: dict, names: set[str], variant: "Variant", rank: int = 0) -> list[OutTensor]:
+    def _llm_names_checked(self, names: set[str]) -> dict[str, str]:
         m = self._llm_names(names)
         if not m:
             raise BadInput(
                 f"family {self.name}: the checkpoint has no language-model tensors under "
                 f"{', '.join(repr(o) for o, _ in self.llm_prefixes)}"
             )
-        outs = self.llm_family(hf).tensors(self.text_config(hf), set(m), variant, rank)
+        return m
+
+    @staticmethod
+    def _renamed(outs: list[OutTensor], m: dict[str, str]) -> list[OutTensor]:
         return [OutTensor(o.name, tuple(m.get(s, s) for s in o.sources), o.make) for o in outs]
+
+    def trtllm_config(self, hf: dict, variant: "Variant") -> dict:
+        return self.llm_family(hf).trtllm_config(self.llm_config(hf), variant)
+
+    def tensors(self, hf: dict, names: set[str], variant: "Variant", rank: int = 0) -> list[OutTensor]:
+        m = self._llm_names_checked(names)
+        return self._renamed(self.llm_family(hf).tensors(self.llm_config(hf), set(m), variant, rank), m)
+
+    def checkpoint_parts(self, hf: dict, names: set[str], variant: "Variant") -> list[CheckpointPart]:
+        """A decoder-only LLM: one checkpoint at the root. An encoder-decoder
+        LLM: its family's `encoder/` and `decoder/` parts (those in
+        `encdec_parts`), the tensor names mapped as for a decoder-only one."""
+        llm = self.llm_family(hf)
+        if llm.kind != "encoder-decoder":
+            return super().checkpoint_parts(hf, names, variant)
+        m = self._llm_names_checked(names)
+        parts = [p for p in llm.checkpoint_parts(self.llm_config(hf), set(m), variant) if p.subdir in self.encdec_parts]
+        return [CheckpointPart(p.subdir, p.config, lambda rank, p=p: self._renamed(p.tensors(rank), m)) for p in parts]
 
     # ----------------------------------------------------------------- visual
 
@@ -236,6 +273,10 @@ class MultimodalFamily(Family):
         raise NotImplementedError
 
     # ----------------------------------------------------------------- at run time (torch only, no model code)
+
+    def encode(self, processor, image, prompt: str, image_token: str):
+        """The processor's output for one image and one prompt."""
+        return processor(images=[image], text=[self.prompt_text(prompt, image_token)], return_tensors="pt")
 
     def encoder_inputs(self, encoding) -> "torch.Tensor":
         """The visual encoder's inputs for one image, from the processor's output."""

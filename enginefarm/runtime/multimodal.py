@@ -10,6 +10,11 @@ processor does the preprocessing).
     token ids    = the processor's ids, image i's placeholder tokens replaced
                    by vocab_size + (rows before image i) + 0 .. F_i - 1
     output       = LLM engine greedy generation with the prompt table
+
+An encoder-decoder LLM takes the prompt table in its encoder (BLIP-2 with
+Flan-T5). Where the visual features are the encoder output (Nougat), they go
+to the decoder's cross-attention as they are, and the prompt's tokens follow
+the decoder's start token.
 """
 
 from __future__ import annotations
@@ -28,6 +33,19 @@ class MultimodalPipeline:
     def __init__(self, visual: VisualEngine, llm: LLMEngine, processor):
         self.visual, self.llm, self.processor = visual, llm, processor
         self.meta = visual.visual
+        from ..families import get_family
+
+        self.family = get_family(self.meta["family"])
+        tok = getattr(processor, "image_token", None) or "<image>"
+        self.image_token = getattr(tok, "content", None) or str(tok)
+        if self.meta.get("encoder_output"):
+            if not getattr(llm, "features_in", False):
+                raise BadInput("the visual engine makes encoder outputs, but the LLM engine's decoder does not take them")
+            want = (llm.meta["encoder_features"], llm.meta["encoder_hidden_size"])
+            if (self.meta["encoder_features"], self.meta["hidden_size"]) != want:
+                raise BadInput(f"the visual engine makes [{self.meta['encoder_features']}, {self.meta['hidden_size']}] "
+                               f"features per image, but the LLM's decoder was built for {list(want)}")
+            return
         if not llm.table:
             raise BadInput("the LLM engine was built without a prompt table; rebuild it with the visual component enabled")
         if llm.table["hidden_size"] != self.meta["hidden_size"] or llm.vocab_size != self.meta["vocab_size"]:
@@ -35,11 +53,6 @@ class MultimodalPipeline:
                 f"the visual engine makes features for an LLM of hidden size {self.meta['hidden_size']} and vocab "
                 f"{self.meta['vocab_size']}, but the LLM engine has {llm.table['hidden_size']} and {llm.vocab_size}"
             )
-        from ..families import get_family
-
-        self.family = get_family(self.meta["family"])
-        tok = getattr(processor, "image_token", None) or "<image>"
-        self.image_token = getattr(tok, "content", None) or str(tok)
 
     @classmethod
     def load(cls, root: str | Path) -> "MultimodalPipeline":
@@ -49,7 +62,10 @@ class MultimodalPipeline:
 
         root = Path(root)
         processor = AutoProcessor.from_pretrained(root / "source", trust_remote_code=False)
-        return cls(VisualEngine.load(root / "visual"), LLMEngine.load(root / "llm"), processor)
+        from ..backends import get_backend
+
+        # the llm engine: an aoti package (decoder-only) or two (encoder-decoder), as its engine.json says
+        return cls(VisualEngine.load(root / "visual"), get_backend("aoti").load(root / "llm"), processor)
 
     # ----------------------------------------------------------------- limits
 
@@ -62,14 +78,23 @@ class MultimodalPipeline:
     def max_batch_size(self) -> int:
         return self.llm.max_batch_size
 
+    @property
+    def seq2seq(self) -> bool:
+        return getattr(self.llm, "seq2seq", False)
+
+    @property
+    def encoder_output(self) -> bool:
+        """the visual features are the decoder's encoder output (Nougat)"""
+        return bool(self.meta.get("encoder_output"))
+
     def check_request(self, n_images: int) -> None:
         B = self.max_batch_size
         if n_images > B:
             at_most = " at most" if self.meta["encoder_features"] != self.meta["features"] else ""
+            M = self.llm.max_multimodal_len or B * self.features
             raise BadInput(
                 f"{n_images} images in one call, but the engines were built for max_batch_size {B} "
-                f"(max_multimodal_len {self.llm.max_multimodal_len} = {B} x {self.features} visual features per "
-                f"image{at_most})"
+                f"(max_multimodal_len {M} = {B} x {self.features} visual features per image{at_most})"
             )
 
     # ----------------------------------------------------------------- inputs
@@ -78,8 +103,8 @@ class MultimodalPipeline:
         """The processor's output for each (image, prompt)."""
         if len(images) != len(prompts):
             raise BadInput(f"{len(images)} images for {len(prompts)} prompts; give one image per prompt")
-        return [self.processor(images=[image], text=[self.family.prompt_text(prompt, self.image_token)],
-                               return_tensors="pt") for image, prompt in zip(images, prompts)]
+        return [self.family.encode(self.processor, image, prompt, self.image_token)
+                for image, prompt in zip(images, prompts)]
 
     def image_features(self, encodings: list) -> list[torch.Tensor]:
         """[F_i, hidden] per image, from the visual engine."""
@@ -106,8 +131,25 @@ class MultimodalPipeline:
 
     def generate(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int,
                  eos_token_id: int | None = None) -> list[list[int]]:
+        if self.encoder_output:
+            self.check_request(len(images))
+            encodings = self.prepare(images, prompts)
+            feats = torch.stack(self.image_features(encodings))
+            return self.llm.generate_from_features(feats, [list(e["prompt_ids"]) for e in encodings], max_new_tokens,
+                                                   eos_token_id=eos_token_id)
         ids, table = self.inputs(images, prompts)
         return self.llm.generate(ids, max_new_tokens, eos_token_id=eos_token_id, prompt_table=table)
+
+    def seq2seq_logits(self, image, prompt: str, decoder_ids: list[int]) -> tuple[list[int], torch.Tensor]:
+        """An encoder-decoder LLM's logits, the decoder teacher-forced on
+        decoder_ids, for one image and prompt: (the encoder's ids, or the
+        prompt's where the features are the encoder output; [T, vocab])."""
+        if self.encoder_output:
+            enc = self.prepare([image], [prompt])
+            feats = torch.stack(self.image_features(enc))
+            return list(enc[0]["prompt_ids"]), self.llm.logits_from_features(feats, decoder_ids)
+        ids, table = self.inputs([image], [prompt])
+        return ids[0], self.llm.logits(ids[0], decoder_ids, table)
 
     @property
     def eos_token_id(self):

@@ -368,6 +368,47 @@ def _llava_next(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optio
     return model, proc
 
 
+def nougat_tokenizer():
+    """The tiny BPE vocabulary and merges in Nougat's own tokenizer class
+    (its pre-tokenizer, `<s> ... </s>` template; ids 0..3 as Nougat's)."""
+    import json
+
+    from transformers import NougatTokenizer
+
+    model = json.loads(make_tokenizer().backend_tokenizer.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return NougatTokenizer(vocab=model["vocab"], merges=merges)
+
+
+def _nougat(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
+            image_width: int, patch: int, vision_hidden: int, vision_layers: int, window: int = 2):
+    """A VisionEncoderDecoderModel as Nougat's: a Donut-Swin encoder of
+    `vision_layers` stages (embed_dim vision_hidden, doubling per stage) on
+    image_size x image_width pages, an mBART decoder (pre-norm, scaled
+    embeddings, final layer norm) cross-attending to it; enc_to_dec_proj where
+    the widths differ. Swin's window must stay below every stage's resolution
+    (Hugging Face shrinks it otherwise, and its bias table no longer fits)."""
+    from transformers import DonutSwinConfig, MBartConfig, NougatProcessor, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+    from transformers.models.nougat.image_processing_pil_nougat import NougatImageProcessorPil
+
+    enc = DonutSwinConfig(image_size=[image_size, image_width], patch_size=patch, embed_dim=vision_hidden,
+                          depths=[1] * (vision_layers - 1) + [2], num_heads=[2 ** i for i in range(vision_layers)],
+                          window_size=window)
+    dec = MBartConfig(vocab_size=VOCAB, d_model=hidden, decoder_layers=layers, decoder_attention_heads=heads,
+                      decoder_ffn_dim=hidden * 2, encoder_layers=layers, encoder_attention_heads=heads,
+                      max_position_embeddings=256, scale_embedding=True, is_decoder=True, add_cross_attention=True,
+                      pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+                      forced_eos_token_id=None, tie_word_embeddings=tied)
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 0, 1, 2
+    model = VisionEncoderDecoderModel(cfg)
+    reinit(model, seed)
+    _settle(model.decoder, 4.0)
+    proc = NougatProcessor(image_processor=NougatImageProcessorPil(size={"height": image_size, "width": image_width}),
+                           tokenizer=nougat_tokenizer())
+    return model, proc
+
+
 # name -> (builder, defaults)
 TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     "opt": (_opt, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True)),
@@ -403,6 +444,10 @@ TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     # 16 + 8 rows x (8 + 1) = 88 features per image at most
     "llava-next": (_llava_next, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False, image_size=32, patch=8,
                                      vision_hidden=32, vision_layers=3)),
+    # 64 x 48 pages in 4 px patches, three Swin stages: 4 x 3 = 12 features of
+    # width 64 (16 x 2 x 2), the decoder's width (no enc_to_dec_proj)
+    "nougat": (_nougat, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True, image_size=64, image_width=48,
+                             patch=4, vision_hidden=16, vision_layers=3)),
 }
 
 
@@ -458,14 +503,16 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int)
     ap.add_argument("--heads", type=int)
     ap.add_argument("--kv-heads", type=int, dest="kv_heads")
-    mm = ap.add_argument_group("multimodal (blip2, llava, llava-next)")
-    mm.add_argument("--image-size", type=int, dest="image_size")
+    mm = ap.add_argument_group("multimodal (blip2, blip2-t5, llava, llava-next, nougat)")
+    mm.add_argument("--image-size", type=int, dest="image_size", help="nougat: the page height")
+    mm.add_argument("--image-width", type=int, dest="image_width", help="nougat: the page width")
     mm.add_argument("--patch", type=int)
     mm.add_argument("--vision-hidden", type=int, dest="vision_hidden")
     mm.add_argument("--vision-layers", type=int, dest="vision_layers")
     mm.add_argument("--queries", type=int, help="blip2: Q-Former query tokens (visual features per image)")
     a = ap.parse_args(argv)
-    keys = ("layers", "hidden", "heads", "kv_heads", "image_size", "patch", "vision_hidden", "vision_layers", "queries")
+    keys = ("layers", "hidden", "heads", "kv_heads", "image_size", "image_width", "patch", "vision_hidden",
+            "vision_layers", "queries")
     over = {k: v for k, v in vars(a).items() if k in keys and v is not None}
     unknown = set(over) - set(TINY_MODELS[a.name][1])
     if unknown:
