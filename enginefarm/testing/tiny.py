@@ -292,21 +292,48 @@ def reinit(model, seed: int, std: float = 0.3) -> None:
 
 
 def _blip2(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
-           patch: int, vision_hidden: int, vision_layers: int, queries: int):
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, OPTConfig
+           patch: int, vision_hidden: int, vision_layers: int, queries: int, t5: bool = False):
+    """BLIP-2 with OPT or (t5) with a Flan-T5-like LLM: gated GELU, its own
+    lm_head, an attention width (heads x 16) that differs from d_model."""
+    import torch
+    from torch import nn
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, OPTConfig, T5Config
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     vision = dict(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
                   num_attention_heads=2, image_size=image_size, patch_size=patch)
     qformer = dict(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=2,
                    num_attention_heads=2, encoder_hidden_size=vision_hidden, cross_attention_frequency=1)
-    text = OPTConfig(vocab_size=MM_VOCAB, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=hidden * 2,
-                     num_attention_heads=heads, max_position_embeddings=256, word_embed_proj_dim=hidden,
-                     pad_token_id=1, bos_token_id=2, eos_token_id=2, tie_word_embeddings=True)
+    if t5:
+        text = T5Config(vocab_size=MM_VOCAB, d_model=hidden, d_kv=16, d_ff=hidden * 2 + 32, num_layers=layers,
+                        num_heads=heads, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                        feed_forward_proj="gated-gelu", tie_word_embeddings=tied, pad_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=1)
+    else:
+        text = OPTConfig(vocab_size=MM_VOCAB, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=hidden * 2,
+                         num_attention_heads=heads, max_position_embeddings=256, word_embed_proj_dim=hidden,
+                         pad_token_id=1, bos_token_id=2, eos_token_id=2, tie_word_embeddings=True)
     cfg = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text.to_dict(),
                       num_query_tokens=queries, image_token_index=IMAGE_TOKEN_ID)
     model = Blip2ForConditionalGeneration(cfg)
-    reinit(model, seed)
+    if not t5:
+        reinit(model, seed)
+    else:
+        # the vision side spread out as for OPT; the T5 keeps Hugging Face's
+        # init, settled as the tiny Flan-T5 (T5 does not scale its attention
+        # scores, so N(0, 0.3) weights would make its logits ill-conditioned)
+        for part in (model.vision_model, model.qformer, model.language_projection):
+            reinit(part, seed)
+        with torch.no_grad():
+            model.query_tokens.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(seed))
+        _settle(model.language_model, 1.0)
+    if t5 and not tied:  # as Flan-T5: an lm_head of its own (transformers 5 ties T5's unless told)
+        lm = model.language_model
+        lm.lm_head.weight = nn.Parameter(torch.randn(MM_VOCAB, hidden, generator=torch.Generator().manual_seed(seed))
+                                         * hidden**-0.5)
+        lm.config.tie_word_embeddings = False
+        model.config.text_config.tie_word_embeddings = False
+        model.config.tie_word_embeddings = False
     proc = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
                           tokenizer=image_tokenizer(), num_query_tokens=queries)
     return model, proc
@@ -438,6 +465,9 @@ TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     # 8 query features, LLaVA 16 (CLS dropped, second-to-last CLIP layer)
     "blip2": (_blip2, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True, image_size=32, patch=8,
                            vision_hidden=32, vision_layers=2, queries=8)),
+    # BLIP-2 with a Flan-T5-like LLM (6 heads of 16, untied): the 8 query features feed the T5 encoder
+    "blip2-t5": (_blip2, dict(layers=2, hidden=64, heads=6, kv_heads=None, tied=False, image_size=32, patch=8,
+                              vision_hidden=32, vision_layers=2, queries=8, t5=True)),
     "llava": (_llava, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False, image_size=32, patch=8,
                            vision_hidden=32, vision_layers=3)),
     # 32 px tiles of 8 px patches (16 features a tile), up to 2 x 2 tiles:
