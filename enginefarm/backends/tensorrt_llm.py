@@ -49,6 +49,9 @@ def build_args(ckpt_dir: str | Path, out_dir: str | Path, variant, limits: dict[
     if mm:
         # the visual features enter as a prompt table of this many rows
         args += ["--max_prompt_embedding_table_size", str(mm)]
+    if limits.get("max_encoder_input_len"):
+        # a decoder that cross-attends to given encoder features (Nougat: the visual engine's output)
+        args += ["--max_encoder_input_len", str(limits["max_encoder_input_len"])]
     if variant.quant != "none":
         # weight-only GEMMs: the checkpoint's quantization section names the
         # algorithm; the plugin runs the int8/int4 x fp16 GEMM

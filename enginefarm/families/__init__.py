@@ -19,10 +19,11 @@ IMPLEMENTED = ("opt", "llama", "gpt2", "gpt-neo", "gpt-neox", "gptj", "bloom", "
                "blip2", "llava", "llava-next", "nougat")
 
 
-def _planned(name: str, title: str, model_types: tuple, kind: str, components=("llm",), visual_features=None) -> Family:
+def _planned(name: str, title: str, model_types: tuple, kind: str, components=("llm",), visual_features=None,
+             missing: str = "") -> Family:
     f = Family()
     f.name, f.title, f.model_types, f.kind = name, title, model_types, kind
-    f.components, f.visual_features = tuple(components), visual_features
+    f.components, f.visual_features, f.missing = tuple(components), visual_features, missing
     return f
 
 
@@ -32,7 +33,10 @@ _PLANNED = {
         # any-resolution tiling: features depend on the image size; the
         # multimodal issue derives the limit from the largest tiling allowed
         _planned("llava-next-video", "LLaVA-NeXT-Video", ("llava_next_video",), "multimodal", ("visual", "llm")),
-        _planned("blip", "BLIP image captioning", ("blip",), "multimodal", ("visual", "llm"), 577),
+        _planned("blip", "BLIP image captioning", ("blip",), "multimodal", ("visual", "llm"), 577,
+                 missing="its text decoder is a BERT-style decoder (post-norm layers with cross-attention whose "
+                         "keys/values take the vision width, and an lm_head behind a dense + GELU + LayerNorm "
+                         "transform) that neither the bart/t5 conversion nor the encoder-decoder runtime covers yet"),
     ]
 }
 

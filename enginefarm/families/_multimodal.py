@@ -79,7 +79,7 @@ class MultimodalFamily(Family):
         if mt not in self.llm_model_types:
             raise NotAvailable(
                 f"family {self.name}: a {mt!r} language model is not supported (supported: "
-                f"{', '.join(self.llm_model_types)}); encoder-decoder LLMs need the encoder-decoder runtime"
+                f"{', '.join(self.llm_model_types)})"
             )
         return get_family(self.llm_model_types[mt])
 

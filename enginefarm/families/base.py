@@ -45,6 +45,7 @@ class Family:
     components: tuple[str, ...] = ("llm",)
     visual_features: Optional[int] = None  # per image, where fixed
     implemented: bool = False
+    missing: str = ""  # a declared family: what its implementation still lacks (said when a build is refused)
     backends: tuple[str, ...] = ("aoti", "tensorrt-llm")
 
     # ----------------------------------------------------------------- recipe checks (no weights)
@@ -80,8 +81,9 @@ class Family:
         if not self.implemented:
             from . import implemented_families
 
+            why = f": {self.missing}" if self.missing else ""
             raise NotAvailable(
-                f"recipe {recipe.name}: family {self.name!r} ({self.title}) is not implemented yet, so nothing is "
+                f"recipe {recipe.name}: family {self.name!r} ({self.title}) is not implemented yet{why}; nothing is "
                 f"built for it (implemented families: {', '.join(implemented_families())})"
             )
 

@@ -104,7 +104,12 @@ class Nougat(MultimodalFamily):
             raise BadInput(f"family {self.name} expects a config.json with model_type in {list(self.model_types)}, "
                            f"got {mt!r} ({where})")
         self._encoder(config)
-        self.llm_family(config).check_config(self.llm_config(config), variant, f"{where}, decoder")
+        llm, text = self.llm_family(config), self.llm_config(config)
+        llm.check_model_type(text, f"{where}, decoder")
+        heads = llm.side_heads(text)["decoder"]  # no text encoder: the decoder's heads are all that tp splits
+        if heads % variant.tp:
+            raise BadInput(f"variant {variant.name}: tp size {variant.tp} does not divide the model's {heads} decoder "
+                           f"attention heads ({where}, decoder); pick a tp size that divides {heads}")
 
     def visual_module(self, config: dict):
         self._encoder(config)

@@ -477,7 +477,8 @@ class EncDecEngine:
         c = decoder.cfg
         meta = {"dtype": DTYPE_NAMES[decoder.embed.dtype],
                 "cache_shape": [c.num_layers, "batch", c.heads_per_rank, meta["max_seq_len"], c.head_size],
-                "decoder_start_token_id": c.decoder_start_token_id, "vocab_size": c.vocab_size, **meta}
+                "decoder_start_token_id": c.decoder_start_token_id, "vocab_size": c.vocab_size,
+                "encoder_input": "features" if isinstance(encoder, FeaturesCrossKV) else "tokens", **meta}
         return cls(encoder, decoder, meta)
 
     max_batch_size = property(lambda self: self.meta["max_batch_size"])
