@@ -268,6 +268,23 @@ class MultimodalFamily(Family):
         cls = getattr(transformers, self.reference_class)
         return cls.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False).eval()
 
+    @staticmethod
+    def plain_greedy(model):
+        """The model with none of its checkpoint's own generation settings
+        that the engines do not apply (forced BOS/EOS at the length limit,
+        n-gram blocking, banned or suppressed tokens, a minimum length):
+        `generate` fills whatever a GenerationConfig leaves unset from the
+        model's own, so they are cleared there."""
+        gc = model.generation_config
+        for k in ("forced_bos_token_id", "forced_eos_token_id", "no_repeat_ngram_size", "bad_words_ids",
+                  "suppress_tokens", "begin_suppress_tokens", "min_new_tokens"):
+            if hasattr(gc, k):
+                setattr(gc, k, None)
+        for k, v in (("min_length", 0), ("repetition_penalty", 1.0), ("length_penalty", 1.0)):
+            if hasattr(gc, k):
+                setattr(gc, k, v)
+        return model
+
     def reference_features(self, model, encodings: list) -> list["torch.Tensor"]:  # pragma: no cover
         """Hugging Face's features for each image ([F_i, hidden]), from the processor's outputs."""
         raise NotImplementedError

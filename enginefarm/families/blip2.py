@@ -96,7 +96,8 @@ class Blip2(MultimodalFamily):
 
         gc = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1, decoder_start_token_id=start,
                               eos_token_id=eos, pad_token_id=pad)
-        return model.generate(**enc, generation_config=gc)[0, 1:].tolist()  # after the decoder's start token
+        # after the decoder's start token
+        return self.plain_greedy(model).generate(**enc, generation_config=gc)[0, 1:].tolist()
 
 
 FAMILY = Blip2()

@@ -143,8 +143,8 @@ class Nougat(MultimodalFamily):
         prefix = [start] + list(enc["prompt_ids"])
         gc = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1, decoder_start_token_id=start,
                               eos_token_id=eos, pad_token_id=pad)
-        out = model.generate(pixel_values=enc["pixel_values"], decoder_input_ids=torch.tensor([prefix]),
-                             generation_config=gc)
+        out = self.plain_greedy(model).generate(pixel_values=enc["pixel_values"],
+                                                decoder_input_ids=torch.tensor([prefix]), generation_config=gc)
         return out[0, len(prefix):].tolist()
 
 
