@@ -33,6 +33,18 @@ _PLANNED = {
         # any-resolution tiling: features depend on the image size; the
         # multimodal issue derives the limit from the largest tiling allowed
         _planned("llava-next-video", "LLaVA-NeXT-Video", ("llava_next_video",), "multimodal", ("visual", "llm")),
+        # BLIP captioning, what is missing (the rest is there: the ViT visual
+        # component is like BLIP-2's without the Q-Former; its 577 features are
+        # the decoder's encoder output, as Nougat's; a prompt is the decoder's
+        # prefix, as Nougat's, after [DEC] = text_config.bos_token_id, stopping
+        # at [SEP]): (1) a conversion of BlipTextLMHeadModel's BERT layers
+        # (bert.encoder.layer.N.{attention,crossattention}.{self.query/key/value,
+        # output.dense, output.LayerNorm}, intermediate.dense, output.*) to the
+        # decoder/ checkpoint; (2) in runtime/encdec.py, cross-attention whose
+        # key/value projections take the vision width (BLIP-large: 1024 vs 768,
+        # so not one fused qkv) and the lm_head transform (dense + GELU +
+        # LayerNorm before the vocab projection and its bias); (3) an offline
+        # BERT WordPiece tokenizer for the tiny BlipProcessor.
         _planned("blip", "BLIP image captioning", ("blip",), "multimodal", ("visual", "llm"), 577,
                  missing="its text decoder is a BERT-style decoder (post-norm layers with cross-attention whose "
                          "keys/values take the vision width, and an lm_head behind a dense + GELU + LayerNorm "
