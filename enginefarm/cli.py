@@ -178,8 +178,8 @@ def cmd_plan(a) -> int:
             b = backends.get_backend(r.component_backend(c, v))
             cv = r.component_variant(c, v)  # the component's own target, where the recipe gives one
             ok, why = b.usable(c, cv.target)
-            encdec = c == "llm" and fam.llm_is_encoder_decoder
-            line = b.command(cv, limits, encoder_decoder=encdec) if hasattr(b, "command") else ""
+            parts = fam.llm_parts() if c == "llm" else ("",)
+            line = b.command(cv, limits, parts=parts) if hasattr(b, "command") else ""
             if cv.target != v.target:
                 line = f"{b.name} for {cv.target} (the variant's target: {v.target})" + (f"; {line}" if line else "")
             if not ok:

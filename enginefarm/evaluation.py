@@ -348,6 +348,12 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
                 feat_diff = worst(feat_diff, float((g - r.float()).abs().max()))
                 n_feats.append(g.shape[0])
 
+    if pipe.seq2seq:
+        got_p, ref_p, got_eval, ref_eval = _multimodal_seq2seq(family, ref_model, pipe, pairs, encodings, text,
+                                                               max_new_tokens, max_eval_tokens, eos, pad)
+        return _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, ref_eval, feat_diff, n_feats,
+                                   max_new_tokens, eos)
+
     got_p, ref_p = [], []
     for (image, name, prompt), enc in zip(pairs, encodings):
         eng_ids, table = pipe.inputs([image], [prompt])
@@ -364,6 +370,56 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
                                      pad_token_id=pad)[0].tolist()
         ref_p.append({"ids": eng_ids[0], "logits": logits, "generated": out[T:]})  # generate repeats the prompt
 
+    eval_ids = tok(text).input_ids[:max_eval_tokens]
+    got_eval = engine_outputs(pipe.llm, [], eval_ids, 0, eos)["eval"]
+    ref_eval = reference_outputs(_TextOnly(family, ref_model), [], eval_ids, 0, eos, pad, pipe.llm.max_seq_len,
+                                 pipe.llm.max_input_len)["eval"]
+    return _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, ref_eval, feat_diff, n_feats, max_new_tokens, eos)
+
+
+def _multimodal_seq2seq(family, ref_model, pipe, pairs, encodings, text, max_new_tokens, max_eval_tokens, eos, pad):
+    """Encoder-decoder LLMs (BLIP-2 with Flan-T5, Nougat): greedy tokens of
+    each pair against `generate`; logits with the decoder teacher-forced on
+    [start] + (Nougat: the prompt's tokens) + the reference's greedy tokens;
+    the text set as seq2seq chunks (Nougat: the decoder with the first
+    image's features, since it has no text encoder)."""
+    import torch
+
+    llm = pipe.llm
+    start = llm.decoder_start_token_id
+    got_p, ref_p = [], []
+    for (image, _, prompt), enc in zip(pairs, encodings):
+        prefix = list(enc["prompt_ids"]) if pipe.encoder_output else []
+        n_new = min(max_new_tokens, llm.max_seq_len - len(prefix))
+        gen = pipe.generate([image], [prompt], n_new, eos_token_id=eos)[0]
+        with torch.no_grad():
+            ref_gen = family.reference_generate(ref_model, enc, start, n_new, eos, pad)
+        dec = ([start] + prefix + ref_gen)[: llm.max_decoder_tokens]
+        ids, logits = pipe.seq2seq_logits(image, prompt, dec)
+        with torch.no_grad():
+            ref_logits = family.reference_seq2seq_logits(ref_model, enc, dec).float()
+        got_p.append({"ids": ids, "logits": logits, "generated": gen})
+        ref_p.append({"ids": ids, "logits": ref_logits, "generated": ref_gen})
+
+    eval_ids = pipe.processor.tokenizer(text).input_ids[:max_eval_tokens]
+    if pipe.encoder_output:
+        image, enc = pairs[0][0], pipe.prepare([pairs[0][0]], [""])[0]
+        got_eval, ref_eval = [], []
+        for c in seq2seq_chunks(eval_ids, llm.max_decoder_tokens):
+            dec = [start] + c[:-1]
+            got_eval.append({"ids": c, "targets": c, "logits": pipe.seq2seq_logits(image, "", dec)[1]})
+            with torch.no_grad():
+                ref_eval.append({"ids": c, "targets": c,
+                                 "logits": family.reference_seq2seq_logits(ref_model, enc, dec).float()})
+    else:
+        got_eval = _engine_outputs_seq2seq(llm, [], eval_ids, 0, eos)["eval"]
+        ref_eval = _reference_outputs_seq2seq(family.reference_text_model(ref_model), [], eval_ids, 0, eos, pad,
+                                              llm.max_seq_len, llm.max_input_len)["eval"]
+    return got_p, ref_p, got_eval, ref_eval
+
+
+def _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, ref_eval, feat_diff, n_feats, max_new_tokens, eos):
+    n, B = len(pairs), pipe.max_batch_size
     # all pairs at once, in batches of the engines' max_batch_size
     n_b = min(len(g["generated"]) for g in got_p) if got_p else 0
     n_b = max(1, min(max_new_tokens, n_b))
@@ -372,10 +428,6 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
         chunk = pairs[s : s + B]
         batched += pipe.generate([c[0] for c in chunk], [c[2] for c in chunk], n_b, eos_token_id=eos)
 
-    eval_ids = tok(text).input_ids[:max_eval_tokens]
-    got_eval = engine_outputs(pipe.llm, [], eval_ids, 0, eos)["eval"]
-    ref_eval = reference_outputs(_TextOnly(family, ref_model), [], eval_ids, 0, eos, pad, pipe.llm.max_seq_len,
-                                 pipe.llm.max_input_len)["eval"]
     m = compare({"prompts": got_p, "eval": got_eval}, {"prompts": ref_p, "eval": ref_eval})
     for g, (_, name, prompt), b, r in zip(m["greedy"], pairs, batched, ref_p):
         g["prompt"], g["image"] = prompt, name

@@ -17,6 +17,15 @@ if TYPE_CHECKING:  # pragma: no cover
 BUILTIN_SIZE = 96
 
 
+def image_hw(size) -> tuple[int, int]:
+    """A visual encoder's input size as (height, width): `size` is an int
+    (square) or [height, width] (Nougat's pages)."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
 def _draw(name: str, width: int, height: int):
     import numpy as np
 

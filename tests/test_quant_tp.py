@@ -222,14 +222,14 @@ def test_trtllm_build_flags_for_encoder_decoder():
     from enginefarm.backends.tensorrt_llm import TensorRTLLM, build_commands
 
     limits = {"max_batch_size": 4, "max_input_len": 64, "max_seq_len": 48, "max_multimodal_len": 4 * 32}
-    enc, dec = build_commands("C", "E", variant("w8a16", tp=2), limits, encoder_decoder=True)
+    enc, dec = build_commands("C", "E", variant("w8a16", tp=2), limits, ("encoder", "decoder"))
     fe, fd = (dict(zip(a[1::2], a[2::2])) for a in (enc, dec))
     assert fe["--checkpoint_dir"] == "C/encoder" and fd["--output_dir"] == "E/decoder"
     assert fe["--max_input_len"] == "96" and fe["--kv_cache_type"] == "disabled"
     assert fe["--max_prompt_embedding_table_size"] == "128" and "--max_prompt_embedding_table_size" not in fd
     assert fd["--max_input_len"] == "1" and fd["--max_seq_len"] == "48" and fd["--max_encoder_input_len"] == "96"
     assert fe["--bert_attention_plugin"] == fd["--gemm_plugin"] == "float16" and fd["--workers"] == "2"
-    line = TensorRTLLM("tensorrt-llm").command(variant(), limits, encoder_decoder=True)
+    line = TensorRTLLM("tensorrt-llm").command(variant(), limits, parts=("encoder", "decoder"))
     assert line.count("trtllm-build") == 2 and " && " in line
 
 

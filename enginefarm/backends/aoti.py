@@ -157,28 +157,49 @@ class AOTI(Backend):
     def _build_encdec(self, component, src_dir, out_dir, variant, limits, progress) -> dict:
         """Two packages: the encoder (with the decoder's cross-attention K/V
         projections of its output, so they are computed once per request) and
-        the decoder step (static self-attention cache; cross K/V as inputs)."""
+        the decoder step (static self-attention cache; cross K/V as inputs).
+        Multimodal: with max_multimodal_len in the limits the encoder also
+        takes a prompt table; a checkpoint with a decoder only (Nougat) gets,
+        in place of the encoder, the cross K/V of given encoder features
+        (limits' max_encoder_input_len of them per image)."""
         import torch
         from torch.export import Dim
 
-        from ..runtime.encdec import load_encdec
+        from ..runtime.encdec import FeaturesCrossKV, load_encdec
 
         device = "cpu" if variant.target == "cpu" else "cuda"
         encoder, decoder = load_encdec(src_dir)
         encoder, decoder = encoder.to(device), decoder.to(device)
+        features_in = isinstance(encoder, FeaturesCrossKV)
+        c = decoder.cfg
         B, T, S = limits["max_batch_size"], limits["max_input_len"], limits["max_seq_len"]
+        M = 0 if features_in else (limits.get("max_multimodal_len") or 0)
         # example sizes: the encoder input longer than the decoder's, so
         # that export keeps the two token counts apart
         eb, et, dt = min(2, B), min(3, T), min(2, T, S)
         batch = Dim("batch", min=1, max=B) if B > 1 else None
         enc_len = Dim("enc_len", min=1, max=T) if T > 1 else None
         tokens = Dim("tokens", min=1, max=min(T, S)) if min(T, S) > 1 else None
-        ids = torch.zeros(eb, et, dtype=torch.long, device=device)
         lengths = torch.full((eb,), et, dtype=torch.long, device=device)
-        timings = {"encoder": self._compile(encoder, (ids, lengths), _dims([{0: batch, 1: enc_len}, {0: batch}]),
-                                            out_dir / ENCODER_FILE, "encoder", progress)}
+        if features_in:
+            Fe = limits.get("max_encoder_input_len")
+            if not Fe:
+                raise BadInput("a decoder-only encoder-decoder checkpoint needs limits.max_encoder_input_len "
+                               "(the encoder features per input; the family derives it)")
+            et, enc_len = Fe, None  # a fixed count of features per image
+            lengths = torch.full((eb,), et, dtype=torch.long, device=device)
+            enc_in = torch.zeros(eb, et, c.hidden_size, dtype=decoder.embed.dtype, device=device)
+            args, specs = (enc_in, lengths), [{0: batch}, {0: batch}]
+        else:
+            ids = torch.zeros(eb, et, dtype=torch.long, device=device)
+            args, specs = (ids, lengths), [{0: batch, 1: enc_len}, {0: batch}]
+            if M:
+                H = encoder.encoder.cfg.hidden_size
+                args += (torch.zeros(min(2, M), H, dtype=decoder.embed.dtype, device=device),)
+                specs.append({0: Dim("prompt_rows", min=1, max=M) if M > 1 else None})
+        timings = {"encoder": self._compile(encoder, args, _dims(specs), out_dir / ENCODER_FILE, "encoder", progress)}
         with torch.no_grad():
-            _, ck, cv = encoder(ids, lengths)
+            _, ck, cv = encoder(*args)
         kc, vc = decoder.new_cache(eb, S)
         kc, vc = kc.to(device), vc.to(device)
         dec_ids = torch.zeros(eb, dt, dtype=torch.long, device=device)
@@ -187,9 +208,16 @@ class AOTI(Backend):
                     {0: batch}])
         timings["decoder"] = self._compile(decoder, (dec_ids, start, kc, vc, ck, cv, lengths), ds, out_dir / DECODER_FILE,
                                            "decoder step", progress)
-        c = decoder.cfg
         cache = [c.num_layers, "batch", c.num_heads, S, c.head_size]
-        cross = [c.num_layers, "batch", c.num_heads, "enc_len", c.head_size]
+        cross = [c.num_layers, "batch", c.num_heads, et if features_in else "enc_len", c.head_size]
+        if features_in:
+            enc_inputs = [{"name": "encoder_output", "dtype": variant.dtype, "shape": ["batch", et, c.hidden_size]},
+                          {"name": "lengths", "dtype": "int64", "shape": ["batch"]}]
+        else:
+            enc_inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "enc_len"]},
+                          {"name": "lengths", "dtype": "int64", "shape": ["batch"]}]
+            if M:
+                enc_inputs.append({"name": "prompt_table", "dtype": variant.dtype, "shape": ["rows", H]})
         sidecar = {
             **_sidecar(component, device, variant, limits, c.vocab_size),
             "kind": "encoder-decoder",
@@ -197,10 +225,11 @@ class AOTI(Backend):
             "decoder_start_token_id": c.decoder_start_token_id,
             "eos_token_id": c.eos_token_id,
             "cache_shape": cache,
+            "encoder_input": "features" if features_in else "tokens",
             "encoder": {
-                "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "enc_len"]},
-                           {"name": "lengths", "dtype": "int64", "shape": ["batch"]}],
-                "outputs": [{"name": "encoder_output", "dtype": variant.dtype, "shape": ["batch", "enc_len", c.hidden_size]},
+                "inputs": enc_inputs,
+                "outputs": [{"name": "encoder_output", "dtype": variant.dtype,
+                             "shape": ["batch", et if features_in else "enc_len", c.hidden_size]},
                             {"name": "cross_k", "dtype": variant.dtype, "shape": cross},
                             {"name": "cross_v", "dtype": variant.dtype, "shape": cross}],
             },
@@ -218,9 +247,13 @@ class AOTI(Backend):
             },
             "timings": timings,
         }
+        if features_in:
+            sidecar["encoder_features"] = et
+            sidecar["encoder_hidden_size"] = c.hidden_size
+        if M:
+            sidecar["prompt_table"] = {"max_rows": M, "hidden_size": H}
         (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))
         return sidecar
-
 
     def _build_visual(self, src_dir: Path, out_dir: Path, variant, limits: dict, progress=None) -> dict:
         """src_dir: the export step's files (visual.ep.pt2, visual.json)."""
@@ -243,8 +276,10 @@ class AOTI(Backend):
         # deserialized program of the CLIP tower gave NaN at batch 1 (batch 2
         # was right); compiling a fresh trace of its module is right at every
         # batch size (tests/test_multimodal.py checks batch 1 and max).
-        S = meta["image_size"]
-        example = torch.zeros(min(2, B), 3, S, S, dtype=DTYPES[meta["dtype"]], device=device)
+        from ..images import image_hw
+
+        Hh, Ww = image_hw(meta["image_size"])
+        example = torch.zeros(min(2, B), 3, Hh, Ww, dtype=DTYPES[meta["dtype"]], device=device)
         dyn = ({0: Dim("batch", min=1, max=B)},) if B > 1 else None
         with torch.no_grad():
             ep = torch.export.export(ep.module(), (example,), dynamic_shapes=dyn, strict=False)
@@ -263,7 +298,7 @@ class AOTI(Backend):
             "dtype": meta["dtype"],
             "max_batch_size": B,
             "visual": meta,
-            "inputs": [{"name": meta["input"], "dtype": meta["dtype"], "shape": ["batch", 3, S, S]}],
+            "inputs": [{"name": meta["input"], "dtype": meta["dtype"], "shape": ["batch", 3, Hh, Ww]}],
             "outputs": [{"name": meta["output"], "dtype": meta["dtype"], "shape": ["batch", F, H]}],
             "timings": {"compile_s": round(t1 - t0, 3)},
         }

@@ -41,7 +41,9 @@ class OnnxRuntime(Backend):
         for p in sorted(Path(src_dir).iterdir()):
             if p.name.startswith(meta["onnx"]) or p.name == meta.get("extras"):  # visual.onnx(.data), extras
                 shutil.copyfile(p, out_dir / p.name)
-        S, F, H = meta["image_size"], meta["encoder_features"], meta["hidden_size"]
+        from ..images import image_hw
+
+        (Hh, Ww), F, H = image_hw(meta["image_size"]), meta["encoder_features"], meta["hidden_size"]
         sidecar = {
             "format": "onnx",
             "component": component,
@@ -51,7 +53,7 @@ class OnnxRuntime(Backend):
             "dtype": meta["dtype"],
             "max_batch_size": B,
             "visual": meta,
-            "inputs": [{"name": meta["input"], "dtype": meta["dtype"], "shape": ["batch", 3, S, S]}],
+            "inputs": [{"name": meta["input"], "dtype": meta["dtype"], "shape": ["batch", 3, Hh, Ww]}],
             "outputs": [{"name": meta["output"], "dtype": meta["dtype"], "shape": ["batch", F, H]}],
         }
         (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))

@@ -66,6 +66,8 @@ def build_args(ckpt_dir: str | Path, out_dir: str | Path, variant, limits: dict[
             args += ["--max_input_len", str(enc_len), "--kv_cache_type", "disabled"]
         elif part == "decoder":
             # generation starts from the decoder start token: one input token
+            # (Nougat: the encoder input is the visual engine's features)
+            enc_len = int(limits.get("max_encoder_input_len") or enc_len)
             args += ["--max_input_len", "1", "--max_seq_len", str(limits["max_seq_len"]),
                      "--max_encoder_input_len", str(enc_len), "--kv_cache_type", "paged"]
         else:
@@ -78,12 +80,20 @@ def build_args(ckpt_dir: str | Path, out_dir: str | Path, variant, limits: dict[
 
 
 def build_commands(ckpt_dir: str | Path, out_dir: str | Path, variant, limits: dict[str, Any],
-                   encoder_decoder: bool, multimodal_len: Optional[int] = None) -> list[list[str]]:
-    """Every trtllm-build run a variant needs: one, or encoder then decoder."""
-    if not encoder_decoder:
+                   parts: tuple[str, ...] = ("",), multimodal_len: Optional[int] = None) -> list[list[str]]:
+    """Every trtllm-build run a variant needs, one per checkpoint part: ("",)
+    for a decoder-only LLM, ("encoder", "decoder") for T5/BART, ("decoder",)
+    for a decoder that cross-attends to visual features (Nougat)."""
+    if parts == ("",):
         return [build_args(ckpt_dir, out_dir, variant, limits, multimodal_len)]
     return [build_args(Path(ckpt_dir) / part, Path(out_dir) / part, variant, limits, multimodal_len, part)
-            for part in ("encoder", "decoder")]
+            for part in parts]
+
+
+def checkpoint_parts(ckpt_dir: Path) -> tuple[str, ...]:
+    """The parts of a converted checkpoint, from what is on disk."""
+    parts = tuple(p for p in ("encoder", "decoder") if (Path(ckpt_dir) / p / "config.json").is_file())
+    return parts or ("",)
 
 
 def preprocess_weight_only(ckpt_dir: Path, out_dir: Path) -> None:
@@ -97,8 +107,8 @@ def preprocess_weight_only(ckpt_dir: Path, out_dir: Path) -> None:
 
     from ..quant import bits_of
 
-    if (ckpt_dir / "decoder" / "config.json").is_file():
-        for part in ("encoder", "decoder"):
+    if checkpoint_parts(ckpt_dir) != ("",):
+        for part in checkpoint_parts(ckpt_dir):
             preprocess_weight_only(ckpt_dir / part, out_dir / part)
         return
     cfg = json.loads((ckpt_dir / "config.json").read_text())
@@ -140,8 +150,8 @@ class TensorRTLLM(Backend):
     def toolchain(self, target: str) -> dict:
         return {"backend": "tensorrt-llm", "tensorrt_llm": version_of("tensorrt-llm"), "gpu_arch": target}
 
-    def command(self, variant, limits: dict, ckpt_dir="CKPT", out_dir="ENGINE", encoder_decoder: bool = False) -> str:
-        return " && ".join(shlex.join(a) for a in build_commands(ckpt_dir, out_dir, variant, limits, encoder_decoder))
+    def command(self, variant, limits: dict, ckpt_dir="CKPT", out_dir="ENGINE", parts: tuple[str, ...] = ("",)) -> str:
+        return " && ".join(shlex.join(a) for a in build_commands(ckpt_dir, out_dir, variant, limits, parts))
 
     def build(self, component: str, src_dir: Path, out_dir: Path, variant, limits: dict, progress=None) -> dict:
         ok, why = self.usable(component, variant.target)
@@ -154,8 +164,8 @@ class TensorRTLLM(Backend):
                 progress("tensorrt-llm: interleaving weight-only matrices for this GPU")
             preprocess_weight_only(ckpt, pre)
             ckpt = pre
-        encdec = (Path(src_dir) / "decoder" / "config.json").is_file()
-        commands = build_commands(ckpt, out_dir, variant, limits, encdec)
+        parts = checkpoint_parts(Path(src_dir))
+        commands = build_commands(ckpt, out_dir, variant, limits, parts)
         for args in commands:
             if progress:
                 progress("tensorrt-llm: " + shlex.join(args))
@@ -164,7 +174,7 @@ class TensorRTLLM(Backend):
                 tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-20:])
                 raise StepFailed(f"trtllm-build exited with {p.returncode}:\n{tail}")
         meta = {"format": "tensorrt-llm", "command": commands[0] if len(commands) == 1 else commands,
-                "runtime": runtime_settings(Path(src_dir), limits["max_seq_len"], encdec), "tensorrt_llm": version_of("tensorrt-llm"),
+                "runtime": runtime_settings(Path(src_dir), limits["max_seq_len"], parts != ("",)), "tensorrt_llm": version_of("tensorrt-llm"),
                 "target": variant.target, "tp": variant.tp}
         (out_dir / "engine.json").write_text(json.dumps(meta, indent=2))
         return meta

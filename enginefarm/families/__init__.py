@@ -16,21 +16,36 @@ from ..errors import BadInput
 from .base import Family
 
 IMPLEMENTED = ("opt", "llama", "gpt2", "gpt-neo", "gpt-neox", "gptj", "bloom", "mistral", "t5", "bart",
-               "blip2", "llava", "llava-next", "llava-next-video")
+               "blip2", "llava", "llava-next", "llava-next-video", "nougat")
 
 
-def _planned(name: str, title: str, model_types: tuple, kind: str, components=("llm",), visual_features=None) -> Family:
+def _planned(name: str, title: str, model_types: tuple, kind: str, components=("llm",), visual_features=None,
+             missing: str = "") -> Family:
     f = Family()
     f.name, f.title, f.model_types, f.kind = name, title, model_types, kind
-    f.components, f.visual_features = tuple(components), visual_features
+    f.components, f.visual_features, f.missing = tuple(components), visual_features, missing
     return f
 
 
 _PLANNED = {
     f.name: f
     for f in [
-        _planned("nougat", "Nougat (Swin + mBART)", ("vision-encoder-decoder",), "multimodal", ("visual", "llm"), 588),
-        _planned("blip", "BLIP image captioning", ("blip",), "multimodal", ("visual", "llm"), 577),
+        # BLIP captioning, what is missing (the rest is there: the ViT visual
+        # component is like BLIP-2's without the Q-Former; its 577 features are
+        # the decoder's encoder output, as Nougat's; a prompt is the decoder's
+        # prefix, as Nougat's, after [DEC] = text_config.bos_token_id, stopping
+        # at [SEP]): (1) a conversion of BlipTextLMHeadModel's BERT layers
+        # (bert.encoder.layer.N.{attention,crossattention}.{self.query/key/value,
+        # output.dense, output.LayerNorm}, intermediate.dense, output.*) to the
+        # decoder/ checkpoint; (2) in runtime/encdec.py, cross-attention whose
+        # key/value projections take the vision width (BLIP-large: 1024 vs 768,
+        # so not one fused qkv) and the lm_head transform (dense + GELU +
+        # LayerNorm before the vocab projection and its bias); (3) an offline
+        # BERT WordPiece tokenizer for the tiny BlipProcessor.
+        _planned("blip", "BLIP image captioning", ("blip",), "multimodal", ("visual", "llm"), 577,
+                 missing="its text decoder is a BERT-style decoder (post-norm layers with cross-attention whose "
+                         "keys/values take the vision width, and an lm_head behind a dense + GELU + LayerNorm "
+                         "transform) that neither the bart/t5 conversion nor the encoder-decoder runtime covers yet"),
     ]
 }
 

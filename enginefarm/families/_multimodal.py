@@ -1,12 +1,16 @@
-"""What the multimodal families (blip2, llava) share: a `visual` component
-(exported through ONNX) and an `llm` component that is an ordinary
-decoder-only LLM stored under a prefix of the same checkpoint.
+"""What the multimodal families (blip2, llava, llava-next, nougat) share: a
+`visual` component (exported through ONNX) and an `llm` component that is an
+ordinary LLM stored under a prefix of the same checkpoint.
 
-The `llm` is converted by the LLM's own family (opt, llama): this class maps
-the checkpoint's tensor names onto the names that family expects and back,
-so no conversion code is repeated here. The visual features reach the LLM as
-a prompt table (TensorRT-LLM's convention: token ids >= vocab_size pick rows
-of the table), so the converted checkpoint is a plain LLM checkpoint.
+The `llm` is converted by the LLM's own family (opt, llama, t5, bart): this
+class maps the checkpoint's tensor names onto the names that family expects
+and back, so no conversion code is repeated here. The visual features reach
+the LLM as a prompt table (TensorRT-LLM's convention: token ids >= vocab_size
+pick rows of the table), so the converted checkpoint is a plain LLM
+checkpoint; with an encoder-decoder LLM (BLIP-2 with Flan-T5) the table feeds
+its encoder. A family whose visual features ARE the encoder output (Nougat:
+`features_as_encoder_output`) converts only the LLM's decoder (`encdec_parts`),
+which cross-attends to them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import BadInput, NotAvailable
-from .base import Family, OutTensor
+from .base import CheckpointPart, Family, OutTensor, hf_value
 
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
@@ -43,6 +47,10 @@ class MultimodalFamily(Family):
     image_placement = "inline"
     # what one request item is: "image", or "video" (LLaVA-NeXT-Video: sampled frames)
     media = "image"
+    # encoder-decoder LLMs: the TensorRT-LLM checkpoint parts converted (Nougat: its decoder only)
+    encdec_parts: tuple[str, ...] = ("encoder", "decoder")
+    # the visual features are the LLM decoder's encoder output (Nougat), not prompt-table rows
+    features_as_encoder_output = False
 
     # ----------------------------------------------------------------- configs
 
@@ -67,6 +75,13 @@ class MultimodalFamily(Family):
             return text
         return getattr(self.full_config(config), self.text_key).to_dict()
 
+    def llm_parts(self, config: Optional[dict] = None) -> tuple[str, ...]:
+        if self.features_as_encoder_output:
+            return self.encdec_parts
+        if config is not None and self.llm_family(config).kind == "encoder-decoder":
+            return self.encdec_parts
+        return ("",)
+
     def code_modules(self) -> list[str]:
         from . import get_family
 
@@ -82,7 +97,7 @@ class MultimodalFamily(Family):
         if mt not in self.llm_model_types:
             raise NotAvailable(
                 f"family {self.name}: a {mt!r} language model is not supported (supported: "
-                f"{', '.join(self.llm_model_types)}); encoder-decoder LLMs need the encoder-decoder runtime"
+                f"{', '.join(self.llm_model_types)})"
             )
         return get_family(self.llm_model_types[mt])
 
@@ -99,9 +114,14 @@ class MultimodalFamily(Family):
         """Visual encoder inputs one image takes at most (LLaVA-NeXT: its tiles)."""
         return 1
 
-    def image_size(self, config: dict) -> int:
+    def image_size(self, config: dict) -> "int | list[int]":
+        """The visual encoder's input size: an int (square) or [height, width]."""
         v = self.full_config(config).vision_config
         return int(v.image_size)
+
+    def llm_config(self, config: dict) -> dict:
+        """The LLM's config.json as its own family reads it."""
+        return self.text_config(config)
 
     def visual_meta(self, config: dict) -> dict:
         """What the runner needs to know about the visual component, beside its engine."""
@@ -110,12 +130,13 @@ class MultimodalFamily(Family):
             "family": self.name,
             "features": self.features(config),
             "encoder_features": self.encoder_features(config),
-            "hidden_size": int(text["hidden_size"]),
+            "hidden_size": int(hf_value(text, "hidden_size", "d_model")),
             "vocab_size": int(text["vocab_size"]),
             "image_size": self.image_size(config),
             "image_token_id": self.image_token_id(config),
             "image_placement": self.image_placement,
             "media": self.media,
+            "encoder_output": self.features_as_encoder_output,
         }
 
     def image_token_id(self, config: dict) -> Optional[int]:
@@ -163,6 +184,11 @@ class MultimodalFamily(Family):
                 f"max_batch_size ({lim['max_batch_size']}) x visual features per {self.media} ({f}, from the checkpoint's "
                 f"config.json{self._recipe_part()}) = {derived}; remove it (it is derived) or make them agree"
             )
+        if self.features_as_encoder_output:
+            # the features are the decoder's encoder output; max_input_len bounds the decoder's prompt
+            lim["max_multimodal_len"] = derived
+            lim["max_encoder_input_len"] = f
+            return lim
         if lim["max_input_len"] <= f:
             raise BadInput(
                 f"bad recipe {origin}: limits.max_input_len ({lim['max_input_len']}) must hold {_A[self.media]}'s {f} visual "
@@ -197,18 +223,36 @@ class MultimodalFamily(Family):
                     break
         return out
 
-    def trtllm_config(self, hf: dict, variant: "Variant") -> dict:
-        return self.llm_family(hf).trtllm_config(self.text_config(hf), variant)
-
-    def tensors(self, hf: dict, names: set[str], variant: "Variant", rank: int = 0) -> list[OutTensor]:
+    def _llm_names_checked(self, names: set[str]) -> dict[str, str]:
         m = self._llm_names(names)
         if not m:
             raise BadInput(
                 f"family {self.name}: the checkpoint has no language-model tensors under "
                 f"{', '.join(repr(o) for o, _ in self.llm_prefixes)}"
             )
-        outs = self.llm_family(hf).tensors(self.text_config(hf), set(m), variant, rank)
+        return m
+
+    @staticmethod
+    def _renamed(outs: list[OutTensor], m: dict[str, str]) -> list[OutTensor]:
         return [OutTensor(o.name, tuple(m.get(s, s) for s in o.sources), o.make) for o in outs]
+
+    def trtllm_config(self, hf: dict, variant: "Variant") -> dict:
+        return self.llm_family(hf).trtllm_config(self.llm_config(hf), variant)
+
+    def tensors(self, hf: dict, names: set[str], variant: "Variant", rank: int = 0) -> list[OutTensor]:
+        m = self._llm_names_checked(names)
+        return self._renamed(self.llm_family(hf).tensors(self.llm_config(hf), set(m), variant, rank), m)
+
+    def checkpoint_parts(self, hf: dict, names: set[str], variant: "Variant") -> list[CheckpointPart]:
+        """A decoder-only LLM: one checkpoint at the root. An encoder-decoder
+        LLM: its family's `encoder/` and `decoder/` parts (those in
+        `encdec_parts`), the tensor names mapped as for a decoder-only one."""
+        llm = self.llm_family(hf)
+        if llm.kind != "encoder-decoder":
+            return super().checkpoint_parts(hf, names, variant)
+        m = self._llm_names_checked(names)
+        parts = [p for p in llm.checkpoint_parts(self.llm_config(hf), set(m), variant) if p.subdir in self.encdec_parts]
+        return [CheckpointPart(p.subdir, p.config, lambda rank, p=p: self._renamed(p.tensors(rank), m)) for p in parts]
 
     # ----------------------------------------------------------------- visual
 
@@ -258,6 +302,23 @@ class MultimodalFamily(Family):
 
         cls = getattr(transformers, self.reference_class)
         return cls.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False).eval()
+
+    @staticmethod
+    def plain_greedy(model):
+        """The model with none of its checkpoint's own generation settings
+        that the engines do not apply (forced BOS/EOS at the length limit,
+        n-gram blocking, banned or suppressed tokens, a minimum length):
+        `generate` fills whatever a GenerationConfig leaves unset from the
+        model's own, so they are cleared there."""
+        gc = model.generation_config
+        for k in ("forced_bos_token_id", "forced_eos_token_id", "no_repeat_ngram_size", "bad_words_ids",
+                  "suppress_tokens", "begin_suppress_tokens", "min_new_tokens"):
+            if hasattr(gc, k):
+                setattr(gc, k, None)
+        for k, v in (("min_length", 0), ("repetition_penalty", 1.0), ("length_penalty", 1.0)):
+            if hasattr(gc, k):
+                setattr(gc, k, v)
+        return model
 
     def reference_features(self, model, encodings: list) -> list["torch.Tensor"]:  # pragma: no cover
         """Hugging Face's features for each image ([F_i, hidden]), from the processor's outputs."""

@@ -45,6 +45,7 @@ class Family:
     components: tuple[str, ...] = ("llm",)
     visual_features: Optional[int] = None  # per image, where fixed
     implemented: bool = False
+    missing: str = ""  # a declared family: what its implementation still lacks (said when a build is refused)
     backends: tuple[str, ...] = ("aoti", "tensorrt-llm")
 
     # ----------------------------------------------------------------- recipe checks (no weights)
@@ -84,18 +85,20 @@ class Family:
         re-keys exactly the conversions that use it."""
         return sorted({c.__module__ for c in type(self).__mro__ if c.__module__.startswith("enginefarm.families")})
 
-    @property
-    def llm_is_encoder_decoder(self) -> bool:
-        """Whether the llm component converts into `encoder/` + `decoder/`
-        checkpoints (a multimodal family with a T5 or BART LLM says so too)."""
-        return self.kind == "encoder-decoder"
+    def llm_parts(self, config: Optional[dict] = None) -> tuple[str, ...]:
+        """The checkpoint directories the llm component converts into (each
+        one trtllm-build run): ("",) for a decoder-only LLM, ("encoder",
+        "decoder") for T5 / BART. `config`: the fetched config.json, where
+        the answer depends on it (a multimodal family's LLM)."""
+        return ("encoder", "decoder") if self.kind == "encoder-decoder" else ("",)
 
     def require_implemented(self, recipe: "Recipe") -> None:
         if not self.implemented:
             from . import implemented_families
 
+            why = f": {self.missing}" if self.missing else ""
             raise NotAvailable(
-                f"recipe {recipe.name}: family {self.name!r} ({self.title}) is not implemented yet, so nothing is "
+                f"recipe {recipe.name}: family {self.name!r} ({self.title}) is not implemented yet{why}; nothing is "
                 f"built for it (implemented families: {', '.join(implemented_families())})"
             )
 

@@ -1,10 +1,12 @@
-"""BLIP-2 with an OPT language model (Salesforce/blip2-opt-*): a ViT whose
-patch embeddings a Q-Former's learned query tokens cross-attend to, then a
-linear projection into the LLM's embedding space. One image gives
+"""BLIP-2 (Salesforce/blip2-opt-*, blip2-flan-t5-*): a ViT whose patch
+embeddings a Q-Former's learned query tokens cross-attend to, then a linear
+projection into the LLM's embedding space. One image gives
 `num_query_tokens` (32) features, placed before the prompt's tokens.
 
-BLIP-2 with Flan-T5 needs the encoder-decoder runtime and is refused with a
-clear message until that exists."""
+The LLM is OPT (decoder-only: the features are prompt-table rows of its
+input) or Flan-T5 (encoder-decoder: the features are prompt-table rows of the
+T5 *encoder's* input, and the decoder cross-attends to the encoder's output;
+converted by the t5 family into `encoder/` + `decoder/`)."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ class Blip2(MultimodalFamily):
     title = "BLIP-2 (ViT + Q-Former + OPT)"
     model_types = ("blip-2",)
     visual_features = 32  # the released checkpoints' num_query_tokens; a checkpoint's own count wins
-    llm_model_types = {"opt": "opt"}
+    llm_model_types = {"opt": "opt", "t5": "t5"}
     llm_prefixes = (("language_model.", ""),)
     visual_prefixes = (
         ("vision_model.", "vision_model."),
@@ -77,6 +79,25 @@ class Blip2(MultimodalFamily):
 
     def reference_text_logits(self, model, ids):
         return model.language_model(input_ids=ids).logits
+
+    # ----------------------------------------------------------------- Flan-T5: the seq2seq reference
+
+    def reference_text_model(self, model):
+        """The T5 alone (text in, text out)."""
+        return model.language_model
+
+    def reference_seq2seq_logits(self, model, enc, decoder_ids):
+        import torch
+
+        return model(**enc, decoder_input_ids=torch.tensor([decoder_ids])).logits[0]
+
+    def reference_generate(self, model, enc, start: int, n: int, eos, pad) -> list[int]:
+        from transformers import GenerationConfig
+
+        gc = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1, decoder_start_token_id=start,
+                              eos_token_id=eos, pad_token_id=pad)
+        # after the decoder's start token
+        return self.plain_greedy(model).generate(**enc, generation_config=gc)[0, 1:].tolist()
 
 
 FAMILY = Blip2()

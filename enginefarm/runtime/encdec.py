@@ -7,7 +7,7 @@ whose Norm and Lin (float or weight-only quantized) layers are reused).
 
 Two graphs:
 
-    enc_out, cross_k, cross_v = encode(input_ids[B, T], lengths[B])
+    enc_out, cross_k, cross_v = encode(input_ids[B, T], lengths[B][, prompt_table[rows, hidden]])
     logits, k_cache, v_cache = step(input_ids[B, t], start_pos[1], k_cache, v_cache,
                                     cross_k, cross_v, lengths[B])
 
@@ -18,6 +18,13 @@ cross_k / cross_v [decoder layers, B, heads, T, head_size]. `step` is the
 decoder for prefill and decode alike, with a static self-attention cache
 [decoder layers, B, heads, max_seq_len, head_size] written at positions
 start_pos .. start_pos + t - 1, and the cross-attention keys/values as given.
+
+Multimodal LLMs: built with a prompt table (BLIP-2 with Flan-T5), the encoder
+reads ids >= vocab_size as rows of the table (the visual features, used as
+they are, as Hugging Face's inputs_embeds). A checkpoint with a `decoder/`
+part only (Nougat, whose visual features ARE the encoder output) has
+`encode(encoder_output[B, F, hidden], lengths[B])` instead: the cross K/V of
+the features given.
 
 What the config.json fields mean here (TensorRT-LLM's names): layernorm_type
 0 LayerNorm / 1 RMS norm (T5: no mean, no bias); layernorm_position 0 pre-norm
@@ -276,10 +283,17 @@ class _Stack(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, W, i) for i in range(cfg.num_layers))
         self.ln_f = _norm(cfg, W, "transformer.ln_f") if cfg.final_norm else None
 
-    def embed_tokens(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(ids, self.embed)
+    def embed_tokens(self, ids: torch.Tensor, pos: torch.Tensor, prompt_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if prompt_table is None:
+            x = F.embedding(ids, self.embed)
+        else:
+            is_row = ids >= self.cfg.vocab_size
+            x = F.embedding(torch.where(is_row, 0, ids), self.embed)
         if self.cfg.embedding_scale != 1.0:
             x = x * self.cfg.embedding_scale
+        if prompt_table is not None:  # table rows are embeddings already (not scaled)
+            rows = (ids - self.cfg.vocab_size).clamp(0, prompt_table.shape[0] - 1)
+            x = torch.where(is_row[..., None], F.embedding(rows, prompt_table.to(x.dtype)), x)
         if self.pos_embed is not None:
             x = x + F.embedding(pos, self.pos_embed)[None]
         if self.ln_embed is not None:
@@ -295,10 +309,11 @@ def _key_mask(lengths: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor
 
 
 class Encoder(_Stack):
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor,
+                prompt_table: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T = input_ids.shape
         pos = torch.arange(T, dtype=torch.long, device=input_ids.device)
-        x = self.embed_tokens(input_ids, pos)
+        x = self.embed_tokens(input_ids, pos, prompt_table)
         mask = _key_mask(lengths, T, x.dtype)
         buckets = None
         if self.cfg.relative_attention:
@@ -388,33 +403,54 @@ class EncoderWithCrossKV(nn.Module):
         self.encoder = encoder
         self.cross_kv = cross_kv
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor):
-        enc = self.encoder(input_ids, lengths)
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, prompt_table: Optional[torch.Tensor] = None):
+        enc = self.encoder(input_ids, lengths, prompt_table)
         k, v = self.cross_kv(enc)
         return enc, k, v
+
+
+class FeaturesCrossKV(nn.Module):
+    """What the encoder package runs when the encoder output comes from
+    elsewhere (Nougat's visual engine): the decoder's cross-attention
+    keys/values of the given features."""
+
+    def __init__(self, cross_kv: CrossKV):
+        super().__init__()
+        self.cross_kv = cross_kv
+
+    def forward(self, encoder_output: torch.Tensor, lengths: torch.Tensor):
+        k, v = self.cross_kv(encoder_output)
+        return encoder_output, k, v
 
 
 def is_encdec_checkpoint(ckpt_dir: str | Path) -> bool:
     return (Path(ckpt_dir) / "decoder" / "config.json").is_file()
 
 
-def load_encdec(ckpt_dir: str | Path, rank: int = 0, allow_tp: bool = False) -> tuple[EncoderWithCrossKV, Decoder]:
-    """One rank of an enc-dec checkpoint: (encoder + cross K/V, decoder step).
+def load_encdec(ckpt_dir: str | Path, rank: int = 0, allow_tp: bool = False):
+    """One rank of an enc-dec checkpoint: (encoder + cross K/V, decoder step);
+    a decoder-only one (no `encoder/`): (cross K/V of given features, decoder step).
     tp > 1 needs an initialised process group of tp ranks (allow_tp=True)."""
     from ..checkpoint import load_rank
 
-    ce, We = load_rank(Path(ckpt_dir) / "encoder", rank)
     cd, Wd = load_rank(Path(ckpt_dir) / "decoder", rank)
     if cd["mapping"]["tp_size"] != 1 and not allow_tp:
         raise ValueError("the aoti backend exports tp=1 checkpoints")
-    enc_cfg, dec_cfg = EncDecConfig.from_trtllm(ce), EncDecConfig.from_trtllm(cd)
-    encoder = EncoderWithCrossKV(Encoder(enc_cfg, We), CrossKV(dec_cfg, Wd)).eval()
+    dec_cfg = EncDecConfig.from_trtllm(cd)
+    if not (Path(ckpt_dir) / "encoder" / "config.json").is_file():
+        return FeaturesCrossKV(CrossKV(dec_cfg, Wd)).eval(), Decoder(dec_cfg, Wd).eval()
+    ce, We = load_rank(Path(ckpt_dir) / "encoder", rank)
+    encoder = EncoderWithCrossKV(Encoder(EncDecConfig.from_trtllm(ce), We), CrossKV(dec_cfg, Wd)).eval()
     return encoder, Decoder(dec_cfg, Wd).eval()
 
 
 class EncDecEngine:
     """Greedy generation and scoring with an encoder and a decoder step:
-    the aoti packages, or (tp check) the eager modules of one rank."""
+    the aoti packages, or (tp check) the eager modules of one rank.
+
+    The encoder package takes token ids (with a prompt table where the
+    engine was built with one: meta `prompt_table`), or, where meta
+    `encoder_input` is "features" (Nougat), the encoder output itself."""
 
     seq2seq = True
 
@@ -425,6 +461,8 @@ class EncDecEngine:
         self.dtype = {v: k for k, v in DTYPE_NAMES.items()}[meta["dtype"]]
         L, _, H, S, D = meta["cache_shape"]
         self.cache_dims = (L, H, S, D)
+        self.table = meta.get("prompt_table")  # {"max_rows", "hidden_size"} or None
+        self.features_in = meta.get("encoder_input") == "features"
 
     @classmethod
     def load(cls, engine_dir: str | Path, meta: dict) -> "EncDecEngine":
@@ -439,13 +477,24 @@ class EncDecEngine:
         c = decoder.cfg
         meta = {"dtype": DTYPE_NAMES[decoder.embed.dtype],
                 "cache_shape": [c.num_layers, "batch", c.heads_per_rank, meta["max_seq_len"], c.head_size],
-                "decoder_start_token_id": c.decoder_start_token_id, **meta}
+                "decoder_start_token_id": c.decoder_start_token_id, "vocab_size": c.vocab_size,
+                "encoder_input": "features" if isinstance(encoder, FeaturesCrossKV) else "tokens", **meta}
         return cls(encoder, decoder, meta)
 
     max_batch_size = property(lambda self: self.meta["max_batch_size"])
     max_input_len = property(lambda self: self.meta["max_input_len"])
     max_seq_len = property(lambda self: self.meta["max_seq_len"])
     decoder_start_token_id = property(lambda self: self.meta["decoder_start_token_id"])
+    vocab_size = property(lambda self: self.meta["vocab_size"])
+
+    @property
+    def max_multimodal_len(self) -> int:
+        return self.table["max_rows"] if self.table else 0
+
+    @property
+    def max_decoder_tokens(self) -> int:
+        """decoder tokens one step takes (a prefill of the decoder's prompt)"""
+        return min(self.max_input_len, self.max_seq_len)
 
     def _check(self, batch: int, n_in: int, n_dec: int, what: str = "decoder tokens") -> None:
         if batch > self.max_batch_size:
@@ -455,19 +504,57 @@ class EncDecEngine:
         if n_dec > self.max_seq_len:
             raise BadInput(f"{n_dec} {what} exceed the decoder's max_seq_len {self.max_seq_len}")
 
+    def _check_table(self, prompts: list[list[int]], prompt_table) -> None:
+        top = max((max(p) for p in prompts if p), default=-1)
+        if prompt_table is None:
+            if top >= self.vocab_size:
+                raise BadInput(f"token id {top} is past the vocabulary ({self.vocab_size}) and no prompt table was given")
+            return
+        if not self.table:
+            raise BadInput("this engine was built without a prompt table (not for a multimodal recipe)")
+        rows, hidden = prompt_table.shape
+        if rows > self.table["max_rows"]:
+            raise BadInput(f"a prompt table of {rows} rows (visual features), but the engine was built for "
+                           f"max_multimodal_len {self.table['max_rows']}")
+        if hidden != self.table["hidden_size"]:
+            raise BadInput(f"prompt table rows of width {hidden}, but the LLM's hidden size is {self.table['hidden_size']}")
+        if top >= self.vocab_size + rows:
+            raise BadInput(f"token id {top} points past the prompt table ({rows} rows after vocab_size {self.vocab_size})")
+
     def new_cache(self, batch: int):
         L, H, S, D = self.cache_dims
         z = torch.zeros((L, batch, H, S, D), dtype=self.dtype, device=self.device)
         return z, z.clone()
 
-    def encode(self, prompts: list[list[int]]):
+    def encode(self, prompts: list[list[int]], prompt_table: torch.Tensor | None = None):
         """Right-padded prompts through the encoder: (cross_k, cross_v, lengths)."""
+        if self.features_in:
+            raise BadInput("this decoder cross-attends to visual features: it takes images, not a text prompt")
         if any(not p for p in prompts):
             raise BadInput("an empty prompt (no tokens)")
         n = max(len(p) for p in prompts)
         ids = torch.tensor([p + [0] * (n - len(p)) for p in prompts], dtype=torch.long, device=self.device)
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
-        _, ck, cv = self.encode_fn(ids, lengths)
+        args = [ids, lengths]
+        if self.table:  # the package always takes one; text alone gets a row of zeros
+            if prompt_table is None:
+                prompt_table = torch.zeros(1, self.table["hidden_size"])
+            args.append(prompt_table.to(self.device, self.dtype))
+        _, ck, cv = self.encode_fn(*args)
+        return ck, cv, lengths
+
+    def encode_features(self, features: torch.Tensor):
+        """Encoder output [B, F, hidden] given (Nougat's visual features): (cross_k, cross_v, lengths)."""
+        if not self.features_in:
+            raise BadInput("this engine's encoder reads token ids, not encoder features")
+        B, n, _ = features.shape
+        if B > self.max_batch_size:
+            raise BadInput(f"{B} images in one call, but the engine was built for max_batch_size {self.max_batch_size}")
+        want = self.meta["encoder_features"]
+        if n != want:
+            raise BadInput(f"{n} encoder features per image, but the decoder was built for {want}")
+        lengths = torch.full((B,), n, dtype=torch.long, device=self.device)
+        _, ck, cv = self.encode_fn(features.to(self.device, self.dtype), lengths)
         return ck, cv, lengths
 
     def step(self, ids: torch.Tensor, start: int, kc, vc, ck, cv, lengths):
@@ -476,40 +563,82 @@ class EncDecEngine:
         return out[0], out[1], out[2]
 
     @torch.no_grad()
-    def logits(self, enc_ids: list[int], dec_ids: list[int]) -> torch.Tensor:
+    def logits(self, enc_ids: list[int], dec_ids: list[int], prompt_table: torch.Tensor | None = None) -> torch.Tensor:
         """[len(dec_ids), vocab] decoder logits, teacher-forced on dec_ids, for encoder input enc_ids."""
         self._check(1, len(enc_ids), len(dec_ids))
-        if len(dec_ids) > self.max_input_len:
+        self._check_table([enc_ids], prompt_table)
+        ck, cv, lengths = self.encode([enc_ids], prompt_table)
+        return self._teacher_forced(dec_ids, ck, cv, lengths)
+
+    @torch.no_grad()
+    def logits_from_features(self, features: torch.Tensor, dec_ids: list[int]) -> torch.Tensor:
+        """The same for a decoder whose encoder output is given ([1, F, hidden])."""
+        self._check(1, 0, len(dec_ids))
+        return self._teacher_forced(dec_ids, *self.encode_features(features))
+
+    def _teacher_forced(self, dec_ids, ck, cv, lengths) -> torch.Tensor:
+        if len(dec_ids) > self.max_decoder_tokens:
             raise BadInput(f"{len(dec_ids)} decoder tokens in one pass, but the engine was built for max_input_len "
                            f"{self.max_input_len}")
-        ck, cv, lengths = self.encode([enc_ids])
         kc, vc = self.new_cache(1)
         lg, _, _ = self.step(torch.tensor([dec_ids], dtype=torch.long), 0, kc, vc, ck, cv, lengths)
         return lg[0].float().cpu()
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None = None) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None = None,
+                 prompt_table: torch.Tensor | None = None) -> list[list[int]]:
         """Greedy output of each prompt (the decoder starts from
         decoder_start_token_id, which is not part of the output). All prompts
-        run as one batch: the encoder input is right-padded and masked."""
+        run as one batch: the encoder input is right-padded and masked. Ids >=
+        vocab_size pick rows of prompt_table (shared by the whole call)."""
         if not prompts:
             return []
         # the decoder is fed its start token and every new token but the last
         self._check(len(prompts), max(len(p) for p in prompts), max_new_tokens, "new tokens")
-        ck, cv, lengths = self.encode(prompts)
-        kc, vc = self.new_cache(len(prompts))
-        nxt = torch.full((len(prompts), 1), self.decoder_start_token_id, dtype=torch.long)
-        out: list[list[int]] = [[] for _ in prompts]
-        done = torch.zeros(len(prompts), dtype=torch.bool)
-        for pos in range(max_new_tokens):
-            lg, kc, vc = self.step(nxt, pos, kc, vc, ck, cv, lengths)
-            tok = lg[:, -1].argmax(-1).cpu()
-            for j in range(len(prompts)):
-                if not done[j]:
-                    out[j].append(int(tok[j]))
-            if eos_token_id is not None:
-                done |= tok == eos_token_id
-            if bool(done.all()):
-                break
-            nxt = tok[:, None]
+        self._check_table(prompts, prompt_table)
+        ck, cv, lengths = self.encode(prompts, prompt_table)
+        return self._decode(ck, cv, lengths, [[] for _ in prompts], max_new_tokens, eos_token_id)
+
+    @torch.no_grad()
+    def generate_from_features(self, features: torch.Tensor, prefixes: list[list[int]], max_new_tokens: int,
+                               eos_token_id: int | None = None) -> list[list[int]]:
+        """Greedy output for each encoder output features[i] ([B, F, hidden]),
+        the decoder started from its start token and then prefixes[i] (the
+        prompt's tokens; output follows them)."""
+        if len(prefixes) != features.shape[0]:
+            raise BadInput(f"{features.shape[0]} images for {len(prefixes)} prompts")
+        longest = max((len(p) for p in prefixes), default=0)
+        if 1 + longest > self.max_decoder_tokens:
+            raise BadInput(f"a prompt of {longest} tokens (+ the start token), but the engine was built for "
+                           f"max_input_len {self.max_input_len}")
+        self._check(len(prefixes), 0, longest + max_new_tokens, "prompt and new tokens")
+        ck, cv, lengths = self.encode_features(features)
+        return self._decode(ck, cv, lengths, prefixes, max_new_tokens, eos_token_id)
+
+    def _decode(self, ck, cv, lengths, prefixes: list[list[int]], max_new_tokens: int, eos) -> list[list[int]]:
+        """Greedy decoding of each row from [start] + prefixes[i]; rows whose
+        prefixes have the same length run as one batch."""
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prefixes):
+            groups.setdefault(len(p), []).append(i)
+        out: list[list[int]] = [[] for _ in prefixes]
+        for n, idx in groups.items():
+            sel = torch.tensor(idx, device=ck.device)
+            gk, gv, gl = ck.index_select(1, sel), cv.index_select(1, sel), lengths.index_select(0, sel)
+            kc, vc = self.new_cache(len(idx))
+            nxt = torch.tensor([[self.decoder_start_token_id] + prefixes[i] for i in idx], dtype=torch.long)
+            done = torch.zeros(len(idx), dtype=torch.bool)
+            pos = 0
+            for _ in range(max_new_tokens):
+                lg, kc, vc = self.step(nxt, pos, kc, vc, gk, gv, gl)
+                pos += nxt.shape[1]
+                tok = lg[:, -1].argmax(-1).cpu()
+                for j, i in enumerate(idx):
+                    if not done[j]:
+                        out[i].append(int(tok[j]))
+                if eos is not None:
+                    done |= tok == eos
+                if bool(done.all()):
+                    break
+                nxt = tok[:, None]
         return out

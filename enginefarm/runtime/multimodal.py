@@ -15,6 +15,11 @@ A video family (LLaVA-NeXT-Video) works the same way with a video for an
 image: its frames are the visual engine's inputs, its features the frames'
 pooled features one frame after the other, its placeholder `<video>`; the
 family supplies the preprocessing (`load_processor`, `encode`).
+
+An encoder-decoder LLM takes the prompt table in its encoder (BLIP-2 with
+Flan-T5). Where the visual features are the encoder output (Nougat), they go
+to the decoder's cross-attention as they are, and the prompt's tokens follow
+the decoder's start token.
 """
 
 from __future__ import annotations
@@ -33,6 +38,20 @@ class MultimodalPipeline:
     def __init__(self, visual: VisualEngine, llm: LLMEngine, processor):
         self.visual, self.llm, self.processor = visual, llm, processor
         self.meta = visual.visual
+        from ..families import get_family
+
+        self.family = get_family(self.meta["family"])
+        tok = getattr(processor, "image_token", None) or "<image>"
+        self.image_token = getattr(tok, "content", None) or str(tok)
+        self.media = self.meta.get("media", "image")  # what one request item is: an image or a video
+        if self.meta.get("encoder_output"):
+            if not getattr(llm, "features_in", False):
+                raise BadInput("the visual engine makes encoder outputs, but the LLM engine's decoder does not take them")
+            want = (llm.meta["encoder_features"], llm.meta["encoder_hidden_size"])
+            if (self.meta["encoder_features"], self.meta["hidden_size"]) != want:
+                raise BadInput(f"the visual engine makes [{self.meta['encoder_features']}, {self.meta['hidden_size']}] "
+                               f"features per image, but the LLM's decoder was built for {list(want)}")
+            return
         if not llm.table:
             raise BadInput("the LLM engine was built without a prompt table; rebuild it with the visual component enabled")
         if llm.table["hidden_size"] != self.meta["hidden_size"] or llm.vocab_size != self.meta["vocab_size"]:
@@ -40,12 +59,6 @@ class MultimodalPipeline:
                 f"the visual engine makes features for an LLM of hidden size {self.meta['hidden_size']} and vocab "
                 f"{self.meta['vocab_size']}, but the LLM engine has {llm.table['hidden_size']} and {llm.vocab_size}"
             )
-        from ..families import get_family
-
-        self.family = get_family(self.meta["family"])
-        tok = getattr(processor, "image_token", None) or "<image>"
-        self.image_token = getattr(tok, "content", None) or str(tok)
-        self.media = self.meta.get("media", "image")  # what one request item is: an image or a video
 
     @classmethod
     def load(cls, root: str | Path) -> "MultimodalPipeline":
@@ -56,7 +69,10 @@ class MultimodalPipeline:
         root = Path(root)
         visual = VisualEngine.load(root / "visual")
         processor = get_family(visual.visual["family"]).load_processor(root / "source", visual.visual)
-        return cls(visual, LLMEngine.load(root / "llm"), processor)
+        from ..backends import get_backend
+
+        # the llm engine: an aoti package (decoder-only) or two (encoder-decoder), as its engine.json says
+        return cls(visual, get_backend("aoti").load(root / "llm"), processor)
 
     # ----------------------------------------------------------------- limits
 
@@ -69,11 +85,20 @@ class MultimodalPipeline:
     def max_batch_size(self) -> int:
         return self.llm.max_batch_size
 
+    @property
+    def seq2seq(self) -> bool:
+        return getattr(self.llm, "seq2seq", False)
+
+    @property
+    def encoder_output(self) -> bool:
+        """the visual features are the decoder's encoder output (Nougat)"""
+        return bool(self.meta.get("encoder_output"))
+
     def check_request(self, n_images: int, frames: int | None = None) -> None:
         """n_images images (or videos) in one call; frames: per video, where the request says."""
         B, media = self.max_batch_size, self.media
         at_most = " at most" if self.meta["encoder_features"] != self.meta["features"] and media == "image" else ""
-        limit = (f"max_multimodal_len {self.llm.max_multimodal_len} = {B} x {self.features} visual features per "
+        limit = (f"max_multimodal_len {self.llm.max_multimodal_len or B * self.features} = {B} x {self.features} visual features per "
                  f"{media}{at_most}")
         if media == "video":
             limit += f": num_frames {self.meta['num_frames']} x {self.meta['encoder_features']} per frame"
@@ -121,8 +146,25 @@ class MultimodalPipeline:
 
     def generate(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int,
                  eos_token_id: int | None = None) -> list[list[int]]:
+        if self.encoder_output:
+            self.check_request(len(images))
+            encodings = self.prepare(images, prompts)
+            feats = torch.stack(self.image_features(encodings))
+            return self.llm.generate_from_features(feats, [list(e["prompt_ids"]) for e in encodings], max_new_tokens,
+                                                   eos_token_id=eos_token_id)
         ids, table = self.inputs(images, prompts)
         return self.llm.generate(ids, max_new_tokens, eos_token_id=eos_token_id, prompt_table=table)
+
+    def seq2seq_logits(self, image, prompt: str, decoder_ids: list[int]) -> tuple[list[int], torch.Tensor]:
+        """An encoder-decoder LLM's logits, the decoder teacher-forced on
+        decoder_ids, for one image and prompt: (the encoder's ids, or the
+        prompt's where the features are the encoder output; [T, vocab])."""
+        if self.encoder_output:
+            enc = self.prepare([image], [prompt])
+            feats = torch.stack(self.image_features(enc))
+            return list(enc[0]["prompt_ids"]), self.llm.logits_from_features(feats, decoder_ids)
+        ids, table = self.inputs([image], [prompt])
+        return ids[0], self.llm.logits(ids[0], decoder_ids, table)
 
     @property
     def eos_token_id(self):

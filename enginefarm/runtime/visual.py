@@ -53,7 +53,7 @@ class VisualEngine:
         return self.visual["encoder_features"]
 
     @property
-    def image_size(self) -> int:
+    def image_size(self) -> "int | list[int]":
         return self.visual["image_size"]
 
     @torch.no_grad()
@@ -61,7 +61,9 @@ class VisualEngine:
         B = pixel_values.shape[0]
         if B > self.max_batch_size:
             raise BadInput(f"{B} inputs in one call, but the visual engine was built for batches up to {self.max_batch_size}")
-        want = (3, self.image_size, self.image_size)
+        from ..images import image_hw
+
+        want = (3, *image_hw(self.image_size))
         if tuple(pixel_values.shape[1:]) != want:
             raise BadInput(f"pixel_values of shape {tuple(pixel_values.shape[1:])} per image, but the visual engine "
                            f"takes {want}")

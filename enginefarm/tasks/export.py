@@ -84,16 +84,18 @@ def export_visual(fam, src: Path, config: dict, out: Path, dtype_name: str, max_
 
     from ..runtime.engine import DTYPES
 
+    from ..images import image_hw
+
     dtype = DTYPES[dtype_name]
     S = fam.image_size(config)
-    if image_size is not None and image_size != S:
+    if image_size is not None and image_hw(image_size) != image_hw(S):
         raise BadInput(
             f"components.visual.image_size is {image_size}, but the checkpoint's vision tower takes {S} px images "
             f"(interpolating position embeddings is not supported); remove it or set {S}"
         )
     module = fam.load_visual(src, config, dtype, allow_pickle=allow_pickle)
     g = torch.Generator().manual_seed(0)
-    example = torch.randn(min(2, max_batch), 3, S, S, generator=g).to(dtype)
+    example = torch.randn(min(2, max_batch), 3, *image_hw(S), generator=g).to(dtype)
     dyn = ({0: Dim("batch", min=1, max=max_batch)},) if max_batch > 1 else None
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -118,7 +120,7 @@ def export_visual(fam, src: Path, config: dict, out: Path, dtype_name: str, max_
     ep_diff = 0.0
     F = H = None
     for b in sorted({1, max_batch}):
-        x = torch.randn(b, 3, S, S, generator=g).to(dtype)
+        x = torch.randn(b, 3, *image_hw(S), generator=g).to(dtype)
         with torch.no_grad():
             ref = module(x)
             ep_diff = max(ep_diff, float((ep_mod(x) - ref).abs().max()))

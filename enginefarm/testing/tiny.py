@@ -292,21 +292,48 @@ def reinit(model, seed: int, std: float = 0.3) -> None:
 
 
 def _blip2(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
-           patch: int, vision_hidden: int, vision_layers: int, queries: int):
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, OPTConfig
+           patch: int, vision_hidden: int, vision_layers: int, queries: int, t5: bool = False):
+    """BLIP-2 with OPT or (t5) with a Flan-T5-like LLM: gated GELU, its own
+    lm_head, an attention width (heads x 16) that differs from d_model."""
+    import torch
+    from torch import nn
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, OPTConfig, T5Config
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     vision = dict(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
                   num_attention_heads=2, image_size=image_size, patch_size=patch)
     qformer = dict(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=2,
                    num_attention_heads=2, encoder_hidden_size=vision_hidden, cross_attention_frequency=1)
-    text = OPTConfig(vocab_size=MM_VOCAB, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=hidden * 2,
-                     num_attention_heads=heads, max_position_embeddings=256, word_embed_proj_dim=hidden,
-                     pad_token_id=1, bos_token_id=2, eos_token_id=2, tie_word_embeddings=True)
+    if t5:
+        text = T5Config(vocab_size=MM_VOCAB, d_model=hidden, d_kv=16, d_ff=hidden * 2 + 32, num_layers=layers,
+                        num_heads=heads, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                        feed_forward_proj="gated-gelu", tie_word_embeddings=tied, pad_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=1)
+    else:
+        text = OPTConfig(vocab_size=MM_VOCAB, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=hidden * 2,
+                         num_attention_heads=heads, max_position_embeddings=256, word_embed_proj_dim=hidden,
+                         pad_token_id=1, bos_token_id=2, eos_token_id=2, tie_word_embeddings=True)
     cfg = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text.to_dict(),
                       num_query_tokens=queries, image_token_index=IMAGE_TOKEN_ID)
     model = Blip2ForConditionalGeneration(cfg)
-    reinit(model, seed)
+    if not t5:
+        reinit(model, seed)
+    else:
+        # the vision side spread out as for OPT; the T5 keeps Hugging Face's
+        # init, settled as the tiny Flan-T5 (T5 does not scale its attention
+        # scores, so N(0, 0.3) weights would make its logits ill-conditioned)
+        for part in (model.vision_model, model.qformer, model.language_projection):
+            reinit(part, seed)
+        with torch.no_grad():
+            model.query_tokens.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(seed))
+        _settle(model.language_model, 1.0)
+    if t5 and not tied:  # as Flan-T5: an lm_head of its own (transformers 5 ties T5's unless told)
+        lm = model.language_model
+        lm.lm_head.weight = nn.Parameter(torch.randn(MM_VOCAB, hidden, generator=torch.Generator().manual_seed(seed))
+                                         * hidden**-0.5)
+        lm.config.tie_word_embeddings = False
+        model.config.text_config.tie_word_embeddings = False
+        model.config.tie_word_embeddings = False
     proc = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
                           tokenizer=image_tokenizer(), num_query_tokens=queries)
     return model, proc
@@ -429,6 +456,47 @@ def _llava_next_video(seed: int, layers: int, hidden: int, heads: int, kv_heads:
     return model, _VideoProcessorFiles(ip, tok, video, proc)
 
 
+def nougat_tokenizer():
+    """The tiny BPE vocabulary and merges in Nougat's own tokenizer class
+    (its pre-tokenizer, `<s> ... </s>` template; ids 0..3 as Nougat's)."""
+    import json
+
+    from transformers import NougatTokenizer
+
+    model = json.loads(make_tokenizer().backend_tokenizer.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return NougatTokenizer(vocab=model["vocab"], merges=merges)
+
+
+def _nougat(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
+            image_width: int, patch: int, vision_hidden: int, vision_layers: int, window: int = 2):
+    """A VisionEncoderDecoderModel as Nougat's: a Donut-Swin encoder of
+    `vision_layers` stages (embed_dim vision_hidden, doubling per stage) on
+    image_size x image_width pages, an mBART decoder (pre-norm, scaled
+    embeddings, final layer norm) cross-attending to it; enc_to_dec_proj where
+    the widths differ. Swin's window must stay below every stage's resolution
+    (Hugging Face shrinks it otherwise, and its bias table no longer fits)."""
+    from transformers import DonutSwinConfig, MBartConfig, NougatProcessor, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+    from transformers.models.nougat.image_processing_pil_nougat import NougatImageProcessorPil
+
+    enc = DonutSwinConfig(image_size=[image_size, image_width], patch_size=patch, embed_dim=vision_hidden,
+                          depths=[1] * (vision_layers - 1) + [2], num_heads=[2 ** i for i in range(vision_layers)],
+                          window_size=window)
+    dec = MBartConfig(vocab_size=VOCAB, d_model=hidden, decoder_layers=layers, decoder_attention_heads=heads,
+                      decoder_ffn_dim=hidden * 2, encoder_layers=layers, encoder_attention_heads=heads,
+                      max_position_embeddings=256, scale_embedding=True, is_decoder=True, add_cross_attention=True,
+                      pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+                      forced_eos_token_id=None, tie_word_embeddings=tied)
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 0, 1, 2
+    model = VisionEncoderDecoderModel(cfg)
+    reinit(model, seed)
+    _settle(model.decoder, 4.0)
+    proc = NougatProcessor(image_processor=NougatImageProcessorPil(size={"height": image_size, "width": image_width}),
+                           tokenizer=nougat_tokenizer())
+    return model, proc
+
+
 # name -> (builder, defaults)
 TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     "opt": (_opt, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True)),
@@ -458,6 +526,9 @@ TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     # 8 query features, LLaVA 16 (CLS dropped, second-to-last CLIP layer)
     "blip2": (_blip2, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True, image_size=32, patch=8,
                            vision_hidden=32, vision_layers=2, queries=8)),
+    # BLIP-2 with a Flan-T5-like LLM (6 heads of 16, untied): the 8 query features feed the T5 encoder
+    "blip2-t5": (_blip2, dict(layers=2, hidden=64, heads=6, kv_heads=None, tied=False, image_size=32, patch=8,
+                              vision_hidden=32, vision_layers=2, queries=8, t5=True)),
     "llava": (_llava, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False, image_size=32, patch=8,
                            vision_hidden=32, vision_layers=3)),
     # 32 px tiles of 8 px patches (16 features a tile), up to 2 x 2 tiles:
@@ -471,6 +542,10 @@ TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     "llava-next-video": (_llava_next_video, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False, image_size=32,
                                                  patch=8, vision_hidden=32, vision_layers=3, llm="llama",
                                                  pool_mode="average", pool_stride=2)),
+    # 64 x 48 pages in 4 px patches, three Swin stages: 4 x 3 = 12 features of
+    # width 64 (16 x 2 x 2), the decoder's width (no enc_to_dec_proj)
+    "nougat": (_nougat, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True, image_size=64, image_width=48,
+                             patch=4, vision_hidden=16, vision_layers=3)),
 }
 
 
@@ -526,8 +601,9 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int)
     ap.add_argument("--heads", type=int)
     ap.add_argument("--kv-heads", type=int, dest="kv_heads")
-    mm = ap.add_argument_group("multimodal (blip2, llava, llava-next)")
-    mm.add_argument("--image-size", type=int, dest="image_size")
+    mm = ap.add_argument_group("multimodal (blip2, blip2-t5, llava, llava-next, nougat)")
+    mm.add_argument("--image-size", type=int, dest="image_size", help="nougat: the page height")
+    mm.add_argument("--image-width", type=int, dest="image_width", help="nougat: the page width")
     mm.add_argument("--patch", type=int)
     mm.add_argument("--vision-hidden", type=int, dest="vision_hidden")
     mm.add_argument("--vision-layers", type=int, dest="vision_layers")
@@ -536,8 +612,8 @@ def main(argv=None) -> None:
     mm.add_argument("--pool-mode", dest="pool_mode", choices=["average", "max", "conv"], help="llava-next-video")
     mm.add_argument("--pool-stride", dest="pool_stride", type=int, help="llava-next-video")
     a = ap.parse_args(argv)
-    keys = ("layers", "hidden", "heads", "kv_heads", "image_size", "patch", "vision_hidden", "vision_layers", "queries",
-            "llm", "pool_mode", "pool_stride")
+    keys = ("layers", "hidden", "heads", "kv_heads", "image_size", "image_width", "patch", "vision_hidden",
+            "vision_layers", "queries", "llm", "pool_mode", "pool_stride")
     over = {k: v for k, v in vars(a).items() if k in keys and v is not None}
     unknown = set(over) - set(TINY_MODELS[a.name][1])
     if unknown:
