@@ -219,13 +219,13 @@ def test_a_component_has_its_own_target(tmp_path):
 
 @pytest.fixture(scope="module")
 def rtx(tmp_path_factory):
-    """tiny-blip2-rtx and tiny-llava-rtx (catalog recipes: the visual engine by
+    """tiny-blip2-rtx, tiny-llava-rtx and tiny-nougat-rtx (catalog recipes: the visual engine by
     TensorRT for RTX for sm_86, the LLM by aoti for the CPU) built for real
     into one store by the build flow, once."""
     from enginefarm.flows.build import build
 
     store = tmp_path_factory.mktemp("rtx") / "store"
-    out = {fam: build(recipe=f"tiny-{fam}-rtx", store=str(store)) for fam in ("blip2", "llava")}
+    out = {fam: build(recipe=f"tiny-{fam}-rtx", store=str(store)) for fam in ("blip2", "llava", "nougat")}
     return SimpleNamespace(store=str(store), out=out)
 
 
@@ -234,7 +234,7 @@ def _publish(st, recipe: str) -> dict:
     return st.get_manifest_by_path(value["manifest"])
 
 
-@pytest.mark.parametrize("family", ["blip2", "llava"])
+@pytest.mark.parametrize("family", ["blip2", "llava", "nougat"])
 def test_rtx_visual_and_aoti_llm_in_one_variant(rtx, family):
     from enginefarm.store import open_store
     from enginefarm.tasks.base import validate_manifest
@@ -251,7 +251,7 @@ def test_rtx_visual_and_aoti_llm_in_one_variant(rtx, family):
     assert vis["engine"]["compute_capabilities"] == ["sm_86"] and vis["engine"]["flavour"] == "tensorrt-rtx"
     assert vis["toolchain"]["gpu_arch"] == "sm_86" and vis["toolchain"]["tensorrt-rtx"].startswith("1.")
     # the sidecar carries what a runner on an sm_86 GPU needs: the export's facts and the batch bound
-    assert vis["engine"]["visual"]["encoder_features"] == {"blip2": 8, "llava": 16}[family]
+    assert vis["engine"]["visual"]["encoder_features"] == {"blip2": 8, "llava": 16, "nougat": 12}[family]
     assert vis["engine"]["max_batch_size"] == 2 and vis["engine"]["profiles"]["pixel_values"][2][0] == 2
     assert m["files"]["visual/engine.plan"]["size"] > 100_000 and st.has_blob(m["files"]["visual/engine.plan"]["sha256"])
     assert res["toolchain"]["tensorrt_flavour"] == "tensorrt-rtx"
