@@ -27,147 +27,38 @@ the decode graph, the skinny products routed to the weight-only kernels of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import bits_of, int_values
 
 ACTS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 
 
-@dataclass
-class DecoderConfig:
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_size: int
-    hidden_act: str
-    norm: str  # layernorm | rmsnorm
-    norm_eps: float
-    positions: str  # learned_absolute | rope_gpt_neox
-    rotary_base: float
-    max_position_embeddings: int
-    gated_mlp: bool
-    pre_norm: bool
-    tp: int = 1
-    quant_bits: int = 0  # 0: not quantized; 8 or 4: weight-only
-
-    @classmethod
-    def from_trtllm(cls, c: dict) -> "DecoderConfig":
-        arch = c["architecture"]
-        if arch not in ("OPTForCausalLM", "LlamaForCausalLM"):
-            raise ValueError(f"the aoti decoder does not know architecture {arch}")
-        llama = arch == "LlamaForCausalLM"
-        return cls(
-            architecture=arch,
-            vocab_size=c["vocab_size"],
-            hidden_size=c["hidden_size"],
-            num_layers=c["num_hidden_layers"],
-            num_heads=c["num_attention_heads"],
-            num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-            head_size=c.get("head_size") or c["hidden_size"] // c["num_attention_heads"],
-            hidden_act=c["hidden_act"],
-            norm="rmsnorm" if llama else "layernorm",
-            norm_eps=c.get("norm_epsilon", 1e-5),
-            positions=c["position_embedding_type"],
-            rotary_base=c.get("rotary_base", 10000.0),
-            max_position_embeddings=c["max_position_embeddings"],
-            gated_mlp=llama,
-            pre_norm=c.get("do_layer_norm_before", True),
-            tp=(c.get("mapping") or {}).get("tp_size", 1),
-            quant_bits=bits_of(c),
-        )
-
-    @property
-    def heads_per_rank(self) -> int:
-        return self.num_heads // self.tp
-
-    @property
-    def kv_heads_per_rank(self) -> int:
-        # TensorRT-LLM replicates kv heads when tp exceeds them
-        return max(self.num_kv_heads // self.tp, 1)
+# the configuration, norms, linear layers (plain and weight-only) and tp
+# collectives are the runtime decoder's; this module adds the engine form's
+# layers (per-layer caches written in place) for the architectures it covers
+from ..runtime.decoder import DecoderConfig, Lin, Norm, _rotate_half, all_gather_last  # noqa: E402
 
 
-class Norm(nn.Module):
-    def __init__(self, cfg: DecoderConfig, w: torch.Tensor, b: torch.Tensor | None):
-        super().__init__()
-        self.kind, self.eps = cfg.norm, cfg.norm_eps
-        self.weight = nn.Parameter(w, requires_grad=False)
-        self.bias = nn.Parameter(b, requires_grad=False) if b is not None else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "layernorm":
-            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-class Lin(nn.Module):
-    """A linear layer of the checkpoint: float weight [out, in], or a
-    weight-only quantized one (int weight [in, out] + per-channel or
-    per-group scales). `row_parallel` layers of a tp > 1 run all-reduce
-    their partial products before the (whole) bias is added."""
-
-    def __init__(self, W: dict, name: str, bits: int = 0, row_parallel: bool = False, tp: int = 1):
-        super().__init__()
-        w = W[name + ".weight"]
-        b = W.get(name + ".bias")
-        self.bits = bits if w.dtype == torch.int8 else 0
-        self.reduce = row_parallel and tp > 1
-        if self.bits:
-            q = int_values(w, self.bits)  # [in, out] int8 values
-            scale = W.get(name + ".per_channel_scale")
-            if scale is None:
-                scale = W[name + ".weights_scaling_factor"]
-            self.qweight = nn.Parameter(q, requires_grad=False)
-            self.scale = nn.Parameter(scale, requires_grad=False)
-        else:
-            self.weight = nn.Parameter(w, requires_grad=False)
-        self.bias = nn.Parameter(b, requires_grad=False) if b is not None else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bits and self.scale.dim() == 1:  # per channel: x @ (q * s) == (x @ q) * s
-            y = (x @ self.qweight.to(x.dtype)) * self.scale
-        elif self.bits:  # per group
-            groups = self.scale.shape[0]
-            q = self.qweight.to(x.dtype)
-            w = (q.view(groups, q.shape[0] // groups, q.shape[1]) * self.scale[:, None, :]).view(q.shape)
-            y = x @ w
-        else:
-            y = F.linear(x, self.weight)
-        if self.reduce:
-            y = all_reduce(y)
-        if self.bias is not None:
-            y = y + self.bias
-        return y
-
-
-def all_reduce(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    t = t.contiguous()
-    dist.all_reduce(t)
-    return t
-
-
-def all_gather_last(t: torch.Tensor, tp: int) -> torch.Tensor:
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, dim=-1)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
+def check_supported(cfg: DecoderConfig) -> None:
+    """The engine form covers OPT- and LLaMA-shaped decoders (learned or
+    full rotary positions, no windows, no parallel residual); refuse the
+    rest rather than run them wrong."""
+    why = []
+    if cfg.positions not in ("learned_absolute", "rope_gpt_neox"):
+        why.append(f"positions {cfg.positions}")
+    if cfg.rotary_dim not in (0, cfg.head_size):
+        why.append(f"partial rotary ({cfg.rotary_dim} of {cfg.head_size} dims)")
+    if cfg.parallel_residual or cfg.allreduce_once:
+        why.append("a parallel residual")
+    if any(cfg.windows):
+        why.append("attention windows")
+    if cfg.q_scaling != 1.0:
+        why.append(f"q_scaling {cfg.q_scaling}")
+    if why:
+        raise ValueError("the GPU engine form covers OPT- and LLaMA-shaped decoders; this one has " + ", ".join(why))
 
 
 class Layer(nn.Module):
@@ -231,6 +122,7 @@ class Layer(nn.Module):
 class DecoderLM(nn.Module):
     def __init__(self, cfg: DecoderConfig, W: dict[str, torch.Tensor]):
         super().__init__()
+        check_supported(cfg)
         self.cfg = cfg
         self.embed = nn.Parameter(W["transformer.vocab_embedding.weight"], requires_grad=False)
         self.pos_embed = (

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput
+from ..runtime.engine import EngineBase
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -102,7 +103,7 @@ class _DecodeGraph:
         self.graph.replay()
 
 
-class LLMEngine:
+class LLMEngine(EngineBase):
     def __init__(self, runner, sidecar: dict, decode_runner=None, cuda_graphs: bool = False, weights=None):
         self.run = runner
         self.decode_run = decode_runner
@@ -137,35 +138,8 @@ class LLMEngine:
             cuda_graphs = (meta.get("options") or {}).get("cuda_graphs", False)
         return cls(runner, meta, decode, cuda_graphs, weights)
 
-    @property
-    def max_batch_size(self) -> int:
-        return self.meta["max_batch_size"]
-
-    @property
-    def max_input_len(self) -> int:
-        return self.meta["max_input_len"]
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.meta["max_seq_len"]
-
-    def new_cache(self, batch: int):
-        L, KV, S, D = self.cache_dims
-        z = torch.zeros((L, batch, KV, S, D), dtype=self.dtype, device=self.device)
-        return z, z.clone()
-
-    def cache(self, batch: int):
-        """The engine's own caches for a batch size (reused: stale positions
-        beyond the current one are masked, then overwritten)."""
-        if batch not in self._caches:
-            self._caches[batch] = self.new_cache(batch)
-        return self._caches[batch]
-
     def _check(self, batch: int, n_in: int, n_new: int = 0) -> None:
-        if batch > self.max_batch_size:
-            raise BadInput(f"{batch} sequences in one call, but the engine was built for max_batch_size {self.max_batch_size}")
-        if n_in > self.max_input_len:
-            raise BadInput(f"a prompt of {n_in} tokens, but the engine was built for max_input_len {self.max_input_len}")
+        self._check_batch_and_input(batch, n_in)
         if n_in + n_new > self.max_seq_len:
             raise BadInput(
                 f"{n_in} prompt tokens + {n_new} new tokens exceed the engine's max_seq_len {self.max_seq_len}"

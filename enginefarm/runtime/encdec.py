@@ -52,6 +52,7 @@ from torch import nn
 from ..errors import BadInput
 from ..quant import bits_of
 from .decoder import ACTS, Lin, Norm, all_gather_last
+from .engine import EngineBase
 
 ARCHITECTURES = ("EncoderModel", "DecoderModel")
 FP16_CLAMP = 64000.0  # TensorRT-LLM's enc-dec layers clamp fp16 T5 to this after each residual add
@@ -444,7 +445,7 @@ def load_encdec(ckpt_dir: str | Path, rank: int = 0, allow_tp: bool = False):
     return encoder, Decoder(dec_cfg, Wd).eval()
 
 
-class EncDecEngine:
+class EncDecEngine(EngineBase):
     """Greedy generation and scoring with an encoder and a decoder step:
     the aoti packages, or (tp check) the eager modules of one rank.
 
@@ -481,50 +482,16 @@ class EncDecEngine:
                 "encoder_input": "features" if isinstance(encoder, FeaturesCrossKV) else "tokens", **meta}
         return cls(encoder, decoder, meta)
 
-    max_batch_size = property(lambda self: self.meta["max_batch_size"])
-    max_input_len = property(lambda self: self.meta["max_input_len"])
-    max_seq_len = property(lambda self: self.meta["max_seq_len"])
     decoder_start_token_id = property(lambda self: self.meta["decoder_start_token_id"])
-    vocab_size = property(lambda self: self.meta["vocab_size"])
-
-    @property
-    def max_multimodal_len(self) -> int:
-        return self.table["max_rows"] if self.table else 0
-
     @property
     def max_decoder_tokens(self) -> int:
         """decoder tokens one step takes (a prefill of the decoder's prompt)"""
         return min(self.max_input_len, self.max_seq_len)
 
     def _check(self, batch: int, n_in: int, n_dec: int, what: str = "decoder tokens") -> None:
-        if batch > self.max_batch_size:
-            raise BadInput(f"{batch} sequences in one call, but the engine was built for max_batch_size {self.max_batch_size}")
-        if n_in > self.max_input_len:
-            raise BadInput(f"a prompt of {n_in} tokens, but the engine was built for max_input_len {self.max_input_len}")
+        self._check_batch_and_input(batch, n_in)
         if n_dec > self.max_seq_len:
             raise BadInput(f"{n_dec} {what} exceed the decoder's max_seq_len {self.max_seq_len}")
-
-    def _check_table(self, prompts: list[list[int]], prompt_table) -> None:
-        top = max((max(p) for p in prompts if p), default=-1)
-        if prompt_table is None:
-            if top >= self.vocab_size:
-                raise BadInput(f"token id {top} is past the vocabulary ({self.vocab_size}) and no prompt table was given")
-            return
-        if not self.table:
-            raise BadInput("this engine was built without a prompt table (not for a multimodal recipe)")
-        rows, hidden = prompt_table.shape
-        if rows > self.table["max_rows"]:
-            raise BadInput(f"a prompt table of {rows} rows (visual features), but the engine was built for "
-                           f"max_multimodal_len {self.table['max_rows']}")
-        if hidden != self.table["hidden_size"]:
-            raise BadInput(f"prompt table rows of width {hidden}, but the LLM's hidden size is {self.table['hidden_size']}")
-        if top >= self.vocab_size + rows:
-            raise BadInput(f"token id {top} points past the prompt table ({rows} rows after vocab_size {self.vocab_size})")
-
-    def new_cache(self, batch: int):
-        L, H, S, D = self.cache_dims
-        z = torch.zeros((L, batch, H, S, D), dtype=self.dtype, device=self.device)
-        return z, z.clone()
 
     def encode(self, prompts: list[list[int]], prompt_table: torch.Tensor | None = None):
         """Right-padded prompts through the encoder: (cross_k, cross_v, lengths)."""

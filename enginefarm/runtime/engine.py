@@ -23,7 +23,66 @@ def load_aoti(engine_dir: Path, meta: dict):
     return torch._inductor.aoti_load_package(str(engine_dir / meta["file"]))
 
 
-class LLMEngine:
+class EngineBase:
+    """What every LLM engine shares (the aoti decoder, the GPU engine form,
+    the encoder-decoder pair): the limits it was built for, read from its
+    sidecar (`meta`), its own KV caches per batch size (`cache_dims`:
+    layers, kv heads, max_seq_len, head size), and the checks of a request
+    against them and against its prompt table (`table`)."""
+
+    meta: dict
+    table: dict | None
+    cache_dims: tuple
+    dtype: torch.dtype
+    device: str
+
+    max_batch_size = property(lambda self: self.meta["max_batch_size"])
+    max_input_len = property(lambda self: self.meta["max_input_len"])
+    max_seq_len = property(lambda self: self.meta["max_seq_len"])
+    vocab_size = property(lambda self: self.meta["vocab_size"])
+
+    @property
+    def max_multimodal_len(self) -> int:
+        return self.table["max_rows"] if self.table else 0
+
+    def new_cache(self, batch: int):
+        L, KV, S, D = self.cache_dims
+        z = torch.zeros((L, batch, KV, S, D), dtype=self.dtype, device=self.device)
+        return z, z.clone()
+
+    def cache(self, batch: int):
+        """The engine's own caches for a batch size, reused between calls (the step
+        masks positions past the current one, and overwrites them)."""
+        caches = self.__dict__.setdefault("_caches", {})
+        if batch not in caches:
+            caches[batch] = self.new_cache(batch)
+        return caches[batch]
+
+    def _check_batch_and_input(self, batch: int, n_in: int) -> None:
+        if batch > self.max_batch_size:
+            raise BadInput(f"{batch} sequences in one call, but the engine was built for max_batch_size {self.max_batch_size}")
+        if n_in > self.max_input_len:
+            raise BadInput(f"a prompt of {n_in} tokens, but the engine was built for max_input_len {self.max_input_len}")
+
+    def _check_table(self, prompts: list[list[int]], prompt_table) -> None:
+        top = max((max(p) for p in prompts if p), default=-1)
+        if prompt_table is None:
+            if top >= self.vocab_size:
+                raise BadInput(f"token id {top} is past the vocabulary ({self.vocab_size}) and no prompt table was given")
+            return
+        if not self.table:
+            raise BadInput("this engine was built without a prompt table (not for a multimodal recipe)")
+        rows, hidden = prompt_table.shape
+        if rows > self.table["max_rows"]:
+            raise BadInput(f"a prompt table of {rows} rows (visual features), but the engine was built for "
+                           f"max_multimodal_len {self.table['max_rows']}")
+        if hidden != self.table["hidden_size"]:
+            raise BadInput(f"prompt table rows of width {hidden}, but the LLM's hidden size is {self.table['hidden_size']}")
+        if top >= self.vocab_size + rows:
+            raise BadInput(f"token id {top} points past the prompt table ({rows} rows after vocab_size {self.vocab_size})")
+
+
+class LLMEngine(EngineBase):
     def __init__(self, runner, sidecar: dict):
         self.run = runner
         self.meta = sidecar
@@ -50,30 +109,6 @@ class LLMEngine:
             raise BadInput(f"{engine_dir} holds a {meta.get('format')} engine, not an aoti package")
         if meta.get("device") == "cuda" and not torch.cuda.is_available():
             raise BadInput(f"engine in {engine_dir} was built for {meta.get('target')}; this machine has no CUDA GPU")
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.meta["max_batch_size"]
-
-    @property
-    def max_input_len(self) -> int:
-        return self.meta["max_input_len"]
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.meta["max_seq_len"]
-
-    def new_cache(self, batch: int):
-        L, KV, S, D = self.cache_dims
-        z = torch.zeros((L, batch, KV, S, D), dtype=self.dtype, device=self.device)
-        return z, z.clone()
-
-    def cache(self, batch: int):
-        """The engine's own caches for a batch size, reused between calls (the step
-        masks positions past the current one)."""
-        if batch not in self._caches:
-            self._caches[batch] = self.new_cache(batch)
-        return self._caches[batch]
 
     @torch.no_grad()
     def generate_ids(self, ids: torch.Tensor, max_new_tokens: int, prompt_table=None, events: dict | None = None):
@@ -103,36 +138,8 @@ class LLMEngine:
         mark("end")
         return torch.cat(out, dim=1)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.meta["vocab_size"]
-
-    @property
-    def max_multimodal_len(self) -> int:
-        return self.table["max_rows"] if self.table else 0
-
-    def _check_table(self, prompts: list[list[int]], prompt_table) -> None:
-        top = max((max(p) for p in prompts if p), default=-1)
-        if prompt_table is None:
-            if top >= self.vocab_size:
-                raise BadInput(f"token id {top} is past the vocabulary ({self.vocab_size}) and no prompt table was given")
-            return
-        if not self.table:
-            raise BadInput("this engine was built without a prompt table (not for a multimodal recipe)")
-        rows, hidden = prompt_table.shape
-        if rows > self.table["max_rows"]:
-            raise BadInput(f"a prompt table of {rows} rows (visual features), but the engine was built for "
-                           f"max_multimodal_len {self.table['max_rows']}")
-        if hidden != self.table["hidden_size"]:
-            raise BadInput(f"prompt table rows of width {hidden}, but the LLM's hidden size is {self.table['hidden_size']}")
-        if top >= self.vocab_size + rows:
-            raise BadInput(f"token id {top} points past the prompt table ({rows} rows after vocab_size {self.vocab_size})")
-
     def _check(self, batch: int, n_in: int, n_new: int = 0) -> None:
-        if batch > self.max_batch_size:
-            raise BadInput(f"{batch} sequences in one call, but the engine was built for max_batch_size {self.max_batch_size}")
-        if n_in > self.max_input_len:
-            raise BadInput(f"a prompt of {n_in} tokens, but the engine was built for max_input_len {self.max_input_len}")
+        self._check_batch_and_input(batch, n_in)
         if n_in + n_new > self.max_seq_len:
             raise BadInput(
                 f"{n_in} prompt tokens + {n_new} new tokens exceed the engine's max_seq_len {self.max_seq_len}"
