@@ -157,7 +157,8 @@ def test_a_variant_built_tonight_that_fails_its_gates_is_a_failure(farm):
     assert report.row(st, r.name, v.name, steps)["status"] == "up to date"
     val = steps["validate"]
     gates = {**val.results["gates"], "logits_max_abs_diff": {"value": 0.5, "limit": 0.001, "passed": False}}
-    failing = replace(val, cached=False, manifest={**val.manifest, "results": {**val.results, "passed": False, "gates": gates}})
+    failing = replace(val, cached=False, manifest={**val.manifest, "results": {**val.results, "passed": False, "status": "failed",
+                                                                       "gates": gates}})
     row = report.row(st, r.name, v.name, {**steps, "validate": failing}, ["never built"])
     assert row["status"] == "failed" and row["validation"] == "failed"
     assert row["why"] == ("recipe good-opt, variant fp32-tp1: validation gates failed: logits_max_abs_diff "

@@ -86,22 +86,33 @@ class Farm:
             time.sleep(1)
         raise AssertionError(f"the Prefect server did not answer within {timeout} s")
 
+    def call(self, method: str, url: str, **kw) -> httpx.Response:
+        """One API call, retried as Prefect's own client retries it: the
+        server answers 503 when its SQLite database is busy (a loaded CI
+        machine), 429/502 in passing."""
+        for attempt in range(6):
+            r = self.http.request(method, url, **kw)
+            if r.status_code not in (429, 502, 503):
+                return r
+            time.sleep(0.5 * 2 ** attempt)
+        return r
+
     def deployment(self, flow: str, name: str) -> dict:
-        r = self.http.get(f"/deployments/name/{flow}/{name}")
+        r = self.call("GET", f"/deployments/name/{flow}/{name}")
         assert r.status_code == 200, r.text
         return r.json()
 
     def run(self, deployment: dict, parameters: dict) -> dict:
         """What the UI's Run button posts."""
-        r = self.http.post(f"/deployments/{deployment['id']}/create_flow_run",
-                           json={"parameters": parameters, "state": {"type": "SCHEDULED"}})
+        r = self.call("POST", f"/deployments/{deployment['id']}/create_flow_run",
+                      json={"parameters": parameters, "state": {"type": "SCHEDULED"}})
         assert r.status_code == 201, r.text
         return r.json()
 
     def wait(self, run: dict, timeout: float = 900) -> dict:
         t0 = time.time()
         while time.time() - t0 < timeout:
-            fr = self.http.get(f"/flow_runs/{run['id']}").json()
+            fr = self.call("GET", f"/flow_runs/{run['id']}").json()
             if fr["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
                 return fr
             for p in self.procs:
@@ -110,13 +121,13 @@ class Farm:
         raise AssertionError(f"flow run {run['name']} did not finish within {timeout} s: {fr['state']}")
 
     def flow_runs(self, deployment: dict) -> list[dict]:
-        r = self.http.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment["id"]]}}})
+        r = self.call("POST", "/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment["id"]]}}})
         return r.json()
 
     def artifacts(self, run: dict) -> dict:
         import json
 
-        arts = self.http.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+        arts = self.call("POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
         return {a["key"]: (json.loads(a["data"]) if a["type"] == "table" else a["data"]) for a in arts if a["key"]}
 
     def logs(self, name: str) -> str:

@@ -283,7 +283,8 @@ def test_pending_validation_in_show_ls_build_and_promote(rtx, capsys):
     rc, out, _ = run_cli(capsys, "ls", "--store", rtx.store, "--json")
     assert {(x["recipe"], x["alias"], x["validation"], str(x["gpu_targets"])) for x in json.loads(out)} == {
         ("tiny-blip2-rtx", "latest", "pending", "{'visual': ['sm_86']}"),
-        ("tiny-llava-rtx", "latest", "pending", "{'visual': ['sm_86']}")}
+        ("tiny-llava-rtx", "latest", "pending", "{'visual': ['sm_86']}"),
+        ("tiny-nougat-rtx", "latest", "pending", "{'visual': ['sm_86']}")}
     rc, _, err = run_cli(capsys, "promote", "tiny-blip2-rtx", "prod", "--store", rtx.store)
     assert rc == 1 and "validation is pending (no compatible GPU): visual" in err
     rc, _, err = run_cli(capsys, "promote", "tiny-blip2-rtx", "validated", "--store", rtx.store)
