@@ -168,17 +168,20 @@ def cmd_plan(a) -> int:
 
     r, vs = prepare(a.recipe, a.variant or None, require_backends=False)
     st = open_store(a.store)
+    planned = plan(r, vs, st)[0]
     rows = [(x.step, x.variant, "cached" if x.hit else "will run", x.hit.key[:12] if x.hit else "")
-            for x in plan(r, vs, st)[0]]
+            for x in planned]
     fam = get_family(r.family)
-    limits = fam.derived_limits(r)
+    # the fetched config.json, where fetch is cached: what the LLM is (BLIP-2: OPT or T5) and its limits
+    config = next((x.hit.results.get("config") for x in planned if x.step == "fetch" and x.hit), None)
+    limits = fam.derived_limits(r, config) if config else fam.derived_limits(r)
     notes = {}  # per variant: the backend command where there is one, or why it cannot run here
     for v in vs:
         for c in r.enabled_components:
             b = backends.get_backend(r.component_backend(c, v))
             cv = r.component_variant(c, v)  # the component's own target, where the recipe gives one
             ok, why = b.usable(c, cv.target)
-            parts = fam.llm_parts() if c == "llm" else ("",)
+            parts = fam.llm_parts(config) if c == "llm" else ("",)
             line = b.command(cv, limits, parts=parts) if hasattr(b, "command") else ""
             if cv.target != v.target:
                 line = f"{b.name} for {cv.target} (the variant's target: {v.target})" + (f"; {line}" if line else "")

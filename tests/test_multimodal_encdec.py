@@ -391,3 +391,30 @@ def test_blip2_t5_encoder_takes_the_features_as_prompt_table_rows(tmp_path):
     assert eng.generate([ids], 6, prompt_table=table)[0] == fam.reference_generate(hf, e, 1, 6, 2, 1)
     with pytest.raises(BadInput, match="past the vocabulary"):
         eng.generate([ids], 3)  # feature rows without a table
+
+
+def test_plan_prints_the_encoder_decoder_trtllm_build_once_the_llm_is_known(tmp_path, capsys):
+    """BLIP-2's LLM (OPT or T5) is known from the fetched config.json: once
+    fetch is cached, `plan` prints the two trtllm-build runs of a T5 LLM
+    (encoder with the prompt table, then decoder); Nougat's is the decoder alone."""
+    from enginefarm.tasks import fetch as F
+    from enginefarm.tasks.base import Ctx
+    from enginefarm.spec import load_recipe
+
+    src = write_tiny("blip2-t5", tmp_path / "src", seed=1)
+    data = {"name": "plan-blip2-t5", "family": "blip2", "source": {"path": str(src)},
+            "components": {"visual": {}, "llm": {"backend": "tensorrt-llm"}},
+            "matrix": {"backend": ["aoti"], "dtype": ["float16"], "quant": ["none"], "tp": [1], "target": ["cpu"]},
+            "limits": {"max_batch_size": 2, "max_input_len": 48, "max_seq_len": 64}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    store = str(tmp_path / "store")
+    ctx = Ctx(store=open_store(store), recipe=load_recipe(str(recipe)))
+    F.run_step(ctx, F.spec(ctx), F._work(ctx, F.spec(ctx)))
+    capsys.readouterr()
+    assert cli(["plan", str(recipe), "--store", store]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "build[llm]: trtllm-build" in x)
+    enc, dec = line.split(" && ")
+    assert "--checkpoint_dir CKPT/encoder" in enc and "--max_prompt_embedding_table_size" in enc
+    assert "--checkpoint_dir CKPT/decoder" in dec and "--max_encoder_input_len" in dec
+    assert get_family("nougat").llm_parts() == ("decoder",) and get_family("blip2").llm_parts() == ("",)
