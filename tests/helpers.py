@@ -24,6 +24,40 @@ def recipe_for(tmp_path: Path, name: str, family: str, src: Path, **extra) -> Pa
     return p
 
 
+def only_manifest(store: Path, recipe: str, step: str) -> dict:
+    """The one manifest a recipe's step wrote into the store."""
+    from enginefarm.store import open_store
+
+    st = open_store(str(store))
+    rows = st.list_manifests(recipe, step)
+    assert len(rows) == 1, rows
+    return st.get_manifest(*rows[0])
+
+
+def session_builds(tmp_path_factory, seed, extra=lambda family: {}):
+    """family -> its tiny recipe (written from a fresh fixture of seed(family),
+    with extra(family) recipe fields) built once into its own store."""
+    from types import SimpleNamespace
+
+    from enginefarm.flows.build import build
+    from enginefarm.testing import write_tiny
+
+    done: dict = {}
+
+    def get(family: str):
+        if family not in done:
+            root = tmp_path_factory.mktemp(f"mm-{family}")
+            src = write_tiny(family, root / "src", seed=seed(family))
+            recipe = recipe_for(root, f"mm-{family}", family, src, **extra(family))
+            store = root / "store"
+            out = build(recipe=str(recipe), store=str(store))
+            done[family] = SimpleNamespace(root=root, src=src, recipe=recipe, store=store, name=f"mm-{family}",
+                                           out=out, variant=out["variants"]["fp32-tp1"])
+        return done[family]
+
+    return get
+
+
 class OpenSpy:
     """Records every Python-level open() of a file under the given roots."""
 

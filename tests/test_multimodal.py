@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ from enginefarm.images import builtin_image, write_image
 from enginefarm.spec import Variant
 from enginefarm.store import open_store
 from enginefarm.testing import write_tiny
+from helpers import only_manifest, recipe_for, session_builds
 
 ROOT = Path(__file__).resolve().parent.parent
 V32 = Variant(name="x", backend="aoti", dtype="float32", quant="none", tp=1, target="cpu")
@@ -38,42 +38,13 @@ FEATURES = {"blip2": 8, "llava": 16, "llava-next": 88}  # per image (llava-next:
 ENCODER_BATCH = {"blip2": 2, "llava": 2, "llava-next": 10}  # images, or tiles: 2 images x (1 + 2 x 2)
 
 
-def recipe_for(dest: Path, name: str, family: str, src: Path, **extra) -> Path:
-    data = yaml.safe_load((ROOT / "models" / "tiny" / f"tiny-{family}.yaml").read_text())
-    data["name"] = name
-    data["source"] = {"path": str(src)}
-    data.update(extra)
-    p = dest / f"{name}.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
-
-
 @pytest.fixture(scope="session")
 def built(tmp_path_factory):
     """family -> the tiny recipe built once into its own store."""
-    from enginefarm.flows.build import build
-
-    done: dict = {}
-
-    def get(family: str):
-        if family not in done:
-            root = tmp_path_factory.mktemp(f"mm-{family}")
-            src = write_tiny(family, root / "src", seed=3)
-            recipe = recipe_for(root, f"mm-{family}", family, src)
-            store = root / "store"
-            out = build(recipe=str(recipe), store=str(store))
-            done[family] = SimpleNamespace(root=root, src=src, recipe=recipe, store=store, name=f"mm-{family}",
-                                           out=out, variant=out["variants"]["fp32-tp1"])
-        return done[family]
-
-    return get
+    return session_builds(tmp_path_factory, lambda family: 3)
 
 
-def manifest(store: Path, recipe: str, step: str) -> dict:
-    st = open_store(str(store))
-    rows = st.list_manifests(recipe, step)
-    assert len(rows) == 1, rows
-    return st.get_manifest(*rows[0])
+manifest = only_manifest
 
 
 def hf_generate(family: str, src: Path, image, prompt: str, n: int) -> list[int]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,7 +28,7 @@ from enginefarm.images import write_image
 from enginefarm.spec import Variant
 from enginefarm.store import open_store
 from enginefarm.testing import write_tiny
-from helpers import recipe_for
+from helpers import only_manifest, session_builds
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = {"nougat": ["", "The build"], "blip2-t5": ["Question: what is in the picture? Answer:", "a photo of"]}
@@ -40,30 +39,10 @@ SEED = {"nougat": 0, "blip2-t5": 0}
 @pytest.fixture(scope="session")
 def built(tmp_path_factory):
     """family -> the tiny recipe built once into its own store."""
-    from enginefarm.flows.build import build
-
-    done: dict = {}
-
-    def get(family: str):
-        if family not in done:
-            root = tmp_path_factory.mktemp(f"mm-{family}")
-            src = write_tiny(family, root / "src", seed=SEED[family])
-            extra = {} if family == "nougat" else {"components": {"visual": {"backend": "onnxruntime"}, "llm": {}}}
-            recipe = recipe_for(root, f"mm-{family}", family, src, **extra)
-            store = root / "store"
-            out = build(recipe=str(recipe), store=str(store))
-            done[family] = SimpleNamespace(root=root, src=src, recipe=recipe, store=store, name=f"mm-{family}",
-                                           out=out, variant=out["variants"]["fp32-tp1"])
-        return done[family]
-
-    return get
+    return session_builds(tmp_path_factory, lambda family: SEED[family], lambda family: {} if family == "nougat" else {"components": {"visual": {"backend": "onnxruntime"}, "llm": {}}})
 
 
-def manifest(store: Path, recipe: str, step: str) -> dict:
-    st = open_store(str(store))
-    rows = st.list_manifests(recipe, step)
-    assert len(rows) == 1, rows
-    return st.get_manifest(*rows[0])
+manifest = only_manifest
 
 
 def hf_generate(src: Path, image, prompt: str, n: int) -> list[int]:

@@ -17,6 +17,7 @@ from enginefarm.cli import main as cli
 from enginefarm.images import write_image
 from enginefarm.store import open_store
 from enginefarm.testing import write_tiny
+from helpers import only_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,11 +30,7 @@ def _recipe(dest: Path, name: str, template: str, src: Path, **changes) -> Path:
     return p
 
 
-def _manifest(store: Path, recipe: str, step: str) -> dict:
-    st = open_store(str(store))
-    rows = st.list_manifests(recipe, step)
-    assert len(rows) == 1, rows
-    return st.get_manifest(*rows[0])
+_manifest = only_manifest
 
 
 # ----------------------------------------------------------------------------- LLaVA-NeXT with Mistral
