@@ -248,11 +248,9 @@ class LLMEngine(EngineBase):
         if not prompts:
             return []
         self._check(len(prompts), max(len(p) for p in prompts), max_new_tokens)
-        groups: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            if not p:
-                raise BadInput("an empty prompt (no tokens)")
-            groups.setdefault(len(p), []).append(i)
+        if any(not p for p in prompts):
+            raise BadInput("an empty prompt (no tokens)")
+        groups = self._by_length(prompts)
         out: list[list[int]] = [[] for _ in prompts]
         for n, idx in groups.items():
             ids = torch.tensor([prompts[i] for i in idx], dtype=torch.long)

@@ -585,9 +585,7 @@ class EncDecEngine(EngineBase):
     def _decode(self, ck, cv, lengths, prefixes: list[list[int]], max_new_tokens: int, eos) -> list[list[int]]:
         """Greedy decoding of each row from [start] + prefixes[i]; rows whose
         prefixes have the same length run as one batch."""
-        groups: dict[int, list[int]] = {}
-        for i, p in enumerate(prefixes):
-            groups.setdefault(len(p), []).append(i)
+        groups = self._by_length(prefixes)
         out: list[list[int]] = [[] for _ in prefixes]
         for n, idx in groups.items():
             sel = torch.tensor(idx, device=ck.device)

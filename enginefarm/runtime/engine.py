@@ -58,6 +58,14 @@ class EngineBase:
             caches[batch] = self.new_cache(batch)
         return caches[batch]
 
+    @staticmethod
+    def _by_length(seqs: list[list[int]]) -> dict[int, list[int]]:
+        """Indices of seqs grouped by length: each group runs as one batch."""
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(seqs):
+            groups.setdefault(len(p), []).append(i)
+        return groups
+
     def _check_batch_and_input(self, batch: int, n_in: int) -> None:
         if batch > self.max_batch_size:
             raise BadInput(f"{batch} sequences in one call, but the engine was built for max_batch_size {self.max_batch_size}")
@@ -173,11 +181,9 @@ class LLMEngine(EngineBase):
             return []
         self._check(len(prompts), max(len(p) for p in prompts), max_new_tokens)
         self._check_table(prompts, prompt_table)
-        groups: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            if not p:
-                raise BadInput("an empty prompt (no tokens)")
-            groups.setdefault(len(p), []).append(i)
+        if any(not p for p in prompts):
+            raise BadInput("an empty prompt (no tokens)")
+        groups = self._by_length(prompts)
         out: list[list[int]] = [[] for _ in prompts]
         for n, idx in groups.items():
             ids = torch.tensor([prompts[i] for i in idx], dtype=torch.long)
