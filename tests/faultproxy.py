@@ -2,7 +2,8 @@
 
 Each request from the client is read whole, then either forwarded to the
 upstream server (and its answer relayed) or failed on purpose: a `503
-SlowDown` S3 error, or the connection dropped without an answer. Faults come
+SlowDown` S3 error, the connection dropped without an answer, or (for a GET)
+an answer cut off half-way through its body. Faults come
 from an outage window (every request fails while it lasts) and from a list
 of request numbers; every request and fault is counted, with the body bytes
 sent per key prefix, so tests can show that faults really happened.
@@ -27,7 +28,8 @@ class FaultProxy:
         self.upstream = (u.hostname, u.port)
         self.lock = threading.Lock()
         self.requests = 0
-        self.faults = {"503": 0, "drop": 0}
+        self.faults = {"503": 0, "drop": 0, "cut": 0}
+        self.cuts: dict[str, int] = {}
         self.outage_until = 0.0
         self.outage_kind = "503"
         self.scheduled: dict[int, str] = {}  # request number -> "503" | "drop"
@@ -46,11 +48,15 @@ class FaultProxy:
                     proxy.requests += 1
                     n = proxy.requests
                     fault = proxy.scheduled.pop(n, None)
+                    path = self.path.split("?", 1)[0]
+                    if fault is None and self.command == "GET" and proxy.cuts.get(path, 0) > 0:
+                        proxy.cuts[path] -= 1
+                        fault = "cut"
                     if fault is None and time.monotonic() < proxy.outage_until:
                         fault = proxy.outage_kind
                     if fault:
                         proxy.faults[fault] += 1
-                    else:
+                    if fault in (None, "cut"):
                         key = self.path.split("?", 1)[0]
                         proxy.body_bytes[key] = proxy.body_bytes.get(key, 0) + len(body)
                 if fault == "drop":
@@ -67,7 +73,7 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(SLOWDOWN)
                     return
-                self._forward(body)
+                self._forward(body, cut=fault == "cut")
 
             def _read_body(self) -> bytes:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -83,7 +89,10 @@ class FaultProxy:
                 n = int(self.headers.get("Content-Length") or 0)
                 return self.rfile.read(n) if n else b""
 
-            def _forward(self, body: bytes) -> None:
+            def _forward(self, body: bytes, cut: bool = False) -> None:
+                """Send the request on and its answer back; with cut, the
+                answer stops half-way through its body (the connection is
+                closed after the full Content-Length was promised)."""
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "expect")}
                 headers["Content-Length"] = str(len(body))
@@ -102,7 +111,15 @@ class FaultProxy:
                 self.send_header("Content-Length", r.getheader("Content-Length", "0") if self.command == "HEAD"
                                  else str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if cut:
+                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    try:
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                elif self.command != "HEAD":
                     self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
@@ -123,6 +140,12 @@ class FaultProxy:
         """Fail the requests that will be number n (counted from now) as kinds[n]."""
         with self.lock:
             self.scheduled.update({self.requests + n: k for n, k in kinds.items()})
+
+    def cut_gets(self, path: str, times: int = 1) -> None:
+        """The next `times` GETs of `path` (the URL path) get their answer's
+        headers and half its body, then the connection is closed."""
+        with self.lock:
+            self.cuts[path] = self.cuts.get(path, 0) + times
 
     def sent_to(self, fragment: str) -> int:
         """Body bytes forwarded in requests whose path contains fragment."""

@@ -158,7 +158,7 @@ def test_s3_multipart_upload_with_checksums(s3_store_uri, tmp_path):
     calls = []
     st.s3.meta.events.register("provide-client-params.s3.CreateMultipartUpload", lambda params, **kw: calls.append(params))
     d, n = st.put_blob_file(src)
-    assert n == 5 * MiB + 1024 and len(calls) == 1 and calls[0].get("ChecksumAlgorithm") == "SHA256"
+    assert n == 5 * MiB + 1024 and len(calls) == 1 and calls[0].get("ChecksumAlgorithm") == "CRC32"
     out = tmp_path / "big.out"
     st.get_blob_file(d, out, size=n)
     assert out.read_bytes() == src.read_bytes()
