@@ -280,13 +280,17 @@ def test_released_configs_give_the_seed_limits():
     assert blip2.features(t5) == 32
     for tp in (1, 2, 4):
         blip2.check_config(t5, Variant(name="t", backend="aoti", dtype="float16", quant="none", tp=tp, target="cpu"))
-    # the catalog's max_input_len (32, the TensorRT-LLM example's text budget) cannot hold the
-    # 32 features that go into the T5 encoder's input with the prompt: refused after fetch, naming it
-    with pytest.raises(BadInput, match=r"limits.max_input_len \(32\) must hold an image's 32 visual features"):
-        blip2.derived_limits(load_recipe(str(ROOT / "models" / "blip2-flan-t5-xl.yaml")), t5)
     from enginefarm.spec import parse_recipe
 
+    # the catalog recipe (TensorRT-LLM's example limits) holds the 32 features with the prompt
+    catalog = load_recipe(str(ROOT / "models" / "blip2-flan-t5-xl.yaml"))
+    assert blip2.derived_limits(catalog, t5)["max_multimodal_len"] == 8 * 32
+    # a max_input_len that cannot hold the 32 features that go into the T5 encoder's input
+    # with the prompt is refused after fetch, naming it
     data = yaml.safe_load((ROOT / "models" / "blip2-flan-t5-xl.yaml").read_text())
+    data["limits"]["max_input_len"] = 32
+    with pytest.raises(BadInput, match=r"limits.max_input_len \(32\) must hold an image's 32 visual features"):
+        blip2.derived_limits(parse_recipe(data, "x.yaml"), t5)
     data["limits"]["max_input_len"] = 48
     assert blip2.derived_limits(parse_recipe(data, "x.yaml"), t5)["max_multimodal_len"] == 8 * 32
 
