@@ -30,7 +30,7 @@ from .base import Store
 
 MiB = 1024 * 1024
 STREAM_CHUNK = 8 * MiB
-STREAM_BUFFERS = 4  # chunks in flight between the reader and the hashing writer
+STREAM_BUFFERS = 4  # chunks in flight between the reader (which writes them) and the hasher
 STREAM_RETRIES = 5
 
 # an error code from a server that does not implement the checksum we sent
@@ -291,12 +291,13 @@ class S3Store(Store):
             raise
 
     def _get_stream(self, key: str, dest: Path) -> Optional[tuple[str, int]]:
-        """One GET streamed into dest, hashed and written by a second thread
-        while the next chunk arrives. The reader fills a few reused buffers
-        straight from the socket (no per-chunk copies: at a GB, the copies
-        cost the client more CPU than the hashing). A stream that breaks is
-        resumed where it stopped (a ranged GET), with backoff, up to
-        STREAM_RETRIES times."""
+        """One GET streamed into dest. The reader fills a few reused buffers
+        straight from the socket and writes each to dest (what a plain
+        download does); a second thread hashes the buffers, in order, while
+        the next one arrives, so the check costs no time on the stream. A
+        stream that breaks is resumed where it stopped (a ranged GET), with
+        backoff, up to STREAM_RETRIES times."""
+        import hashlib
         import queue
         import random
         import time
@@ -306,26 +307,21 @@ class S3Store(Store):
         free: "queue.Queue[bytearray]" = queue.Queue()
         for _ in range(STREAM_BUFFERS):
             free.put(bytearray(STREAM_CHUNK))
-        chunks: "queue.Queue[Optional[tuple[bytearray, int]]]" = queue.Queue()
-        failed: list[BaseException] = []
-        with open(dest, "wb") as f:
-            w = HashingWriter(f)
+        written: "queue.Queue[Optional[tuple[bytearray, int]]]" = queue.Queue()
+        h = hashlib.sha256()
 
-            def sink() -> None:
-                while (item := chunks.get()) is not None:
-                    buf, n = item
-                    if not failed:
-                        try:
-                            with memoryview(buf) as mv:
-                                w.write(mv[:n])
-                        except BaseException as e:  # noqa: BLE001 - re-raised by the reader
-                            failed.append(e)
-                    free.put(buf)
+        def hasher() -> None:
+            while (item := written.get()) is not None:
+                buf, n = item
+                with memoryview(buf) as mv:
+                    h.update(mv[:n])
+                free.put(buf)
 
-            t = threading.Thread(target=sink, name="enginefarm-s3-sink", daemon=True)
-            t.start()
-            offset, tries = 0, 0
-            try:
+        t = threading.Thread(target=hasher, name="enginefarm-s3-hash", daemon=True)
+        t.start()
+        offset, tries = 0, 0
+        try:
+            with open(dest, "wb") as f:
                 while True:
                     try:
                         extra = {"Range": f"bytes={offset}-"} if offset else {}
@@ -333,13 +329,18 @@ class S3Store(Store):
                         with _Body(resp) as body:
                             while True:
                                 buf = free.get()
-                                if failed:
-                                    raise failed[0]
-                                n = body.readinto(buf)
+                                try:
+                                    n = body.readinto(buf)
+                                    if n:
+                                        with memoryview(buf) as mv:
+                                            f.write(mv[:n])
+                                except BaseException:
+                                    free.put(buf)  # a broken stream gives its buffer back for the resume
+                                    raise
                                 if not n:
                                     free.put(buf)
                                     break
-                                chunks.put((buf, n))
+                                written.put((buf, n))
                                 offset += n
                         break
                     except ClientError as e:
@@ -351,12 +352,10 @@ class S3Store(Store):
                         if tries > STREAM_RETRIES:
                             raise
                         time.sleep(random.random() * min(0.2 * 2 ** tries, 5.0))
-            finally:
-                chunks.put(None)
-                t.join()
-        if failed:
-            raise failed[0]
-        return w.result()
+        finally:
+            written.put(None)
+            t.join()
+        return h.hexdigest(), offset
 
     def _list(self, prefix: str) -> list[str]:
         self._check_bucket()
