@@ -136,12 +136,17 @@ def test_malformed_recipe_exits_2_with_one_message(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
-def test_unimplemented_family_exits_2(tmp_path, capsys):
+def test_unimplemented_family_exits_2(tmp_path, capsys, monkeypatch):
+    from enginefarm import families
+
+    monkeypatch.setitem(families._PLANNED, "whisper", families._planned(
+        "whisper", "Whisper speech recognition", ("whisper",), "encoder-decoder", missing="its audio encoder"))
     p = tmp_path / "b.yaml"
-    p.write_text("name: b\nfamily: blip\nsource: {tiny: opt}\n")
+    p.write_text("name: b\nfamily: whisper\nsource: {tiny: opt}\n")
     assert cli(["build", str(p), "--store", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
-    assert "family 'blip'" in err and "not implemented yet" in err
+    assert "family 'whisper'" in err and "not implemented yet: its audio encoder" in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
 
 
 def test_recipe_new_for_an_unseen_checkpoint_builds_as_printed(tmp_path, capsys):

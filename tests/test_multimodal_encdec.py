@@ -295,14 +295,6 @@ def test_released_configs_give_the_seed_limits():
     assert blip2.derived_limits(parse_recipe(data, "x.yaml"), t5)["max_multimodal_len"] == 8 * 32
 
 
-def test_blip_captioning_is_refused_naming_what_is_missing(tmp_path, capsys):
-    capsys.readouterr()
-    assert cli(["build", "blip-captioning-base", "--store", str(tmp_path / "s")]) == 2
-    err = capsys.readouterr().err
-    assert "family 'blip' (BLIP image captioning) is not implemented yet" in err and "BERT-style decoder" in err
-    assert "Traceback" not in err and not (tmp_path / "s").exists()
-
-
 # ----------------------------------------------------------------------------- the converted checkpoints, eager
 
 

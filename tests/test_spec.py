@@ -69,10 +69,18 @@ def test_tp_must_divide_heads():
         fam.check_config({"model_type": "llama", "num_attention_heads": 12, "num_key_value_heads": 3}, v(2))
 
 
-def test_unimplemented_family_says_so():
-    r = parse_recipe({**BASE, "family": "blip"}, "x.yaml")
-    with pytest.raises(NotAvailable, match="not implemented yet"):
-        get_family("blip").require_implemented(r)
+def test_a_declared_family_is_refused_naming_what_is_missing(monkeypatch):
+    """None is declared today (BLIP was the last); one declared here goes
+    through the registry as the catalog's would."""
+    from enginefarm import families
+
+    monkeypatch.setitem(families._PLANNED, "whisper", families._planned(
+        "whisper", "Whisper speech recognition", ("whisper",), "encoder-decoder", missing="its audio encoder"))
+    r = parse_recipe({**BASE, "family": "whisper"}, "x.yaml")
+    with pytest.raises(NotAvailable, match=r"family 'whisper' \(Whisper speech recognition\) is not implemented yet: "
+                                           r"its audio encoder; nothing is built"):
+        get_family("whisper").require_implemented(r)
+    assert "blip" in families.implemented_families() and "blip" not in families._PLANNED
 
 
 def test_detect_family():

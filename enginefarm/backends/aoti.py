@@ -159,9 +159,10 @@ class AOTI(Backend):
         projections of its output, so they are computed once per request) and
         the decoder step (static self-attention cache; cross K/V as inputs).
         Multimodal: with max_multimodal_len in the limits the encoder also
-        takes a prompt table; a checkpoint with a decoder only (Nougat) gets,
-        in place of the encoder, the cross K/V of given encoder features
-        (limits' max_encoder_input_len of them per image)."""
+        takes a prompt table; a checkpoint with a decoder only (Nougat, BLIP)
+        gets, in place of the encoder, the cross K/V of given encoder features
+        (limits' max_encoder_input_len of them per image, of the width the
+        decoder's cross-attention takes: its config's encoder_hidden_size)."""
         import torch
         from torch.export import Dim
 
@@ -188,7 +189,7 @@ class AOTI(Backend):
                                "(the encoder features per input; the family derives it)")
             et, enc_len = Fe, None  # a fixed count of features per image
             lengths = torch.full((eb,), et, dtype=torch.long, device=device)
-            enc_in = torch.zeros(eb, et, c.hidden_size, dtype=decoder.embed.dtype, device=device)
+            enc_in = torch.zeros(eb, et, c.encoder_hidden_size, dtype=decoder.embed.dtype, device=device)
             args, specs = (enc_in, lengths), [{0: batch}, {0: batch}]
         else:
             ids = torch.zeros(eb, et, dtype=torch.long, device=device)
@@ -211,7 +212,8 @@ class AOTI(Backend):
         cache = [c.num_layers, "batch", c.num_heads, S, c.head_size]
         cross = [c.num_layers, "batch", c.num_heads, et if features_in else "enc_len", c.head_size]
         if features_in:
-            enc_inputs = [{"name": "encoder_output", "dtype": variant.dtype, "shape": ["batch", et, c.hidden_size]},
+            enc_inputs = [{"name": "encoder_output", "dtype": variant.dtype,
+                           "shape": ["batch", et, c.encoder_hidden_size]},
                           {"name": "lengths", "dtype": "int64", "shape": ["batch"]}]
         else:
             enc_inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "enc_len"]},
@@ -229,7 +231,7 @@ class AOTI(Backend):
             "encoder": {
                 "inputs": enc_inputs,
                 "outputs": [{"name": "encoder_output", "dtype": variant.dtype,
-                             "shape": ["batch", et if features_in else "enc_len", c.hidden_size]},
+                             "shape": ["batch", et if features_in else "enc_len", c.encoder_hidden_size]},
                             {"name": "cross_k", "dtype": variant.dtype, "shape": cross},
                             {"name": "cross_v", "dtype": variant.dtype, "shape": cross}],
             },
@@ -249,7 +251,7 @@ class AOTI(Backend):
         }
         if features_in:
             sidecar["encoder_features"] = et
-            sidecar["encoder_hidden_size"] = c.hidden_size
+            sidecar["encoder_hidden_size"] = c.encoder_hidden_size
         if M:
             sidecar["prompt_table"] = {"max_rows": M, "hidden_size": H}
         (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))

@@ -1,4 +1,4 @@
-"""What the multimodal families (blip2, llava, llava-next, nougat) share: a
+"""What the multimodal families (blip2, llava, llava-next, nougat, blip) share: a
 `visual` component (exported through ONNX) and an `llm` component that is an
 ordinary LLM stored under a prefix of the same checkpoint.
 
@@ -8,9 +8,9 @@ and back, so no conversion code is repeated here. The visual features reach
 the LLM as a prompt table (TensorRT-LLM's convention: token ids >= vocab_size
 pick rows of the table), so the converted checkpoint is a plain LLM
 checkpoint; with an encoder-decoder LLM (BLIP-2 with Flan-T5) the table feeds
-its encoder. A family whose visual features ARE the encoder output (Nougat:
-`features_as_encoder_output`) converts only the LLM's decoder (`encdec_parts`),
-which cross-attends to them.
+its encoder. A family whose visual features ARE the encoder output (Nougat,
+BLIP: `features_as_encoder_output`) converts only the LLM's decoder
+(`encdec_parts`), which cross-attends to them.
 """
 
 from __future__ import annotations
@@ -351,6 +351,11 @@ class MultimodalFamily(Family):
 
     def reference_text_logits(self, model, ids: "torch.Tensor") -> "torch.Tensor":
         return model(input_ids=ids).logits
+
+    def stop_token_id(self, processor, llm_meta: dict) -> Optional[int]:
+        """The token greedy generation stops at: the tokenizer's end of
+        sequence (llm_meta: the LLM engine's engine.json)."""
+        return getattr(processor, "tokenizer", processor).eos_token_id
 
     def prompt_text(self, prompt: str, image_token: str) -> str:
         """The text given to the processor for one image and one prompt."""

@@ -22,9 +22,9 @@ start_pos .. start_pos + t - 1, and the cross-attention keys/values as given.
 Multimodal LLMs: built with a prompt table (BLIP-2 with Flan-T5), the encoder
 reads ids >= vocab_size as rows of the table (the visual features, used as
 they are, as Hugging Face's inputs_embeds). A checkpoint with a `decoder/`
-part only (Nougat, whose visual features ARE the encoder output) has
-`encode(encoder_output[B, F, hidden], lengths[B])` instead: the cross K/V of
-the features given.
+part only (Nougat, BLIP; their visual features ARE the encoder output) has
+`encode(encoder_output[B, F, encoder_hidden_size], lengths[B])` instead: the
+cross K/V of the features given.
 
 What the config.json fields mean here (TensorRT-LLM's names): layernorm_type
 0 LayerNorm / 1 RMS norm (T5: no mean, no bias); layernorm_position 0 pre-norm
@@ -36,6 +36,18 @@ scores scaled by 1 / (sqrt(head_size) * q_scaling) (T5: 1); mlp_type 1:
 gated MLP (act(fc(x)) * gate(x)); rescale_before_lm_head: decoder output x
 hidden**-0.5 (T5 with tied embeddings). In float16, T5's residual stream is
 clamped to +-64000 after every residual add, as TensorRT-LLM does.
+
+Fields beyond TensorRT-LLM's (written by the blip family for BLIP's BERT-style
+text decoder, whose cross-attention keys/values take the vision width):
+encoder_hidden_size: the width of the encoder output the cross-attention
+keys/values are projected from (default hidden_size); cross_attention_layout
+"fused_qkv" (TensorRT-LLM's: `cross_attention.qkv` [3 x heads x head_size,
+hidden], which needs encoder_hidden_size == hidden_size) or "q_kv"
+(`cross_attention.q` [heads x head_size, hidden] and `cross_attention.kv`
+[2 x heads x head_size, encoder_hidden_size], keys then values, each split by
+heads per rank); has_lm_head_transform: the decoder output goes through
+`lm_head_transform.dense`, the activation lm_head_transform_act and
+`lm_head_transform.layernorm` before lm_head (BERT's prediction head).
 """
 
 from __future__ import annotations
@@ -83,6 +95,10 @@ class EncDecConfig:
     rescale_before_lm_head: bool = False
     decoder_start_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
+    encoder_hidden_size: int = 0  # the cross-attention K/V input width (0: hidden_size)
+    cross_kv_split: bool = False  # cross_attention.q + cross_attention.kv, not one fused qkv
+    lm_head_transform: bool = False  # dense + act + layernorm before lm_head
+    lm_head_transform_act: str = "gelu"
     fp16_clamp: bool = False
     tp: int = 1
     quant_bits: int = 0
@@ -99,6 +115,16 @@ class EncDecConfig:
             raise ValueError(f"layernorm_type {c.get('layernorm_type')} is not supported")
         if c["hidden_act"] not in ACTS:
             raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported (known: {', '.join(ACTS)})")
+        layout = c.get("cross_attention_layout", "fused_qkv")
+        if layout not in ("fused_qkv", "q_kv"):
+            raise ValueError(f"cross_attention_layout {layout!r} is not supported (known: fused_qkv, q_kv)")
+        enc_h = c.get("encoder_hidden_size") or h
+        if arch == "DecoderModel" and layout == "fused_qkv" and enc_h != h:
+            raise ValueError(f"a fused cross-attention qkv cannot take an encoder output of width {enc_h} (hidden "
+                             f"size {h}); such a checkpoint says cross_attention_layout: q_kv")
+        head_act = c.get("lm_head_transform_act", c["hidden_act"])
+        if c.get("has_lm_head_transform") and head_act not in ACTS:
+            raise ValueError(f"lm_head_transform_act {head_act!r} is not supported (known: {', '.join(ACTS)})")
         return cls(
             architecture=arch,
             vocab_size=c["vocab_size"],
@@ -122,6 +148,10 @@ class EncDecConfig:
             rescale_before_lm_head=bool(c.get("rescale_before_lm_head", False)),
             decoder_start_token_id=c.get("decoder_start_token_id"),
             eos_token_id=c.get("eos_token_id"),
+            encoder_hidden_size=enc_h,
+            cross_kv_split=layout == "q_kv",
+            lm_head_transform=bool(c.get("has_lm_head_transform", False)),
+            lm_head_transform_act=head_act,
             # as TensorRT-LLM: fp16 T5 clamps the residual stream, which overflows fp16 otherwise
             fp16_clamp=c.get("dtype") == "float16" and c.get("model_type") == "t5",
             tp=(c.get("mapping") or {}).get("tp_size", 1),
@@ -177,14 +207,18 @@ def _norm(cfg: EncDecConfig, W: dict, name: str) -> Norm:
 
 class Attention(nn.Module):
     """Self-attention (fused qkv) or cross-attention (q from the decoder,
-    k/v given: projected once from the encoder output by CrossKV)."""
+    k/v given: projected once from the encoder output by CrossKV; q is the
+    first third of a fused qkv, or its own `q` where the layout splits it)."""
 
     def __init__(self, cfg: EncDecConfig, W: dict, prefix: str, cross: bool = False):
         super().__init__()
         self.cfg = cfg
         bits, tp = cfg.quant_bits, cfg.tp
         hd = cfg.heads_per_rank * cfg.head_size
-        if cross:
+        if cross and cfg.cross_kv_split:
+            self.q = Lin(W, prefix + ".q", bits)
+            self.qkv = None
+        elif cross:
             self.q = Lin(_out_slice(W, prefix + ".qkv", "q", 0, hd, bits), "q", bits)
             self.qkv = None
         else:
@@ -326,17 +360,23 @@ class Encoder(_Stack):
 
 class CrossKV(nn.Module):
     """The decoder's cross-attention keys and values of an encoder output,
-    for every decoder layer: computed once per request, then cached."""
+    for every decoder layer: computed once per request, then cached. The
+    projection is the last two thirds of a fused qkv, or (cross_kv_split) its
+    own `kv` linear, which may take another width than the decoder's."""
 
     def __init__(self, cfg: EncDecConfig, W: dict):
         super().__init__()
         self.cfg = cfg
         hd = cfg.heads_per_rank * cfg.head_size
-        self.kv = nn.ModuleList(
-            Lin(_out_slice(W, f"transformer.layers.{i}.cross_attention.qkv", "kv", hd, 3 * hd, cfg.quant_bits), "kv",
-                cfg.quant_bits)
-            for i in range(cfg.num_layers)
-        )
+        bits = cfg.quant_bits
+
+        def kv(i: int) -> Lin:
+            name = f"transformer.layers.{i}.cross_attention"
+            if cfg.cross_kv_split:
+                return Lin(W, name + ".kv", bits)
+            return Lin(_out_slice(W, name + ".qkv", "kv", hd, 3 * hd, bits), "kv", bits)
+
+        self.kv = nn.ModuleList(kv(i) for i in range(cfg.num_layers))
 
     def forward(self, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = enc.shape
@@ -358,6 +398,10 @@ class Decoder(_Stack):
         keep = slice(None) if cfg.tp > 1 else slice(0, cfg.vocab_size)
         self.lm_head = nn.Parameter(head[keep], requires_grad=False)
         self.lm_bias = nn.Parameter(bias[keep], requires_grad=False) if bias is not None else None
+        if cfg.lm_head_transform:  # BERT's prediction head: whole on every rank
+            self.head_dense = Lin(W, "lm_head_transform.dense")
+            self.head_act = ACTS[cfg.lm_head_transform_act]
+            self.head_norm = _norm(cfg, W, "lm_head_transform.layernorm")
 
     def new_cache(self, batch: int, max_seq_len: int, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg
@@ -387,6 +431,8 @@ class Decoder(_Stack):
             x = self.ln_f(x)
         if self.cfg.rescale_before_lm_head:
             x = x * (self.cfg.hidden_size ** -0.5)
+        if self.cfg.lm_head_transform:
+            x = self.head_norm(self.head_act(self.head_dense(x)))
         logits = x @ self.lm_head.t()
         if self.lm_bias is not None:
             logits = logits + self.lm_bias
@@ -412,8 +458,8 @@ class EncoderWithCrossKV(nn.Module):
 
 class FeaturesCrossKV(nn.Module):
     """What the encoder package runs when the encoder output comes from
-    elsewhere (Nougat's visual engine): the decoder's cross-attention
-    keys/values of the given features."""
+    elsewhere (Nougat's and BLIP's visual engines): the decoder's
+    cross-attention keys/values of the given features."""
 
     def __init__(self, cross_kv: CrossKV):
         super().__init__()
@@ -478,7 +524,8 @@ class EncDecEngine(EngineBase):
         c = decoder.cfg
         meta = {"dtype": DTYPE_NAMES[decoder.embed.dtype],
                 "cache_shape": [c.num_layers, "batch", c.heads_per_rank, meta["max_seq_len"], c.head_size],
-                "decoder_start_token_id": c.decoder_start_token_id, "vocab_size": c.vocab_size,
+                "decoder_start_token_id": c.decoder_start_token_id, "eos_token_id": c.eos_token_id,
+                "vocab_size": c.vocab_size, "encoder_hidden_size": c.encoder_hidden_size,
                 "encoder_input": "features" if isinstance(encoder, FeaturesCrossKV) else "tokens", **meta}
         return cls(encoder, decoder, meta)
 
@@ -511,15 +558,19 @@ class EncDecEngine(EngineBase):
         return ck, cv, lengths
 
     def encode_features(self, features: torch.Tensor):
-        """Encoder output [B, F, hidden] given (Nougat's visual features): (cross_k, cross_v, lengths)."""
+        """Encoder output [B, F, encoder_hidden_size] given (Nougat's, BLIP's
+        visual features): (cross_k, cross_v, lengths)."""
         if not self.features_in:
             raise BadInput("this engine's encoder reads token ids, not encoder features")
-        B, n, _ = features.shape
+        B, n, width = features.shape
         if B > self.max_batch_size:
             raise BadInput(f"{B} images in one call, but the engine was built for max_batch_size {self.max_batch_size}")
         want = self.meta["encoder_features"]
         if n != want:
             raise BadInput(f"{n} encoder features per image, but the decoder was built for {want}")
+        if width != self.meta["encoder_hidden_size"]:
+            raise BadInput(f"encoder features of width {width}, but the decoder's cross-attention takes "
+                           f"{self.meta['encoder_hidden_size']}")
         lengths = torch.full((B,), n, dtype=torch.long, device=self.device)
         _, ck, cv = self.encode_fn(features.to(self.device, self.dtype), lengths)
         return ck, cv, lengths

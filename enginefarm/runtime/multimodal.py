@@ -17,9 +17,9 @@ pooled features one frame after the other, its placeholder `<video>`; the
 family supplies the preprocessing (`load_processor`, `encode`).
 
 An encoder-decoder LLM takes the prompt table in its encoder (BLIP-2 with
-Flan-T5). Where the visual features are the encoder output (Nougat), they go
-to the decoder's cross-attention as they are, and the prompt's tokens follow
-the decoder's start token.
+Flan-T5). Where the visual features are the encoder output (Nougat, BLIP),
+they go to the decoder's cross-attention as they are, and the prompt's tokens
+follow the decoder's start token.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class MultimodalPipeline:
 
     @property
     def encoder_output(self) -> bool:
-        """the visual features are the decoder's encoder output (Nougat)"""
+        """the visual features are the decoder's encoder output (Nougat, BLIP)"""
         return bool(self.meta.get("encoder_output"))
 
     def check_request(self, n_images: int, frames: int | None = None) -> None:
@@ -168,7 +168,8 @@ class MultimodalPipeline:
 
     @property
     def eos_token_id(self):
-        return getattr(self.processor, "tokenizer", self.processor).eos_token_id
+        """The token greedy generation stops at (the family says which: BLIP's is [SEP])"""
+        return self.family.stop_token_id(self.processor, getattr(self.llm, "meta", {}))
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.tokenizer.decode(ids, skip_special_tokens=True)

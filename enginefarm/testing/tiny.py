@@ -4,8 +4,9 @@ Each is random-initialised from a fixed seed and saved with
 `save_pretrained` (config.json + model.safetensors) next to a small
 byte-level BPE tokenizer trained on the farm's own text set (multimodal
 ones: next to their processor, that is the image processor and that
-tokenizer with an `<image>` token), so tests and the demo never download
-anything. `ensure_tiny(name)` writes one once and
+tokenizer with an `<image>` token; BLIP: BlipImageProcessorPil and a BERT
+WordPiece tokenizer from a vocab.txt trained on the same text), so tests and
+the demo never download anything. `ensure_tiny(name)` writes one once and
 afterwards leaves it untouched (its files keep their mtimes, so the fetch
 step's cache key stays put).
 
@@ -497,6 +498,50 @@ def _nougat(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[
     return model, proc
 
 
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4
+BLIP_START = "[DEC]"  # BLIP's decoder start token (text_config.bos_token_id), after the WordPiece vocabulary
+
+
+def bert_tokenizer(vocab_size: int = 320):
+    """A BERT WordPiece tokenizer (lower case, [CLS] ... [SEP]) from a small
+    vocab.txt that a WordPiece trainer writes from the farm's own text set,
+    plus BLIP's [DEC] as its bos token (as BLIP's tokenizer has it)."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizer
+
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(eval_text().splitlines(), vocab_size=vocab_size, min_frequency=1, show_progress=False,
+                           special_tokens=BERT_SPECIALS)
+    with tempfile.TemporaryDirectory(prefix="tiny-bert-") as d:
+        wp.save_model(d)  # vocab.txt, one token a line
+        tok = BertTokenizer.from_pretrained(d)
+    tok.add_special_tokens({"bos_token": BLIP_START})
+    return tok
+
+
+def _blip(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, image_size: int,
+          patch: int, vision_hidden: int, vision_layers: int):
+    """BlipForConditionalGeneration: a ViT of width vision_hidden and a BERT
+    text decoder of width `hidden` (the widths differ, as BLIP-large's, so the
+    cross-attention keys/values take another width than the decoder's), with
+    BlipProcessor (BlipImageProcessorPil + the WordPiece tokenizer above).
+    Untied (tied=False): an lm_head and an lm_head bias of their own."""
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tok = bert_tokenizer()
+    vision = dict(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
+                  num_attention_heads=2, image_size=image_size, patch_size=patch)
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                num_attention_heads=heads, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+                sep_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=tied)
+    model = BlipForConditionalGeneration(BlipConfig(vision_config=vision, text_config=text, tie_word_embeddings=tied))
+    reinit(model, seed)
+    proc = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
+                         tokenizer=tok)
+    return model, proc
+
+
 # name -> (builder, defaults)
 TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     "opt": (_opt, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True)),
@@ -546,6 +591,10 @@ TINY_MODELS: dict[str, tuple[Callable, dict]] = {
     # width 64 (16 x 2 x 2), the decoder's width (no enc_to_dec_proj)
     "nougat": (_nougat, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True, image_size=64, image_width=48,
                              patch=4, vision_hidden=16, vision_layers=3)),
+    # BLIP captioning: 32 px images in 8 px patches, 16 + 1 = 17 ViT features of
+    # width 32, cross-attended by a BERT decoder of width 64
+    "blip": (_blip, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True, image_size=32, patch=8,
+                         vision_hidden=32, vision_layers=2)),
 }
 
 
@@ -601,7 +650,7 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int)
     ap.add_argument("--heads", type=int)
     ap.add_argument("--kv-heads", type=int, dest="kv_heads")
-    mm = ap.add_argument_group("multimodal (blip2, blip2-t5, llava, llava-next, nougat)")
+    mm = ap.add_argument_group("multimodal (blip2, blip2-t5, llava, llava-next, nougat, blip)")
     mm.add_argument("--image-size", type=int, dest="image_size", help="nougat: the page height")
     mm.add_argument("--image-width", type=int, dest="image_width", help="nougat: the page width")
     mm.add_argument("--patch", type=int)
