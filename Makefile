@@ -22,7 +22,7 @@ demo: venv
 	$(PY) -m enginefarm.demo
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 clean:
 	rm -rf $(VENV) .farm .demo
