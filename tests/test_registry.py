@@ -658,3 +658,35 @@ def test_a_download_cut_off_half_way_resumes_where_it_stopped(s3_server, s3_stor
         assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.bin", "out.bin"]  # no temp file left
     finally:
         proxy.close()
+
+
+def test_alias_history_is_in_move_order_when_appends_race_and_clocks_lag(tmp_path, monkeypatch):
+    """A history line is appended after its compare-and-swap, so two movers
+    can append in the other order; and a host's clock can be behind the one
+    that moved the alias before it. Each move's time is made later than the
+    move it replaced, and the history is read in that order."""
+    import enginefarm.store.base as base
+
+    st = open_store(str(tmp_path / "store"))
+    pubs = [publish_synthetic(st, seed=80 + i, n_files=1, size=1024) for i in range(3)]
+    paths = [st.manifest_path("synth", "publish", p.key) for p in pubs]
+    st.move_alias("synth", V, "canary", paths[0], pubs[0].digest, "test")
+    real = base.datetime
+
+    class Behind(real):  # this host's clock: a day behind the last mover's
+        @classmethod
+        def now(cls, tz=None):
+            return real.now(tz) - base.timedelta(days=1)
+
+    monkeypatch.setattr(base, "datetime", Behind)
+    st.move_alias("synth", V, "canary", paths[1], pubs[1].digest, "test")
+    monkeypatch.setattr(base, "datetime", real)
+    st.move_alias("synth", V, "canary", paths[2], pubs[2].digest, "test")
+    key = base.ref_key("synth", V, "canary") + base.HISTORY_SUFFIX
+    lines = st._get_bytes(key).splitlines(keepends=True)
+    st._put_bytes(key, b"".join(lines[::-1]))  # as racing appends could leave them
+    hist = st.ref_history("synth", V, "canary")
+    assert [h["value"]["digest"] for h in hist] == [p.digest for p in pubs]
+    assert [h["value"]["previous"] for h in hist] == [None, pubs[0].digest, pubs[1].digest]
+    times = [h["value"]["moved_at"] for h in hist]
+    assert times == sorted(times) and len(set(times)) == 3

@@ -33,7 +33,7 @@ import uuid
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -156,6 +156,18 @@ def encode_ref(value: dict) -> bytes:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _after(previous: Any) -> str:
+    """Now, or just after `previous` (an ISO time) if the clock says earlier:
+    the moves of an alias get strictly increasing times along the
+    compare-and-swap chain, whatever the clocks of the hosts that moved it."""
+    now = datetime.now(timezone.utc)
+    try:
+        floor = datetime.fromisoformat(previous) + timedelta(milliseconds=1)
+    except (TypeError, ValueError):
+        return now.isoformat(timespec="milliseconds")
+    return max(now, floor).isoformat(timespec="milliseconds")
 
 
 _DEPTH_GUARD = threading.Lock()
@@ -430,7 +442,10 @@ class Store(ABC):
         return sorted(out)
 
     def ref_history(self, recipe: str, variant: str, alias: str) -> list[dict]:
-        """The recorded moves of a ref, oldest first (best effort: may miss some)."""
+        """The recorded moves of a ref, oldest first (best effort: may miss
+        some). Moves are appended after their compare-and-swap, so racing
+        movers may append out of order; each move's time is later than the
+        one it replaced (see `_after`), which gives the order back."""
         data = self._get_bytes(ref_key(recipe, variant, alias) + HISTORY_SUFFIX)
         out = []
         for line in (data or b"").splitlines():
@@ -438,7 +453,14 @@ class Store(ABC):
                 out.append(json.loads(line))
             except ValueError:
                 continue
-        return out
+
+        def moved_at(record: Any) -> datetime:
+            try:
+                return datetime.fromisoformat(record["value"]["moved_at"])
+            except (TypeError, KeyError, ValueError):
+                return datetime.min.replace(tzinfo=timezone.utc)
+
+        return sorted(out, key=moved_at)
 
     def move_alias(self, recipe: str, variant: str, alias: str, manifest: str, digest: str, reason: str,
                    **extra: Any) -> bool:
@@ -461,7 +483,7 @@ class Store(ABC):
                 "alias": alias,
                 "previous": value.get("digest") if value else None,
                 "previous_manifest": value.get("manifest") if value else None,
-                "moved_at": _now(),
+                "moved_at": _after(value.get("moved_at") if value else None),
                 "moved_by": who(),
                 "reason": reason,
                 "move_id": uuid.uuid4().hex,
