@@ -248,9 +248,7 @@ class LLMEngine(EngineBase):
         if not prompts:
             return []
         self._check(len(prompts), max(len(p) for p in prompts), max_new_tokens)
-        if any(not p for p in prompts):
-            raise BadInput("an empty prompt (no tokens)")
-        groups = self._by_length(prompts)
+        groups = self._prompts_by_length(prompts)
         out: list[list[int]] = [[] for _ in prompts]
         for n, idx in groups.items():
             ids = torch.tensor([prompts[i] for i in idx], dtype=torch.long)

@@ -58,6 +58,13 @@ class EngineBase:
             caches[batch] = self.new_cache(batch)
         return caches[batch]
 
+    @classmethod
+    def _prompts_by_length(cls, prompts: list[list[int]]) -> dict[int, list[int]]:
+        """_by_length for a decoder-only LLM, whose prompts need a token each."""
+        if any(not p for p in prompts):
+            raise BadInput("an empty prompt (no tokens)")
+        return cls._by_length(prompts)
+
     @staticmethod
     def _by_length(seqs: list[list[int]]) -> dict[int, list[int]]:
         """Indices of seqs grouped by length: each group runs as one batch."""
@@ -181,9 +188,7 @@ class LLMEngine(EngineBase):
             return []
         self._check(len(prompts), max(len(p) for p in prompts), max_new_tokens)
         self._check_table(prompts, prompt_table)
-        if any(not p for p in prompts):
-            raise BadInput("an empty prompt (no tokens)")
-        groups = self._by_length(prompts)
+        groups = self._prompts_by_length(prompts)
         out: list[list[int]] = [[] for _ in prompts]
         for n, idx in groups.items():
             ids = torch.tensor([prompts[i] for i in idx], dtype=torch.long)

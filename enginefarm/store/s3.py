@@ -8,9 +8,9 @@ Files go through boto3's transfer manager (multipart, parallel parts) with
 checksums the server verifies: a single-part upload carries the blob's own
 sha256, so the server refuses bytes that do not match the name; the parts of
 a multipart upload carry CRC32s (a transport check: the blob's sha256, its
-name, is known before the upload and checked on every pull, and CRC32 costs
-client and server a third of what a per-part SHA-256 pass would). Retries back off on
-throttling and 5xx. A missing bucket is never created: it is a BadInput.
+name, is known before the upload and checked on every pull; CRC32 costs
+client and server less than half of what a per-part SHA-256 pass would).
+Retries back off on throttling and 5xx. A missing bucket is never created: it is a BadInput.
 
 Checksums: sent unless the standard chain says `request_checksum_calculation
 = when_required` (AWS_REQUEST_CHECKSUM_CALCULATION), for servers that do not
