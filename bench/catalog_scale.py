@@ -81,13 +81,21 @@ from enginefarm.store.s3 import S3Store
 from enginefarm.store.base import Store
 PRIMS = ["_exists", "_put_bytes", "_put_file", "_get_bytes", "_get_file", "_list", "_get_with_version", "_cas",
          "_delete", "_list_versions"]
+import threading
+depth = threading.local()
 def wrap(cls, name):
     fn = cls.__dict__.get(name)
     if fn is None:
         return
     def counted(self, *a, **k):
-        counts[name] += 1
-        return fn(self, *a, **k)
+        d = getattr(depth, "n", 0)
+        if d == 0:  # a primitive that calls another (a listing that lists) is one request
+            counts[name] += 1
+        depth.n = d + 1
+        try:
+            return fn(self, *a, **k)
+        finally:
+            depth.n = d
     setattr(cls, name, counted)
 for cls in (LocalStore, S3Store):
     for name in PRIMS:

@@ -307,8 +307,11 @@ def cmd_ls(a) -> int:
         from .store.base import check_name
 
         check_name("recipe", a.recipe)
-    st = open_store(a.store)
+    from .store.index import Indexed
+
+    st = Indexed(open_store(a.store))  # refs and manifests through the store's index
     rows = engine_rows(st, a.recipe)
+    st.save()
     if a.json:
         print(json.dumps(rows, indent=2))
         return 0

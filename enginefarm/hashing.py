@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -73,15 +74,36 @@ def code_version(*modules: str) -> str:
     files are read, not imported, so a cached step never pays for importing
     torch.
     """
-    import importlib.util
-
     h = hashlib.sha256()
     for name in modules:
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.origin:
-            raise RuntimeError(f"code_version: no source for module {name}")
-        h.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
+        h.update(name.encode() + b"\0" + _source(name))
     return h.hexdigest()[:16]
+
+
+_SOURCES: dict[str, tuple[tuple[int, int, int], bytes]] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _origin(name: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin:
+        raise RuntimeError(f"code_version: no source for module {name}")
+    return Path(spec.origin)
+
+
+def _source(name: str) -> bytes:
+    """A module's source bytes, read again only when its file changed (a stat
+    per call: the nightly asks for the same few modules for every variant)."""
+    path = _origin(name)
+    st = path.stat()
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    got = _SOURCES.get(name)
+    if got is None or got[0] != stamp:
+        got = (stamp, path.read_bytes())
+        _SOURCES[name] = got
+    return got[1]
 
 
 def short(d: str, n: int = 12) -> str:

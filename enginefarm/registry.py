@@ -159,7 +159,13 @@ def engine_rows(store, recipe: Optional[str] = None) -> list[dict]:
     target, when the engine was built and when/by whom the alias moved."""
     rows = []
     cache: dict[str, dict] = {}
-    for r, variant, alias in sorted(store.list_refs(recipe)):
+    refs = sorted(store.list_refs(recipe))
+    warm = getattr(store, "prefetch", None)  # an Indexed store reads what its index lacks several at once
+    if warm:
+        warm([store.ref_path(*x) for x in refs])
+        paths = {(g[0] or {}).get("manifest") for g in (store.get_ref(*x) for x in refs) if g}
+        warm(sorted(p for p in paths if isinstance(p, str) and p.startswith("manifests/")))
+    for r, variant, alias in refs:
         got = store.get_ref(r, variant, alias)
         if not got:
             continue

@@ -165,3 +165,41 @@ def test_a_variant_built_tonight_that_fails_its_gates_is_a_failure(farm):
                           "(published as latest, not validated); stale because never built")
     # known to fail, nothing new tonight: up to date (its validation column says failed)
     assert report.row(st, r.name, v.name, {**steps, "validate": replace(failing, cached=True)})["status"] == "up to date"
+
+
+def test_an_unchanged_night_costs_at_most_two_store_requests_a_variant(farm, tmp_path, monkeypatch):
+    """K variants (good-opt and K-1 copies of it under other names, recorded
+    by the farm's own step code), counted at the store interface: the second
+    unchanged night (the first one writes the store's index) makes at most
+    2K + c requests, c for the night itself (index, listings, its record,
+    the last night read back for the plot)."""
+    import shutil
+
+    from enginefarm.store.local import LocalStore
+    from enginefarm.testing.clone import record_like
+
+    store = tmp_path / "store"
+    shutil.copytree(farm["store"], store)
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    shutil.copy(farm["catalog"] / "good-opt.yaml", catalog)
+    k = 6
+    for i in range(1, k):
+        path = recipe_for(catalog, f"copy{i}-opt", "opt", farm["good_src"])
+        record_like(open_store(str(store)), str(path), str(catalog / "good-opt.yaml"))
+
+    calls: list[str] = []
+    for name in ("_exists", "_put_bytes", "_put_file", "_get_bytes", "_get_file", "_list", "_list_versions",
+                 "_get_with_version", "_cas", "_delete"):
+        fn = LocalStore.__dict__[name]
+        monkeypatch.setattr(LocalStore, name, lambda self, *a, _fn=fn, _n=name, **kw: (calls.append(_n), _fn(self, *a, **kw))[1])
+    counts = []
+    with SPY.watch(farm["good_src"], store / "blobs"):
+        for _ in range(2):
+            calls.clear()
+            state = nightly(catalog=str(catalog), store=str(store), nights=1, return_state=True)
+            assert state.is_completed(), state.message
+            assert state.result()["counts"] == {"built": 0, "up to date": k, "failed": 0, "skipped": 0}
+            counts.append(len(calls))
+    assert SPY.hits == [], f"an unchanged night opened {SPY.hits}"
+    assert counts[1] <= 2 * k + 10, f"{counts[1]} store requests for {k} unchanged variants: {sorted(calls)}"

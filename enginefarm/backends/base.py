@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import os
 import platform
@@ -13,6 +14,14 @@ from typing import Any, Optional
 
 
 def version_of(dist: str) -> str | None:
+    """The installed version of a distribution (None: not installed). Read
+    once per process: a lookup parses the package's METADATA (~10 ms), and
+    every step's key asks for several, per variant."""
+    return _version_of(dist)
+
+
+@functools.lru_cache(maxsize=None)
+def _version_of(dist: str) -> str | None:
     try:
         return md.version(dist)
     except md.PackageNotFoundError:

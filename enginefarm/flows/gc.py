@@ -23,6 +23,7 @@ from prefect import flow
 
 from ..errors import BadInput
 from ..store.base import LOCKS, _lock_live, parse_manifest_key
+from ..store.index import Indexed
 
 STEP_ORDER = {"publish": 0, "validate": 1, "build": 2, "shards": 3, "convert": 4, "fetch": 5}
 PARTIAL_MAX_AGE = 3600.0  # half-written uploads older than this are abandoned
@@ -34,12 +35,15 @@ def gc(store, keep: int, dry_run: bool = False, wait: float = 60.0,
         raise BadInput(f"bad --keep {keep!r}: expected a whole number >= 0")
     say = progress or (lambda _m: None)
     with store.lock("gc", exclusive=True, wait=wait):
-        paths = [store.manifest_path(*t) for t in store.list_manifests()]
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            loaded = dict(zip(paths, pool.map(_load(store), paths)))
+        view = Indexed(store)  # what did not change since the index was written is not read again
+        paths = [store.manifest_path(*t) for t in view.list_manifests()]
+        refs = view.list_refs()
+        view.prefetch(paths + [store.ref_path(*x) for x in refs])
+        loaded = {p: _load(view)(p) for p in paths}
+        view.save()
         targets: dict[str, list[str]] = {}
-        for r, v, a in store.list_refs():
-            got = store.get_ref(r, v, a)
+        for r, v, a in refs:
+            got = view.get_ref(r, v, a)
             if got:
                 targets.setdefault(got[0].get("manifest"), []).append(f"{r}:{v}@{a}")
         groups: dict[tuple[str, str], list[tuple[str, str]]] = {}

@@ -1,12 +1,20 @@
 """The `nightly` flow: walk the catalog, rebuild only what is stale.
 
-For every recipe of the catalog directory, one `check` task works out, per
-variant and without reading a weight, whether anything that shapes it
-changed: the upstream revision (the Hugging Face API, for a source that
-tracks a branch), the recipe's parameters of any step, a step's code
+One `check` task works out, for every variant of every recipe of the
+catalog directory and without reading a weight, whether anything that
+shapes it changed: the upstream revision (the Hugging Face API, for a source
+that tracks a branch), the recipe's parameters of any step, a step's code
 version, the toolchain. A variant is up to date when every step's manifest
 for today's keys is in the store; otherwise the first step whose key moved
 says why, compared with the engine that `latest` points at now.
+
+The check reads the store through its index (`store/index.py`): one
+listing of the manifests and one of the refs, and the bytes of what did not
+change since the index was written, so an unchanged variant costs no store
+request and no task run of its own; what the listing shows changed is read
+from the store. Recipes are checked side by side (ENGINEFARM_MAX_PARALLEL
+threads); one recipe's failure (after the `check` policy's retries on
+transient errors) fails that recipe's variants only.
 
 Stale variants fan out: one fetch per recipe, then one `variant` task per
 variant (bounded by the task runner, ENGINEFARM_MAX_PARALLEL). A failing
@@ -22,6 +30,8 @@ not load is a failure.
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,13 +44,14 @@ from ..errors import BadInput, NotAvailable
 from ..hashing import canonical_json
 from ..spec import Recipe, Variant, load_recipe
 from ..store import open_store
+from ..store.index import Indexed
 from ..tasks import fetch as fetch_step
 from ..tasks import publish as publish_step
 from ..tasks.base import Ctx, StepSpec, log
-from ..tasks.policy import step_task
+from ..tasks.policy import POLICIES, should_retry, step_failed, step_task
 from . import report
 from .build import flow_run_id, plan, prepare, submit_variants, workdir
-from .settings import resolve_store, task_runner
+from .settings import max_parallel, resolve_store, task_runner
 
 
 @dataclass
@@ -131,9 +142,38 @@ def staleness(r: Recipe, vs: list[Variant], st) -> dict[str, Verdict]:
     return out
 
 
-@step_task("check", task_run_name="check {recipe.name}")
-def check_task(recipe: Recipe, variants: list[Variant], store) -> dict[str, Verdict]:
-    return staleness(recipe, variants, store)
+def check_recipe(recipe: Recipe, variants: list[Variant], store) -> dict[str, Verdict]:
+    """staleness(), retried on transient errors as the `check` policy says;
+    a failure is the check step's one line (recipe, step, why)."""
+    pol = POLICIES["check"]
+    for attempt in range(pol.retries + 1):
+        try:
+            return staleness(recipe, variants, store)
+        except Exception as e:  # noqa: BLE001 - retried or reported for this recipe only
+            if attempt < pol.retries and should_retry("check", e):
+                time.sleep(pol.retry_delays[min(attempt, len(pol.retry_delays) - 1)])
+                continue
+            raise step_failed("check", e, recipe.name, None) from e
+    raise AssertionError("unreachable")
+
+
+def check_catalog(items: list[tuple[Recipe, list[Variant]]], store) -> list[dict[str, Verdict] | BaseException]:
+    """Per recipe of items, in order: its verdicts, or the error that stopped its check."""
+    def one(item: tuple[Recipe, list[Variant]]) -> dict[str, Verdict] | BaseException:
+        try:
+            return check_recipe(item[0], item[1], store)
+        except Exception as e:  # noqa: BLE001 - one recipe's failure is reported, the rest go on
+            return e
+
+    if len(items) <= 1:
+        return [one(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(max_parallel(), len(items))) as pool:
+        return list(pool.map(one, items))
+
+
+@step_task("check", task_run_name="check {n} recipe(s)")
+def check_task(items: list[tuple[Recipe, list[Variant]]], store, n: int) -> list[dict[str, Verdict] | BaseException]:
+    return check_catalog(items, store)
 
 
 # ----------------------------------------------------------------------------- the catalog
@@ -181,24 +221,23 @@ def nightly(catalog: str = "models", store: Optional[str] = None, force: bool = 
     items, rows = load_catalog(catalog)
     log(f"nightly: {len(items)} buildable recipe(s) in {catalog} -> {st.uri}")
 
-    checks = [(r, vs, check_task.submit(r, vs, st)) for r, vs in items]
+    view = Indexed(st)  # manifests and refs through the store's index: unchanged ones cost no request
     todo = []
-    for r, vs, fut in checks:
-        try:
-            verdicts = fut.result()
-        except Exception as e:  # noqa: BLE001 - one recipe's failure is reported, the rest go on
-            rows += [report.failed_row(r.name, v.name, e) for v in vs]
+    for (r, vs), verdicts in zip(items, check_task(items, view, len(items))):
+        if isinstance(verdicts, BaseException):
+            rows += [report.failed_row(r.name, v.name, verdicts) for v in vs]
             continue
         stale = [v for v in vs if force or verdicts[v.name].stale]
         for v in vs:
             verdict = verdicts[v.name]
             if v not in stale:
-                publish_step.move_aliases(st, r.name, v.name, verdict.steps["publish"])
+                publish_step.move_aliases(view, r.name, v.name, verdict.steps["publish"])
                 rows.append(report.row(st, r.name, v.name, verdict.steps))
             else:
                 log(f"{r.name}:{v.name} is stale: {'; '.join(verdict.reasons) or 'forced'}")
         if stale:
             todo.append((r, stale, verdicts))
+    view.save()
 
     builds = []
     for r, stale, verdicts in todo:

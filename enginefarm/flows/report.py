@@ -177,8 +177,24 @@ def last_nights(st, n: int) -> list[dict]:
     return [rec for rec in (st.get_report(NIGHTLY, x) for x in names) if rec]
 
 
+MAX_LINES = 12  # more variants than this: each panel draws their median and maximum per night
+
+
+def _spread(records: list[dict], field: str) -> dict[str, list[float]]:
+    """Per night, the median and the maximum of field over the variants that have it."""
+    import statistics
+
+    out: dict[str, list[float]] = {"median": [], "max": []}
+    for rec in records:
+        ys = [y for r in rec["rows"] if r["status"] in ("built", "up to date") and (y := _num(r.get(field))) is not None]
+        out["median"].append(statistics.median(ys) if ys else math.nan)
+        out["max"].append(max(ys) if ys else math.nan)
+    return out
+
+
 def plot(records: list[dict]) -> bytes:
-    """PNG: build time and validation metrics per variant over the given nights."""
+    """PNG: build time and validation metrics per variant over the given nights
+    (over MAX_LINES variants: their median and maximum, one line each)."""
     from matplotlib.figure import Figure
 
     labels = [rec["started_at"][5:16].replace("T", " ") for rec in records]
@@ -187,11 +203,17 @@ def plot(records: list[dict]) -> bytes:
     fig = Figure(figsize=(10, 2.6 * len(PANELS) + 0.6), dpi=100)
     axes = fig.subplots(len(PANELS), 1, sharex=True)
     xs = list(range(len(records)))
-    for name in names:
-        by_night = [{f"{r['recipe']}:{r['variant']}": r for r in rec["rows"]}.get(name) for rec in records]
+    if len(names) > MAX_LINES:
         for ax, (field, _) in zip(axes, PANELS):
-            ys = [(r or {}).get(field) for r in by_night]
-            ax.plot(xs, [math.nan if y is None else y for y in ys], marker="o", label=name)
+            for what, ys in _spread(records, field).items():
+                ax.plot(xs, ys, marker="o", label=f"{what} of {len(names)} variants")
+        names = [f"{len(names)} variants"]
+    else:
+        for name in names:
+            by_night = [{f"{r['recipe']}:{r['variant']}": r for r in rec["rows"]}.get(name) for rec in records]
+            for ax, (field, _) in zip(axes, PANELS):
+                ys = [(r or {}).get(field) for r in by_night]
+                ax.plot(xs, [math.nan if y is None else y for y in ys], marker="o", label=name)
     for ax, (_, label) in zip(axes, PANELS):
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)

@@ -9,6 +9,8 @@ Layout, relative to the store root (a directory, or s3://bucket/prefix):
     refs/<recipe>/<variant>/<alias>.history.jsonl  one line per move (best effort)
     locks/<s|x>-<id>.json                          shared (build) / exclusive (gc) locks
     reports/<kind>/<name>.json                     write-once run records (the nightly's)
+    index/manifests-refs.json.gz                   a read-through copy of manifests and refs
+                                                   (an accelerator, see `index.py`; never the truth)
 
 Every rule lives here: name safety, key building, hashing, verification,
 atomic pulls, JSON encoding, write-once and CAS semantics. An implementation
@@ -239,6 +241,13 @@ class Store(ABC):
     @abstractmethod
     def _list(self, prefix: str) -> list[str]:
         """Every key under prefix (recursively), in any order."""
+
+    def _list_versions(self, prefix: str) -> dict[str, Optional[str]]:
+        """{key: a token that changes whenever the object's bytes do} of every
+        key under prefix, in one listing (S3: the ETags LIST returns). The
+        token need not be the compare-and-swap version. None: unknown (a
+        reader must then fetch the object). This default knows no tokens."""
+        return dict.fromkeys(self._list(prefix))
 
     @abstractmethod
     def _get_with_version(self, key: str) -> Optional[tuple[bytes, str]]:

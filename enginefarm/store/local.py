@@ -173,6 +173,18 @@ class LocalStore(Store):
                     out.append(k)
         return out
 
+    def _list_versions(self, prefix: str) -> dict[str, Optional[str]]:
+        """Tokens from a stat: inode, size and mtime. Every write makes a new
+        file (a temp file renamed or linked into place), so a new inode."""
+        out: dict[str, Optional[str]] = {}
+        for k in self._list(prefix):
+            try:
+                s = self._path(k).stat()
+            except FileNotFoundError:
+                continue
+            out[k] = f"{s.st_ino}:{s.st_size}:{s.st_mtime_ns}"
+        return out
+
     def _get_with_version(self, key: str) -> Optional[tuple[bytes, str]]:
         data = self._get_bytes(key)
         if data is None:

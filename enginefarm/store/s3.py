@@ -365,6 +365,15 @@ class S3Store(Store):
                 out.append(o["Key"][len(self.prefix):])
         return out
 
+    def _list_versions(self, prefix: str) -> dict[str, Optional[str]]:
+        """The ETags of one listing (1,000 keys a request)."""
+        self._check_bucket()
+        out: dict[str, Optional[str]] = {}
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._k(prefix)):
+            for o in page.get("Contents", []):
+                out[o["Key"][len(self.prefix):]] = o.get("ETag")
+        return out
+
     def _get_with_version(self, key: str) -> Optional[tuple[bytes, str]]:
         from botocore.exceptions import ClientError
 

@@ -1,0 +1,211 @@
+"""A read-through index of the store's manifests and refs, for the readers of
+many of them (the nightly's staleness pass, `ls`, `gc`).
+
+Reading a catalog's worth of manifests one GET at a time costs a request per
+step per variant. `Indexed(store)` is the same store, seen through:
+
+- one listing of `manifests/` and one of `refs/`, with a token per object
+  that changes whenever its bytes do (S3: the ETag of LIST, 1,000 keys a
+  request; a directory: inode, size and mtime);
+- one object, `index/manifests-refs.json.gz`: the bytes of every manifest
+  and ref read before, each with the token it had.
+
+A read of a manifest or ref is answered from the index when the listing
+shows the object with the token the index recorded (the same bytes), as
+absent when the listing does not show it, and by the store otherwise (then
+recorded). The listing is the truth, the index only a copy of bytes: a
+stale or lost index costs requests, never a wrong answer. Anything written
+through the view (an alias moved, a manifest put) is read from the store
+from then on. `save()` writes the index back (best effort: a reader without
+write access still reads). Blobs, locks, reports and caches go straight to
+the store.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+from .base import Staged, Store
+
+log = logging.getLogger(__name__)
+
+INDEX_KEY = "index/manifests-refs.json.gz"
+SCHEMA = "enginefarm.index/1"
+INDEXED = ("manifests/", "refs/")
+FETCHERS = 16  # reads in flight at once when warming the index (prefetch)
+
+
+class Indexed(Store):
+    """`store`, with its manifests and refs read through the index."""
+
+    def __init__(self, store: Store):
+        if isinstance(store, Indexed):
+            store = store.inner
+        self.inner = store
+        self.uri = store.uri
+        self._listed: dict[str, dict[str, Optional[str]]] = {}  # prefix -> {key: token}
+        self._memo: Optional[dict[str, tuple[str, bytes, Optional[str]]]] = None  # key -> (token, bytes, version)
+        self._written: set[str] = set()
+        self._dirty = False
+        self._mu = threading.Lock()
+
+    # ------------------------------------------------------------ the index
+
+    @staticmethod
+    def _indexed(key: str) -> bool:
+        return key.startswith(INDEXED)
+
+    def _listing(self, key: str) -> dict[str, Optional[str]]:
+        prefix = next(p for p in INDEXED if key.startswith(p))
+        with self._mu:
+            got = self._listed.get(prefix)
+        if got is None:
+            got = self.inner._list_versions(prefix)
+            with self._mu:
+                self._listed.setdefault(prefix, got)
+        return got
+
+    def _load(self) -> dict[str, tuple[str, bytes, Optional[str]]]:
+        if self._memo is not None:
+            return self._memo
+        memo: dict = {}
+        try:
+            raw = self.inner._get_bytes(INDEX_KEY)
+            doc = json.loads(gzip.decompress(raw)) if raw else {}
+            if doc.get("schema") == SCHEMA:
+                memo = {k: (t, b.encode(), v) for k, (t, b, v) in doc["entries"].items()}
+        except Exception as e:  # noqa: BLE001 - an unreadable index is an empty one
+            log.warning("store index %s in %s: unreadable (%s); reading the store instead", INDEX_KEY, self.uri, e)
+        with self._mu:
+            if self._memo is None:
+                self._memo = memo
+            return self._memo
+
+    def _read(self, key: str, with_version: bool) -> Optional[tuple[bytes, Optional[str]]]:
+        """(bytes, version) of an indexed key: from the index when the listing
+        says it is unchanged, None when the listing does not have it."""
+        if key in self._written:
+            got = self.inner._get_with_version(key) if with_version else self.inner._get_bytes(key)
+            return (got if with_version else (got, None)) if got is not None else None
+        listing = self._listing(key)
+        if key not in listing:
+            return None
+        token = listing[key]
+        memo = self._load()
+        hit = memo.get(key)
+        if token is not None and hit is not None and hit[0] == token and (hit[2] is not None or not with_version):
+            return hit[1], hit[2]
+        if with_version:
+            got = self.inner._get_with_version(key)
+            data, version = got if got is not None else (None, None)
+        else:
+            data, version = self.inner._get_bytes(key), None
+        if data is None:
+            return None
+        if token is not None:
+            with self._mu:
+                memo[key] = (token, data, version)
+                self._dirty = True
+        return data, version
+
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Read the keys that the index cannot answer, several at once (a
+        cold index: the first night, a new store)."""
+        todo = []
+        for k in keys:
+            if not self._indexed(k) or k in self._written:
+                continue
+            token = self._listing(k).get(k, "")
+            hit = self._load().get(k)
+            if token != "" and (token is None or hit is None or hit[0] != token):
+                todo.append(k)
+        if todo:
+            with ThreadPoolExecutor(max_workers=min(FETCHERS, len(todo))) as pool:
+                list(pool.map(lambda k: self._read(k, k.startswith("refs/")), todo))
+
+    def save(self) -> bool:
+        """Write the index back when it learned something (best effort):
+        every entry the listings still show with the same token."""
+        if self._memo is None or not (self._dirty or self._listed):
+            return False
+        keep = {}
+        for k, (t, b, v) in self._memo.items():
+            prefix = next(p for p in INDEXED if k.startswith(p))
+            listing = self._listed.get(prefix)
+            if k in self._written or (listing is not None and listing.get(k) != t):
+                continue
+            keep[k] = [t, b.decode(), v]
+        if not self._dirty and len(keep) == len(self._memo):
+            return False
+        doc = {"schema": SCHEMA, "entries": keep}
+        try:
+            self.inner._put_bytes(INDEX_KEY, gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), 1))
+            self._dirty = False
+            return True
+        except Exception as e:  # noqa: BLE001 - an accelerator: the next reader reads the store
+            log.warning("store index %s in %s: not written (%s)", INDEX_KEY, self.uri, e)
+            return False
+
+    # ------------------------------------------------------------ primitives
+
+    def _exists(self, key: str) -> bool:
+        if self._indexed(key) and key not in self._written:
+            return key in self._listing(key)
+        return self.inner._exists(key)
+
+    def _get_bytes(self, key: str) -> Optional[bytes]:
+        if self._indexed(key):
+            got = self._read(key, False)
+            return got[0] if got else None
+        return self.inner._get_bytes(key)
+
+    def _get_with_version(self, key: str) -> Optional[tuple[bytes, str]]:
+        if self._indexed(key):
+            got = self._read(key, True)
+            return (got[0], got[1]) if got else None  # type: ignore[return-value]
+        return self.inner._get_with_version(key)
+
+    def _list(self, prefix: str) -> list[str]:
+        if self._indexed(prefix) and not self._written:
+            return [k for k in self._listing(prefix) if k.startswith(prefix)]
+        return self.inner._list(prefix)
+
+    def _list_versions(self, prefix: str) -> dict[str, Optional[str]]:
+        return self.inner._list_versions(prefix)
+
+    def _wrote(self, key: str) -> None:
+        with self._mu:
+            self._written.add(key)
+
+    def _put_bytes(self, key: str, data: bytes, if_none_match: bool = False) -> bool:
+        self._wrote(key)
+        return self.inner._put_bytes(key, data, if_none_match)
+
+    def _put_file(self, key: str, path: Path, digest: str, size: int) -> None:
+        self.inner._put_file(key, path, digest, size)
+
+    def _get_file(self, key: str, dest: Path, size: Optional[int] = None) -> Optional[tuple[str, int]]:
+        return self.inner._get_file(key, dest, size)
+
+    def _cas(self, key: str, data: bytes, expected: Optional[str]) -> bool:
+        self._wrote(key)
+        return self.inner._cas(key, data, expected)
+
+    def _delete(self, key: str) -> None:
+        self._wrote(key)
+        self.inner._delete(key)
+
+    def _sweep_partials(self, max_age: float) -> int:
+        return self.inner._sweep_partials(max_age)
+
+    @contextmanager
+    def _stage_file(self, path: Path) -> Iterator[Staged]:
+        with self.inner._stage_file(path) as staged:
+            yield staged
