@@ -339,3 +339,50 @@ def test_missing_bucket_is_bad_input(s3_server):
     st = open_store("s3://no-such-bucket-here/x")  # nothing contacted yet
     with pytest.raises(BadInput, match="does not exist"):
         st.get_ref("r", "v", "latest")
+
+
+def test_the_index_answers_what_did_not_change_and_rereads_what_did(store):
+    """store/index.py: a second reader answers unchanged manifests and refs
+    from the index (no GET), re-reads a ref someone moved, and sees a
+    deleted manifest as gone; a lost index costs requests, not answers."""
+    from enginefarm.store.index import INDEX_KEY, Indexed
+
+    m = {"step": "fetch", "n": 1}
+    store.put_manifest("r", "fetch", "k1", m)
+    store.put_manifest("r", "fetch", "k2", {"step": "fetch", "n": 2})
+    path = store.manifest_path("r", "fetch", "k1")
+    assert store.move_alias("r", "v", "latest", path, "a" * 64, "test")
+
+    first = Indexed(store)
+    assert first.get_manifest("r", "fetch", "k1") == m
+    assert first.get_manifest("r", "fetch", "k2")["n"] == 2
+    assert first.get_ref("r", "v", "latest")[0]["digest"] == "a" * 64
+    assert first.get_manifest("r", "fetch", "nope") is None
+    assert first.save()
+
+    gets: list[str] = []
+    real = (type(store)._get_bytes, type(store)._get_with_version)
+    spy = Indexed(store)
+    spy.inner = type("Spy", (), {})()
+    for name in ("_list_versions", "_put_bytes", "_cas", "_delete", "_exists", "_list"):
+        setattr(spy.inner, name, getattr(store, name))
+    spy.inner._get_bytes = lambda k: (gets.append(k), real[0](store, k))[1]
+    spy.inner._get_with_version = lambda k: (gets.append(k), real[1](store, k))[1]
+    assert spy.get_manifest("r", "fetch", "k1") == m and spy.get_ref("r", "v", "latest")[0]["digest"] == "a" * 64
+    assert gets == [INDEX_KEY], gets  # the index itself, nothing else
+
+    # someone else moves the ref and deletes a manifest: the next reader sees both
+    assert store.move_alias("r", "v", "latest", path, "b" * 64, "test")
+    store.delete_manifest("r", "fetch", "k2")
+    again = Indexed(store)
+    value, version = again.get_ref("r", "v", "latest")
+    assert value["digest"] == "b" * 64 and version == store.get_ref("r", "v", "latest")[1]
+    assert again.get_manifest("r", "fetch", "k2") is None
+    # moving an alias through the view reads it from the store from then on
+    assert again.move_alias("r", "v", "latest", path, "c" * 64, "test")
+    assert again.get_ref("r", "v", "latest")[0]["digest"] == "c" * 64
+    assert again.save()
+
+    store._put_bytes(INDEX_KEY, b"not gzip")  # an unreadable index is an empty one
+    lost = Indexed(store)
+    assert lost.get_ref("r", "v", "latest")[0]["digest"] == "c" * 64 and lost.get_manifest("r", "fetch", "k1") == m

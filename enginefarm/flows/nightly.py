@@ -29,6 +29,7 @@ not load is a failure.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +49,7 @@ from ..store.index import Indexed
 from ..tasks import fetch as fetch_step
 from ..tasks import publish as publish_step
 from ..tasks.base import Ctx, StepSpec, log
-from ..tasks.policy import POLICIES, should_retry, step_failed, step_task
+from ..tasks.policy import POLICIES, one_line, should_retry, step_failed, step_task
 from . import report
 from .build import flow_run_id, plan, prepare, submit_variants, workdir
 from .settings import max_parallel, resolve_store, task_runner
@@ -151,6 +152,8 @@ def check_recipe(recipe: Recipe, variants: list[Variant], store) -> dict[str, Ve
             return staleness(recipe, variants, store)
         except Exception as e:  # noqa: BLE001 - retried or reported for this recipe only
             if attempt < pol.retries and should_retry("check", e):
+                log(f"recipe {recipe.name}, step check: {one_line(e)} (attempt {attempt + 1} of {pol.retries + 1}; "
+                    "will retry)", "warning")
                 time.sleep(pol.retry_delays[min(attempt, len(pol.retry_delays) - 1)])
                 continue
             raise step_failed("check", e, recipe.name, None) from e
@@ -168,7 +171,9 @@ def check_catalog(items: list[tuple[Recipe, list[Variant]]], store) -> list[dict
     if len(items) <= 1:
         return [one(x) for x in items]
     with ThreadPoolExecutor(max_workers=min(max_parallel(), len(items))) as pool:
-        return list(pool.map(one, items))
+        # each in a copy of this context: the task run's logger works in the threads
+        futures = [pool.submit(contextvars.copy_context().run, one, x) for x in items]
+        return [f.result() for f in futures]
 
 
 @step_task("check", task_run_name="check {n} recipe(s)")
