@@ -383,7 +383,10 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         from enginefarm.testing import write_tiny
 
-        srcs = [write_tiny("opt", work / f"ckpt{i}", seed=100 + i) for i in range(CHECKPOINTS)]
+        srcs = [work / f"ckpt{i}" for i in range(CHECKPOINTS)]
+        for i, src in enumerate(srcs):  # written once: a new mtime would make every fetch key new
+            if not (src / "config.json").is_file():
+                write_tiny("opt", src, seed=100 + i)
         master = work / "store"
         tdir = work / "templates"
         tdir.mkdir(exist_ok=True)
@@ -402,12 +405,7 @@ def main() -> None:
         cdir = work / "clones"
         cdir.mkdir(exist_ok=True)
         todo = [x for x in sorted(names) if x not in {f"scale-c{i}" for i in range(CHECKPOINTS)}]
-        from enginefarm.store import open_store
-
-        have = {r for r, _, _ in open_store(str(master)).list_refs()}
-        for k, name in enumerate(todo):
-            if name in have:
-                continue
+        for k, name in enumerate(todo):  # a recipe recorded before: every step is found, nothing written
             ckpt, size = names[name]
             clone(str(master), write_recipe(cdir, name, srcs[ckpt], size), tdir / f"scale-c{ckpt}.yaml")
             if k % 50 == 49:
