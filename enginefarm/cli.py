@@ -309,9 +309,8 @@ def cmd_ls(a) -> int:
         check_name("recipe", a.recipe)
     from .store.index import Indexed
 
-    st = Indexed(open_store(a.store))  # refs and manifests through the store's index
+    st = Indexed(open_store(a.store))  # refs and manifests through the store's index (read, never written)
     rows = engine_rows(st, a.recipe)
-    st.save()
     if a.json:
         print(json.dumps(rows, indent=2))
         return 0

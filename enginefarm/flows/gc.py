@@ -40,7 +40,8 @@ def gc(store, keep: int, dry_run: bool = False, wait: float = 60.0,
         refs = view.list_refs()
         view.prefetch(paths + [store.ref_path(*x) for x in refs])
         loaded = {p: _load(view)(p) for p in paths}
-        view.save()
+        if not dry_run:  # a dry run writes nothing, the index included
+            view.save()
         targets: dict[str, list[str]] = {}
         for r, v, a in refs:
             got = view.get_ref(r, v, a)

@@ -17,8 +17,9 @@ recorded). The listing is the truth, the index only a copy of bytes: a
 stale or lost index costs requests, never a wrong answer. Anything written
 through the view (an alias moved, a manifest put) is read from the store
 from then on. `save()` writes the index back (best effort: a reader without
-write access still reads). Blobs, locks, reports and caches go straight to
-the store.
+write access still reads); the nightly and gc save it, the read-only
+commands (`ls`, `gc --dry-run`) never write. Blobs, locks, reports and
+caches go straight to the store.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ class Indexed(Store):
         if self._memo is not None:
             return self._memo
         memo: dict = {}
+        raw = self.inner._get_bytes(INDEX_KEY)  # a store that cannot be read says so, as for any read
         try:
-            raw = self.inner._get_bytes(INDEX_KEY)
             doc = json.loads(gzip.decompress(raw)) if raw else {}
             if doc.get("schema") == SCHEMA:
                 memo = {k: (t, b.encode(), v) for k, (t, b, v) in doc["entries"].items()}
