@@ -348,15 +348,15 @@ def test_the_index_answers_what_did_not_change_and_rereads_what_did(store):
     from enginefarm.store.index import INDEX_KEY, Indexed
 
     m = {"step": "fetch", "n": 1}
-    store.put_manifest("r", "fetch", "k1", m)
+    d1 = store.put_manifest("r", "fetch", "k1", m)
     store.put_manifest("r", "fetch", "k2", {"step": "fetch", "n": 2})
     path = store.manifest_path("r", "fetch", "k1")
-    assert store.move_alias("r", "v", "latest", path, "a" * 64, "test")
+    assert store.move_alias("r", "v", "latest", path, d1, "test")
 
     first = Indexed(store)
     assert first.get_manifest("r", "fetch", "k1") == m
     assert first.get_manifest("r", "fetch", "k2")["n"] == 2
-    assert first.get_ref("r", "v", "latest")[0]["digest"] == "a" * 64
+    assert first.get_ref("r", "v", "latest")[0]["digest"] == d1
     assert first.get_manifest("r", "fetch", "nope") is None
     assert first.save()
 
@@ -368,8 +368,11 @@ def test_the_index_answers_what_did_not_change_and_rereads_what_did(store):
         setattr(spy.inner, name, getattr(store, name))
     spy.inner._get_bytes = lambda k: (gets.append(k), real[0](store, k))[1]
     spy.inner._get_with_version = lambda k: (gets.append(k), real[1](store, k))[1]
-    assert spy.get_manifest("r", "fetch", "k1") == m and spy.get_ref("r", "v", "latest")[0]["digest"] == "a" * 64
+    # the ref (its listing token unchanged) names the manifest's digest: both from the index
+    assert spy.get_ref("r", "v", "latest")[0]["digest"] == d1 and spy.get_manifest("r", "fetch", "k1") == m
     assert gets == [INDEX_KEY], gets  # the index itself, nothing else
+    assert spy.get_manifest("r", "fetch", "k2")["n"] == 2  # no digest names it: read
+    assert gets == [INDEX_KEY, store.manifest_path("r", "fetch", "k2")], gets
 
     # someone else moves the ref and deletes a manifest: the next reader sees both
     assert store.move_alias("r", "v", "latest", path, "b" * 64, "test")

@@ -126,6 +126,9 @@ def explain(r: Recipe, name: str, spec: StepSpec, old: Optional[dict]) -> list[s
 def staleness(r: Recipe, vs: list[Variant], st) -> dict[str, Verdict]:
     """Per variant: up to date (every step's manifest is in the store), or
     stale, with the reasons. Reads metadata only."""
+    prime = getattr(st, "prime", None)  # an Indexed store: the chains `latest` points at, from the index
+    if prime is not None:
+        prime(r.name, [v.name for v in vs])
     rows, complete = plan(r, vs, st)
     out: dict[str, Verdict] = {}
     for v in vs:

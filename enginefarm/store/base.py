@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..errors import BadInput, StepFailed
-from ..hashing import canonical_json, digest_bytes, digest_file
+from ..hashing import canonical_json, digest_bytes, digest_file, digest_json
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,10 @@ class Store(ABC):
         reader must then fetch the object). This default knows no tokens."""
         return dict.fromkeys(self._list(prefix))
 
+    def _token_matches(self, token: Optional[str], data: bytes) -> bool:
+        """Whether a listing token is that of these bytes (False: cannot tell)."""
+        return False
+
     @abstractmethod
     def _get_with_version(self, key: str) -> Optional[tuple[bytes, str]]:
         """(bytes, version token) of the object at key, or None if absent. The
@@ -383,6 +387,11 @@ class Store(ABC):
         path = manifest_key(recipe, step, key)
         data = self._get_bytes(path)
         return None if data is None else self._decode(path, data)
+
+    def get_manifest_and_digest(self, recipe: str, step: str, key: str) -> Optional[tuple[dict, str]]:
+        """(manifest, digest_json of it) or None: what a step's cache lookup needs."""
+        m = self.get_manifest(recipe, step, key)
+        return None if m is None else (m, digest_json(m))
 
     def get_manifest_by_path(self, path: str) -> Optional[dict]:
         """A manifest by its relative key manifests/<recipe>/<step>/<key>.json."""

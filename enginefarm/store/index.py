@@ -10,11 +10,16 @@ step per variant. `Indexed(store)` is the same store, seen through:
 - one object, `index/manifests-refs.json.gz`: the bytes of every manifest
   and ref read before, each with the token it had.
 
-A read of a manifest or ref is answered from the index when the listing
-shows the object with the token the index recorded (the same bytes), as
-absent when the listing does not show it, and by the store otherwise (then
-recorded). The listing is the truth, the index only a copy of bytes: a
-stale or lost index costs requests, never a wrong answer. Anything written
+A read of a ref is answered from the index when the listing shows it with
+the token the index recorded (the same bytes), as absent when the listing
+does not show it, and by the store otherwise (then recorded). Manifests are
+write-once and named by digest: a ref names the sha256 of the publish
+manifest it points at, and every manifest names the sha256 of each of its
+inputs. A manifest whose index copy has the digest that a ref or manifest
+read tonight names for it is answered from the index with no listing (gc
+keeps every manifest an alias reaches); any other is one GET, unless
+manifests/ was listed (gc lists it: then the listing rule above). A stale
+or lost index costs requests, never a wrong answer. Anything written
 through the view (an alias moved, a manifest put) is read from the store
 from then on. `save()` writes the index back (best effort: a reader without
 write access still reads); the nightly and gc save it, the read-only
@@ -33,12 +38,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from .base import Staged, Store
+from ..hashing import digest_bytes, digest_json
+from .base import Staged, Store, manifest_key
 
 log = logging.getLogger(__name__)
 
 INDEX_KEY = "index/manifests-refs.json.gz"
 SCHEMA = "enginefarm.index/1"
+SHA = "sha256:"  # the token of a manifest read without a listing: its digest
 INDEXED = ("manifests/", "refs/")
 FETCHERS = 16  # reads in flight at once when warming the index (prefetch)
 
@@ -54,6 +61,10 @@ class Indexed(Store):
         self._listed: dict[str, dict[str, Optional[str]]] = {}  # prefix -> {key: token}
         self._memo: Optional[dict[str, tuple[str, bytes, Optional[str]]]] = None  # key -> (token, bytes, version)
         self._written: set[str] = set()
+        self._trusted: dict[str, str] = {}  # manifest key -> the sha256 a ref or a manifest names for it
+        self._verified: set[str] = set()
+        self._learned: set[str] = set()
+        self._djson: dict[str, str] = {}  # sha256 of a manifest's bytes -> digest_json of its decoded value
         self._dirty = False
         self._mu = threading.Lock()
 
@@ -82,6 +93,7 @@ class Indexed(Store):
             doc = json.loads(gzip.decompress(raw)) if raw else {}
             if doc.get("schema") == SCHEMA:
                 memo = {k: (t, b.encode(), v) for k, (t, b, v) in doc["entries"].items()}
+                self._djson = dict(doc.get("digest_json") or {})
         except Exception as e:  # noqa: BLE001 - an unreadable index is an empty one
             log.warning("store index %s in %s: unreadable (%s); reading the store instead", INDEX_KEY, self.uri, e)
         with self._mu:
@@ -95,14 +107,24 @@ class Indexed(Store):
         if key in self._written:
             got = self.inner._get_with_version(key) if with_version else self.inner._get_bytes(key)
             return (got if with_version else (got, None)) if got is not None else None
+        if key.startswith("manifests/") and "manifests/" not in self._listed:
+            return self._read_manifest(key)
         listing = self._listing(key)
         if key not in listing:
             return None
         token = listing[key]
         memo = self._load()
         hit = memo.get(key)
-        if token is not None and hit is not None and hit[0] == token and (hit[2] is not None or not with_version):
-            return hit[1], hit[2]
+        if token is not None and hit is not None and (hit[2] is not None or not with_version):
+            if hit[0] == token:
+                self._learn(key, hit[1])
+                return hit[1], hit[2]
+            if hit[0].startswith(SHA) and self.inner._token_matches(token, hit[1]):  # read without a listing before
+                with self._mu:
+                    memo[key] = (token, hit[1], hit[2])
+                    self._dirty = True
+                self._learn(key, hit[1])
+                return hit[1], hit[2]
         if with_version:
             got = self.inner._get_with_version(key)
             data, version = got if got is not None else (None, None)
@@ -114,18 +136,91 @@ class Indexed(Store):
             with self._mu:
                 memo[key] = (token, data, version)
                 self._dirty = True
+        self._learn(key, data)
         return data, version
+
+    def _read_manifest(self, key: str) -> Optional[tuple[bytes, Optional[str]]]:
+        """A manifest, without a listing: from the index when its bytes have
+        the digest that a ref or a manifest read tonight names for it (write
+        once, content-addressed: the same bytes; and gc keeps every manifest
+        an alias reaches), else one GET."""
+        want = self._trusted.get(key)
+        hit = self._load().get(key)
+        if want is not None and hit is not None and (key in self._verified or digest_bytes(hit[1]) == want):
+            self._verified.add(key)
+            self._learn(key, hit[1])
+            return hit[1], None
+        data = self.inner._get_bytes(key)
+        if data is None:
+            return None
+        with self._mu:
+            self._memo[key] = (SHA + digest_bytes(data), data, None)  # type: ignore[index]
+            self._dirty = True
+        self._learn(key, data)
+        return data, None
+
+    def _learn(self, key: str, data: bytes) -> None:
+        """The digests this object names: a ref's manifest, a manifest's inputs."""
+        if key in self._learned:
+            return
+        self._learned.add(key)
+        try:
+            value = json.loads(data)
+            if key.startswith("refs/"):
+                if isinstance(value.get("manifest"), str) and isinstance(value.get("digest"), str):
+                    self._trusted.setdefault(value["manifest"], value["digest"])
+                return
+            recipe = key.split("/")[1]
+            for inp in (value.get("inputs") or {}).values():
+                self._trusted.setdefault(manifest_key(recipe, inp["step"], inp["key"]), inp["digest"])
+        except Exception:  # noqa: BLE001 - history lines, odd values: nothing learned
+            return
+
+    def prime(self, recipe: str, variants: Iterable[str], alias: str = "latest") -> None:
+        """Read each variant's alias and the publish manifest it points at:
+        the digests of the whole chain it was built from are then known, so
+        its manifests are answered from the index (a cold index: read)."""
+        for v in variants:
+            got = self.get_ref(recipe, v, alias)
+            path = (got[0] if got else {}).get("manifest")
+            if isinstance(path, str) and path in self._trusted:
+                self._read_manifest(path)
+
+    def get_manifest_and_digest(self, recipe: str, step: str, key: str) -> Optional[tuple[dict, str]]:
+        """(manifest, digest_json of it); the digest is kept in the index by
+        the sha256 of the bytes it was computed from."""
+        path = manifest_key(recipe, step, key)
+        data = self._get_bytes(path)
+        if data is None:
+            return None
+        m = self._decode(path, data)
+        h = digest_bytes(data)
+        d = self._djson.get(h)
+        if d is None:
+            d = digest_json(m)
+            with self._mu:
+                self._djson[h] = d
+                self._dirty = True
+        return m, d
 
     def prefetch(self, keys: Iterable[str]) -> None:
         """Read the keys that the index cannot answer, several at once (a
         cold index: the first night, a new store)."""
         todo = []
+        memo = self._load()
         for k in keys:
             if not self._indexed(k) or k in self._written:
                 continue
+            hit = memo.get(k)
+            if k.startswith("manifests/") and "manifests/" not in self._listed:
+                want = self._trusted.get(k)
+                if want is None or hit is None or digest_bytes(hit[1]) != want:
+                    todo.append(k)
+                continue
             token = self._listing(k).get(k, "")
-            hit = self._load().get(k)
-            if token != "" and (token is None or hit is None or hit[0] != token):
+            if token != "" and (token is None or hit is None or
+                                (hit[0] != token and not (hit[0].startswith(SHA) and
+                                                          self.inner._token_matches(token, hit[1])))):
                 todo.append(k)
         if todo:
             with ThreadPoolExecutor(max_workers=min(FETCHERS, len(todo))) as pool:
@@ -145,7 +240,8 @@ class Indexed(Store):
             keep[k] = [t, b.decode(), v]
         if not self._dirty and len(keep) == len(self._memo):
             return False
-        doc = {"schema": SCHEMA, "entries": keep}
+        shas = {digest_bytes(b.encode()) for _, b, _ in keep.values()}
+        doc = {"schema": SCHEMA, "entries": keep, "digest_json": {h: d for h, d in self._djson.items() if h in shas}}
         try:
             self.inner._put_bytes(INDEX_KEY, gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), 1))
             self._dirty = False

@@ -374,6 +374,14 @@ class S3Store(Store):
                 out[o["Key"][len(self.prefix):]] = o.get("ETag")
         return out
 
+    def _token_matches(self, token: Optional[str], data: bytes) -> bool:
+        """The ETag of a single-part upload is the MD5 of its bytes (a
+        multipart one has a '-N' suffix: cannot tell)."""
+        import hashlib
+
+        t = (token or "").strip('"')
+        return len(t) == 32 and "-" not in t and hashlib.md5(data, usedforsecurity=False).hexdigest() == t
+
     def _get_with_version(self, key: str) -> Optional[tuple[bytes, str]]:
         from botocore.exceptions import ClientError
 

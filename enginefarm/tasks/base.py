@@ -147,10 +147,10 @@ def store_files(store, files: dict[str, Any]) -> dict[str, dict]:
 
 def lookup(ctx: Ctx, spec: StepSpec) -> Optional[StepResult]:
     key = spec.key()
-    m = ctx.store.get_manifest(ctx.recipe.name, spec.step, key)
-    if m is None:
+    got = ctx.store.get_manifest_and_digest(ctx.recipe.name, spec.step, key)
+    if got is None:
         return None
-    return StepResult(spec.step, key, digest_json(m), m, cached=True)
+    return StepResult(spec.step, key, got[1], got[0], cached=True)
 
 
 def materialize(ctx: Ctx, result: StepResult, dest: Path, only: Optional[Callable[[str], bool]] = None) -> Path:
