@@ -383,6 +383,8 @@ def main() -> None:
             ENGINEFARM_TINY_DIR=str(work / "tiny"), TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"),
             PREFECT_HOME=str(tmp / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
             PREFECT_LOGGING_LEVEL="WARNING", ENGINEFARM_WORK=str(tmp),
+            # a loaded machine starts the ephemeral API slowly (the default wait is 20 s)
+            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
             AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
             AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp / "aws-config"),
             AWS_SHARED_CREDENTIALS_FILE=str(tmp / "aws-credentials"),
