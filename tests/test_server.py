@@ -39,11 +39,11 @@ def _free_port() -> int:
 
 
 class Farm:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, api: str | None = None, store: str | None = None):
         self.tmp = tmp
-        self.port = _free_port()
-        self.api = f"http://127.0.0.1:{self.port}/api"
-        self.store = str(tmp / "store")
+        self.port = None if api else _free_port()
+        self.api = api or f"http://127.0.0.1:{self.port}/api"
+        self.store = store or str(tmp / "store")
         self.env = dict(os.environ)
         for k in list(self.env):  # nothing of the test session's own Prefect settings
             if k.startswith("PREFECT_"):
@@ -59,17 +59,24 @@ class Farm:
             ENGINEFARM_REPO=str(ROOT),
         )
         self.procs: list[subprocess.Popen] = []
-        self.http = httpx.Client(base_url=self.api, timeout=60)
+        self.http = self.client()
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "wb")
-        p = subprocess.Popen([str(BIN / "prefect"), *args], env=self.env, cwd=self.tmp, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+    def client(self):
+        return httpx.Client(base_url=self.api, timeout=60)
+
+    def argv(self, argv: list[str], host: str | None) -> list[str]:
+        """argv as run on host (here: one machine, so as it is)."""
+        return argv
+
+    def spawn(self, name: str, *args: str, host: str | None = None, env: dict | None = None) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "ab")
+        p = subprocess.Popen(self.argv([str(BIN / "prefect"), *args], host), env={**self.env, **(env or {})},
+                             cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(p)
         return p
 
-    def prefect(self, *args: str) -> str:
-        p = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], env=self.env, cwd=ROOT,
+    def prefect(self, *args: str, host: str | None = None) -> str:
+        p = subprocess.run(self.argv([str(BIN / "prefect"), "--no-prompt", *args], host), env=self.env, cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, f"prefect {' '.join(args)}: {p.stdout[-3000:]}{p.stderr[-3000:]}"
         return p.stdout
@@ -109,12 +116,15 @@ class Farm:
         assert r.status_code == 201, r.text
         return r.json()
 
-    def wait(self, run: dict, timeout: float = 900) -> dict:
+    def wait(self, run: dict, timeout: float = 900, tick=None) -> dict:
+        """The run, once final; tick(flow run) is called at every poll (fault injection)."""
         t0 = time.time()
         while time.time() - t0 < timeout:
             fr = self.call("GET", f"/flow_runs/{run['id']}").json()
             if fr["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
                 return fr
+            if tick is not None:
+                tick(fr)
             for p in self.procs:
                 assert p.poll() is None, f"a farm process exited: {p.args}"
             time.sleep(2)

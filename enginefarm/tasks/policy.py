@@ -10,6 +10,10 @@ retries, retry delays and timeout from `POLICIES[STEP]`. Two retry rules:
 - "any": retried on any error except bad input (GPU steps: an Xid error or
   an out-of-memory caused by a neighbour deserves a second try).
 
+A full disk (ENOSPC) is not retried either: the line names the full
+directory (the work directory, ENGINEFARM_WORK, when the file was under it)
+and what is free there.
+
 A failing step logs, before Prefect's traceback, one line that says which
 recipe, variant and step failed, and why:
 
@@ -29,8 +33,11 @@ warns about this on every such task run; that warning is filtered here
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -110,10 +117,47 @@ def is_transient(e: BaseException) -> bool:
     return False
 
 
+def no_space(e: BaseException) -> Optional[OSError]:
+    """The ENOSPC error that e is, or was raised from."""
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
+            return x
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.0f} GiB"
+
+
+def no_space_line(x: OSError) -> str:
+    """'no space left on device in the work directory D (ENGINEFARM_WORK): F free of T; writing FILE'."""
+    work = os.path.abspath(os.environ.get("ENGINEFARM_WORK") or tempfile.gettempdir())
+    path = os.fspath(x.filename) if x.filename is not None else None
+    if path is None or os.path.commonpath([work, os.path.abspath(path)]) == work:
+        where, what = work, ("the work directory " + work
+                             + (" (ENGINEFARM_WORK)" if os.environ.get("ENGINEFARM_WORK") else " (the system temp dir; "
+                                                                                            "set ENGINEFARM_WORK)"))
+    else:  # elsewhere: the file system the file was on
+        where = os.path.dirname(os.path.abspath(path))
+        while not os.path.ismount(where) and os.path.dirname(where) != where:
+            where = os.path.dirname(where)
+        what = f"the file system at {where}"
+    try:
+        fs = os.statvfs(where)
+        room = f": {_size(fs.f_bavail * fs.f_frsize)} free of {_size(fs.f_blocks * fs.f_frsize)}"
+    except OSError:
+        room = ""
+    return f"no space left on device in {what}{room}" + (f"; writing {path}" if path else "")
+
+
 def should_retry(step: str, e: BaseException) -> bool:
     pol = POLICIES[step]
     root = getattr(e, "cause", None) or e
-    if any(isinstance(x, BadInput) for x in _chain(root)):
+    if any(isinstance(x, BadInput) for x in _chain(root)) or no_space(root) is not None:
         return False
     return True if pol.retry_on == "any" else is_transient(root)
 
@@ -128,6 +172,9 @@ def _retry_condition(step: str):
 
 
 def one_line(e: BaseException) -> str:
+    full = no_space(e)
+    if full is not None:
+        return no_space_line(full)
     msg = " ".join(str(e).split()) or repr(e)
     name = type(e).__name__
     return msg if isinstance(e, FarmError) else f"{name}: {msg}"
