@@ -157,7 +157,7 @@ class HostFarm(Farm):
             "ENGINEFARM_MAX_PARALLEL": os.environ.get("ENGINEFARM_HOSTS_MAX_PARALLEL", "1"),
         })
 
-    def store(self):
+    def open_store(self):
         from enginefarm.store import open_store
 
         return self.box.inns(open_store, self.store)
@@ -258,8 +258,10 @@ def audit(farm: HostFarm) -> dict:
     that is; every published engine pulls, verified. Figures for the README."""
     from enginefarm.store.pull import pull
 
-    def run():
-        st = farm.store()
+    def run():  # on the ctl host already
+        from enginefarm.store import open_store
+
+        st = open_store(farm.store)
         blobs = set(st.list_blobs())
         named, missing, published = set(), [], []
         for recipe, step, key in st.list_manifests():
@@ -372,7 +374,7 @@ def test_hosts_nightlies_with_faults(hosts):
     assert gpt2["why"].startswith("recipe tiny-gpt2, variant fp32-tp1, step build failed: "), gpt2["why"]
     killed_run = {r["name"]: r for r in farm.gpu_runs()}["tiny-gpt2:fp32-tp1"]
     assert killed_run["state"]["type"] == "CRASHED", killed_run["state"]
-    st = farm.store()
+    st = farm.open_store()
     assert farm.box.inns(st.list_manifests, "tiny-gpt2", "publish") == []  # nothing half-published
     assert farm.box.inns(st.list_manifests, "tiny-gpt2", "build") == []
     assert farm.box.inns(st.list_refs, "tiny-gpt2") == []
