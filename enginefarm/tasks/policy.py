@@ -10,9 +10,11 @@ retries, retry delays and timeout from `POLICIES[STEP]`. Two retry rules:
 - "any": retried on any error except bad input (GPU steps: an Xid error or
   an out-of-memory caused by a neighbour deserves a second try).
 
-A full disk (ENOSPC) is not retried either: the line names the full
-directory (the work directory, ENGINEFARM_WORK, when the file was under it)
-and what is free there.
+Neither retries what no retry can fix (`is_permanent`): bad input, a
+missing file, transformers' "Can't load ..." for a checkpoint without its
+tokenizer or processor files, a full disk (ENOSPC: the line names the full
+directory, the work directory ENGINEFARM_WORK when the file was under it,
+and what is free there).
 
 A failing step logs, before Prefect's traceback, one line that says which
 recipe, variant and step failed, and why:
@@ -154,10 +156,24 @@ def no_space_line(x: OSError) -> str:
     return f"no space left on device in {what}{room}" + (f"; writing {path}" if path else "")
 
 
+def is_permanent(e: BaseException) -> bool:
+    """Whether no retry can fix an error: bad input, a file that is not
+    there, a full disk, or transformers' "Can't load ..." for a checkpoint missing files."""
+    for x in _chain(e):
+        if isinstance(x, (BadInput, FileNotFoundError)):
+            return True
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC:  # a retry on the same disk fills it again
+            return True
+        if (isinstance(x, OSError) and not isinstance(x, (ConnectionError, TimeoutError))
+                and str(x).startswith("Can't load")):
+            return True
+    return False
+
+
 def should_retry(step: str, e: BaseException) -> bool:
     pol = POLICIES[step]
     root = getattr(e, "cause", None) or e
-    if any(isinstance(x, BadInput) for x in _chain(root)) or no_space(root) is not None:
+    if is_permanent(root):
         return False
     return True if pol.retry_on == "any" else is_transient(root)
 
