@@ -152,10 +152,10 @@ class HostFarm(Farm):
         args = ["worker", "start", "--pool", pool, "--type", "process", "--name", f"{pool}-host"]
         if pool == "gpu":
             args += ["--limit", "1"]
-        self.prefect_on(f"worker-{pool}", pool, *args, env={
-            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
-            "ENGINEFARM_MAX_PARALLEL": os.environ.get("ENGINEFARM_HOSTS_MAX_PARALLEL", "1"),
-        })
+        env = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}  # docs/multi-machine.md, automations.yaml
+        if os.environ.get("ENGINEFARM_MAX_PARALLEL"):
+            env["ENGINEFARM_MAX_PARALLEL"] = os.environ["ENGINEFARM_MAX_PARALLEL"]
+        self.prefect_on(f"worker-{pool}", pool, *args, env=env)
 
     def open_store(self):
         from enginefarm.store import open_store
