@@ -311,6 +311,34 @@ def step_of(farm: HostFarm, run: dict, state: str = "RUNNING") -> str | None:
     return None
 
 
+def scheduled_then_paused(farm: HostFarm, nightly: dict) -> int:
+    """The server's scheduler makes the nightly's next runs from its cron
+    (prefect.yaml); then the schedule is paused and those runs deleted, so
+    that no night over the whole catalog starts during the test."""
+    import sqlalchemy
+    from packaging.version import Version
+
+    pinned = Version(sqlalchemy.__version__) < Version("2.1")  # pyproject.toml: prefect 3.8's scheduler needs < 2.1
+    t0, scheduled = time.time(), []
+    while not scheduled and time.time() - t0 < (60 if pinned else 10):
+        time.sleep(2)
+        scheduled = [r for r in farm.flow_runs(nightly) if r["state"]["type"] == "SCHEDULED"]
+    for sched in nightly["schedules"]:
+        r = farm.call("PATCH", f"/deployments/{nightly['id']}/schedules/{sched['id']}", json={"active": False})
+        assert r.status_code in (200, 204), r.text
+    for run in farm.flow_runs(nightly):
+        if run["state"]["type"] == "SCHEDULED":
+            farm.call("DELETE", f"/flow_runs/{run['id']}")
+    if pinned:
+        assert scheduled, "the server's scheduler made no run of the nightly's cron: " + farm.logs("server")
+    elif not scheduled:
+        import warnings
+
+        warnings.warn(f"SQLAlchemy {sqlalchemy.__version__} is outside pyproject.toml's pin (<2.1): the Prefect "
+                      "server's scheduler fails, no cron schedule makes runs (`make venv` installs the pinned one)")
+    return len(scheduled)
+
+
 # ----------------------------------------------------------------------------- the test
 
 
@@ -328,6 +356,7 @@ def test_hosts_nightlies_with_faults(hosts):
     out = farm.prefect("deploy", "--all")
     assert out.count("successfully created") == 3, out
     nightly = farm.deployment("nightly", "nightly")
+    figures["scheduler"] = scheduled_then_paused(farm, nightly)
     farm.start_worker("cpu")
     farm.start_worker("gpu")
 
@@ -428,8 +457,8 @@ def test_hosts_nightlies_with_faults(hosts):
     assert third["state"]["type"] == "FAILED", third["state"]
     for key, row in got.items():
         assert row["status"] == "failed", got
-        assert row["why"].startswith(f"recipe {key[0]}, variant {key[1]}, step convert failed: no space left"), row
-        assert str(small) in row["why"], row
+        assert row["why"].startswith(f"recipe {key[0]}, variant {key[1]}, step convert failed: no space left on "
+                                     f"device in the work directory {small} (ENGINEFARM_WORK, a 256 KiB file system"), row
     assert left == [], left
     figures["faults"].append({"fault": "work dir tmpfs 256 KiB, full", "row": got[("tiny-opt", "fp32-tp1")]["why"],
                               "left_in_workdir": left})

@@ -136,24 +136,30 @@ def _size(n: float) -> str:
 
 
 def no_space_line(x: OSError) -> str:
-    """'no space left on device in the work directory D (ENGINEFARM_WORK): F free of T; writing FILE'."""
-    work = os.path.abspath(os.environ.get("ENGINEFARM_WORK") or tempfile.gettempdir())
+    """'no space left on device in the work directory D (ENGINEFARM_WORK, a 256 KiB file system) ...'.
+    Its size, not what is free: by the time this line is written the step's
+    scratch files are gone again."""
+    env = os.environ.get("ENGINEFARM_WORK")
+    work = os.path.abspath(env or tempfile.gettempdir())
     path = os.fspath(x.filename) if x.filename is not None else None
-    if path is None or os.path.commonpath([work, os.path.abspath(path)]) == work:
-        where, what = work, ("the work directory " + work
-                             + (" (ENGINEFARM_WORK)" if os.environ.get("ENGINEFARM_WORK") else " (the system temp dir; "
-                                                                                            "set ENGINEFARM_WORK)"))
-    else:  # elsewhere: the file system the file was on
+    in_work = path is None or os.path.commonpath([work, os.path.abspath(path)]) == work
+    where = work
+    if not in_work:  # elsewhere: the file system the file was on
         where = os.path.dirname(os.path.abspath(path))
         while not os.path.ismount(where) and os.path.dirname(where) != where:
             where = os.path.dirname(where)
-        what = f"the file system at {where}"
     try:
         fs = os.statvfs(where)
-        room = f": {_size(fs.f_bavail * fs.f_frsize)} free of {_size(fs.f_blocks * fs.f_frsize)}"
+        size = f"a {_size(fs.f_blocks * fs.f_frsize)} file system"
     except OSError:
-        room = ""
-    return f"no space left on device in {what}{room}" + (f"; writing {path}" if path else "")
+        size = ""
+    if in_work:
+        named = ["ENGINEFARM_WORK" if env else "the system temp dir", size]
+        what = f"the work directory {work} ({', '.join(x for x in named if x)})"
+        hint = "; point ENGINEFARM_WORK at a bigger disk" if env else "; set ENGINEFARM_WORK to a bigger disk"
+    else:
+        what, hint = f"the file system at {where}" + (f" ({size})" if size else ""), ""
+    return f"no space left on device in {what}" + (f" writing {path}" if path else "") + hint
 
 
 def is_permanent(e: BaseException) -> bool:
