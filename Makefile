@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test soak postgres clean
+.PHONY: venv demo test soak soak-hosts postgres clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11+)"; exit 2; }
@@ -33,10 +33,19 @@ postgres:
 	  $(SUDO) apt-get update -q && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; fi
 
-# the several-hosts test with more nightlies (CI runs it with the four of `make test`)
-NIGHTS ?= 10
+# the nightly over the whole tiny catalog, variants in parallel, forced
+# ENGINEFARM_SOAK_ROUNDS times (make test runs one round over the racing recipes);
+# then the several-hosts test with HOSTS_ROUNDS more rounds of faults
+SOAK_ROUNDS ?= 3
 soak: venv postgres
-	ENGINEFARM_HOSTS_NIGHTS=$(NIGHTS) $(PY) -m pytest -q -s tests/test_hosts.py
+	ENGINEFARM_SOAK_ROUNDS=$(SOAK_ROUNDS) $(PY) -m pytest -q tests/test_concurrency.py -k whole_tiny_catalog
+	$(MAKE) soak-hosts
+
+# tests/test_hosts.py, then HOSTS_ROUNDS forced nights, each with one fault
+# (gpu host killed, server restarted, S3 cut; in turn) and a night after it
+HOSTS_ROUNDS ?= 6
+soak-hosts: venv postgres
+	ENGINEFARM_HOSTS_ROUNDS=$(HOSTS_ROUNDS) $(PY) -m pytest -q -s tests/test_hosts.py
 
 clean:
 	rm -rf $(VENV) .farm .demo
