@@ -342,10 +342,84 @@ def scheduled_then_paused(farm: HostFarm, nightly: dict) -> int:
 # ----------------------------------------------------------------------------- the test
 
 
+class Faults:
+    """Fault injectors, each driven by Farm.wait's tick (one poll of the night's run, every ~2 s)."""
+
+    def __init__(self, farm: HostFarm):
+        self.farm = farm
+
+    def gpu_run(self, name: str | None = None, state: str = "RUNNING") -> dict | None:
+        for r in self.farm.gpu_runs():
+            if (name is None or r["name"] == name) and r["state"]["type"] == state:
+                return r
+        return None
+
+    def kill_gpu_host_in_build(self, out: dict, name: str | None = None):
+        """SIGKILL every process on the gpu host while a gpu run (of name) is in its build step; the host
+        comes back (a new worker) at once. out: the run killed, how many processes, when the run was Crashed."""
+        def tick(fr: dict) -> None:
+            if "killed_at" not in out:
+                g = self.gpu_run(name)
+                if g and step_of(self.farm, g) == "build":
+                    out["pids"] = len(self.farm.kill_host("gpu"))
+                    out["killed_at"], out["run"] = time.time(), g
+                    self.farm.start_worker("gpu")
+            elif "crashed_after_s" not in out:
+                r = self.farm.call("GET", f"/flow_runs/{out['run']['id']}").json()
+                if r["state"]["type"] == "CRASHED":
+                    out["crashed_after_s"] = round(time.time() - out["killed_at"])
+        return tick
+
+    def restart_server(self, out: dict, when):
+        """Stop the Prefect server (SIGTERM) and start it again, once when(fr) holds; out: seconds it was down."""
+        def tick(fr: dict) -> None:
+            if "down_s" not in out and when(fr):
+                t0 = time.time()
+                out["in_flight"] = sorted(r["name"] for r in self.farm.gpu_runs() if r["state"]["type"] == "RUNNING")
+                self.farm.stop("server")
+                self.farm.start_server()
+                out["down_s"] = round(time.time() - t0)
+        return tick
+
+    def cut_s3(self, out: dict, seconds: float = 30, name: str | None = None):
+        """Unplug the S3 host for `seconds` once a gpu run (of name) runs; out: the step it was in, the cut."""
+        def tick(fr: dict) -> None:
+            if "cut_at" not in out:
+                g = self.gpu_run(name)
+                if g:
+                    self.farm.box.unplug("s3")
+                    out["cut_at"], out["step"] = time.time(), step_of(self.farm, g)
+            elif "cut_s" not in out and time.time() - out["cut_at"] >= seconds:
+                self.farm.box.plug("s3")
+                out["cut_s"] = round(time.time() - out["cut_at"])
+        return tick
+
+    def plug_all(self) -> None:
+        self.farm.box.plug("s3")
+
+
+def both(*ticks):
+    def tick(fr: dict) -> None:
+        for t in ticks:
+            t(fr)
+    return tick
+
+
+def retries_logged(farm: HostFarm, since: dict) -> int:
+    """Lines "will retry" in the workers' logs past the byte offsets in since ({log name: offset})."""
+    n = 0
+    for name, off in since.items():
+        with open(farm.tmp / f"{name}.log", "rb") as f:
+            f.seek(off)
+            n += f.read().decode(errors="replace").count("will retry")
+    return n
+
+
 def test_hosts_nightlies_with_faults(hosts):
     farm = hosts
     t_start = time.time()
     figures: dict = {"faults": []}
+    faults = Faults(farm)
 
     # --- the server, once: pools, store, automations, deployments
     for pool in ("cpu", "gpu"):
@@ -356,7 +430,7 @@ def test_hosts_nightlies_with_faults(hosts):
     out = farm.prefect("deploy", "--all")
     assert out.count("successfully created") == 3, out
     nightly = farm.deployment("nightly", "nightly")
-    figures["scheduler"] = scheduled_then_paused(farm, nightly)
+    figures["scheduler_runs"] = scheduled_then_paused(farm, nightly)
     farm.start_worker("cpu")
     farm.start_worker("gpu")
 
@@ -364,7 +438,7 @@ def test_hosts_nightlies_with_faults(hosts):
     catalog.mkdir()
     for name in RECIPES:
         shutil.copy(ROOT / "models" / "tiny" / f"{name}.yaml", catalog / f"{name}.yaml")
-    timings = {}
+    timings: dict = {}
 
     def night(label: str, tick=None, **params) -> dict:
         t0 = time.time()
@@ -374,104 +448,111 @@ def test_hosts_nightlies_with_faults(hosts):
             body["job_variables"] = job_variables
         r = farm.call("POST", f"/deployments/{nightly['id']}/create_flow_run", json=body)
         assert r.status_code == 201, r.text
-        run = farm.wait(r.json(), timeout=900, tick=tick)
+        try:
+            run = farm.wait(r.json(), timeout=900, tick=tick)
+        finally:
+            faults.plug_all()
         timings[label] = round(time.time() - t0)
         return run
 
     def worker_logs() -> str:
         return farm.logs("worker-cpu") + farm.logs("worker-gpu")
 
-    # --- night 1: the gpu host dies building tiny-gpt2; the server restarts during tiny-opt
-    f1: dict = {}
+    def log_sizes() -> dict:
+        return {n: (farm.tmp / f"{n}.log").stat().st_size for n in ("worker-cpu", "worker-gpu")}
 
-    def tick1(fr: dict) -> None:
-        runs = {r["name"]: r for r in farm.gpu_runs()}
-        g = runs.get("tiny-gpt2:fp32-tp1")
-        if "killed" not in f1 and g and g["state"]["type"] == "RUNNING" and step_of(farm, g) == "build":
-            f1["killed"] = farm.kill_host("gpu")
-            f1["killed_at"] = time.time()
-            farm.start_worker("gpu")  # the host comes back
-        o = runs.get("tiny-opt:fp32-tp1")
-        # the restart: while tiny-opt's gpu steps run, or (when they came first) once tiny-gpt2's run is Crashed
-        if "killed" in f1 and "restarted" not in f1 and (o and o["state"]["type"] == "RUNNING"
-                                                         or g and g["state"]["type"] == "CRASHED"):
-            f1["crash_seen_after_s"] = round(time.time() - f1["killed_at"])
-            t0 = time.time()
-            farm.stop("server")
-            farm.start_server()
-            f1["restarted"] = round(time.time() - t0)
-
-    first = night("1", tick1)
-    assert "killed" in f1, worker_logs()
-    assert "restarted" in f1, worker_logs()
+    # --- night 1: the gpu host dies building tiny-gpt2; the server restarts mid-night
+    killed: dict = {}
+    restart: dict = {}
+    first = night("1", both(
+        faults.kill_gpu_host_in_build(killed, "tiny-gpt2:fp32-tp1"),
+        # while tiny-opt's gpu steps run, or (when they came first) once tiny-gpt2's run is Crashed
+        faults.restart_server(restart, lambda fr: "killed_at" in killed and (
+            faults.gpu_run("tiny-opt:fp32-tp1") is not None or "crashed_after_s" in killed))))
+    assert "killed_at" in killed and "down_s" in restart, worker_logs()
     assert first["state"]["type"] == "FAILED", worker_logs()
     assert first["state"]["message"].startswith("1 of 2 variants failed: tiny-gpt2:fp32-tp1"), first["state"]
     got = rows(farm, first)
     gpt2, opt = got[("tiny-gpt2", "fp32-tp1")], got[("tiny-opt", "fp32-tp1")]
     assert gpt2["status"] == "failed" and opt["status"] == "built", got
-    assert gpt2["why"].startswith("recipe tiny-gpt2, variant fp32-tp1, step build failed: "), gpt2["why"]
+    assert gpt2["why"].startswith("recipe tiny-gpt2, variant fp32-tp1, step build failed: the gpu run "
+                                  "tiny-gpt2:fp32-tp1 of gpu-steps/gpu ended Crashed in its build step"), gpt2["why"]
     killed_run = {r["name"]: r for r in farm.gpu_runs()}["tiny-gpt2:fp32-tp1"]
     assert killed_run["state"]["type"] == "CRASHED", killed_run["state"]
     st = farm.open_store()
-    assert farm.box.inns(st.list_manifests, "tiny-gpt2", "publish") == []  # nothing half-published
-    assert farm.box.inns(st.list_manifests, "tiny-gpt2", "build") == []
+    left = {step: len(farm.box.inns(st.list_manifests, "tiny-gpt2", step))
+            for step in ("fetch", "convert", "build", "validate", "publish")}
+    assert left == {"fetch": 1, "convert": 1, "build": 0, "validate": 0, "publish": 0}, left  # nothing half-published
     assert farm.box.inns(st.list_refs, "tiny-gpt2") == []
     a1 = audit(farm)
     assert not a1["missing"] and not a1["dangling"], a1
-    figures["faults"].append({"fault": "gpu host SIGKILLed mid-build", "row": gpt2["why"],
-                              "gpu_run": killed_run["state"]["type"], "left_behind_orphan_blobs": a1["orphans"],
-                              "crashed_after_s": f1["crash_seen_after_s"]})
-    figures["faults"].append({"fault": "Prefect server restarted mid-night", "down_s": f1["restarted"],
-                              "tiny-opt": opt["status"]})
+    figures["faults"].append({"fault": "gpu host SIGKILLed (every process) in tiny-gpt2's build step",
+                              "processes": killed["pids"], "row": gpt2["why"], "gpu_run": "CRASHED",
+                              "crashed_after_s": killed.get("crashed_after_s"),
+                              "left_manifests_of_tiny_gpt2": left, "orphan_blobs": a1["orphans"]})
+    figures["faults"].append({"fault": "Prefect server restarted mid-night", "down_s": restart["down_s"],
+                              "gpu_runs_in_flight": restart["in_flight"], "tiny-opt": opt["status"],
+                              "night": first["state"]["type"]})
 
-    # --- night 2: S3 unplugged for 30 s while tiny-gpt2 is rebuilt; exactly that variant
-    f2: dict = {}
-
-    def tick2(fr: dict) -> None:
-        if "cut" not in f2:
-            g = [r for r in farm.gpu_runs() if r["name"] == "tiny-gpt2:fp32-tp1" and r["state"]["type"] == "RUNNING"]
-            if g:
-                farm.box.unplug("s3")
-                f2["cut"] = time.time()
-        elif "plugged" not in f2 and time.time() - f2["cut"] >= 30:
-            farm.box.plug("s3")
-            f2["plugged"] = round(time.time() - f2["cut"])
-
-    second = night("2", tick2)
-    if "cut" in f2 and "plugged" not in f2:
-        farm.box.plug("s3")
-    assert "plugged" in f2, worker_logs()
+    # --- night 2: S3 unplugged for 30 s while tiny-gpt2 is rebuilt: exactly that variant, from its build on
+    cut: dict = {}
+    logs_at = log_sizes()
+    second = night("2", faults.cut_s3(cut, 30, "tiny-gpt2:fp32-tp1"))
+    assert "cut_s" in cut, worker_logs()
     got = rows(farm, second)
     assert second["state"]["type"] == "COMPLETED", (second["state"], got)
     assert second["state"]["message"] == "nightly: 2 variants: 1 built, 1 up to date, 0 failed", second["state"]
-    assert got[("tiny-gpt2", "fp32-tp1")]["status"] == "built" and got[("tiny-gpt2", "fp32-tp1")]["why"] == "never built"
+    gpt2 = got[("tiny-gpt2", "fp32-tp1")]
+    assert (gpt2["status"], gpt2["why"], gpt2["cache"]) == ("built", "never built", "ran: build.llm, validate, publish")
     assert got[("tiny-opt", "fp32-tp1")]["status"] == "up to date"
-    figures["faults"].append({"fault": "S3 unplugged 30 s", "cut_s": f2["plugged"],
-                              "tiny-gpt2": got[("tiny-gpt2", "fp32-tp1")]["status"]})
+    figures["faults"].append({"fault": "S3 unplugged 30 s", "cut_s": cut["cut_s"], "gpu_step_at_cut": cut["step"],
+                              "retries_logged": retries_logged(farm, logs_at), "tiny-gpt2": gpt2["status"],
+                              "night_s": timings["2"]})
 
     # --- night 3: a forced night in a work directory too small for a checkpoint
     small = farm.small
     third = night("3", force=True, job_variables={"env": {"ENGINEFARM_WORK": str(small)}})
-    left = sorted(p.name for p in small.iterdir())
+    left_in_work = sorted(p.name for p in small.iterdir())
     got = rows(farm, third)
     assert third["state"]["type"] == "FAILED", third["state"]
     for key, row in got.items():
         assert row["status"] == "failed", got
         assert row["why"].startswith(f"recipe {key[0]}, variant {key[1]}, step convert failed: no space left on "
                                      f"device in the work directory {small} (ENGINEFARM_WORK, a 256 KiB file system"), row
-    assert left == [], left
-    figures["faults"].append({"fault": "work dir tmpfs 256 KiB, full", "row": got[("tiny-opt", "fp32-tp1")]["why"],
-                              "left_in_workdir": left})
+    assert left_in_work == [], left_in_work
+    figures["faults"].append({"fault": "work dir a 256 KiB tmpfs, filled", "row": got[("tiny-opt", "fp32-tp1")]["why"],
+                              "left_in_workdir": left_in_work})
 
-    # --- night 4: nothing changed, nothing built
+    # --- night 4: nothing changed, nothing built, no gpu run
     n_gpu = len(farm.gpu_runs())
     fourth = night("4")
     assert fourth["state"]["type"] == "COMPLETED", fourth["state"]
     assert fourth["state"]["message"] == "nightly: 2 variants: 0 built, 2 up to date, 0 failed"
     assert len(farm.gpu_runs()) == n_gpu
 
-    for _ in range(int(os.environ.get("ENGINEFARM_HOSTS_NIGHTS", "0"))):  # make soak: more nights
-        assert night("soak")["state"]["type"] == "COMPLETED"
+    # --- make soak-hosts: forced nights, each with one fault in turn, each followed by a quiet night
+    rounds = []
+    for i in range(int(os.environ.get("ENGINEFARM_HOSTS_ROUNDS", "0"))):
+        kind = ("kill", "restart", "s3")[i % 3]
+        out: dict = {}
+        tick = {"kill": lambda: faults.kill_gpu_host_in_build(out),
+                "restart": lambda: faults.restart_server(out, lambda fr: faults.gpu_run() is not None),
+                "s3": lambda: faults.cut_s3(out, 30)}[kind]()
+        forced = night(f"soak{i}", tick, force=True)
+        got = rows(farm, forced)
+        failed = {f"{k[0]}:{k[1]}": r["why"] for k, r in got.items() if r["status"] == "failed"}
+        for why in failed.values():  # a failure names its step
+            assert ", step " in why and " failed: " in why, why
+        if kind != "kill":
+            assert not failed, failed
+        after = night(f"soak{i}-after")
+        assert after["state"]["type"] == "COMPLETED", after["state"]
+        a = audit(farm)
+        assert not a["missing"] and not a["dangling"], a
+        rounds.append({"fault": kind, "night": forced["state"]["type"], "failed": failed, "s": timings[f"soak{i}"],
+                       "injected": {k: v for k, v in out.items() if k in ("pids", "crashed_after_s", "down_s", "cut_s")}})
+    if rounds:
+        figures["soak"] = rounds
 
     end = audit(farm)
     assert not end["missing"] and not end["dangling"], end
