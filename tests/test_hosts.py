@@ -323,12 +323,7 @@ def scheduled_then_paused(farm: HostFarm, nightly: dict) -> int:
     while not scheduled and time.time() - t0 < (60 if pinned else 10):
         time.sleep(2)
         scheduled = [r for r in farm.flow_runs(nightly) if r["state"]["type"] == "SCHEDULED"]
-    for sched in nightly["schedules"]:
-        r = farm.call("PATCH", f"/deployments/{nightly['id']}/schedules/{sched['id']}", json={"active": False})
-        assert r.status_code in (200, 204), r.text
-    for run in farm.flow_runs(nightly):
-        if run["state"]["type"] == "SCHEDULED":
-            farm.call("DELETE", f"/flow_runs/{run['id']}")
+    farm.pause_schedules(nightly)
     if pinned:
         assert scheduled, "the server's scheduler made no run of the nightly's cron: " + farm.logs("server")
     elif not scheduled:
@@ -375,7 +370,8 @@ class Faults:
         def tick(fr: dict) -> None:
             if "down_s" not in out and when(fr):
                 t0 = time.time()
-                out["in_flight"] = sorted(r["name"] for r in self.farm.gpu_runs() if r["state"]["type"] == "RUNNING")
+                out["in_flight"] = [fr["name"] + " (nightly)"] + sorted(
+                    r["name"] for r in self.farm.gpu_runs() if r["state"]["type"] == "RUNNING")
                 self.farm.stop("server")
                 self.farm.start_server()
                 out["down_s"] = round(time.time() - t0)
@@ -392,6 +388,10 @@ class Faults:
             elif "cut_s" not in out and time.time() - out["cut_at"] >= seconds:
                 self.farm.box.plug("s3")
                 out["cut_s"] = round(time.time() - out["cut_at"])
+            if "cut_at" in out and "build_after_s" not in out and out["step"] is None:
+                g = self.gpu_run(name)  # the run's first S3 reads (its inputs' manifests) wait for the cable
+                if g and step_of(self.farm, g) == "build":
+                    out["build_after_s"] = round(time.time() - out["cut_at"])
         return tick
 
     def plug_all(self) -> None:
@@ -506,6 +506,7 @@ def test_hosts_nightlies_with_faults(hosts):
     assert (gpt2["status"], gpt2["why"], gpt2["cache"]) == ("built", "never built", "ran: build.llm, validate, publish")
     assert got[("tiny-opt", "fp32-tp1")]["status"] == "up to date"
     figures["faults"].append({"fault": "S3 unplugged 30 s", "cut_s": cut["cut_s"], "gpu_step_at_cut": cut["step"],
+                              "gpu_build_started_after_s": cut.get("build_after_s"),
                               "retries_logged": retries_logged(farm, logs_at), "tiny-gpt2": gpt2["status"],
                               "night_s": timings["2"]})
 
