@@ -48,7 +48,7 @@ import netns
 from helpers import ROOT
 from test_server import BIN, Farm
 
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = pytest.mark.timeout(1800 + 600 * int(os.environ.get("ENGINEFARM_HOSTS_ROUNDS", "0")))
 
 HOSTS = ["db", "prefect", "s3", "cpu", "gpu", "ctl"]
 RECIPES = ["tiny-gpt2", "tiny-opt"]
