@@ -26,7 +26,7 @@ test: venv
 
 # PostgreSQL for tests/test_hosts.py (the Prefect server's database): Debian's
 # package, installed once; the test makes its own cluster in a temp dir.
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 postgres:
 	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then echo "postgresql: installed"; else \
 	  command -v apt-get >/dev/null || { echo "need PostgreSQL (Debian's postgresql package)"; exit 2; }; \
