@@ -580,6 +580,40 @@ def cmd_run(a) -> int:
     return 0
 
 
+def cmd_chat(a) -> int:
+    from .backends import get_backend
+    from .chat import Conversation, chat, engine_answer, reference_answer
+    from .registry import resolve
+    from .store import open_store
+
+    if a.max_new_tokens < 1:
+        raise BadInput(f"--max-new-tokens must be at least 1 (got {a.max_new_tokens})")
+    st = open_store(a.store)
+    value, m = resolve(st, a.ref)
+    comps = m["results"]["components"]
+    if "visual" in comps:
+        raise BadInput(f"{a.ref} is multimodal: chat takes text engines for now; use `enginefarm run --image`")
+    cache = _lay_out(st, value, m)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cache / "source", trust_remote_code=False)
+    eng = get_backend(comps["llm"]["backend"]).load(cache / "llm")
+    d, _ = _decoding(a, 1, None)
+    mine = engine_answer(eng, a.max_new_tokens, tok.eos_token_id, d)
+    ref = reference_answer(cache / "source", a.max_new_tokens, tok.eos_token_id, tok.pad_token_id) if a.compare else None
+
+    def read(prompt: str):
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+
+    print(f"chat with {value['recipe']}:{value['variant']}@{value['alias']}"
+          + (" (beside it: the Hugging Face model, fp32, greedy)" if ref else ""), flush=True)
+    chat(Conversation(tok), mine, eng.max_input_len, read, lambda s: print(s, end="", flush=True), ref, d.stop)
+    return 0
+
+
 def _decoding(a, n: int, detokenize):
     """The run's decoding options and its stop-string / streaming watch."""
     from .runtime.decoding import TextWatch, options
@@ -738,6 +772,21 @@ def cmd_bench(a) -> int:
 # ----------------------------------------------------------------------------- main
 
 
+def _decoding_args(p, stream: bool = True) -> None:
+    dg = p.add_argument_group("decoding (default: greedy)")
+    dg.add_argument("--sample", action="store_true", help="sample the next token (with the filters below)")
+    dg.add_argument("--temperature", type=float)
+    dg.add_argument("--top-k", type=int, dest="top_k", help="sample among the k most likely tokens")
+    dg.add_argument("--top-p", type=float, dest="top_p", help="sample among the most likely tokens whose probability adds up to p")
+    dg.add_argument("--repetition-penalty", type=float, dest="repetition_penalty")
+    dg.add_argument("--num-beams", type=int, dest="num_beams", help="beam search (up to the recipe's limits.max_beam_width)")
+    dg.add_argument("--length-penalty", type=float, dest="length_penalty", help="beam search: score / length ** this")
+    dg.add_argument("--seed", type=int, help="sampling: the same seed gives the same tokens")
+    dg.add_argument("--stop", action="append", help="repeatable: end an answer where this text appears (not printed)")
+    if stream:
+        dg.add_argument("--stream", action="store_true", help="print the answer as it is generated (one prompt)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="enginefarm", description="A build farm for inference engines.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -834,20 +883,18 @@ def parser() -> argparse.ArgumentParser:
     rn.add_argument("--frames", type=int,
                     help="frames sampled per video (default: the engine's num_frames, which is also the most)")
     rn.add_argument("--max-new-tokens", type=int, default=32)
-    dg = rn.add_argument_group("decoding (default: greedy)")
-    dg.add_argument("--sample", action="store_true", help="sample the next token (with the filters below)")
-    dg.add_argument("--temperature", type=float)
-    dg.add_argument("--top-k", type=int, dest="top_k", help="sample among the k most likely tokens")
-    dg.add_argument("--top-p", type=float, dest="top_p", help="sample among the most likely tokens whose probability adds up to p")
-    dg.add_argument("--repetition-penalty", type=float, dest="repetition_penalty")
-    dg.add_argument("--num-beams", type=int, dest="num_beams", help="beam search (up to the recipe's limits.max_beam_width)")
-    dg.add_argument("--length-penalty", type=float, dest="length_penalty", help="beam search: score / length ** this")
-    dg.add_argument("--seed", type=int, help="sampling: the same seed gives the same tokens")
-    dg.add_argument("--stop", action="append", help="repeatable: end an answer where this text appears (not printed)")
-    dg.add_argument("--stream", action="store_true", help="print the answer as it is generated (one prompt)")
+    _decoding_args(rn)
     store_arg(rn)
     rn.add_argument("--json", action="store_true")
     rn.set_defaults(fn=cmd_run)
+
+    ch = sub.add_parser("chat", help="talk to a built text engine; --compare hf: the Hugging Face answer beside it")
+    ch.add_argument("ref")
+    ch.add_argument("--compare", choices=["hf"], help="also answer with the Hugging Face model, with its time")
+    ch.add_argument("--max-new-tokens", type=int, default=48)
+    _decoding_args(ch, stream=False)
+    store_arg(ch)
+    ch.set_defaults(fn=cmd_chat, stream=False, json=False)
 
     bn = sub.add_parser("bench", help="latency/throughput sweep of an engine, next to eager Hugging Face")
     bn.add_argument("ref", help="RECIPE[:VARIANT][@ALIAS]")

@@ -124,10 +124,10 @@ def _hf_beams(family: str, src, prompts: list[str], n: int, beams: int) -> list[
     out = []
     for p in prompts:
         ids = tok(p, return_tensors="pt").input_ids
+        start = {"decoder_start_token_id": model.config.decoder_start_token_id} if seq2seq else {}
         cfg = transformers.GenerationConfig(max_new_tokens=n, num_beams=beams, do_sample=False, early_stopping=False,
                                             length_penalty=1.0, eos_token_id=tok.eos_token_id,
-                                            pad_token_id=tok.pad_token_id,
-                                            decoder_start_token_id=model.config.decoder_start_token_id)
+                                            pad_token_id=tok.pad_token_id, **start)
         with torch.no_grad():
             seq = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)[0].tolist()
         new = seq[1:] if seq2seq else seq[ids.shape[1]:]  # seq2seq: after the decoder start token
@@ -167,3 +167,58 @@ def test_sampling_through_run_is_reproducible_and_streams(built, capsys):
     assert capsys.readouterr().out == PROMPTS[0] + a["text"] + "\n"
     assert cli(run + ["--stream", "--prompt", "two"]) == 2
     assert "give one prompt" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- chat, through a terminal
+
+
+def test_chat_through_a_terminal_as_a_person_types(built):
+    """`enginefarm chat --compare hf` in a pty: a prompt, an answer from the
+    engine and one from Hugging Face with their times (fp32, greedy: the
+    same text), the conversation kept, /reset, /quit."""
+    import os
+    import pty
+    import re
+    import select
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    b = built("llama")
+    master, slave = pty.openpty()
+    p = subprocess.Popen([str(Path(sys.executable).parent / "enginefarm"), "chat", b.name, "--store", str(b.store),
+                          "--compare", "hf", "--max-new-tokens", "8"], stdin=slave, stdout=slave, stderr=slave,
+                         close_fds=True)
+    os.close(slave)
+    seen = ""
+
+    def until(text: str, timeout: float = 300) -> str:
+        nonlocal seen
+        end = time.monotonic() + timeout
+        while text not in seen:
+            left = end - time.monotonic()
+            assert left > 0 and p.poll() is None, f"no {text!r} on the terminal; it shows: {seen[-2000:]!r}"
+            if select.select([master], [], [], min(left, 1.0))[0]:
+                seen += os.read(master, 65536).decode(errors="replace")
+        out, seen = seen[:seen.index(text) + len(text)], seen[seen.index(text) + len(text):]
+        return out
+
+    try:
+        assert "/reset forgets the conversation" in until("you> ")
+        answers = []
+        for msg in ("The build farm", "and then?"):
+            os.write(master, msg.encode() + b"\r")
+            out = until("you> ")
+            got = dict(re.findall(r"^(engine|hf)> (.*?)   \(\d+\.\d\d s, \d+ tokens\)\r?$", out, re.M))
+            assert set(got) == {"engine", "hf"}, out
+            assert got["engine"] == got["hf"]  # fp32 engine, greedy: Hugging Face's own answer
+            answers.append(got["engine"])
+        os.write(master, b"/reset\r")
+        assert "(conversation forgotten)" in until("you> ")
+        os.write(master, b"/quit\r")
+        assert p.wait(60) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.close(master)
