@@ -497,9 +497,10 @@ def cmd_gc(a) -> int:
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".index.json")
 
 
-def _lay_out(st, value: dict, m: dict) -> Path:
+def _lay_out(st, value: dict, m: dict, weights: bool = False) -> Path:
     """The ref's engines (<cache>/<component>/) and the fetched checkpoint's
-    files other than weights: tokenizer, processor, config (<cache>/source/)."""
+    files other than weights: tokenizer, processor, config (<cache>/source/);
+    with weights=True the weights too (a Hugging Face reference runs there)."""
     import tempfile
 
     cache = Path(os.environ.get("ENGINEFARM_CACHE", Path(tempfile.gettempdir()) / "enginefarm-cache")) / value["digest"][:16]
@@ -509,7 +510,7 @@ def _lay_out(st, value: dict, m: dict) -> Path:
             st.get_blob_file(f["sha256"], cache / rel, size=f["size"])
     fm = st.get_manifest(value["recipe"], "fetch", m["inputs"]["fetch"]["key"])
     for rel, f in fm["files"].items():
-        if not rel.endswith(WEIGHTS) and not (cache / "source" / rel).exists():
+        if (weights or not rel.endswith(WEIGHTS)) and not (cache / "source" / rel).exists():
             (cache / "source" / rel).parent.mkdir(parents=True, exist_ok=True)
             st.get_blob_file(f["sha256"], cache / "source" / rel, size=f["size"])
     return cache
@@ -593,7 +594,7 @@ def cmd_chat(a) -> int:
     comps = m["results"]["components"]
     if "visual" in comps:
         raise BadInput(f"{a.ref} is multimodal: chat takes text engines for now; use `enginefarm run --image`")
-    cache = _lay_out(st, value, m)
+    cache = _lay_out(st, value, m, weights=bool(a.compare))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cache / "source", trust_remote_code=False)

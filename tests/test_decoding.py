@@ -200,7 +200,10 @@ def test_chat_through_a_terminal_as_a_person_types(built):
             left = end - time.monotonic()
             assert left > 0 and p.poll() is None, f"no {text!r} on the terminal; it shows: {seen[-2000:]!r}"
             if select.select([master], [], [], min(left, 1.0))[0]:
-                seen += os.read(master, 65536).decode(errors="replace")
+                try:
+                    seen += os.read(master, 65536).decode(errors="replace")
+                except OSError:  # the other end closed: chat exited
+                    raise AssertionError(f"chat exited ({p.wait(5)}) before {text!r}; it showed: {seen[-3000:]!r}")
         out, seen = seen[:seen.index(text) + len(text)], seen[seen.index(text) + len(text):]
         return out
 
