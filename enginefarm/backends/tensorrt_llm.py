@@ -8,8 +8,10 @@ where it is not installed, that is reported before the run starts.
 Weight-only checkpoints are written by convert in the plain layout
 (quant.py); TensorRT-LLM's mixed-precision GEMMs want the integer matrix
 interleaved for the GPU architecture, which only its own op
-(`torch.ops.trtllm.preprocess_weights_for_mixed_gemm`) does. `build` applies
-it to a copy of the checkpoint right before trtllm-build.
+(`torch.ops.trtllm.preprocess_weights_for_mixed_gemm`) does, and which
+trtllm-build does not do for a checkpoint's int8 tensors (see
+`preprocess_weight_only`). `build` applies it to a copy of the checkpoint
+right before trtllm-build.
 """
 
 from __future__ import annotations
@@ -99,7 +101,24 @@ def checkpoint_parts(ckpt_dir: Path) -> tuple[str, ...]:
 def preprocess_weight_only(ckpt_dir: Path, out_dir: Path) -> None:
     """Copy a plain-layout weight-only checkpoint, interleaving its integer
     matrices for this GPU with TensorRT-LLM's own op (both checkpoints of
-    an encoder-decoder model)."""
+    an encoder-decoder model).
+
+    Why here and not in trtllm-build: TensorRT-LLM's converters store the
+    interleaved matrix in the checkpoint (models/llama/convert.py, e.g.
+    v0.16.0: `torch.ops.trtllm.symmetric_quantize_last_axis_of_batched_matrix`
+    returns the *processed* weight, cpp/tensorrt_llm/thop/weightOnlyQuantOp.cpp
+    `symmetric_quantize_helper`), and trtllm-build re-processes nothing it
+    finds already int8: models/modeling_utils.py `preprocess_weights` ->
+    `preprocess_perlayer_weights` calls `weight_only_quantize_dict`
+    (models/convert_utils.py), which skips tensors whose dtype is int8, and
+    has no branch for W4A16_GPTQ / W8A16_GPTQ at all. A group-wise weight is
+    stored viewed in the model dtype (quantization/layers.py
+    WeightOnlyGroupwiseQuantLinear; its GPTQ loader does the same:
+    `preprocess_weights_for_mixed_gemm(...).view(torch.float16)`), so it is
+    viewed as int8 for the op and back afterwards.
+
+    NEVER RUN against a real TensorRT-LLM (it cannot be installed where the
+    farm's CI runs): see `_interleave` for the signatures it was checked against."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -114,14 +133,36 @@ def preprocess_weight_only(ckpt_dir: Path, out_dir: Path) -> None:
     cfg = json.loads((ckpt_dir / "config.json").read_text())
     bits = bits_of(cfg)
     qtype = torch.int8 if bits == 8 else torch.quint4x2
+    act = {"bfloat16": torch.bfloat16}.get(cfg.get("dtype"), torch.float16)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     for f in sorted(ckpt_dir.glob("rank*.safetensors")):
         tensors = load_file(str(f))
         for name, t in tensors.items():
-            if t.dtype == torch.int8 and name.endswith(".weight"):
-                tensors[name] = torch.ops.trtllm.preprocess_weights_for_mixed_gemm(t.contiguous(), qtype, torch.float16)
+            if not name.endswith(".weight"):
+                continue
+            grouped = name[: -len("weight")] + "weights_scaling_factor" in tensors
+            if t.dtype == torch.int8 or grouped:
+                q = t.contiguous().view(torch.int8)
+                p = _interleave(q, qtype, act)
+                tensors[name] = p.view(t.dtype) if grouped else p
         save_file(tensors, str(out_dir / f.name))
+
+
+def _interleave(q, qtype, act):
+    """torch.ops.trtllm.preprocess_weights_for_mixed_gemm across releases: an
+    older cpp/tensorrt_llm/thop/weightOnlyQuantOp.cpp registers it as
+    (Tensor row_major_quantized_weight, ScalarType quant_type); newer ones add
+    the activation type (models/modeling_utils.py `preprocess_perlayer_weights`
+    calls it as preprocessor(param, torch.quint4x2, activation_type)). Checked
+    against the stored source only; never run here."""
+    import torch
+
+    op = torch.ops.trtllm.preprocess_weights_for_mixed_gemm
+    try:
+        return op(q, qtype, act)
+    except (RuntimeError, TypeError):  # the two-argument registration
+        return op(q, qtype)
 
 
 def runtime_settings(ckpt_dir: Path, max_seq_len: int, encoder_decoder: bool = False) -> dict:

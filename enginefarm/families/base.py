@@ -308,7 +308,18 @@ def quantization(variant: "Variant") -> dict:
     sch = scheme_for(variant.quant, variant.group_size)
     if sch is None:
         return {"quant_algo": None, "kv_cache_quant_algo": None}
-    out = {"quant_algo": sch.quant_algo(), "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
+    # No exclude_modules: TensorRT-LLM reads a list there as the *whole* list of
+    # modules it leaves unquantized, replacing its default one
+    # (tensorrt_llm/quantization/quantize.py `quantize_layers`: exclude_modules =
+    # quant_config.exclude_modules or ['*lm_head', '*router', '*vocab_embedding',
+    # '*position_embedding', '*block_embedding', ...]; the same default in both
+    # stored versions read: one from before W8A16_GPTQ existed, and the newest),
+    # and `weight_only_quantize` maps Embedding to WeightOnlyQuantEmbedding. With
+    # ["lm_head"] the vocab embedding became a quantized embedding that wants
+    # `transformer.vocab_embedding.per_token_scale` (issue 16). Absent, the
+    # default list leaves exactly the embeddings, position tables and lm_head in
+    # the model dtype, which is what the farm writes.
+    out = {"quant_algo": sch.quant_algo(), "kv_cache_quant_algo": None}
     if sch.group_size:
         out.update(group_size=sch.group_size, has_zero_point=False, pre_quant_scale=False)
     return out
