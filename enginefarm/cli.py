@@ -637,6 +637,10 @@ def cmd_convert(a) -> int:
         return Variant(name=f"{a.dtype}-{q}-tp{a.tp}", backend="tensorrt-llm", dtype=a.dtype, quant=q, tp=a.tp,
                        target="cpu", group_size=g)
 
+    from .spec import MAX_TP
+
+    if not 1 <= a.tp <= MAX_TP:
+        raise BadInput(f"--tp {a.tp}: a tp size is a whole number from 1 to {MAX_TP}")
     v = variant(quant, a.group_size)
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -824,7 +828,8 @@ def parser() -> argparse.ArgumentParser:
 
     cv = sub.add_parser("convert", help="HF checkpoint -> TensorRT-LLM checkpoint")
     cv.add_argument("src")
-    cv.add_argument("--tp", type=int, default=1, choices=[1, 2, 4, 8])
+    cv.add_argument("--tp", type=int, default=1,
+                    help="tensor-parallel size: any that divides the model's heads and MLP width (default 1)")
     cv.add_argument("--quant", choices=["w8a16", "w4a16"])
     cv.add_argument("--group-size", type=int)
     cv.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])

@@ -355,3 +355,38 @@ def test_attention_windows_are_recorded_for_the_tensorrt_llm_runner(tmp_path):
         else:
             ws = got["max_attention_window_size"]
             assert len(ws) == hf["num_layers"] and set(ws) == {hf["window_size"], 64}
+
+
+def test_a_nine_head_model_converts_checks_and_plans_at_tp_3(tmp_path, capsys):
+    """tp is any size that divides the heads and widths, not only a power of
+    two: 9 heads split at 3 (TensorRT-LLM takes any tp that divides them);
+    a tp that does not divide them keeps its exit-2 refusal."""
+    import yaml
+
+    src = write_tiny("opt", tmp_path / "nine", seed=9, heads=9, hidden=72)  # ffn 144, vocab 384: both divide by 3
+    out = tmp_path / "tp3"
+    rc = cli(["convert", str(src), "--tp", "3", "--quant", "w8a16", "--out", str(out), "--check", "--json", "--quiet"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0, res
+    assert res["check"]["passed"] and res["check"]["tp"] == 3
+    cfg, W = load_rank(out, 2)
+    assert cfg["mapping"]["tp_size"] == 3 and tuple(W["transformer.layers.0.attention.qkv.weight"].shape) == (72, 72)
+
+    recipe = tmp_path / "nine.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "nine", "family": "opt", "source": {"path": str(src)},
+                                      "matrix": {"backend": ["tensorrt-llm"], "dtype": ["float16"],
+                                                 "quant": ["w8a16"], "tp": [3], "target": ["sm_90"]}}))
+    assert cli(["plan", str(recipe), "--store", str(tmp_path / "store")]) == 0
+    text = capsys.readouterr().out
+    assert "fp16-w8a16-tp3" in text and "--workers 3" in text
+
+    # 9 heads: tp 2 and 4 do not divide them -> exit 2, nothing written
+    for tp in (2, 4):
+        rc = cli(["convert", str(src), "--tp", str(tp), "--out", str(tmp_path / f"tp{tp}")])
+        assert rc == 2 and "does not divide the model's 9 attention heads" in capsys.readouterr().err
+        assert not (tmp_path / f"tp{tp}").exists()
+    # a tp no model can take is refused with the recipe
+    recipe.write_text(yaml.safe_dump({"name": "nine", "family": "opt", "source": {"path": str(src)},
+                                      "matrix": {"tp": [0]}}))
+    assert cli(["plan", str(recipe)]) == 2
+    assert "a whole number from 1 to 64" in capsys.readouterr().err

@@ -134,6 +134,22 @@ class Family:
                 f"variant {variant.name}: tp size {tp} neither divides the model's {kv} key/value heads nor is a "
                 f"multiple of them ({where})"
             )
+        check_divides_widths(config, variant, where)
+
+
+# config.json's names of the MLP width, which column-parallel layers split
+# over the ranks (TensorRT-LLM's MLP takes ffn_hidden_size // tp_size)
+WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim")
+
+
+def check_divides_widths(config: dict, variant: "Variant", where: str) -> None:
+    """The MLP widths must split evenly over the ranks too (the heads are
+    checked by the caller); tp need not be a power of two."""
+    for k in WIDTH_KEYS:
+        n = config.get(k)
+        if isinstance(n, int) and n % variant.tp:
+            raise BadInput(f"variant {variant.name}: tp size {variant.tp} does not divide the model's {k} {n} "
+                           f"({where}); pick a tp size that divides it")
 
 
 class DecoderFamily(Family):
@@ -253,6 +269,7 @@ class EncoderDecoderFamily(DecoderFamily):
                     f"variant {variant.name}: tp size {variant.tp} does not divide the model's {heads} {side} "
                     f"attention heads ({where}); pick a tp size that divides {heads}"
                 )
+        check_divides_widths(config, variant, where)
 
     def encoder_config(self, hf: dict, variant: "Variant") -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
