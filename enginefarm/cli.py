@@ -209,6 +209,9 @@ def cmd_plan(a) -> int:
                     notes[v.name].append(f"build[{c}]: not here: {why}")
                 continue
             line = b.command(cv, limits, parts=parts) if hasattr(b, "command") else ""
+            if hasattr(b, "releases"):
+                notes.setdefault(v.name, []).append(f"build[{c}] checkpoint serves TensorRT-LLM: "
+                                                    f"{b.releases(cv, parts)}")
             if cv.target != v.target:
                 line = f"{b.name} for {cv.target} (the variant's target: {v.target})" + (f"; {line}" if line else "")
             if not ok:

@@ -390,3 +390,20 @@ def test_a_nine_head_model_converts_checks_and_plans_at_tp_3(tmp_path, capsys):
                                       "matrix": {"tp": [0]}}))
     assert cli(["plan", str(recipe)]) == 2
     assert "a whole number from 1 to 64" in capsys.readouterr().err
+
+
+def test_each_layout_names_the_tensorrt_llm_releases_it_serves(tmp_path, capsys):
+    """README, `enginefarm plan` and engine.json (hence the publish manifest)
+    name the TensorRT-LLM releases a checkpoint layout serves."""
+    from enginefarm.backends.tensorrt_llm import RELEASES, release_range
+
+    assert list(release_range("decoder")) == ["decoder-only"]
+    assert list(release_range("encoder-decoder", "w8a16")) == ["encoder-decoder", "weight-only per channel"]
+    assert list(release_range("decoder", "w4a16", 64)) == ["decoder-only", "weight-only per group"]
+    assert "NOT 0.16" in RELEASES["encoder-decoder"]["range"] and all(r["evidence"] for r in RELEASES.values())
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for layout in RELEASES:
+        assert f"| {layout} |" in readme, layout
+    assert cli(["plan", "flan-t5-small", "--store", str(tmp_path / "s"), "--variant", "fp16-tp1"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint serves TensorRT-LLM: encoder-decoder:" in out and "NOT 0.16" in out

@@ -28,6 +28,64 @@ from .base import Backend, version_of
 
 DTYPE_PLUGIN = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 
+# ----------------------------------------------------------------------------- releases
+# The TensorRT-LLM releases each checkpoint layout the farm writes serves, and
+# the evidence. The upper end of every range is the last release that still
+# builds TensorRT engines: TensorRT-LLM deprecated trtllm-build and
+# convert_checkpoint.py in February 2026 (PR 11723) and removed the engine path
+# in mid-2026 (PRs 15763, 15767, 15907, 15918, 16369); later releases run a
+# PyTorch backend only and take Hugging Face checkpoints. The stored sources
+# read name commits, not tags: where a tag could not be tied to a change, the
+# range says so instead of guessing.
+LAST = "the last release with the TensorRT engine path (trtllm-build; removed mid-2026)"
+RELEASES = {
+    "decoder-only": {
+        "range": f"0.16 through {LAST}",
+        "evidence": "0.16: issue 16 loaded the farm's unquantized decoder-only checkpoints (opt, llama, mistral, gpt2, "
+                    "gptj, gpt-neox, bloom; tp 1/2/4/8) into TensorRT-LLM 0.16's model classes, bit-identical to its "
+                    "converters; newer: tests/test_conformance.py holds them equal to NVIDIA ModelOpt 0.47's "
+                    "TensorRT-LLM writer (its names: transformer.layers.N, transformer.vocab_embedding, lm_head)",
+    },
+    "encoder-decoder": {
+        "range": f"the releases whose converter is examples/models/core/enc_dec/convert_checkpoint.py, through {LAST}; "
+                 f"NOT 0.16 (the first such tag was not determined)",
+        "evidence": "examples/models/core/enc_dec/convert_checkpoint.py (stored commit 1b390186) writes "
+                    "transformer.layers.N, transformer.vocab_embedding, transformer.ln_f and a top-level rel_attn_table, "
+                    "as the farm and ModelOpt 0.47 do (tests/test_conformance.py); the older "
+                    "examples/enc_dec/convert_checkpoint.py (stored commit 1cc1443b), which 0.16 ships, writes "
+                    "{encoder,decoder}_layers.N, embedding.vocab_embedding, final_layernorm",
+    },
+    "weight-only per channel": {
+        "range": f"0.16 through {LAST}",
+        "evidence": "quantization/layers.py WeightOnlyQuantLinear: weight int8 (in, out / mode), per_channel_scale (out,); "
+                    "quantization/quantize.py quantize_layers: no exclude_modules = the default list (lm_head, "
+                    "embeddings unquantized), the same in an older and the newest stored version; integers: "
+                    "cutlass_preprocessors.cpp symmetric_quantize (max|w|/128 or /8, round half away, clamp); the "
+                    "interleave op's signature changed between releases (2 or 3 arguments): both are handled",
+    },
+    "weight-only per group": {
+        "range": f"W4A16_GPTQ: 0.16 through {LAST}; W8A16_GPTQ: only releases whose quantize.py passes "
+                 f"use_int8_weight (not in the older stored version; first tag not determined)",
+        "evidence": "quantization/layers.py WeightOnlyGroupwiseQuantLinear: weight (in, out // pack_ratio) in the model "
+                    "dtype (4 int4 or 2 int8 to a 16-bit word), weights_scaling_factor (in / group_size, out); "
+                    "integers as ModelOpt 0.47's block quantizer (tests/test_conformance.py)",
+    },
+}
+
+
+def layouts(kind: str, quant: str = "none", group_size: Optional[int] = None) -> list[str]:
+    """The RELEASES keys a checkpoint of this kind (decoder / encoder-decoder)
+    and quantization follows."""
+    out = ["encoder-decoder" if kind == "encoder-decoder" else "decoder-only"]
+    if quant != "none":
+        out.append("weight-only per group" if group_size else "weight-only per channel")
+    return out
+
+
+def release_range(kind: str, quant: str = "none", group_size: Optional[int] = None) -> dict[str, str]:
+    """{layout: the TensorRT-LLM releases it serves}, for plan, engine.json and the publish manifest."""
+    return {k: RELEASES[k]["range"] for k in layouts(kind, quant, group_size)}
+
 
 def build_args(ckpt_dir: str | Path, out_dir: str | Path, variant, limits: dict[str, Any],
                multimodal_len: Optional[int] = None, part: str = "") -> list[str]:
@@ -194,6 +252,11 @@ class TensorRTLLM(Backend):
     def command(self, variant, limits: dict, ckpt_dir="CKPT", out_dir="ENGINE", parts: tuple[str, ...] = ("",)) -> str:
         return " && ".join(shlex.join(a) for a in build_commands(ckpt_dir, out_dir, variant, limits, parts))
 
+    def releases(self, variant, parts: tuple[str, ...] = ("",)) -> str:
+        """One line: the TensorRT-LLM releases the checkpoint this variant converts to serves."""
+        kind = "decoder" if parts == ("",) else "encoder-decoder"
+        return "; ".join(f"{k}: {v}" for k, v in release_range(kind, variant.quant, variant.group_size).items())
+
     def build(self, component: str, src_dir: Path, out_dir: Path, variant, limits: dict, progress=None) -> dict:
         ok, why = self.usable(component, variant.target)
         if not ok:
@@ -214,7 +277,9 @@ class TensorRTLLM(Backend):
             if p.returncode != 0:
                 tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-20:])
                 raise StepFailed(f"trtllm-build exited with {p.returncode}:\n{tail}")
+        kind = "decoder" if parts == ("",) else "encoder-decoder"
         meta = {"format": "tensorrt-llm", "command": commands[0] if len(commands) == 1 else commands,
+                "checkpoint_serves": release_range(kind, variant.quant, variant.group_size),
                 "runtime": runtime_settings(Path(src_dir), limits["max_seq_len"], parts != ("",)), "tensorrt_llm": version_of("tensorrt-llm"),
                 "target": variant.target, "tp": variant.tp}
         (out_dir / "engine.json").write_text(json.dumps(meta, indent=2))
