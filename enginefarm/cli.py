@@ -96,6 +96,8 @@ def cmd_recipe_new(a) -> int:
     if config is not None:
         for v in r.variants():
             fam.check_config(config, v)
+    if "path" in source and fam.implemented:  # what validation and `run` will load is there
+        fam.check_inputs(Path(source["path"]), f"--source {a.source}")
     full = r.model_dump(mode="json", exclude={"origin"})
     full["source"] = {k: v for k, v in full["source"].items() if v is not None}
     full["components"] = {c: {k: v for k, v in spec.items() if v is not None} for c, spec in full["components"].items()}

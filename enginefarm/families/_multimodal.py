@@ -342,6 +342,27 @@ class MultimodalFamily(Family):
 
     # ----------------------------------------------------------------- at run time (torch only, no model code)
 
+    PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+    def check_inputs(self, src_dir, where: str) -> None:
+        """The tokenizer, and the processor that turns images into the visual engine's inputs."""
+        super().check_inputs(src_dir, where)
+
+        def has_image_settings(p) -> bool:  # processor_config.json holds them only in newer transformers
+            import json
+
+            try:
+                cfg = json.loads(p.read_text())
+            except (OSError, ValueError):
+                return False
+            return p.name == "preprocessor_config.json" or any("image_processor" in k for k in cfg)
+
+        self.require_files(src_dir, where, "image processor", self.PROCESSOR_FILES, has_image_settings)
+        try:
+            self.load_processor(src_dir, {})
+        except Exception as e:  # noqa: BLE001 - transformers' OSError, ValueError, ... for missing or broken files
+            raise BadInput(self.missing_inputs(src_dir, where, "image processor", self.PROCESSOR_FILES, e)) from None
+
     def load_processor(self, src_dir, meta: dict):
         """The preprocessing of the checkpoint (its processor's files in
         src_dir); meta: the visual engine's facts."""

@@ -102,6 +102,50 @@ class Family:
                 f"built for it (implemented families: {', '.join(implemented_families())})"
             )
 
+    # ----------------------------------------------------------------- inputs that later steps need (after fetch)
+
+    TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                       "vocab.json + merges.txt", "vocab.txt")
+
+    def check_inputs(self, src_dir, where: str) -> None:
+        """Refuse (BadInput) a checkpoint that lacks what a later step loads:
+        the tokenizer, for validation and for `run`. Its files must be there,
+        and it must load from the checkpoint's small files (no weights), as
+        validation will load it."""
+        self.require_files(src_dir, where, "tokenizer", self.TOKENIZER_FILES)
+        try:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(src_dir), trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 - transformers' OSError, ValueError, ... for broken files
+            raise BadInput(self.missing_inputs(src_dir, where, "tokenizer", self.TOKENIZER_FILES, e)) from None
+
+    def require_files(self, src_dir, where: str, what: str, expected: tuple[str, ...],
+                      present: Optional[Callable[[Any], bool]] = None) -> None:
+        """BadInput unless one of `expected` ("a.json", or "a.json + b.txt"
+        for files that go together) is in src_dir (and passes `present`)."""
+        from pathlib import Path
+
+        root = Path(src_dir)
+        for alt in expected:
+            names = [n.strip() for n in alt.split("+")]
+            if all((root / n).is_file() for n in names) and (present is None or present(root / names[0])):
+                return
+        raise BadInput(self.missing_inputs(src_dir, where, what, expected, None))
+
+    @staticmethod
+    def missing_inputs(src_dir, where: str, what: str, expected: tuple[str, ...], e: Optional[BaseException]) -> str:
+        from pathlib import Path
+
+        have = sorted(p.name for p in Path(src_dir).iterdir() if p.is_file())
+        cause = ""
+        if e is not None:  # its first sentence, without the scratch directory the files were read from
+            first = " ".join(str(e).replace(str(src_dir), "<checkpoint>").split()).split(". ")[0][:200]
+            cause = f" ({type(e).__name__}: {first})"
+        return (f"{where} has no usable {what} files (validation and `enginefarm run` load them; expected one of: "
+                f"{', '.join(expected)}); it has {', '.join(have) or 'no files'}. Save them beside the weights "
+                f"(save_pretrained of the {what}) and run again{cause}")
+
     # ----------------------------------------------------------------- conversion
 
     def checkpoint_parts(self, hf: dict, names: set[str], variant: "Variant") -> list[CheckpointPart]:

@@ -10,6 +10,10 @@ retries, retry delays and timeout from `POLICIES[STEP]`. Two retry rules:
 - "any": retried on any error except bad input (GPU steps: an Xid error or
   an out-of-memory caused by a neighbour deserves a second try).
 
+Neither retries what no retry can fix (`is_permanent`): bad input, a
+missing file, transformers' "Can't load ..." for a checkpoint without its
+tokenizer or processor files.
+
 A failing step logs, before Prefect's traceback, one line that says which
 recipe, variant and step failed, and why:
 
@@ -110,10 +114,22 @@ def is_transient(e: BaseException) -> bool:
     return False
 
 
+def is_permanent(e: BaseException) -> bool:
+    """Whether no retry can fix an error: bad input, a file that is not
+    there, or transformers' "Can't load ..." for a checkpoint missing files."""
+    for x in _chain(e):
+        if isinstance(x, (BadInput, FileNotFoundError)):
+            return True
+        if (isinstance(x, OSError) and not isinstance(x, (ConnectionError, TimeoutError))
+                and str(x).startswith("Can't load")):
+            return True
+    return False
+
+
 def should_retry(step: str, e: BaseException) -> bool:
     pol = POLICIES[step]
     root = getattr(e, "cause", None) or e
-    if any(isinstance(x, BadInput) for x in _chain(root)):
+    if is_permanent(root):
         return False
     return True if pol.retry_on == "any" else is_transient(root)
 
