@@ -407,3 +407,22 @@ def test_each_layout_names_the_tensorrt_llm_releases_it_serves(tmp_path, capsys)
     assert cli(["plan", "flan-t5-small", "--store", str(tmp_path / "s"), "--variant", "fp16-tp1"]) == 0
     out = capsys.readouterr().out
     assert "checkpoint serves TensorRT-LLM: encoder-decoder:" in out and "NOT 0.16" in out
+
+
+def test_group_wise_checkpoints_run_in_the_shards_check(tmp_path):
+    """Per-group weights are stored viewed in the model dtype (as TensorRT-LLM
+    declares them); the runtime that the shards step runs reads the same
+    integers back and passes the quantization gates at tp 2."""
+    src = write_tiny("llama-h8", tmp_path / "src", seed=2)
+    dirs = []
+    for q in ("w8a16", "w4a16"):
+        d = tmp_path / q
+        convert_checkpoint(get_family("llama"), src, d, variant(q, 2, group=16))
+        _, W = load_rank(d, 1)
+        assert W["transformer.layers.0.mlp.fc.weight"].dtype == torch.float16
+        dirs.append(d)
+    res = check_shards(src, dirs, PROMPTS, builtin_text(), max_new_tokens=8, max_eval_tokens=96, max_input_len=32,
+                       max_seq_len=64)
+    for q, m in zip(("w8a16", "w4a16"), res):
+        gates = judge(m, DEFAULT_QUANT_GATES[q].model_dump())
+        assert m["tp"] == 2 and all(g["passed"] for g in gates.values()), (q, m["top1_agreement"], gates)
