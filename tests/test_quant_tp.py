@@ -426,3 +426,30 @@ def test_group_wise_checkpoints_run_in_the_shards_check(tmp_path):
     for q, m in zip(("w8a16", "w4a16"), res):
         gates = judge(m, DEFAULT_QUANT_GATES[q].model_dump())
         assert m["tp"] == 2 and all(g["passed"] for g in gates.values()), (q, m["top1_agreement"], gates)
+
+
+def test_encoder_decoder_names_for_releases_before_the_rename(tmp_path):
+    """0.16's EncoderModel/DecoderModel name their tensors after their modules
+    (encoder_layers.N, embedding.*, final_layernorm); the build renames a copy
+    of the farm's transformer.* checkpoint where the installed release wants
+    that. Every tensor of a T5 and a BART checkpoint lands on such a name, and
+    nothing else changes."""
+    from enginefarm.backends.tensorrt_llm import rename_for_legacy
+
+    for fam, tiny in (("t5", "t5"), ("bart", "bart")):
+        src = write_tiny(tiny, tmp_path / tiny, seed=1)
+        ckpt, legacy = tmp_path / f"{tiny}-ckpt", tmp_path / f"{tiny}-legacy"
+        convert_checkpoint(get_family(fam), src, ckpt, variant("w8a16", tp=2))
+        rename_for_legacy(ckpt, legacy)
+        for part in ("encoder", "decoder"):
+            for rank in (0, 1):
+                _, new = load_rank(ckpt / part, rank)
+                cfg, old = load_rank(legacy / part, rank)
+                assert cfg == json.loads((ckpt / part / "config.json").read_text())
+                allowed = (f"{part}_layers.", "embedding.vocab_embedding.", "embedding.position_embedding.",
+                           "embedding.embedding_layernorm.", "final_layernorm.", "lm_head.", "rel_attn_table")
+                assert all(k.startswith(allowed) for k in old), sorted(old)
+                assert len(old) == len(new) and sorted(v.numel() for v in old.values()) == sorted(
+                    v.numel() for v in new.values())
+                assert torch.equal(old[f"{part}_layers.1.mlp.fc.weight"], new["transformer.layers.1.mlp.fc.weight"])
+                assert torch.equal(old["embedding.vocab_embedding.weight"], new["transformer.vocab_embedding.weight"])

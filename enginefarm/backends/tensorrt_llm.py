@@ -47,8 +47,10 @@ RELEASES = {
                     "TensorRT-LLM writer (its names: transformer.layers.N, transformer.vocab_embedding, lm_head)",
     },
     "encoder-decoder": {
-        "range": f"the releases whose converter is examples/models/core/enc_dec/convert_checkpoint.py, through {LAST}; "
-                 f"NOT 0.16 (the first such tag was not determined)",
+        "range": f"as written: the releases whose converter is examples/models/core/enc_dec/convert_checkpoint.py, "
+                 f"through {LAST}, NOT 0.16 (the first such tag was not determined); the build renames a copy to the "
+                 f"older names (encoder_layers.N, embedding.*, final_layernorm) where the installed release's "
+                 f"EncoderModel wants them (0.16), so the build serves both",
         "evidence": "examples/models/core/enc_dec/convert_checkpoint.py (stored commit 1b390186) writes "
                     "transformer.layers.N, transformer.vocab_embedding, transformer.ln_f and a top-level rel_attn_table, "
                     "as the farm and ModelOpt 0.47 do (tests/test_conformance.py); the older "
@@ -207,6 +209,63 @@ def preprocess_weight_only(ckpt_dir: Path, out_dir: Path) -> None:
         save_file(tensors, str(out_dir / f.name))
 
 
+# ----------------------------------------------------------------------------- encoder-decoder names by release
+# The farm writes encoder-decoder checkpoints with the names of
+# examples/models/core/enc_dec/convert_checkpoint.py (stored commit 1b390186):
+# transformer.layers.N, transformer.vocab_embedding, ... Older releases (0.16)
+# name the tensors after the modules of tensorrt_llm/models/enc_dec/model.py
+# (stored commits 04a2cacb, 14e801da): EncoderModel/DecoderModel hold
+# `embedding` (EncDecEmbedding: vocab_embedding, position_embedding,
+# embedding_layernorm), `encoder_layers` / `decoder_layers`, `final_layernorm`,
+# and their converter (examples/enc_dec/convert_checkpoint.py, stored commits
+# 1cc1443b, 20709ce9) writes exactly those: `{component}_layers.N`,
+# `embedding.vocab_embedding.weight`, `final_layernorm.weight`; lm_head and the
+# decoder's top-level rel_attn_table keep their names; the names inside a layer
+# are the same in both.
+LEGACY_ENCDEC_PREFIXES = (
+    ("transformer.layers.", "{part}_layers."),
+    ("transformer.vocab_embedding.", "embedding.vocab_embedding."),
+    ("transformer.position_embedding.", "embedding.position_embedding."),
+    ("transformer.ln_embed.", "embedding.embedding_layernorm."),
+    ("transformer.ln_f.", "final_layernorm."),
+)
+
+
+def legacy_encdec_name(name: str, part: str) -> str:
+    """A tensor name of the farm's encoder/decoder checkpoint in the older
+    releases' layout (`part`: encoder or decoder)."""
+    for new, old in LEGACY_ENCDEC_PREFIXES:
+        if name.startswith(new):
+            return old.format(part=part) + name[len(new):]
+    return name
+
+
+def installed_encdec_layout() -> str:
+    """'legacy' where the installed TensorRT-LLM's EncoderModel keeps its layers
+    as `encoder_layers` (the module names its loader matches checkpoint names
+    against), else 'transformer'. Read from the installed source itself, since
+    the release that changed the names is not pinned down. Never run against a
+    real TensorRT-LLM."""
+    import inspect
+
+    from tensorrt_llm.models.enc_dec import model as encdec_model  # type: ignore
+
+    src = inspect.getsource(encdec_model.EncoderModel.__init__)
+    return "legacy" if "self.encoder_layers" in src and "self.transformer" not in src else "transformer"
+
+
+def rename_for_legacy(ckpt_dir: Path, out_dir: Path) -> None:
+    """Copy an encoder-decoder checkpoint with the older releases' tensor names."""
+    from safetensors.torch import load_file, save_file
+
+    for part in checkpoint_parts(ckpt_dir):
+        (out_dir / part).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ckpt_dir / part / "config.json", out_dir / part / "config.json")
+        for f in sorted((ckpt_dir / part).glob("rank*.safetensors")):
+            tensors = load_file(str(f))
+            save_file({legacy_encdec_name(k, part): v for k, v in tensors.items()}, str(out_dir / part / f.name))
+
+
 def _interleave(q, qtype, act):
     """torch.ops.trtllm.preprocess_weights_for_mixed_gemm across releases: an
     older cpp/tensorrt_llm/thop/weightOnlyQuantOp.cpp registers it as
@@ -262,13 +321,23 @@ class TensorRTLLM(Backend):
         if not ok:
             raise NotAvailable(why)
         ckpt = Path(src_dir)
+        parts = checkpoint_parts(Path(src_dir))
+        names = "transformer"
+        if parts != ("",):
+            names = installed_encdec_layout()
+            if names == "legacy":
+                if progress:
+                    progress("tensorrt-llm: this release names encoder-decoder tensors encoder_layers.N / embedding.*: "
+                             "renaming a copy")
+                legacy = out_dir.parent / (out_dir.name + ".legacy-names")
+                rename_for_legacy(ckpt, legacy)
+                ckpt = legacy
         if variant.quant != "none":
             pre = out_dir.parent / (out_dir.name + ".preprocessed")
             if progress:
                 progress("tensorrt-llm: interleaving weight-only matrices for this GPU")
             preprocess_weight_only(ckpt, pre)
             ckpt = pre
-        parts = checkpoint_parts(Path(src_dir))
         commands = build_commands(ckpt, out_dir, variant, limits, parts)
         for args in commands:
             if progress:
@@ -280,6 +349,7 @@ class TensorRTLLM(Backend):
         kind = "decoder" if parts == ("",) else "encoder-decoder"
         meta = {"format": "tensorrt-llm", "command": commands[0] if len(commands) == 1 else commands,
                 "checkpoint_serves": release_range(kind, variant.quant, variant.group_size),
+                **({"encoder_decoder_names": names} if parts != ("",) else {}),
                 "runtime": runtime_settings(Path(src_dir), limits["max_seq_len"], parts != ("",)), "tensorrt_llm": version_of("tensorrt-llm"),
                 "target": variant.target, "tp": variant.tp}
         (out_dir / "engine.json").write_text(json.dumps(meta, indent=2))
