@@ -164,10 +164,12 @@ def preprocess_weight_only(ckpt_dir: Path, out_dir: Path) -> None:
     an encoder-decoder model).
 
     Why here and not in trtllm-build: TensorRT-LLM's converters store the
-    interleaved matrix in the checkpoint (models/llama/convert.py, e.g.
-    v0.16.0: `torch.ops.trtllm.symmetric_quantize_last_axis_of_batched_matrix`
-    returns the *processed* weight, cpp/tensorrt_llm/thop/weightOnlyQuantOp.cpp
-    `symmetric_quantize_helper`), and trtllm-build re-processes nothing it
+    interleaved matrix in the checkpoint (examples/opt/convert_checkpoint.py
+    `get_tllm_linear_weight`, stored commit 14e801da: results[prefix + 'weight']
+    = the `processed_torch_weights` that
+    `symmetric_quantize_last_axis_of_batched_matrix` returns, and
+    cpp/tensorrt_llm/thop/weightOnlyQuantOp.cpp `symmetric_quantize_helper`
+    returns the processed weight unless asked for both), and trtllm-build re-processes nothing it
     finds already int8: models/modeling_utils.py `preprocess_weights` ->
     `preprocess_perlayer_weights` calls `weight_only_quantize_dict`
     (models/convert_utils.py), which skips tensors whose dtype is int8, and
