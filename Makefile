@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test soak clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11+)"; exit 2; }
@@ -23,6 +23,12 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q --durations=20 tests
+
+# the nightly over the whole tiny catalog, variants in parallel, forced
+# ENGINEFARM_SOAK_ROUNDS times (make test runs one round over the racing recipes)
+SOAK_ROUNDS ?= 3
+soak: venv
+	ENGINEFARM_SOAK_ROUNDS=$(SOAK_ROUNDS) $(PY) -m pytest -q tests/test_concurrency.py -k whole_tiny_catalog
 
 clean:
 	rm -rf $(VENV) .farm .demo

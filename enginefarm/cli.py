@@ -591,16 +591,72 @@ def cmd_run(a) -> int:
     tok = AutoTokenizer.from_pretrained(cache / "source", trust_remote_code=False)
     eng = get_backend(comps["llm"]["backend"]).load(cache / "llm")
     prompts = [tok(p).input_ids for p in a.prompt]
+    d, watch = _decoding(a, len(prompts), lambda ids: tok.decode(ids, skip_special_tokens=True))
+    if a.stream:
+        print(a.prompt[0], end="", flush=True)
     t0 = time.perf_counter()
-    outs = eng.generate(prompts, a.max_new_tokens, eos_token_id=tok.eos_token_id)
+    outs = eng.generate(prompts, a.max_new_tokens, eos_token_id=tok.eos_token_id, decoding=d, on_token=watch)
     dt = time.perf_counter() - t0
-    results = [{"prompt": p, "output_ids": o, "text": tok.decode(o, skip_special_tokens=True)} for p, o in zip(a.prompt, outs)]
+    results = [{"prompt": p, "output_ids": watch.ids(i, o), "text": watch.text(i, o)}
+               for i, (p, o) in enumerate(zip(a.prompt, outs))]
+    watch.flush()
+    if a.stream:
+        print(file=sys.stdout)
     if a.json:
         print(json.dumps({"ref": value, "results": results, "seconds": round(dt, 3)}, indent=2))
-    else:
+    elif not a.stream:
         for r in results:
             print(f"{r['prompt']}{r['text']}")
     return 0
+
+
+def cmd_chat(a) -> int:
+    from .backends import get_backend
+    from .chat import Conversation, chat, engine_answer, reference_answer
+    from .registry import resolve
+    from .store import open_store
+
+    if a.max_new_tokens < 1:
+        raise BadInput(f"--max-new-tokens must be at least 1 (got {a.max_new_tokens})")
+    st = open_store(a.store)
+    value, m = resolve(st, a.ref)
+    comps = m["results"]["components"]
+    if "visual" in comps:
+        raise BadInput(f"{a.ref} is multimodal: chat takes text engines for now; use `enginefarm run --image`")
+    cache = _lay_out(st, value, m)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cache / "source", trust_remote_code=False)
+    eng = get_backend(comps["llm"]["backend"]).load(cache / "llm")
+    d, _ = _decoding(a, 1, None)
+    mine = engine_answer(eng, a.max_new_tokens, tok.eos_token_id, d)
+    ref = reference_answer(cache / "source", a.max_new_tokens, tok.eos_token_id, tok.pad_token_id) if a.compare else None
+
+    def read(prompt: str):
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+
+    print(f"chat with {value['recipe']}:{value['variant']}@{value['alias']}"
+          + (" (beside it: the Hugging Face model, fp32, greedy)" if ref else ""), flush=True)
+    chat(Conversation(tok), mine, eng.max_input_len, read, lambda s: print(s, end="", flush=True), ref, d.stop)
+    return 0
+
+
+def _decoding(a, n: int, detokenize):
+    """The run's decoding options and its stop-string / streaming watch."""
+    from .runtime.decoding import TextWatch, options
+
+    d = options(do_sample=a.sample or None, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                repetition_penalty=a.repetition_penalty, num_beams=a.num_beams, length_penalty=a.length_penalty,
+                seed=a.seed, stop=tuple(a.stop or ()) or None)
+    if a.stream and n != 1:
+        raise BadInput(f"--stream prints one answer as it is generated: give one prompt (got {n})")
+    if a.stream and a.json:
+        raise BadInput("--stream and --json: pick one")
+    stream = (lambda r, text: print(text, end="", flush=True)) if a.stream else None
+    return d, TextWatch(n, detokenize, d.stop, stream)
 
 
 def _run_multimodal(a, value: dict, cache: Path, images: list[str], prompts: list[str], media: str = "image") -> int:
@@ -619,10 +675,17 @@ def _run_multimodal(a, value: dict, cache: Path, images: list[str], prompts: lis
         pixels = [load_image(p) for p in images]
     pipe = MultimodalPipeline.load(cache)
     pipe.check_request(len(pixels), a.frames)
+    d, watch = _decoding(a, len(prompts), pipe.decode)
+    if a.stream:
+        print(f"[{images[0]}] {prompts[0]}", end="", flush=True)
     t0 = time.perf_counter()
-    outs = pipe.generate(pixels, prompts, a.max_new_tokens, eos_token_id=pipe.eos_token_id)
+    outs = pipe.generate(pixels, prompts, a.max_new_tokens, eos_token_id=pipe.eos_token_id, decoding=d, on_token=watch)
     dt = time.perf_counter() - t0
-    results = [{media: i, "prompt": p, "output_ids": o, "text": pipe.decode(o)} for i, p, o in zip(images, prompts, outs)]
+    results = [{media: i, "prompt": p, "output_ids": watch.ids(k, o), "text": watch.text(k, o)}
+               for k, (i, p, o) in enumerate(zip(images, prompts, outs))]
+    watch.flush()
+    if a.stream:
+        print(file=sys.stdout)
     if media == "video":  # the frames each video gave (a short video gives all it has)
         for r, v in zip(results, pixels):
             r["frames"] = min(len(v), pipe.meta["num_frames"])
@@ -630,7 +693,7 @@ def _run_multimodal(a, value: dict, cache: Path, images: list[str], prompts: lis
         extra = {"num_frames": pipe.meta["num_frames"]} if media == "video" else {}
         print(json.dumps({"ref": value, "visual_features": pipe.features, **extra, "results": results,
                           "seconds": round(dt, 3)}, indent=2))
-    else:
+    elif not a.stream:
         for r in results:
             print(f"[{r[media]}] {r['prompt']}{r['text']}")
     return 0
@@ -743,6 +806,21 @@ def cmd_bench(a) -> int:
 # ----------------------------------------------------------------------------- main
 
 
+def _decoding_args(p, stream: bool = True) -> None:
+    dg = p.add_argument_group("decoding (default: greedy)")
+    dg.add_argument("--sample", action="store_true", help="sample the next token (with the filters below)")
+    dg.add_argument("--temperature", type=float)
+    dg.add_argument("--top-k", type=int, dest="top_k", help="sample among the k most likely tokens")
+    dg.add_argument("--top-p", type=float, dest="top_p", help="sample among the most likely tokens whose probability adds up to p")
+    dg.add_argument("--repetition-penalty", type=float, dest="repetition_penalty")
+    dg.add_argument("--num-beams", type=int, dest="num_beams", help="beam search (up to the recipe's limits.max_beam_width)")
+    dg.add_argument("--length-penalty", type=float, dest="length_penalty", help="beam search: score / length ** this")
+    dg.add_argument("--seed", type=int, help="sampling: the same seed gives the same tokens")
+    dg.add_argument("--stop", action="append", help="repeatable: end an answer where this text appears (not printed)")
+    if stream:
+        dg.add_argument("--stream", action="store_true", help="print the answer as it is generated (one prompt)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="enginefarm", description="A build farm for inference engines.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -839,9 +917,18 @@ def parser() -> argparse.ArgumentParser:
     rn.add_argument("--frames", type=int,
                     help="frames sampled per video (default: the engine's num_frames, which is also the most)")
     rn.add_argument("--max-new-tokens", type=int, default=32)
+    _decoding_args(rn)
     store_arg(rn)
     rn.add_argument("--json", action="store_true")
     rn.set_defaults(fn=cmd_run)
+
+    ch = sub.add_parser("chat", help="talk to a built text engine; --compare hf: the Hugging Face answer beside it")
+    ch.add_argument("ref")
+    ch.add_argument("--compare", choices=["hf"], help="also answer with the Hugging Face model, with its time")
+    ch.add_argument("--max-new-tokens", type=int, default=48)
+    _decoding_args(ch, stream=False)
+    store_arg(ch)
+    ch.set_defaults(fn=cmd_chat, stream=False, json=False)
 
     bn = sub.add_parser("bench", help="latency/throughput sweep of an engine, next to eager Hugging Face")
     bn.add_argument("ref", help="RECIPE[:VARIANT][@ALIAS]")

@@ -179,6 +179,8 @@ class Limits(Strict):
     max_input_len: int = Field(128, ge=1)
     max_seq_len: int = Field(256, ge=2, description="prompt + generated tokens")
     max_multimodal_len: Optional[int] = Field(None, ge=0, description="derived: max_batch_size x visual features")
+    max_beam_width: int = Field(1, ge=1, le=64, description="beams per request at most (beam search); trtllm-build's "
+                                "--max_beam_width, and the aoti engine's caches take max_batch_size x this rows")
 
     @model_validator(mode="after")
     def _order(self) -> "Limits":

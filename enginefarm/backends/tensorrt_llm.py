@@ -103,8 +103,11 @@ def build_args(ckpt_dir: str | Path, out_dir: str | Path, variant, limits: dict[
     dt = DTYPE_PLUGIN[variant.dtype]
     mm = multimodal_len if multimodal_len is not None else limits.get("max_multimodal_len")
     batch = int(limits["max_batch_size"])
+    beams = int(limits.get("max_beam_width") or 1)
     args = ["trtllm-build", "--checkpoint_dir", str(ckpt_dir), "--output_dir", str(out_dir),
             "--max_batch_size", str(batch)]
+    if beams > 1 and part != "encoder":  # trtllm-build's default is 1; the encoder does no search
+        args += ["--max_beam_width", str(beams)]
     if part == "":
         args += [
             "--max_input_len", str(limits["max_input_len"]),
@@ -122,8 +125,9 @@ def build_args(ckpt_dir: str | Path, out_dir: str | Path, variant, limits: dict[
         args += ["--bert_attention_plugin", dt, "--gpt_attention_plugin", dt, "--gemm_plugin", dt,
                  "--remove_input_padding", "enable",
                  # T5's relative attention bias is not in the fused attention kernels
-                 "--context_fmha", "disable",
-                 "--max_beam_width", "1"]
+                 "--context_fmha", "disable"]
+        if beams == 1:
+            args += ["--max_beam_width", "1"]
         if part == "encoder":
             args += ["--max_input_len", str(enc_len), "--kv_cache_type", "disabled"]
         elif part == "decoder":

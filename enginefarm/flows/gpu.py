@@ -60,9 +60,10 @@ def stored_result(st, recipe: str, step: str, key: str) -> StepResult:
 
 
 # One variant's GPU steps at a time in one process: the rule the `gpu`
-# deployment's concurrency limit keeps across machines, kept here for runs
-# without it (and torch.export is not thread-safe: two exports in threads of
-# one process break each other).
+# deployment's concurrency limit keeps across machines (one GPU slot), kept
+# here for runs without it. Thread safety is not this lock's job: every step
+# that traces or runs a model holds enginefarm.concurrency's gate, whichever
+# flow runs it.
 _ONE_AT_A_TIME = threading.Lock()
 
 
