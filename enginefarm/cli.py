@@ -161,6 +161,19 @@ def _print_build(s: dict) -> None:
         print("  every step cached" + ("" if s.get("flow_run") else " (answered from the store; no flow run needed)"))
 
 
+def _local_config(r) -> Optional[dict]:
+    """A path source's config.json, read in place (no fetch needed to plan it)."""
+    if not r.source.path:
+        return None
+    p = Path(r.source.path)
+    if not p.is_absolute():
+        p = r.recipe_dir() / p
+    try:
+        return json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def cmd_plan(a) -> int:
     from .flows.build import plan, prepare
     from .store import open_store
@@ -174,8 +187,11 @@ def cmd_plan(a) -> int:
     rows = [(x.step, x.variant, "cached" if x.hit else "will run", x.hit.key[:12] if x.hit else "")
             for x in planned]
     fam = get_family(r.family)
-    # the fetched config.json, where fetch is cached: what the LLM is (BLIP-2: OPT or T5) and its limits
+    # the fetched config.json, where fetch is cached: what the LLM is (BLIP-2: OPT or T5) and its limits;
+    # a local (path) source's own config.json where it is not
     config = next((x.hit.results.get("config") for x in planned if x.step == "fetch" and x.hit), None)
+    if config is None:
+        config = _local_config(r)
     limits = fam.derived_limits(r, config) if config else fam.derived_limits(r)
     notes = {}  # per variant: the backend command where there is one, or why it cannot run here
     for v in vs:
@@ -184,7 +200,20 @@ def cmd_plan(a) -> int:
             cv = r.component_variant(c, v)  # the component's own target, where the recipe gives one
             ok, why = b.usable(c, cv.target)
             parts = fam.llm_parts(config) if c == "llm" else ("",)
+            if parts is None and hasattr(b, "command"):
+                # before the fetch the family cannot tell which LLM the checkpoint holds:
+                # the commands for each kind it takes, and what decides
+                for label, p in fam.llm_part_choices():
+                    notes.setdefault(v.name, []).append(
+                        f"build[{c}] if the LLM is {label} (the fetched config.json decides; `enginefarm build` "
+                        f"fetches it): {b.command(cv, limits, parts=p)}")
+                if not ok:
+                    notes[v.name].append(f"build[{c}]: not here: {why}")
+                continue
             line = b.command(cv, limits, parts=parts) if hasattr(b, "command") else ""
+            if hasattr(b, "releases"):
+                notes.setdefault(v.name, []).append(f"build[{c}] checkpoint serves TensorRT-LLM: "
+                                                    f"{b.releases(cv, parts)}")
             if cv.target != v.target:
                 line = f"{b.name} for {cv.target} (the variant's target: {v.target})" + (f"; {line}" if line else "")
             if not ok:
@@ -195,7 +224,8 @@ def cmd_plan(a) -> int:
         out = [dict(zip(("step", "variant", "status", "key"), x)) for x in rows]
         for row in out:
             if row["step"].startswith("build[") and row["variant"] in notes:
-                row["notes"] = [n.split(": ", 1)[1] for n in notes[row["variant"]] if n.startswith(row["step"])]
+                row["notes"] = [n[len(row["step"]) + 1:] if n.startswith(row["step"] + " if ") else n.split(": ", 1)[1]
+                                for n in notes[row["variant"]] if n.startswith(row["step"])]
         print(json.dumps(out, indent=2))
         return 0
     print(f"recipe {r.name} ({r.family}) against {st.uri}")
@@ -703,6 +733,10 @@ def cmd_convert(a) -> int:
         return Variant(name=f"{a.dtype}-{q}-tp{a.tp}", backend="tensorrt-llm", dtype=a.dtype, quant=q, tp=a.tp,
                        target="cpu", group_size=g)
 
+    from .spec import MAX_TP
+
+    if not 1 <= a.tp <= MAX_TP:
+        raise BadInput(f"--tp {a.tp}: a tp size is a whole number from 1 to {MAX_TP}")
     v = variant(quant, a.group_size)
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -914,7 +948,8 @@ def parser() -> argparse.ArgumentParser:
 
     cv = sub.add_parser("convert", help="HF checkpoint -> TensorRT-LLM checkpoint")
     cv.add_argument("src")
-    cv.add_argument("--tp", type=int, default=1, choices=[1, 2, 4, 8])
+    cv.add_argument("--tp", type=int, default=1,
+                    help="tensor-parallel size: any that divides the model's heads and MLP width (default 1)")
     cv.add_argument("--quant", choices=["w8a16", "w4a16"])
     cv.add_argument("--group-size", type=int)
     cv.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])

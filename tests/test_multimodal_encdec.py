@@ -408,4 +408,14 @@ def test_plan_prints_the_encoder_decoder_trtllm_build_once_the_llm_is_known(tmp_
     enc, dec = line.split(" && ")
     assert "--checkpoint_dir CKPT/encoder" in enc and "--max_prompt_embedding_table_size" in enc
     assert "--checkpoint_dir CKPT/decoder" in dec and "--max_encoder_input_len" in dec
-    assert get_family("nougat").llm_parts() == ("decoder",) and get_family("blip2").llm_parts() == ("",)
+    # before a fetch: Nougat's LLM is always its mBART decoder; BLIP-2's may be OPT or T5, which only the
+    # fetched config.json tells (llm_parts None); plan then prints the commands for both
+    assert get_family("nougat").llm_parts() == ("decoder",) and get_family("blip2").llm_parts() is None
+    assert get_family("blip2").llm_part_choices() == [("opt (decoder-only)", ("",)),
+                                                     ("t5 (encoder-decoder)", ("encoder", "decoder"))]
+    assert get_family("llava").llm_parts() == ("",)
+    assert cli(["plan", "blip2-flan-t5-xl", "--store", str(tmp_path / "other-store"), "--variant", "fp16-tp2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    t5 = next(x for x in lines if "build[llm] if the LLM is t5 (encoder-decoder)" in x)
+    assert t5.count("trtllm-build") == 2 and "CKPT/encoder" in t5 and "--max_encoder_input_len" in t5
+    assert "--workers 2" in t5 and any("build[llm] if the LLM is opt (decoder-only)" in x for x in lines)

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BadInput
-from ..quant import bits_of
+from ..quant import as_int8, bits_of, is_stored_quantized
 from .decoder import ACTS, Lin, Norm, all_gather_last
 from .decoding import GREEDY, Decoding, OnToken, decode
 from .engine import EngineBase
@@ -188,7 +188,8 @@ def _out_slice(W: dict, name: str, new: str, a: int, b: int, bits: int) -> dict:
     per byte for 4 bits; scales per output feature)."""
     w = W[name + ".weight"]
     out = {}
-    if w.dtype == torch.int8:
+    if is_stored_quantized(W, name, bits):
+        w = as_int8(w)  # a group-wise weight is stored viewed in the model dtype
         if bits == 4 and (a % 2 or b % 2):
             raise ValueError(f"{name}: cannot split packed 4-bit columns at {a}..{b}")
         out[new + ".weight"] = w[:, a // 2 : b // 2] if bits == 4 else w[:, a:b]
