@@ -67,6 +67,16 @@ class _Gate:
             return self._trace[1]
         return ", ".join(sorted(set(self._runs.values()))) or "nothing"
 
+    def _wait(self, blocked: Callable[[], bool], waiting: Optional[Callable[[str], None]],
+              why: Callable[[], str]) -> None:
+        """Wait (holding the condition) while blocked, saying why once."""
+        told = False
+        while blocked():
+            if waiting and not told:
+                waiting(why())
+                told = True
+            self._cond.wait()
+
     @contextmanager
     def hold(self, mode: str, what: str, waiting: Optional[Callable[[str], None]] = None) -> Iterator[None]:
         if mode not in ("trace", "run"):
@@ -86,22 +96,14 @@ class _Gate:
             if mode == "trace":
                 self._traces_waiting += 1
                 try:
-                    told = False
-                    while self._trace is not None or self._runs:
-                        if waiting and not told:
-                            waiting(f"{what}: waiting for {self._busy_with()} (one trace at a time, alone)")
-                            told = True
-                        self._cond.wait()
+                    self._wait(lambda: self._trace is not None or bool(self._runs), waiting,
+                               lambda: f"{what}: waiting for {self._busy_with()} (one trace at a time, alone)")
                 finally:
                     self._traces_waiting -= 1
                 self._trace = (me, what)
             else:
-                told = False
-                while self._trace is not None or self._traces_waiting:
-                    if waiting and not told:
-                        waiting(f"{what}: waiting for {self._busy_with() if self._trace else 'a trace to start'}")
-                        told = True
-                    self._cond.wait()
+                self._wait(lambda: self._trace is not None or self._traces_waiting > 0, waiting,
+                           lambda: f"{what}: waiting for {self._busy_with() if self._trace else 'a trace to start'}")
                 self._runs[me] = what
         self._depth.mode, self._depth.n = mode, 1
         try:

@@ -174,20 +174,21 @@ def _no_spurious_failure(out: dict) -> None:
 
 # the recipes whose steps race the most: visual exports (torch.export + ONNX)
 # and aoti builds of decoder-only, encoder-decoder and multimodal LLMs, and a
-# LLaMA of four variants (none / W8A16 x tp 1 / 2: three shards checks), in
-# one process at once
+# LLaMA of two variants (none / W8A16: a shards check, and two builds of one
+# recipe), in one process at once (aoti builds tp 1 engines
+# only: a tp 2 variant would fail its build for that reason, not a race)
 RACERS = ("tiny-llava", "tiny-blip2-t5", "tiny-bart", "tiny-blip", "tiny-nougat")
 
 
 def _matrix_recipe(catalog: Path, into: Path) -> int:
-    """tiny-llama as tiny-llama-matrix: quant none / w8a16 x tp 1 / 2. Its variant count."""
+    """tiny-llama as tiny-llama-matrix: quant none / w8a16. Its variant count."""
     import yaml
 
     data = yaml.safe_load((catalog / "tiny-llama.yaml").read_text())
     data["name"] = "tiny-llama-matrix"
-    data["matrix"].update(quant=["none", "w8a16"], tp=[1, 2])
+    data["matrix"].update(quant=["none", "w8a16"])
     (into / "tiny-llama-matrix.yaml").write_text(yaml.safe_dump(data))
-    return 4
+    return 2
 
 
 @pytest.mark.timeout(5400)

@@ -178,6 +178,22 @@ class Family:
                 f"variant {variant.name}: tp size {tp} neither divides the model's {kv} key/value heads nor is a "
                 f"multiple of them ({where})"
             )
+        check_divides_widths(config, variant, where)
+
+
+# config.json's names of the MLP width, which column-parallel layers split
+# over the ranks (TensorRT-LLM's MLP takes ffn_hidden_size // tp_size)
+WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim")
+
+
+def check_divides_widths(config: dict, variant: "Variant", where: str) -> None:
+    """The MLP widths must split evenly over the ranks too (the heads are
+    checked by the caller); tp need not be a power of two."""
+    for k in WIDTH_KEYS:
+        n = config.get(k)
+        if isinstance(n, int) and n % variant.tp:
+            raise BadInput(f"variant {variant.name}: tp size {variant.tp} does not divide the model's {k} {n} "
+                           f"({where}); pick a tp size that divides it")
 
 
 class DecoderFamily(Family):
@@ -297,6 +313,7 @@ class EncoderDecoderFamily(DecoderFamily):
                     f"variant {variant.name}: tp size {variant.tp} does not divide the model's {heads} {side} "
                     f"attention heads ({where}); pick a tp size that divides {heads}"
                 )
+        check_divides_widths(config, variant, where)
 
     def encoder_config(self, hf: dict, variant: "Variant") -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -352,7 +369,18 @@ def quantization(variant: "Variant") -> dict:
     sch = scheme_for(variant.quant, variant.group_size)
     if sch is None:
         return {"quant_algo": None, "kv_cache_quant_algo": None}
-    out = {"quant_algo": sch.quant_algo(), "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
+    # No exclude_modules: TensorRT-LLM reads a list there as the *whole* list of
+    # modules it leaves unquantized, replacing its default one
+    # (tensorrt_llm/quantization/quantize.py `quantize_layers`: exclude_modules =
+    # quant_config.exclude_modules or ['*lm_head', '*router', '*vocab_embedding',
+    # '*position_embedding', '*block_embedding', ...]; the same default in both
+    # stored versions read: one from before W8A16_GPTQ existed, and the newest),
+    # and `weight_only_quantize` maps Embedding to WeightOnlyQuantEmbedding. With
+    # ["lm_head"] the vocab embedding became a quantized embedding that wants
+    # `transformer.vocab_embedding.per_token_scale` (issue 16). Absent, the
+    # default list leaves exactly the embeddings, position tables and lm_head in
+    # the model dtype, which is what the farm writes.
+    out = {"quant_algo": sch.quant_algo(), "kv_cache_quant_algo": None}
     if sch.group_size:
         out.update(group_size=sch.group_size, has_zero_point=False, pre_quant_scale=False)
     return out
