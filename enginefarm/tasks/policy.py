@@ -14,7 +14,7 @@ Neither retries what no retry can fix (`is_permanent`): bad input, a
 missing file, transformers' "Can't load ..." for a checkpoint without its
 tokenizer or processor files, a full disk (ENOSPC: the line names the full
 directory, the work directory ENGINEFARM_WORK when the file was under it,
-and what is free there).
+and its size).
 
 A failing step logs, before Prefect's traceback, one line that says which
 recipe, variant and step failed, and why:
@@ -165,10 +165,10 @@ def no_space_line(x: OSError) -> str:
 def is_permanent(e: BaseException) -> bool:
     """Whether no retry can fix an error: bad input, a file that is not
     there, a full disk, or transformers' "Can't load ..." for a checkpoint missing files."""
+    if no_space(e) is not None:  # a retry on the same disk fills it again
+        return True
     for x in _chain(e):
         if isinstance(x, (BadInput, FileNotFoundError)):
-            return True
-        if isinstance(x, OSError) and x.errno == errno.ENOSPC:  # a retry on the same disk fills it again
             return True
         if (isinstance(x, OSError) and not isinstance(x, (ConnectionError, TimeoutError))
                 and str(x).startswith("Can't load")):
