@@ -280,8 +280,10 @@ def test_trtllm_build_flags_come_from_the_recipe():
 
 def test_trtllm_build_flags_for_encoder_decoder():
     """Two runs, encoder then decoder, as TensorRT-LLM's enc-dec examples:
-    the decoder starts from one token and attends to the encoder's longest
-    input (prompt + a request's share of the prompt table)."""
+    the decoder takes up to min(max_input_len, max_seq_len) tokens in one pass
+    (validation's teacher-forced logits) and attends to the encoder's longest
+    input (prompt + a request's share of the prompt table); both gather
+    context logits where they make them (not the encoder)."""
     from enginefarm.backends.tensorrt_llm import TensorRTLLM, build_commands
 
     limits = {"max_batch_size": 4, "max_input_len": 64, "max_seq_len": 48, "max_multimodal_len": 4 * 32}
@@ -290,8 +292,9 @@ def test_trtllm_build_flags_for_encoder_decoder():
     assert fe["--checkpoint_dir"] == "C/encoder" and fd["--output_dir"] == "E/decoder"
     assert fe["--max_input_len"] == "96" and fe["--kv_cache_type"] == "disabled"
     assert fe["--max_prompt_embedding_table_size"] == "128" and "--max_prompt_embedding_table_size" not in fd
-    assert fd["--max_input_len"] == "1" and fd["--max_seq_len"] == "48" and fd["--max_encoder_input_len"] == "96"
+    assert fd["--max_input_len"] == "48" and fd["--max_seq_len"] == "48" and fd["--max_encoder_input_len"] == "96"
     assert fe["--bert_attention_plugin"] == fd["--gemm_plugin"] == "float16" and fd["--workers"] == "2"
+    assert "--gather_context_logits" in dec and "--gather_context_logits" not in enc
     line = TensorRTLLM("tensorrt-llm").command(variant(), limits, parts=("encoder", "decoder"))
     assert line.count("trtllm-build") == 2 and " && " in line
 

@@ -131,10 +131,14 @@ def build_args(ckpt_dir: str | Path, out_dir: str | Path, variant, limits: dict[
         if part == "encoder":
             args += ["--max_input_len", str(enc_len), "--kv_cache_type", "disabled"]
         elif part == "decoder":
-            # generation starts from the decoder start token: one input token
+            # generation starts from the decoder start token; validation's
+            # teacher-forced logits feed the decoder up to min(max_input_len,
+            # max_seq_len) tokens in one pass and read their context logits
+            # (as the aoti decoder's max_decoder_tokens)
             # (Nougat: the encoder input is the visual engine's features)
             enc_len = int(limits.get("max_encoder_input_len") or enc_len)
-            args += ["--max_input_len", "1", "--max_seq_len", str(limits["max_seq_len"]),
+            dec_in = min(int(limits["max_input_len"]), int(limits["max_seq_len"]))
+            args += ["--max_input_len", str(dec_in), "--max_seq_len", str(limits["max_seq_len"]),
                      "--max_encoder_input_len", str(enc_len), "--kv_cache_type", "paged"]
         else:
             raise ValueError(f"unknown checkpoint part {part!r}")
@@ -142,6 +146,11 @@ def build_args(ckpt_dir: str | Path, out_dir: str | Path, variant, limits: dict[
         # the visual features enter as a prompt table of this many rows
         args += ["--max_prompt_embedding_table_size", str(mm)]
     args += ["--workers", str(variant.tp)]
+    if part != "encoder":
+        # the logits of every input token, which validation's logits and
+        # perplexity gates read (backends/trtllm_runner.py CONTEXT_LOGITS_FLAG);
+        # a switch without a value, kept last so the flags before it pair up
+        args.append("--gather_context_logits")
     return args
 
 
@@ -363,10 +372,13 @@ class TensorRTLLM(Backend):
 
 
     def load(self, engine_dir: Path, device: str = "cpu"):
-        raise NotAvailable(
-            f"{engine_dir}: tensorrt-llm engines run with TensorRT-LLM's own runner (ModelRunner / trtllm-serve); "
-            f"enginefarm does not run them in-process"
-        )
+        """The engine on TensorRT-LLM's own runtime (backends/trtllm_runner.py),
+        with the interface of the aoti engines; NotAvailable where tensorrt_llm
+        is not importable or no GPU is visible. Never run against a real
+        TensorRT-LLM."""
+        from . import trtllm_runner
+
+        return trtllm_runner.load(engine_dir)
 
 
 def backend(name: str) -> TensorRTLLM:
