@@ -162,7 +162,7 @@ class TRTLLMEngine:
             if not self.table:
                 raise BadInput("this engine was built without a prompt table (not for a multimodal recipe)")
             # one task: every request reads the same rows, at ids vocab_size + row
-            table = prompt_table.unsqueeze(0)
+            table = prompt_table.to(self.runner.dtype).unsqueeze(0)  # [tasks=1, rows, hidden], engine dtype
             tasks = ",".join("0" for _ in (enc or dec))
         s = sampling(d)
         end = eos if eos is not None else -1
