@@ -188,8 +188,9 @@ def _write_rank(outs: list[OutTensor], src: TensorSource, path: Path, rank: int,
     for o in outs:
         shape, dt = _shape_of(o, src, dtype)
         if scheme and is_quantized_weight(o.name):
-            qs, ss = scheme.shapes(shape, name=f"rank {rank} {o.name}")
-            plan.append((o.name, torch.int8, qs))
+            _, ss = scheme.shapes(shape, name=f"rank {rank} {o.name}")
+            wdt, ws = scheme.weight_storage(shape, dtype, name=f"rank {rank} {o.name}")
+            plan.append((o.name, wdt, ws))
             plan.append((o.name[: -len("weight")] + scheme.scale_name, dtype, ss))
         else:
             plan.append((o.name, dt, shape))
@@ -201,7 +202,7 @@ def _write_rank(outs: list[OutTensor], src: TensorSource, path: Path, rank: int,
             q, sc = quantize(t, scheme, dtype, name=o.name)
             w.write(o.name, q)
             w.write(o.name[: -len("weight")] + scheme.scale_name, sc)
-            n_bytes += q.numel() + sc.numel() * sc.element_size()
+            n_bytes += q.numel() * q.element_size() + sc.numel() * sc.element_size()
         else:
             w.write(o.name, t)
             n_bytes += t.numel() * t.element_size()

@@ -96,6 +96,8 @@ def cmd_recipe_new(a) -> int:
     if config is not None:
         for v in r.variants():
             fam.check_config(config, v)
+    if "path" in source and fam.implemented:  # what validation and `run` will load is there
+        fam.check_inputs(Path(source["path"]), f"--source {a.source}")
     full = r.model_dump(mode="json", exclude={"origin"})
     full["source"] = {k: v for k, v in full["source"].items() if v is not None}
     full["components"] = {c: {k: v for k, v in spec.items() if v is not None} for c, spec in full["components"].items()}
@@ -159,6 +161,19 @@ def _print_build(s: dict) -> None:
         print("  every step cached" + ("" if s.get("flow_run") else " (answered from the store; no flow run needed)"))
 
 
+def _local_config(r) -> Optional[dict]:
+    """A path source's config.json, read in place (no fetch needed to plan it)."""
+    if not r.source.path:
+        return None
+    p = Path(r.source.path)
+    if not p.is_absolute():
+        p = r.recipe_dir() / p
+    try:
+        return json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def cmd_plan(a) -> int:
     from .flows.build import plan, prepare
     from .store import open_store
@@ -172,8 +187,11 @@ def cmd_plan(a) -> int:
     rows = [(x.step, x.variant, "cached" if x.hit else "will run", x.hit.key[:12] if x.hit else "")
             for x in planned]
     fam = get_family(r.family)
-    # the fetched config.json, where fetch is cached: what the LLM is (BLIP-2: OPT or T5) and its limits
+    # the fetched config.json, where fetch is cached: what the LLM is (BLIP-2: OPT or T5) and its limits;
+    # a local (path) source's own config.json where it is not
     config = next((x.hit.results.get("config") for x in planned if x.step == "fetch" and x.hit), None)
+    if config is None:
+        config = _local_config(r)
     limits = fam.derived_limits(r, config) if config else fam.derived_limits(r)
     notes = {}  # per variant: the backend command where there is one, or why it cannot run here
     for v in vs:
@@ -182,7 +200,20 @@ def cmd_plan(a) -> int:
             cv = r.component_variant(c, v)  # the component's own target, where the recipe gives one
             ok, why = b.usable(c, cv.target)
             parts = fam.llm_parts(config) if c == "llm" else ("",)
+            if parts is None and hasattr(b, "command"):
+                # before the fetch the family cannot tell which LLM the checkpoint holds:
+                # the commands for each kind it takes, and what decides
+                for label, p in fam.llm_part_choices():
+                    notes.setdefault(v.name, []).append(
+                        f"build[{c}] if the LLM is {label} (the fetched config.json decides; `enginefarm build` "
+                        f"fetches it): {b.command(cv, limits, parts=p)}")
+                if not ok:
+                    notes[v.name].append(f"build[{c}]: not here: {why}")
+                continue
             line = b.command(cv, limits, parts=parts) if hasattr(b, "command") else ""
+            if hasattr(b, "releases"):
+                notes.setdefault(v.name, []).append(f"build[{c}] checkpoint serves TensorRT-LLM: "
+                                                    f"{b.releases(cv, parts)}")
             if cv.target != v.target:
                 line = f"{b.name} for {cv.target} (the variant's target: {v.target})" + (f"; {line}" if line else "")
             if not ok:
@@ -193,7 +224,8 @@ def cmd_plan(a) -> int:
         out = [dict(zip(("step", "variant", "status", "key"), x)) for x in rows]
         for row in out:
             if row["step"].startswith("build[") and row["variant"] in notes:
-                row["notes"] = [n.split(": ", 1)[1] for n in notes[row["variant"]] if n.startswith(row["step"])]
+                row["notes"] = [n[len(row["step"]) + 1:] if n.startswith(row["step"] + " if ") else n.split(": ", 1)[1]
+                                for n in notes[row["variant"]] if n.startswith(row["step"])]
         print(json.dumps(out, indent=2))
         return 0
     print(f"recipe {r.name} ({r.family}) against {st.uri}")
@@ -497,9 +529,10 @@ def cmd_gc(a) -> int:
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".index.json")
 
 
-def _lay_out(st, value: dict, m: dict) -> Path:
+def _lay_out(st, value: dict, m: dict, weights: bool = False) -> Path:
     """The ref's engines (<cache>/<component>/) and the fetched checkpoint's
-    files other than weights: tokenizer, processor, config (<cache>/source/)."""
+    files other than weights: tokenizer, processor, config (<cache>/source/);
+    with weights=True the weights too (a Hugging Face reference runs there)."""
     import tempfile
 
     cache = Path(os.environ.get("ENGINEFARM_CACHE", Path(tempfile.gettempdir()) / "enginefarm-cache")) / value["digest"][:16]
@@ -509,7 +542,7 @@ def _lay_out(st, value: dict, m: dict) -> Path:
             st.get_blob_file(f["sha256"], cache / rel, size=f["size"])
     fm = st.get_manifest(value["recipe"], "fetch", m["inputs"]["fetch"]["key"])
     for rel, f in fm["files"].items():
-        if not rel.endswith(WEIGHTS) and not (cache / "source" / rel).exists():
+        if (weights or not rel.endswith(WEIGHTS)) and not (cache / "source" / rel).exists():
             (cache / "source" / rel).parent.mkdir(parents=True, exist_ok=True)
             st.get_blob_file(f["sha256"], cache / "source" / rel, size=f["size"])
     return cache
@@ -561,16 +594,72 @@ def cmd_run(a) -> int:
     tok = AutoTokenizer.from_pretrained(cache / "source", trust_remote_code=False)
     eng = get_backend(comps["llm"]["backend"]).load(cache / "llm")
     prompts = [tok(p).input_ids for p in a.prompt]
+    d, watch = _decoding(a, len(prompts), lambda ids: tok.decode(ids, skip_special_tokens=True))
+    if a.stream:
+        print(a.prompt[0], end="", flush=True)
     t0 = time.perf_counter()
-    outs = eng.generate(prompts, a.max_new_tokens, eos_token_id=tok.eos_token_id)
+    outs = eng.generate(prompts, a.max_new_tokens, eos_token_id=tok.eos_token_id, decoding=d, on_token=watch)
     dt = time.perf_counter() - t0
-    results = [{"prompt": p, "output_ids": o, "text": tok.decode(o, skip_special_tokens=True)} for p, o in zip(a.prompt, outs)]
+    results = [{"prompt": p, "output_ids": watch.ids(i, o), "text": watch.text(i, o)}
+               for i, (p, o) in enumerate(zip(a.prompt, outs))]
+    watch.flush()
+    if a.stream:
+        print(file=sys.stdout)
     if a.json:
         print(json.dumps({"ref": value, "results": results, "seconds": round(dt, 3)}, indent=2))
-    else:
+    elif not a.stream:
         for r in results:
             print(f"{r['prompt']}{r['text']}")
     return 0
+
+
+def cmd_chat(a) -> int:
+    from .backends import get_backend
+    from .chat import Conversation, chat, engine_answer, reference_answer
+    from .registry import resolve
+    from .store import open_store
+
+    if a.max_new_tokens < 1:
+        raise BadInput(f"--max-new-tokens must be at least 1 (got {a.max_new_tokens})")
+    st = open_store(a.store)
+    value, m = resolve(st, a.ref)
+    comps = m["results"]["components"]
+    if "visual" in comps:
+        raise BadInput(f"{a.ref} is multimodal: chat takes text engines for now; use `enginefarm run --image`")
+    cache = _lay_out(st, value, m, weights=bool(a.compare))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cache / "source", trust_remote_code=False)
+    eng = get_backend(comps["llm"]["backend"]).load(cache / "llm")
+    d, _ = _decoding(a, 1, None)
+    mine = engine_answer(eng, a.max_new_tokens, tok.eos_token_id, d)
+    ref = reference_answer(cache / "source", a.max_new_tokens, tok.eos_token_id, tok.pad_token_id) if a.compare else None
+
+    def read(prompt: str):
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+
+    print(f"chat with {value['recipe']}:{value['variant']}@{value['alias']}"
+          + (" (beside it: the Hugging Face model, fp32, greedy)" if ref else ""), flush=True)
+    chat(Conversation(tok), mine, eng.max_input_len, read, lambda s: print(s, end="", flush=True), ref, d.stop)
+    return 0
+
+
+def _decoding(a, n: int, detokenize):
+    """The run's decoding options and its stop-string / streaming watch."""
+    from .runtime.decoding import TextWatch, options
+
+    d = options(do_sample=a.sample or None, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                repetition_penalty=a.repetition_penalty, num_beams=a.num_beams, length_penalty=a.length_penalty,
+                seed=a.seed, stop=tuple(a.stop or ()) or None)
+    if a.stream and n != 1:
+        raise BadInput(f"--stream prints one answer as it is generated: give one prompt (got {n})")
+    if a.stream and a.json:
+        raise BadInput("--stream and --json: pick one")
+    stream = (lambda r, text: print(text, end="", flush=True)) if a.stream else None
+    return d, TextWatch(n, detokenize, d.stop, stream)
 
 
 def _run_multimodal(a, value: dict, cache: Path, images: list[str], prompts: list[str], media: str = "image") -> int:
@@ -589,10 +678,17 @@ def _run_multimodal(a, value: dict, cache: Path, images: list[str], prompts: lis
         pixels = [load_image(p) for p in images]
     pipe = MultimodalPipeline.load(cache)
     pipe.check_request(len(pixels), a.frames)
+    d, watch = _decoding(a, len(prompts), pipe.decode)
+    if a.stream:
+        print(f"[{images[0]}] {prompts[0]}", end="", flush=True)
     t0 = time.perf_counter()
-    outs = pipe.generate(pixels, prompts, a.max_new_tokens, eos_token_id=pipe.eos_token_id)
+    outs = pipe.generate(pixels, prompts, a.max_new_tokens, eos_token_id=pipe.eos_token_id, decoding=d, on_token=watch)
     dt = time.perf_counter() - t0
-    results = [{media: i, "prompt": p, "output_ids": o, "text": pipe.decode(o)} for i, p, o in zip(images, prompts, outs)]
+    results = [{media: i, "prompt": p, "output_ids": watch.ids(k, o), "text": watch.text(k, o)}
+               for k, (i, p, o) in enumerate(zip(images, prompts, outs))]
+    watch.flush()
+    if a.stream:
+        print(file=sys.stdout)
     if media == "video":  # the frames each video gave (a short video gives all it has)
         for r, v in zip(results, pixels):
             r["frames"] = min(len(v), pipe.meta["num_frames"])
@@ -600,7 +696,7 @@ def _run_multimodal(a, value: dict, cache: Path, images: list[str], prompts: lis
         extra = {"num_frames": pipe.meta["num_frames"]} if media == "video" else {}
         print(json.dumps({"ref": value, "visual_features": pipe.features, **extra, "results": results,
                           "seconds": round(dt, 3)}, indent=2))
-    else:
+    elif not a.stream:
         for r in results:
             print(f"[{r[media]}] {r['prompt']}{r['text']}")
     return 0
@@ -639,6 +735,10 @@ def cmd_convert(a) -> int:
         return Variant(name=f"{a.dtype}-{q}-tp{a.tp}", backend="tensorrt-llm", dtype=a.dtype, quant=q, tp=a.tp,
                        target="cpu", group_size=g)
 
+    from .spec import MAX_TP
+
+    if not 1 <= a.tp <= MAX_TP:
+        raise BadInput(f"--tp {a.tp}: a tp size is a whole number from 1 to {MAX_TP}")
     v = variant(quant, a.group_size)
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -707,6 +807,21 @@ def cmd_bench(a) -> int:
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def _decoding_args(p, stream: bool = True) -> None:
+    dg = p.add_argument_group("decoding (default: greedy)")
+    dg.add_argument("--sample", action="store_true", help="sample the next token (with the filters below)")
+    dg.add_argument("--temperature", type=float)
+    dg.add_argument("--top-k", type=int, dest="top_k", help="sample among the k most likely tokens")
+    dg.add_argument("--top-p", type=float, dest="top_p", help="sample among the most likely tokens whose probability adds up to p")
+    dg.add_argument("--repetition-penalty", type=float, dest="repetition_penalty")
+    dg.add_argument("--num-beams", type=int, dest="num_beams", help="beam search (up to the recipe's limits.max_beam_width)")
+    dg.add_argument("--length-penalty", type=float, dest="length_penalty", help="beam search: score / length ** this")
+    dg.add_argument("--seed", type=int, help="sampling: the same seed gives the same tokens")
+    dg.add_argument("--stop", action="append", help="repeatable: end an answer where this text appears (not printed)")
+    if stream:
+        dg.add_argument("--stream", action="store_true", help="print the answer as it is generated (one prompt)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -805,9 +920,18 @@ def parser() -> argparse.ArgumentParser:
     rn.add_argument("--frames", type=int,
                     help="frames sampled per video (default: the engine's num_frames, which is also the most)")
     rn.add_argument("--max-new-tokens", type=int, default=32)
+    _decoding_args(rn)
     store_arg(rn)
     rn.add_argument("--json", action="store_true")
     rn.set_defaults(fn=cmd_run)
+
+    ch = sub.add_parser("chat", help="talk to a built text engine; --compare hf: the Hugging Face answer beside it")
+    ch.add_argument("ref")
+    ch.add_argument("--compare", choices=["hf"], help="also answer with the Hugging Face model, with its time")
+    ch.add_argument("--max-new-tokens", type=int, default=48)
+    _decoding_args(ch, stream=False)
+    store_arg(ch)
+    ch.set_defaults(fn=cmd_chat, stream=False, json=False)
 
     bn = sub.add_parser("bench", help="latency/throughput sweep of an engine, next to eager Hugging Face")
     bn.add_argument("ref", help="RECIPE[:VARIANT][@ALIAS]")
@@ -826,7 +950,8 @@ def parser() -> argparse.ArgumentParser:
 
     cv = sub.add_parser("convert", help="HF checkpoint -> TensorRT-LLM checkpoint")
     cv.add_argument("src")
-    cv.add_argument("--tp", type=int, default=1, choices=[1, 2, 4, 8])
+    cv.add_argument("--tp", type=int, default=1,
+                    help="tensor-parallel size: any that divides the model's heads and MLP width (default 1)")
     cv.add_argument("--quant", choices=["w8a16", "w4a16"])
     cv.add_argument("--group-size", type=int)
     cv.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])

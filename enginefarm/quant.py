@@ -3,26 +3,57 @@
 A quantized linear layer `P` with a Hugging Face weight of shape [out, in]
 becomes, in the rank file:
 
-- `P.weight`: int8, shape [in, out] (W8A16) or [in, out // 2] (W4A16: two
-  signed 4-bit values per byte, the even output column in the low nibble,
-  the odd one in the high nibble). The weight is transposed: TensorRT-LLM's
-  weight-only GEMMs take (in, out).
-- per channel: `P.per_channel_scale`, shape [out], in the model dtype;
-- per group (`group_size` G input channels share a scale):
-  `P.weights_scaling_factor`, shape [in // G, out], in the model dtype, and
-  config.json's quantization says `group_size` (quant_algo W8A16_GPTQ /
-  W4A16_GPTQ, symmetric: has_zero_point false).
+- per channel (quant_algo W8A16 / W4A16), what TensorRT-LLM's
+  `WeightOnlyQuantLinear` declares (tensorrt_llm/quantization/layers.py,
+  v0.16.0 .. v0.20.0: `weight` int8 of shape (in, out / weight_only_quant_mode),
+  `per_channel_scale` of shape (out,) in the model dtype):
+  `P.weight` int8 [in, out] (W8A16) or [in, out // 2] (W4A16: two signed
+  4-bit values per byte, the even output column in the low nibble, as
+  `torch.ops.trtllm.pack_int8_tensor_to_packed_int4` packs them), and
+  `P.per_channel_scale` [out] in the model dtype;
+- per group (`group_size` G input channels share a scale; quant_algo
+  W8A16_GPTQ / W4A16_GPTQ, symmetric: has_zero_point false), what
+  `WeightOnlyGroupwiseQuantLinear` declares (same file): `weight` of shape
+  (in, out // pack_ratio) *in the model dtype* (pack_ratio 4 for int4, 2 for
+  int8: "INT4*4 -> FP16, INT8*2 -> FP16"), i.e. the same packed bytes as the
+  per-channel layout viewed as float16/bfloat16, and
+  `P.weights_scaling_factor` [in // G, out] in the model dtype.
 
-Quantization is symmetric round-to-nearest: scale = max|w| / qmax over the
-channel (or group), q = clamp(round(w / scale), -qmax - 1, qmax), with qmax
-127 (int8) or 7 (int4). `dequantize` inverts it, so tests and validation can
-compare quantized weights with the originals.
+The integers are the ones NVIDIA's own tools compute from the same weights:
 
-This is the plain layout. TensorRT-LLM's CUTLASS kernels want the int8/int4
+- per channel: TensorRT-LLM's weight-only quantizer, which trtllm-build
+  itself runs on a W8A16/W4A16 checkpoint that holds float weights
+  (models/modeling_utils.py `preprocess_weights` -> models/convert_utils.py
+  `weight_only_quantize_dict` -> `weight_only_quantize` ->
+  `torch.ops.trtllm.symmetric_quantize_last_axis_of_batched_matrix`), and its
+  converters call directly (models/llama/convert.py). The C++ loop
+  (cpp/tensorrt_llm/kernels/cutlass_kernels/cutlass_preprocessors.cpp,
+  `symmetric_quantize`): per output column, scale = max|w| (in float32) x
+  1 / 2^(bits-1), i.e. / 128 (int8) or / 8 (int4); q = round(w / scale) with
+  C's round (half away from zero) on the float32 quotient, clamped to
+  [-128, 127] or [-8, 7]; the scale is stored cast to the model dtype (the
+  integers are computed against the float32 scale, not the stored one).
+- per group: TensorRT-LLM has no group-wise quantizer of its own (its
+  group-wise checkpoints come from GPTQ files or from ModelOpt); the farm
+  follows ModelOpt's block quantizer (modelopt/torch/export/quant_utils.py
+  `get_scaling_factor_from_weight`, `pack_int4_in_uint8`, nvidia-modelopt
+  0.47): scale = max|w| / 7 (int4) or / 127 (int8) in float32, q =
+  round-half-to-even(w / scale) clamped, the scale stored in the model dtype.
+
+`dequantize` inverts both, so tests and validation compare quantized
+weights with the originals.
+
+This is the plain layout. TensorRT-LLM's CUTLASS kernels want the integer
 matrix additionally interleaved for the GPU architecture
-(`preprocess_weights_for_mixed_gemm`, an op of the tensorrt_llm package);
-the tensorrt_llm backend applies it where that package is installed, just
-before `trtllm-build` (backends/tensorrt_llm.py).
+(`preprocess_weights_for_mixed_gemm`), and trtllm-build does not do it for
+an int8 tensor it finds in a checkpoint (`weight_only_quantize_dict` skips
+tensors whose dtype is already int8; `preprocess_perlayer_weights` does
+nothing for W4A16_GPTQ / W8A16_GPTQ): its own converters store the
+interleaved matrix. So the tensorrt_llm backend interleaves a copy with
+TensorRT-LLM's own op on the GPU worker just before `trtllm-build`
+(backends/tensorrt_llm.py `preprocess_weight_only`); the farm's stored
+checkpoint, which the `shards` step validates, holds the same integers in
+plain order.
 """
 
 from __future__ import annotations
@@ -36,8 +67,12 @@ from .errors import BadInput
 
 BITS = {"w8a16": 8, "w4a16": 4}
 # the linear layers of a TensorRT-LLM decoder layer that weight-only
-# quantization applies to (embeddings, norms and lm_head stay in the model dtype)
+# quantization applies to (embeddings, norms and lm_head stay in the model
+# dtype): the names trtllm-build's own weight_only_quantize_dict quantizes
+# (models/convert_utils.py: 'qkv.weight', 'dense.weight', 'fc.weight',
+# 'proj.weight', 'gate.weight')
 QUANTIZED_LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -50,11 +85,19 @@ class Scheme:
         return (1 << (self.bits - 1)) - 1
 
     @property
+    def divisor(self) -> int:
+        """max|w| / divisor = the scale: 2^(bits-1) per channel (TensorRT-LLM's
+        quantizer: 128, 8), 2^(bits-1) - 1 per group (ModelOpt's: 127, 7)."""
+        return self.qmax if self.group_size else self.qmax + 1
+
+    @property
     def scale_name(self) -> str:
         return "weights_scaling_factor" if self.group_size else "per_channel_scale"
 
     def shapes(self, shape: tuple[int, ...], name: str = "weight") -> tuple[tuple[int, int], tuple[int, ...]]:
-        """Stored shapes (qweight, scale) for a float weight of shape [out, in]; checks it can be done."""
+        """Stored shapes (qweight as int8 bytes, scale) for a float weight of
+        shape [out, in]; checks it can be done. A group-wise weight is stored
+        as these bytes viewed in the model dtype: see `weight_storage`."""
         if len(shape) != 2:
             raise ValueError(f"{name}: weight-only quantization takes a 2-D weight, got shape {tuple(shape)}")
         out_f, in_f = shape
@@ -68,6 +111,19 @@ class Scheme:
         q = (in_f, out_f // 2 if self.bits == 4 else out_f)
         sc = (in_f // self.group_size, out_f) if self.group_size else (out_f,)
         return q, sc
+
+    def weight_storage(self, shape: tuple[int, ...], dtype: torch.dtype, name: str = "weight") -> tuple[torch.dtype, tuple[int, int]]:
+        """(dtype, shape) of the stored weight: int8 bytes per channel; per
+        group the same bytes viewed in the model dtype, as TensorRT-LLM's
+        WeightOnlyGroupwiseQuantLinear declares its weight (in, out // pack_ratio)."""
+        qs, _ = self.shapes(shape, name)
+        if not self.group_size:
+            return torch.int8, qs
+        width = torch.empty((), dtype=dtype).element_size()
+        if qs[1] % width:
+            raise BadInput(f"{name}: a group-wise weight is stored in {width}-byte words; its {qs[1]} bytes a row "
+                           f"do not fill them (the output channels of this tensor-parallel shard must be even)")
+        return dtype, (qs[0], qs[1] // width)
 
     def quant_algo(self) -> str:
         base = {8: "W8A16", 4: "W4A16"}[self.bits]
@@ -87,26 +143,41 @@ def is_quantized_weight(name: str) -> bool:
     return name.endswith(".weight") and any(name.endswith(p + ".weight") for p in QUANTIZED_LINEARS)
 
 
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's round(): halves away from zero (torch.round rounds them to even).
+    On float32 input, computed in float64 so that |x| + 0.5 is exact."""
+    d = x.double()
+    return (torch.sign(d) * torch.floor(d.abs() + 0.5)).to(x.dtype)
+
+
 def quantize(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
-    """[out, in] float weight -> (int8 [in, out] or packed [in, out/2], scales)."""
+    """[out, in] float weight (in the model dtype) -> (stored weight, scales):
+    the weight int8 [in, out] or packed [in, out/2] per channel, those bytes
+    viewed in `scale_dtype` per group; scales [out] or [in/G, out]."""
     scheme.shapes(tuple(w.shape), name)
     out_f, in_f = w.shape
-    # Work in the source's [out, in] layout (contiguous reductions), transpose
-    # the 1-byte result at the end: cheaper than transposing the floats.
     g = scheme.group_size or in_f
-    wg = w.reshape(out_f, in_f // g, g)
-    hi, lo = wg.amax(dim=-1), wg.amin(dim=-1)  # [out, in/g]; far faster than aminmax or abs().amax() here
-    amax = torch.maximum(hi.float().abs(), lo.float().abs())
-    scale = (amax / scheme.qmax).clamp_min(torch.finfo(torch.float32).tiny).to(scale_dtype)
-    # quantize against the scale as stored (in the model dtype), so dequantize is exact
     wf = w.float().reshape(out_f, in_f // g, g)
-    wf.mul_(scale.float().reciprocal().unsqueeze(-1)).round_().clamp_(-scheme.qmax - 1, scheme.qmax)
-    q = wf.to(torch.int8).reshape(out_f, in_f).t().contiguous()  # [in, out]
+    # max|w| of each output channel (group): exact in float32 from any model dtype
+    hi, lo = wf.amax(dim=-1), wf.amin(dim=-1)  # far faster than abs().amax() here
+    amax = torch.maximum(hi.abs(), lo.abs())  # [out, in/g]
+    if scheme.group_size:
+        # ModelOpt: amax / 7 (127); an all-zero group gets scale 1.0
+        scale32 = amax / scheme.divisor
+        scale32[scale32 == 0] = 1.0
+        q = torch.round(wf / scale32.unsqueeze(-1))
+    else:
+        # TensorRT-LLM: per_col_max *= 1 / 2^(bits-1); round(w / scale) in float32.
+        # An all-zero column (scale 0, where TensorRT-LLM divides 0 by 0) gets integers 0.
+        scale32 = amax * (1.0 / scheme.divisor)
+        q = round_half_away(wf / torch.where(scale32 == 0, 1.0, scale32).unsqueeze(-1))
+    q = q.clamp_(-scheme.qmax - 1, scheme.qmax).to(torch.int8).reshape(out_f, in_f).t().contiguous()  # [in, out]
     del wf
     if scheme.bits == 4:
         q = pack_int4(q)
+    scale = scale32.to(scale_dtype)
     if scheme.group_size:
-        return q, scale.t().contiguous()  # [in/G, out]
+        return q.view(scale_dtype), scale.t().contiguous()  # [in/G, out]
     return q, scale.reshape(out_f)
 
 
@@ -127,9 +198,23 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     return out.to(torch.int8)
 
 
+def as_int8(qweight: torch.Tensor) -> torch.Tensor:
+    """The int8 bytes of a stored quantized weight (a group-wise one is
+    stored viewed in the model dtype)."""
+    return qweight if qweight.dtype == torch.int8 else qweight.contiguous().view(torch.int8)
+
+
 def int_values(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     """The signed integer matrix [in, out] of a stored quantized weight."""
-    return unpack_int4(qweight) if bits == 4 else qweight
+    q = as_int8(qweight)
+    return unpack_int4(q) if bits == 4 else q
+
+
+def is_stored_quantized(W: dict, name: str, bits: int) -> bool:
+    """Whether the linear `name` of a rank file holds a quantized weight."""
+    if not bits or name + ".weight" not in W:
+        return False
+    return W[name + ".weight"].dtype == torch.int8 or name + ".weights_scaling_factor" in W
 
 
 def dequantize(qweight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -122,10 +122,25 @@ def resolve(store, text: str, variant: Optional[str] = None, alias: Optional[str
             except BadInput:
                 if not have:
                     raise BadInput(f"ref {text}: no engines for {recipe!r}@{a} in {store.uri}") from None
-                if len(have) != 1:
+                v = have[0] if len(have) == 1 else recorded_default(store, recipe, have, a)
+                if v is None:
                     raise BadInput(f"ref {text}: name the variant (RECIPE:VARIANT); the store has {have}") from None
-                v = have[0]
     return _get(store, recipe, v, a)
+
+
+def recorded_default(store, recipe: str, have: list[str], alias: str) -> Optional[str]:
+    """The recipe's default variant as its newest publish manifest recorded
+    it (a recipe given by path is not in the catalog), if it is among `have`."""
+    newest: tuple[str, Optional[str]] = ("", None)
+    for name in have:
+        try:
+            _, m = _get(store, recipe, name, alias)
+        except FarmError:
+            continue
+        when = m.get("created_at") or ""
+        if when >= newest[0]:
+            newest = (when, ((m.get("results") or {}).get("recipe") or {}).get("default_variant"))
+    return newest[1] if newest[1] in have else None
 
 
 def _get(store, recipe: str, variant: str, alias: str) -> tuple[dict, dict]:

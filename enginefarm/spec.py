@@ -29,6 +29,7 @@ DType = Literal["float32", "float16", "bfloat16"]
 Quant = Literal["none", "w8a16", "w4a16"]
 Component = Literal["llm", "visual"]
 
+MAX_TP = 64  # GPUs of one tensor-parallel group: TensorRT-LLM's builds run one worker per rank
 DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 TARGET_RE = re.compile(r"sm_\d{2,3}")
 
@@ -156,9 +157,13 @@ class Matrix(Strict):
     @field_validator("tp")
     @classmethod
     def _tp(cls, v: list[int]) -> list[int]:
+        # Any size TensorRT-LLM can split the model by: it divides the heads,
+        # the MLP width, ... (not only powers of two: a 9-head model splits at 3).
+        # Whether it divides them is a fact of the checkpoint, checked against
+        # its config.json (families/base.py check_config) after the fetch.
         for t in v:
-            if t not in (1, 2, 4, 8):
-                raise ValueError(f"tp sizes are 1, 2, 4 or 8 (got {t})")
+            if not 1 <= t <= MAX_TP:
+                raise ValueError(f"a tp size is a whole number from 1 to {MAX_TP} (got {t})")
         return v
 
     @field_validator("target")
@@ -174,6 +179,8 @@ class Limits(Strict):
     max_input_len: int = Field(128, ge=1)
     max_seq_len: int = Field(256, ge=2, description="prompt + generated tokens")
     max_multimodal_len: Optional[int] = Field(None, ge=0, description="derived: max_batch_size x visual features")
+    max_beam_width: int = Field(1, ge=1, le=64, description="beams per request at most (beam search); trtllm-build's "
+                                "--max_beam_width, and the aoti engine's caches take max_batch_size x this rows")
 
     @model_validator(mode="after")
     def _order(self) -> "Limits":

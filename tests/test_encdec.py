@@ -220,10 +220,12 @@ def test_gloo_shard_check_every_family_tp_1_2_4_8_fp16_w8a16_w4a16(tmp_path):
     Hugging Face fp32, the quantized checkpoints against the fp16 tp 1 one.
     W8A16 is judged by the recipe's default gate (spec.DEFAULT_QUANT_GATES).
     W4A16 per channel on these tiny random models sits at the default gate's
-    edge (Flan-T5's gated GELU: top-1 0.46-0.57 over runs; a real checkpoint
-    is far less sensitive, and a recipe can ask for per-group scales), so it
-    is held to a stated, looser bound here: top-1 >= 0.4, perplexity within
-    8%. The figures: pytest -s."""
+    edge (Flan-T5's gated GELU: top-1 0.39-0.50 over tp 1/2/4/8 with
+    TensorRT-LLM's int4 quantizer, whose max|w|/8 scale clamps each channel's
+    largest weight to 7; 0.46-0.57 with the farm's former max|w|/7; a real
+    checkpoint is far less sensitive, and a recipe can ask for per-group
+    scales), so it is held to a stated, looser bound here: top-1 >= 0.35,
+    perplexity within 8%. The figures: pytest -s."""
     from enginefarm.evaluation import check_shard_sets
     from enginefarm.spec import DEFAULT_QUANT_GATES
     from enginefarm.testing.tiny import eval_text
@@ -258,7 +260,7 @@ def test_gloo_shard_check_every_family_tp_1_2_4_8_fp16_w8a16_w4a16(tmp_path):
                       and r["perplexity_rel_diff"] < 0.002)
             else:
                 g = DEFAULT_QUANT_GATES[quant]
-                top1, ppl = (g.top1_agreement, g.perplexity_rel_diff) if quant == "w8a16" else (0.4, 0.08)
+                top1, ppl = (g.top1_agreement, g.perplexity_rel_diff) if quant == "w8a16" else (0.35, 0.08)
                 ok = m["top1_agreement"] >= top1 and r["perplexity_rel_diff"] <= ppl and 0 < m["logits_max_abs_diff"]
             if not ok:
                 failures.append(row)

@@ -47,7 +47,7 @@ def built(tmp_path_factory):
 manifest = only_manifest
 
 
-def hf_generate(family: str, src: Path, image, prompt: str, n: int) -> list[int]:
+def hf_generate(family: str, src: Path, image, prompt: str, n: int, num_beams: int = 1) -> list[int]:
     """Hugging Face's own answer, from its processor and model classes."""
     import transformers
 
@@ -59,7 +59,8 @@ def hf_generate(family: str, src: Path, image, prompt: str, n: int) -> list[int]
     tok = proc.tokenizer
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
+                             pad_token_id=tok.pad_token_id, num_beams=num_beams, early_stopping=False,
+                             length_penalty=1.0)
     return out[0, enc["input_ids"].shape[1]:].tolist()
 
 
@@ -154,6 +155,21 @@ def test_run_with_images_equals_hf_generate(built, family, tmp_path, capsys):
     two = json.loads(capsys.readouterr().out)["results"]
     assert [r["image"] for r in two] == [str(c), str(a)]
     assert two[0]["output_ids"] == hf_generate(family, b.src, Image.open(c).convert("RGB"), prompts[1], 5)
+
+
+@pytest.mark.parametrize("family", ["blip2", "llava"])
+def test_beam_search_with_images_equals_hf_generate(built, family, tmp_path, capsys):
+    """Beams through the LLM engine with a prompt table, as `generate` runs them with num_beams 2."""
+    from PIL import Image
+
+    b = built(family)
+    img = write_image("checker", tmp_path / "a.png", size=40)
+    capsys.readouterr()
+    for p in PROMPTS[family]:
+        assert cli(["run", b.name, "--store", str(b.store), "--image", str(img), "--prompt", p,
+                    "--max-new-tokens", "8", "--num-beams", "2", "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)["results"][0]["output_ids"]
+        assert got == hf_generate(family, b.src, Image.open(img).convert("RGB"), p, 8, num_beams=2)
 
 
 def test_requests_over_the_built_limits_exit_2_naming_the_limit(built, tmp_path, capsys):

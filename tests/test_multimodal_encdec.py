@@ -45,7 +45,7 @@ def built(tmp_path_factory):
 manifest = only_manifest
 
 
-def hf_generate(src: Path, image, prompt: str, n: int) -> list[int]:
+def hf_generate(src: Path, image, prompt: str, n: int, num_beams: int = 1) -> list[int]:
     """Hugging Face's own answer, from its processor and model classes
     (Nougat: the prompt's tokens follow the decoder start token)."""
     import transformers
@@ -64,13 +64,29 @@ def hf_generate(src: Path, image, prompt: str, n: int) -> list[int]:
         start = model.config.text_config.decoder_start_token_id
         prefix = [start]
         kw = dict(proc(images=[image], text=[prompt], return_tensors="pt"))
-    gc = transformers.GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1, decoder_start_token_id=start,
+    gc = transformers.GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=num_beams, early_stopping=False,
+                                       length_penalty=1.0, decoder_start_token_id=start,
                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     # plain greedy search, as the engines run it: no forced EOS at the length limit (mBART's default)
     model.generation_config.forced_eos_token_id = None
     with torch.no_grad():
         out = model.generate(**kw, generation_config=gc)
     return out[0, len(prefix):].tolist()
+
+
+def test_beam_search_with_images_equals_hf_generate(built, tmp_path, capsys):
+    """Beams through the encoder-decoder engine whose encoder takes a prompt
+    table (BLIP-2 with Flan-T5), as `generate` runs them with num_beams 2."""
+    from PIL import Image
+
+    b = built("blip2-t5")
+    img = write_image("rings", tmp_path / "r.png", size=40)
+    capsys.readouterr()
+    for p in PROMPTS["blip2-t5"]:
+        assert cli(["run", b.name, "--store", str(b.store), "--image", str(img), "--prompt", p,
+                    "--max-new-tokens", "8", "--num-beams", "2", "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)["results"][0]["output_ids"]
+        assert got == hf_generate(b.src, Image.open(img).convert("RGB"), p, 8, num_beams=2)
 
 
 # ----------------------------------------------------------------------------- the tiny recipes, built once
@@ -392,4 +408,14 @@ def test_plan_prints_the_encoder_decoder_trtllm_build_once_the_llm_is_known(tmp_
     enc, dec = line.split(" && ")
     assert "--checkpoint_dir CKPT/encoder" in enc and "--max_prompt_embedding_table_size" in enc
     assert "--checkpoint_dir CKPT/decoder" in dec and "--max_encoder_input_len" in dec
-    assert get_family("nougat").llm_parts() == ("decoder",) and get_family("blip2").llm_parts() == ("",)
+    # before a fetch: Nougat's LLM is always its mBART decoder; BLIP-2's may be OPT or T5, which only the
+    # fetched config.json tells (llm_parts None); plan then prints the commands for both
+    assert get_family("nougat").llm_parts() == ("decoder",) and get_family("blip2").llm_parts() is None
+    assert get_family("blip2").llm_part_choices() == [("opt (decoder-only)", ("",)),
+                                                     ("t5 (encoder-decoder)", ("encoder", "decoder"))]
+    assert get_family("llava").llm_parts() == ("",)
+    assert cli(["plan", "blip2-flan-t5-xl", "--store", str(tmp_path / "other-store"), "--variant", "fp16-tp2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    t5 = next(x for x in lines if "build[llm] if the LLM is t5 (encoder-decoder)" in x)
+    assert t5.count("trtllm-build") == 2 and "CKPT/encoder" in t5 and "--max_encoder_input_len" in t5
+    assert "--workers 2" in t5 and any("build[llm] if the LLM is opt (decoder-only)" in x for x in lines)

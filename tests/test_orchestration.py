@@ -39,6 +39,24 @@ def test_every_step_has_a_policy_and_network_errors_are_transient():
     assert not should_retry("build", BadInput("tp 3"))
 
 
+def test_a_full_disk_is_one_line_naming_the_work_directory_and_is_not_retried(tmp_path, monkeypatch):
+    import errno
+
+    from enginefarm.tasks.policy import failure_line
+
+    monkeypatch.setenv("ENGINEFARM_WORK", str(tmp_path))
+    full = OSError(errno.ENOSPC, "No space left on device")
+    wrapped = StepFailed("while writing a blob")
+    wrapped.__cause__ = full
+    line = failure_line("r", "v", "convert", wrapped)
+    assert line.startswith(f"recipe r, variant v, step convert failed: no space left on device in the work "
+                           f"directory {tmp_path} (ENGINEFARM_WORK, a "), line
+    assert line.endswith(" file system); point ENGINEFARM_WORK at a bigger disk") and "\n" not in line
+    named = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "scratch" / "model.safetensors"))
+    assert f"writing {tmp_path}/scratch/model.safetensors" in failure_line("r", "v", "build", named)
+    assert not should_retry("build", full) and not should_retry("publish", wrapped)  # "any" or not
+
+
 def test_a_step_retries_a_transient_error_and_fails_bad_input_at_once_in_one_line():
     calls = {"flaky": 0, "bad": 0}
     r = parse_recipe({"name": "policy-test", "family": "opt", "source": {"tiny": "opt"}}, "policy-test.yaml")

@@ -17,7 +17,7 @@ from enginefarm.cli import main as cli
 from enginefarm.errors import BadInput, StepFailed
 from enginefarm.evaluation import builtin_text, check_shards, judge
 from enginefarm.families import get_family
-from enginefarm.quant import Scheme, dequantize, pack_int4, quantize, unpack_int4
+from enginefarm.quant import Scheme, dequantize, int_values, pack_int4, quantize, unpack_int4
 from enginefarm.spec import DEFAULT_QUANT_GATES, Variant
 from enginefarm.testing import write_tiny
 
@@ -37,19 +37,80 @@ def test_quantize_layout_and_error_bound(bits, group):
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(48, 64, generator=g) * 0.05).half()
     q, s = quantize(w, Scheme(bits, group), torch.float16)
-    assert q.dtype == torch.int8
-    assert tuple(q.shape) == ((64, 48) if bits == 8 else (64, 24))  # [in, out] (int4: two per byte)
+    # per channel int8 [in, out] (int4: two per byte); per group the same bytes
+    # viewed as float16, as TensorRT-LLM's WeightOnlyGroupwiseQuantLinear declares
+    assert q.dtype == (torch.int8 if group is None else torch.float16)
+    width = 1 if group is None else 2
+    assert tuple(q.shape) == ((64, 48 // width) if bits == 8 else (64, 24 // width))
     assert tuple(s.shape) == ((48,) if group is None else (64 // group, 48)) and s.dtype == torch.float16
-    ints = unpack_int4(q) if bits == 4 else q
+    ints = int_values(q, bits)
     qmax = 127 if bits == 8 else 7
     assert int(ints.max()) <= qmax and int(ints.min()) >= -qmax - 1
-    assert int(ints.abs().max()) == qmax  # symmetric: the largest weight maps to qmax
     back = dequantize(q, s, bits)
     assert back.shape == w.shape
-    # round to nearest: every weight within half a step of its scale
     step = s.float()[:, None] if group is None else s.float().repeat_interleave(group, 0).t()
     err = (back - w.float()).abs()
-    assert bool((err <= step / 2 + 1e-3 * step).all()), float((err / step).max())
+    # the integers are computed against the float32 scale, the stored one is
+    # rounded to float16 (2^-11 relative): up to qmax x that off at the extremes
+    tol = (qmax + 1) * 2.0**-11
+    if group is None:
+        # TensorRT-LLM's divisor 2^(bits-1): max|w| maps to 128 (8), so the
+        # channel's largest weight clamps to 127 (7): within one step; the rest
+        # within half a step (of the float32 scale; the stored one is rounded)
+        assert bool((err <= step * (1 + tol)).all()), float((err / step).max())
+        assert float((err <= step * (0.5 + tol)).float().mean()) > 0.95
+    else:
+        # ModelOpt's divisor 2^(bits-1) - 1: symmetric, the largest maps to qmax
+        assert int(ints.abs().max()) == qmax
+        assert bool((err <= step * (0.5 + tol)).all()), float((err / step).max())
+
+
+def _trtllm_symmetric_quantize(w_in_out: torch.Tensor, bits: int):
+    """An independent scalar transcription of the loop TensorRT-LLM's
+    `symmetric_quantize_last_axis_of_batched_matrix` runs
+    (cpp/tensorrt_llm/kernels/cutlass_kernels/cutlass_preprocessors.cpp,
+    `symmetric_quantize`): per column, max|w| in float32 times 1/2^(bits-1);
+    round() (half away from zero) of the float32 quotient, clamped."""
+    import math
+
+    import numpy as np
+
+    a = w_in_out.float().numpy()
+    rows, cols = a.shape
+    qr = np.float32(1.0 / float(1 << (bits - 1)))
+    lo, hi = (-128, 127) if bits == 8 else (-8, 7)
+    scales = np.zeros(cols, np.float32)
+    out = np.zeros((rows, cols), np.int8)
+    for j in range(cols):
+        m = np.float32(0.0)
+        for i in range(rows):
+            m = max(m, np.float32(abs(a[i, j])))
+        scales[j] = np.float32(m * qr)
+        for i in range(rows):
+            x = float(np.float32(a[i, j]) / scales[j])
+            r = math.copysign(math.floor(abs(x) + 0.5), x)
+            out[i, j] = int(max(lo, min(hi, r)))
+    return torch.from_numpy(out), torch.from_numpy(scales)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_per_channel_integers_are_tensorrt_llms(bits, dtype):
+    """The same integers and scales as TensorRT-LLM's own weight-only
+    quantizer (what trtllm-build computes from a float W8A16 checkpoint),
+    including weights that land exactly on a half step."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(24, 40, generator=g) * 0.05).to(dtype)
+    # ties: a column whose max is 128 (8) x a power of two and entries at k + 0.5 steps
+    w[5] = 0
+    w[5, 0] = 1.0
+    w[5, 1:6] = torch.tensor([0.5, -0.5, 1.5, -2.5, 3.5]) / (128 if bits == 8 else 8)
+    q, s = quantize(w, Scheme(bits), dtype)
+    ref_q, ref_s = _trtllm_symmetric_quantize(w.t().contiguous(), bits)
+    assert torch.equal(int_values(q, bits), ref_q)
+    assert torch.equal(s, ref_s.to(dtype))
+    # and the integers are the TensorRT-LLM rounding, not torch's half-to-even
+    assert int_values(q, bits)[1:6, 5].tolist() == ([1, -1, 2, -3, 4])
 
 
 def test_int4_packing_is_low_nibble_first_and_invertible():
@@ -64,14 +125,16 @@ def test_quantized_checkpoint_names_shapes_and_config(tmp_path):
     out = tmp_path / "ckpt"
     convert_checkpoint(get_family("llama"), src, out, variant("w4a16", tp=2, group=16))
     cfg, W = load_rank(out, 1)
+    # no exclude_modules: TensorRT-LLM's default list keeps embeddings and lm_head unquantized
     assert cfg["quantization"] == {"quant_algo": "W4A16_GPTQ", "kv_cache_quant_algo": None, "group_size": 16,
-                                   "has_zero_point": False, "pre_quant_scale": False, "exclude_modules": ["lm_head"]}
+                                   "has_zero_point": False, "pre_quant_scale": False}
     hidden, inter, d = 64, 160, 8
     qkv = W["transformer.layers.0.attention.qkv.weight"]
     # 8 heads / tp 2 = 4 q heads, 2 kv heads / tp 2 = 1 kv head each for k and v: (4 + 1 + 1) * 8 outputs
-    assert qkv.dtype == torch.int8 and tuple(qkv.shape) == (hidden, 6 * d // 2)
+    # group-wise: int4 packed 4 to a float16 word, (in, out // 4), as WeightOnlyGroupwiseQuantLinear declares
+    assert qkv.dtype == torch.float16 and tuple(qkv.shape) == (hidden, 6 * d // 4)
     assert tuple(W["transformer.layers.0.attention.qkv.weights_scaling_factor"].shape) == (hidden // 16, 6 * d)
-    assert tuple(W["transformer.layers.0.mlp.proj.weight"].shape) == (inter // 2, hidden // 2)
+    assert tuple(W["transformer.layers.0.mlp.proj.weight"].shape) == (inter // 2, hidden // 4)
     assert W["lm_head.weight"].dtype == torch.float16  # excluded
     assert W["transformer.vocab_embedding.weight"].dtype == torch.float16
     assert "transformer.layers.0.attention.qkv.per_channel_scale" not in W
@@ -217,8 +280,10 @@ def test_trtllm_build_flags_come_from_the_recipe():
 
 def test_trtllm_build_flags_for_encoder_decoder():
     """Two runs, encoder then decoder, as TensorRT-LLM's enc-dec examples:
-    the decoder starts from one token and attends to the encoder's longest
-    input (prompt + a request's share of the prompt table)."""
+    the decoder takes up to min(max_input_len, max_seq_len) tokens in one pass
+    (validation's teacher-forced logits) and attends to the encoder's longest
+    input (prompt + a request's share of the prompt table); both gather
+    context logits where they make them (not the encoder)."""
     from enginefarm.backends.tensorrt_llm import TensorRTLLM, build_commands
 
     limits = {"max_batch_size": 4, "max_input_len": 64, "max_seq_len": 48, "max_multimodal_len": 4 * 32}
@@ -227,8 +292,9 @@ def test_trtllm_build_flags_for_encoder_decoder():
     assert fe["--checkpoint_dir"] == "C/encoder" and fd["--output_dir"] == "E/decoder"
     assert fe["--max_input_len"] == "96" and fe["--kv_cache_type"] == "disabled"
     assert fe["--max_prompt_embedding_table_size"] == "128" and "--max_prompt_embedding_table_size" not in fd
-    assert fd["--max_input_len"] == "1" and fd["--max_seq_len"] == "48" and fd["--max_encoder_input_len"] == "96"
+    assert fd["--max_input_len"] == "48" and fd["--max_seq_len"] == "48" and fd["--max_encoder_input_len"] == "96"
     assert fe["--bert_attention_plugin"] == fd["--gemm_plugin"] == "float16" and fd["--workers"] == "2"
+    assert "--gather_context_logits" in dec and "--gather_context_logits" not in enc
     line = TensorRTLLM("tensorrt-llm").command(variant(), limits, parts=("encoder", "decoder"))
     assert line.count("trtllm-build") == 2 and " && " in line
 
@@ -292,3 +358,101 @@ def test_attention_windows_are_recorded_for_the_tensorrt_llm_runner(tmp_path):
         else:
             ws = got["max_attention_window_size"]
             assert len(ws) == hf["num_layers"] and set(ws) == {hf["window_size"], 64}
+
+
+def test_a_nine_head_model_converts_checks_and_plans_at_tp_3(tmp_path, capsys):
+    """tp is any size that divides the heads and widths, not only a power of
+    two: 9 heads split at 3 (TensorRT-LLM takes any tp that divides them);
+    a tp that does not divide them keeps its exit-2 refusal."""
+    import yaml
+
+    src = write_tiny("opt", tmp_path / "nine", seed=9, heads=9, hidden=72)  # ffn 144, vocab 384: both divide by 3
+    out = tmp_path / "tp3"
+    rc = cli(["convert", str(src), "--tp", "3", "--quant", "w8a16", "--out", str(out), "--check", "--json", "--quiet"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0, res
+    assert res["check"]["passed"] and res["check"]["tp"] == 3
+    cfg, W = load_rank(out, 2)
+    assert cfg["mapping"]["tp_size"] == 3 and tuple(W["transformer.layers.0.attention.qkv.weight"].shape) == (72, 72)
+
+    recipe = tmp_path / "nine.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "nine", "family": "opt", "source": {"path": str(src)},
+                                      "matrix": {"backend": ["tensorrt-llm"], "dtype": ["float16"],
+                                                 "quant": ["w8a16"], "tp": [3], "target": ["sm_90"]}}))
+    assert cli(["plan", str(recipe), "--store", str(tmp_path / "store")]) == 0
+    text = capsys.readouterr().out
+    assert "fp16-w8a16-tp3" in text and "--workers 3" in text
+
+    # 9 heads: tp 2 and 4 do not divide them -> exit 2, nothing written
+    for tp in (2, 4):
+        rc = cli(["convert", str(src), "--tp", str(tp), "--out", str(tmp_path / f"tp{tp}")])
+        assert rc == 2 and "does not divide the model's 9 attention heads" in capsys.readouterr().err
+        assert not (tmp_path / f"tp{tp}").exists()
+    # a tp no model can take is refused with the recipe
+    recipe.write_text(yaml.safe_dump({"name": "nine", "family": "opt", "source": {"path": str(src)},
+                                      "matrix": {"tp": [0]}}))
+    assert cli(["plan", str(recipe)]) == 2
+    assert "a whole number from 1 to 64" in capsys.readouterr().err
+
+
+def test_each_layout_names_the_tensorrt_llm_releases_it_serves(tmp_path, capsys):
+    """README, `enginefarm plan` and engine.json (hence the publish manifest)
+    name the TensorRT-LLM releases a checkpoint layout serves."""
+    from enginefarm.backends.tensorrt_llm import RELEASES, release_range
+
+    assert list(release_range("decoder")) == ["decoder-only"]
+    assert list(release_range("encoder-decoder", "w8a16")) == ["encoder-decoder", "weight-only per channel"]
+    assert list(release_range("decoder", "w4a16", 64)) == ["decoder-only", "weight-only per group"]
+    assert "NOT 0.16" in RELEASES["encoder-decoder"]["range"] and all(r["evidence"] for r in RELEASES.values())
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for layout in RELEASES:
+        assert f"| {layout} |" in readme, layout
+    assert cli(["plan", "flan-t5-small", "--store", str(tmp_path / "s"), "--variant", "fp16-tp1"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint serves TensorRT-LLM: encoder-decoder:" in out and "NOT 0.16" in out
+
+
+def test_group_wise_checkpoints_run_in_the_shards_check(tmp_path):
+    """Per-group weights are stored viewed in the model dtype (as TensorRT-LLM
+    declares them); the runtime that the shards step runs reads the same
+    integers back and passes the quantization gates at tp 2."""
+    src = write_tiny("llama-h8", tmp_path / "src", seed=2)
+    dirs = []
+    for q in ("w8a16", "w4a16"):
+        d = tmp_path / q
+        convert_checkpoint(get_family("llama"), src, d, variant(q, 2, group=16))
+        _, W = load_rank(d, 1)
+        assert W["transformer.layers.0.mlp.fc.weight"].dtype == torch.float16
+        dirs.append(d)
+    res = check_shards(src, dirs, PROMPTS, builtin_text(), max_new_tokens=8, max_eval_tokens=96, max_input_len=32,
+                       max_seq_len=64)
+    for q, m in zip(("w8a16", "w4a16"), res):
+        gates = judge(m, DEFAULT_QUANT_GATES[q].model_dump())
+        assert m["tp"] == 2 and all(g["passed"] for g in gates.values()), (q, m["top1_agreement"], gates)
+
+
+def test_encoder_decoder_names_for_releases_before_the_rename(tmp_path):
+    """0.16's EncoderModel/DecoderModel name their tensors after their modules
+    (encoder_layers.N, embedding.*, final_layernorm); the build renames a copy
+    of the farm's transformer.* checkpoint where the installed release wants
+    that. Every tensor of a T5 and a BART checkpoint lands on such a name, and
+    nothing else changes."""
+    from enginefarm.backends.tensorrt_llm import rename_for_legacy
+
+    for fam, tiny in (("t5", "t5"), ("bart", "bart")):
+        src = write_tiny(tiny, tmp_path / tiny, seed=1)
+        ckpt, legacy = tmp_path / f"{tiny}-ckpt", tmp_path / f"{tiny}-legacy"
+        convert_checkpoint(get_family(fam), src, ckpt, variant("w8a16", tp=2))
+        rename_for_legacy(ckpt, legacy)
+        for part in ("encoder", "decoder"):
+            for rank in (0, 1):
+                _, new = load_rank(ckpt / part, rank)
+                cfg, old = load_rank(legacy / part, rank)
+                assert cfg == json.loads((ckpt / part / "config.json").read_text())
+                allowed = (f"{part}_layers.", "embedding.vocab_embedding.", "embedding.position_embedding.",
+                           "embedding.embedding_layernorm.", "final_layernorm.", "lm_head.", "rel_attn_table")
+                assert all(k.startswith(allowed) for k in old), sorted(old)
+                assert len(old) == len(new) and sorted(v.numel() for v in old.values()) == sorted(
+                    v.numel() for v in new.values())
+                assert torch.equal(old[f"{part}_layers.1.mlp.fc.weight"], new["transformer.layers.1.mlp.fc.weight"])
+                assert torch.equal(old["embedding.vocab_embedding.weight"], new["transformer.vocab_embedding.weight"])

@@ -39,11 +39,11 @@ def _free_port() -> int:
 
 
 class Farm:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, api: str | None = None, store: str | None = None):
         self.tmp = tmp
-        self.port = _free_port()
-        self.api = f"http://127.0.0.1:{self.port}/api"
-        self.store = str(tmp / "store")
+        self.port = None if api else _free_port()
+        self.api = api or f"http://127.0.0.1:{self.port}/api"
+        self.store = store or str(tmp / "store")
         self.env = dict(os.environ)
         for k in list(self.env):  # nothing of the test session's own Prefect settings
             if k.startswith("PREFECT_"):
@@ -59,17 +59,24 @@ class Farm:
             ENGINEFARM_REPO=str(ROOT),
         )
         self.procs: list[subprocess.Popen] = []
-        self.http = httpx.Client(base_url=self.api, timeout=60)
+        self.http = self.client()
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "wb")
-        p = subprocess.Popen([str(BIN / "prefect"), *args], env=self.env, cwd=self.tmp, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+    def client(self):
+        return httpx.Client(base_url=self.api, timeout=60)
+
+    def argv(self, argv: list[str], host: str | None) -> list[str]:
+        """argv as run on host (here: one machine, so as it is)."""
+        return argv
+
+    def spawn(self, name: str, *args: str, host: str | None = None, env: dict | None = None) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "ab")
+        p = subprocess.Popen(self.argv([str(BIN / "prefect"), *args], host), env={**self.env, **(env or {})},
+                             cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(p)
         return p
 
-    def prefect(self, *args: str) -> str:
-        p = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], env=self.env, cwd=ROOT,
+    def prefect(self, *args: str, host: str | None = None) -> str:
+        p = subprocess.run(self.argv([str(BIN / "prefect"), "--no-prompt", *args], host), env=self.env, cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, f"prefect {' '.join(args)}: {p.stdout[-3000:]}{p.stderr[-3000:]}"
         return p.stdout
@@ -109,16 +116,30 @@ class Farm:
         assert r.status_code == 201, r.text
         return r.json()
 
-    def wait(self, run: dict, timeout: float = 900) -> dict:
+    def wait(self, run: dict, timeout: float = 900, tick=None) -> dict:
+        """The run, once final; tick(flow run) is called at every poll (fault injection)."""
         t0 = time.time()
         while time.time() - t0 < timeout:
             fr = self.call("GET", f"/flow_runs/{run['id']}").json()
             if fr["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
                 return fr
+            if tick is not None:
+                tick(fr)
             for p in self.procs:
                 assert p.poll() is None, f"a farm process exited: {p.args}"
             time.sleep(2)
         raise AssertionError(f"flow run {run['name']} did not finish within {timeout} s: {fr['state']}")
+
+    def pause_schedules(self, deployment: dict) -> None:
+        """Pause the deployment's schedules and delete the runs they made: no
+        night over the whole catalog may start during a test (with the
+        pinned SQLAlchemy the server's scheduler makes them)."""
+        for sched in deployment["schedules"]:
+            r = self.call("PATCH", f"/deployments/{deployment['id']}/schedules/{sched['id']}", json={"active": False})
+            assert r.status_code in (200, 204), r.text
+        for run in self.flow_runs(deployment):
+            if run["state"]["type"] == "SCHEDULED":
+                self.call("DELETE", f"/flow_runs/{run['id']}")
 
     def flow_runs(self, deployment: dict) -> list[dict]:
         r = self.call("POST", "/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment["id"]]}}})
@@ -174,6 +195,7 @@ def test_deploy_build_from_the_ui_then_two_nightlies(farm):
     assert sched["schedule"]["cron"] == want["nightly"]["schedules"][0]["cron"]
     assert sched["schedule"]["timezone"] == want["nightly"]["schedules"][0]["timezone"]
     assert sched["active"] and nightly["work_pool_name"] == "cpu"
+    farm.pause_schedules(nightly)
     assert nightly["parameters"]["catalog"] == "models"
     assert nightly["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
 

@@ -26,11 +26,13 @@ def test_variant_names_follow_the_matrix():
 
 def test_bad_recipe_message_names_file_field_and_expectation():
     with pytest.raises(BadInput) as e:
-        parse_recipe({**BASE, "limits": {"max_batch_size": "many"}, "matrix": {"tp": [3]}}, "models/x.yaml")
+        parse_recipe({**BASE, "limits": {"max_batch_size": "many"}, "matrix": {"tp": [0]}}, "models/x.yaml")
     msg = str(e.value)
     assert "models/x.yaml" in msg
     assert "limits.max_batch_size" in msg and "integer" in msg
-    assert "matrix.tp" in msg and "1, 2, 4 or 8" in msg
+    assert "matrix.tp" in msg and "a whole number from 1 to 64" in msg
+    # any tp the checkpoint's heads allow: not only powers of two (a 9-head model splits at 3)
+    assert [v.tp for v in parse_recipe({**BASE, "matrix": {"tp": [1, 3, 6]}}, "x.yaml").variants()] == [1, 3, 6]
 
 
 def test_unknown_field_and_unpinned_hf_source():

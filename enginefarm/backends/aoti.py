@@ -121,7 +121,7 @@ class AOTI(Backend):
 
         device = "cpu" if variant.target == "cpu" else "cuda"
         model = DecoderLM.from_checkpoint(src_dir).to(device)
-        B, T, S = limits["max_batch_size"], limits["max_input_len"], limits["max_seq_len"]
+        B, T, S = _rows(limits), limits["max_input_len"], limits["max_seq_len"]
         t0 = time.perf_counter()
         if progress:
             progress("aoti: torch.export (decoder)")
@@ -173,7 +173,7 @@ class AOTI(Backend):
         encoder, decoder = encoder.to(device), decoder.to(device)
         features_in = isinstance(encoder, FeaturesCrossKV)
         c = decoder.cfg
-        B, T, S = limits["max_batch_size"], limits["max_input_len"], limits["max_seq_len"]
+        B, T, S = _rows(limits), limits["max_input_len"], limits["max_seq_len"]
         M = 0 if features_in else (limits.get("max_multimodal_len") or 0)
         # example sizes: the encoder input longer than the decoder's, so
         # that export keeps the two token counts apart
@@ -440,10 +440,16 @@ def _sidecar(component: str, device: str, variant, limits: dict, vocab_size: int
         "target": variant.target,
         "dtype": variant.dtype,
         "max_batch_size": limits["max_batch_size"],
+        "max_beam_width": limits.get("max_beam_width") or 1,
         "max_input_len": limits["max_input_len"],
         "max_seq_len": limits["max_seq_len"],
         "vocab_size": vocab_size,
     }
+
+
+def _rows(limits: dict) -> int:
+    """The sequences an LLM package takes at once: requests x beams (beam search runs every beam as a row)."""
+    return limits["max_batch_size"] * (limits.get("max_beam_width") or 1)
 
 
 def _dims(specs: list[dict]):

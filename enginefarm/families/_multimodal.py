@@ -75,12 +75,28 @@ class MultimodalFamily(Family):
             return text
         return getattr(self.full_config(config), self.text_key).to_dict()
 
-    def llm_parts(self, config: Optional[dict] = None) -> tuple[str, ...]:
+    def llm_parts(self, config: Optional[dict] = None) -> Optional[tuple[str, ...]]:
+        """As Family.llm_parts; None where only the fetched config.json can
+        tell (BLIP-2: an OPT LLM is one checkpoint, a Flan-T5 one two) and
+        none is given: `llm_part_choices` lists the possibilities then."""
         if self.features_as_encoder_output:
             return self.encdec_parts
-        if config is not None and self.llm_family(config).kind == "encoder-decoder":
-            return self.encdec_parts
-        return ("",)
+        if config is not None:
+            return self.encdec_parts if self.llm_family(config).kind == "encoder-decoder" else ("",)
+        choices = self.llm_part_choices()
+        return choices[0][1] if len(choices) == 1 else None
+
+    def llm_part_choices(self) -> list[tuple[str, tuple[str, ...]]]:
+        """What the family knows before a fetch: for each kind of LLM it
+        takes, (the LLM families of that kind, the checkpoint parts)."""
+        from . import get_family
+
+        kinds: dict[tuple[str, ...], list[str]] = {}
+        for name in sorted(set(self.llm_model_types.values())):
+            parts = self.encdec_parts if get_family(name).kind == "encoder-decoder" else ("",)
+            kinds.setdefault(parts, []).append(name)
+        return [(", ".join(names) + (" (encoder-decoder)" if parts != ("",) else " (decoder-only)"), parts)
+                for parts, names in kinds.items()]
 
     def code_modules(self) -> list[str]:
         from . import get_family
@@ -325,6 +341,27 @@ class MultimodalFamily(Family):
         raise NotImplementedError
 
     # ----------------------------------------------------------------- at run time (torch only, no model code)
+
+    PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+    def check_inputs(self, src_dir, where: str) -> None:
+        """The tokenizer, and the processor that turns images into the visual engine's inputs."""
+        super().check_inputs(src_dir, where)
+
+        def has_image_settings(p) -> bool:  # processor_config.json holds them only in newer transformers
+            import json
+
+            try:
+                cfg = json.loads(p.read_text())
+            except (OSError, ValueError):
+                return False
+            return p.name == "preprocessor_config.json" or any("image_processor" in k for k in cfg)
+
+        self.require_files(src_dir, where, "image processor", self.PROCESSOR_FILES, has_image_settings)
+        try:
+            self.load_processor(src_dir, {})
+        except Exception as e:  # noqa: BLE001 - transformers' OSError, ValueError, ... for missing or broken files
+            raise BadInput(self.missing_inputs(src_dir, where, "image processor", self.PROCESSOR_FILES, e)) from None
 
     def load_processor(self, src_dir, meta: dict):
         """The preprocessing of the checkpoint (its processor's files in

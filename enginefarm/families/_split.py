@@ -10,15 +10,28 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
+def _even(t: "torch.Tensor", tp: int, dim: int) -> None:
+    """A split must be even (any tp size, not only powers of two, so that a
+    9-head model splits at 3); recipes are checked against config.json
+    before, this catches a tensor no check names."""
+    if t.shape[dim] % tp:
+        from ..errors import BadInput
+
+        raise BadInput(f"tp size {tp} does not divide a dimension of {t.shape[dim]} (tensor shape {tuple(t.shape)}); "
+                       f"pick a tp size that divides the model's heads and widths")
+
+
 def column(t: "torch.Tensor", tp: int, rank: int) -> "torch.Tensor":
     if tp == 1:
         return t
+    _even(t, tp, 0)
     return t.chunk(tp, dim=0)[rank]
 
 
 def row(t: "torch.Tensor", tp: int, rank: int) -> "torch.Tensor":
     if tp == 1 or t.dim() == 1:
         return t
+    _even(t, tp, 1)
     return t.chunk(tp, dim=1)[rank]
 
 

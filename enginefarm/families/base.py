@@ -102,6 +102,50 @@ class Family:
                 f"built for it (implemented families: {', '.join(implemented_families())})"
             )
 
+    # ----------------------------------------------------------------- inputs that later steps need (after fetch)
+
+    TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                       "vocab.json + merges.txt", "vocab.txt")
+
+    def check_inputs(self, src_dir, where: str) -> None:
+        """Refuse (BadInput) a checkpoint that lacks what a later step loads:
+        the tokenizer, for validation and for `run`. Its files must be there,
+        and it must load from the checkpoint's small files (no weights), as
+        validation will load it."""
+        self.require_files(src_dir, where, "tokenizer", self.TOKENIZER_FILES)
+        try:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(src_dir), trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 - transformers' OSError, ValueError, ... for broken files
+            raise BadInput(self.missing_inputs(src_dir, where, "tokenizer", self.TOKENIZER_FILES, e)) from None
+
+    def require_files(self, src_dir, where: str, what: str, expected: tuple[str, ...],
+                      present: Optional[Callable[[Any], bool]] = None) -> None:
+        """BadInput unless one of `expected` ("a.json", or "a.json + b.txt"
+        for files that go together) is in src_dir (and passes `present`)."""
+        from pathlib import Path
+
+        root = Path(src_dir)
+        for alt in expected:
+            names = [n.strip() for n in alt.split("+")]
+            if all((root / n).is_file() for n in names) and (present is None or present(root / names[0])):
+                return
+        raise BadInput(self.missing_inputs(src_dir, where, what, expected, None))
+
+    @staticmethod
+    def missing_inputs(src_dir, where: str, what: str, expected: tuple[str, ...], e: Optional[BaseException]) -> str:
+        from pathlib import Path
+
+        have = sorted(p.name for p in Path(src_dir).iterdir() if p.is_file())
+        cause = ""
+        if e is not None:  # its first sentence, without the scratch directory the files were read from
+            first = " ".join(str(e).replace(str(src_dir), "<checkpoint>").split()).split(". ")[0][:200]
+            cause = f" ({type(e).__name__}: {first})"
+        return (f"{where} has no usable {what} files (validation and `enginefarm run` load them; expected one of: "
+                f"{', '.join(expected)}); it has {', '.join(have) or 'no files'}. Save them beside the weights "
+                f"(save_pretrained of the {what}) and run again{cause}")
+
     # ----------------------------------------------------------------- conversion
 
     def checkpoint_parts(self, hf: dict, names: set[str], variant: "Variant") -> list[CheckpointPart]:
@@ -134,6 +178,22 @@ class Family:
                 f"variant {variant.name}: tp size {tp} neither divides the model's {kv} key/value heads nor is a "
                 f"multiple of them ({where})"
             )
+        check_divides_widths(config, variant, where)
+
+
+# config.json's names of the MLP width, which column-parallel layers split
+# over the ranks (TensorRT-LLM's MLP takes ffn_hidden_size // tp_size)
+WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim")
+
+
+def check_divides_widths(config: dict, variant: "Variant", where: str) -> None:
+    """The MLP widths must split evenly over the ranks too (the heads are
+    checked by the caller); tp need not be a power of two."""
+    for k in WIDTH_KEYS:
+        n = config.get(k)
+        if isinstance(n, int) and n % variant.tp:
+            raise BadInput(f"variant {variant.name}: tp size {variant.tp} does not divide the model's {k} {n} "
+                           f"({where}); pick a tp size that divides it")
 
 
 class DecoderFamily(Family):
@@ -253,6 +313,7 @@ class EncoderDecoderFamily(DecoderFamily):
                     f"variant {variant.name}: tp size {variant.tp} does not divide the model's {heads} {side} "
                     f"attention heads ({where}); pick a tp size that divides {heads}"
                 )
+        check_divides_widths(config, variant, where)
 
     def encoder_config(self, hf: dict, variant: "Variant") -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -308,7 +369,18 @@ def quantization(variant: "Variant") -> dict:
     sch = scheme_for(variant.quant, variant.group_size)
     if sch is None:
         return {"quant_algo": None, "kv_cache_quant_algo": None}
-    out = {"quant_algo": sch.quant_algo(), "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
+    # No exclude_modules: TensorRT-LLM reads a list there as the *whole* list of
+    # modules it leaves unquantized, replacing its default one
+    # (tensorrt_llm/quantization/quantize.py `quantize_layers`: exclude_modules =
+    # quant_config.exclude_modules or ['*lm_head', '*router', '*vocab_embedding',
+    # '*position_embedding', '*block_embedding', ...]; the same default in both
+    # stored versions read: one from before W8A16_GPTQ existed, and the newest),
+    # and `weight_only_quantize` maps Embedding to WeightOnlyQuantEmbedding. With
+    # ["lm_head"] the vocab embedding became a quantized embedding that wants
+    # `transformer.vocab_embedding.per_token_scale` (issue 16). Absent, the
+    # default list leaves exactly the embeddings, position tables and lm_head in
+    # the model dtype, which is what the farm writes.
+    out = {"quant_algo": sch.quant_algo(), "kv_cache_quant_algo": None}
     if sch.group_size:
         out.update(group_size=sch.group_size, has_zero_point=False, pre_quant_scale=False)
     return out

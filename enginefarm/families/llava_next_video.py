@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from ..errors import BadInput, NotAvailable
+from .base import Family
 from .llava import Llava, _visual_class as _llava_visual_class
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -147,6 +148,12 @@ class LlavaNextVideo(Llava):
         return _visual_class()(self._vision(config))
 
     # ----------------------------------------------------------------- at run time
+
+    PROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
+
+    def check_inputs(self, src_dir, where: str) -> None:
+        Family.check_inputs(self, src_dir, where)  # the tokenizer; the frames' settings below
+        self.require_files(src_dir, where, "video processor", self.PROCESSOR_FILES)
 
     def load_processor(self, src_dir, meta: dict):
         return VideoInputs.load(src_dir, meta)

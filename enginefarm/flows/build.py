@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional
 from prefect import flow
 
 from .. import backends
+from ..concurrency import warm, warm_for_config
 from ..errors import GateFailed, StepFailed
 from ..families import get_family
 from ..registry import status_of
@@ -162,6 +163,8 @@ def answer_from_store(recipe: str | Recipe, variants: Optional[list[str]], store
 
 def run_variant(ctx: Ctx, fetched: StepResult, v: Variant) -> dict[str, StepResult]:
     """convert -> [shards] -> build + validate (here or on the gpu pool) -> publish; the steps by name."""
+    warm_for_config(fetched.results.get("config"))  # before this thread's steps import anything
+    fetch_step.check_inputs(ctx, fetched)  # what later steps load is there (once per checkpoint)
     converted = convert_step.convert_task(ctx, fetched, v)
     checked = shards_step.shards_task(ctx, fetched, converted, v) if shards_step.needed(v) else None
     exported = export_step.export_task(ctx, fetched, v) if "visual" in ctx.recipe.enabled_components else None
@@ -181,6 +184,7 @@ def submit_variants(ctx: Ctx, fetched, vs: list[Variant]):
     """Submit each variant as its own task (bounded by the flow's task
     runner); returns collect(), which waits and gives {variant: its steps, or
     the error that stopped it}. One failure stops no other variant."""
+    warm()  # the lazy imports, here, before threads race on them
     futures = [(v, variant_task.submit(ctx, fetched, v)) for v in vs]
 
     def collect() -> dict[str, dict | BaseException]:
@@ -217,6 +221,8 @@ def run_build(recipe: str | Recipe, variants: Optional[list[str]], store: Option
     for v in vs:  # before any conversion: tp must divide the heads
         fam.check_config(config, v, where=f"{r.name}'s fetched config.json")
     fam.derived_limits(r, config)  # and the limits must fit the checkpoint (visual features per image)
+    warm_for_config(config)
+    fetch_step.check_inputs(ctx, fetched)  # tokenizer, processor: refused now, not after the build
 
     outcomes = submit_variants(ctx, fetched, vs)()
     summary: dict = {"recipe": r.name, "store": st.uri, "variants": {}, "flow_run": flow_run_id()}

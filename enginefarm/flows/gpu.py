@@ -31,8 +31,8 @@ from ..spec import Variant, parse_recipe
 from ..store import open_store
 from ..tasks import build as build_step
 from ..tasks import validate as validate_step
-from ..tasks.base import Ctx, StepResult, log
-from ..tasks.policy import POLICIES, step_failed
+from ..tasks.base import Ctx, StepResult, log, log_error
+from ..tasks.policy import POLICIES, failure_line, step_failed
 from .settings import gpu_deployment
 
 
@@ -60,9 +60,10 @@ def stored_result(st, recipe: str, step: str, key: str) -> StepResult:
 
 
 # One variant's GPU steps at a time in one process: the rule the `gpu`
-# deployment's concurrency limit keeps across machines, kept here for runs
-# without it (and torch.export is not thread-safe: two exports in threads of
-# one process break each other).
+# deployment's concurrency limit keeps across machines (one GPU slot), kept
+# here for runs without it. Thread safety is not this lock's job: every step
+# that traces or runs a model holds enginefarm.concurrency's gate, whichever
+# flow runs it.
 _ONE_AT_A_TIME = threading.Lock()
 
 
@@ -130,6 +131,26 @@ def _state_cause(state) -> str:
     return _EXC_PREFIX.sub("", msg, count=1) or state.name
 
 
+def _unfinished_step(flow_run_id) -> Optional[str]:
+    """The step a gpu run that ended without finishing was in: its task run
+    that never ended (the process died in it), else its last failed one."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    except Exception:  # noqa: BLE001 - the cause is still reported, without the step
+        return None
+    open_ = [t for t in runs if t.state is not None and not t.state.is_final()]
+    failed = [t for t in runs if t.state is not None and (t.state.is_failed() or t.state.is_crashed())]
+    for group in (open_, failed):
+        if group:
+            last = max(group, key=lambda t: t.start_time or t.expected_start_time or t.created)
+            return last.name.rsplit("-", 1)[0]  # "<step>-<suffix>": step_task names the task after its step
+    return None
+
+
 def gpu_steps_for(ctx: Ctx, fetched: StepResult, converted: StepResult, v: Variant,
                   exported: Optional[StepResult] = None):
     """(builds, validated) of one variant: here, or on the gpu pool."""
@@ -156,6 +177,14 @@ def gpu_steps_for(ctx: Ctx, fetched: StepResult, converted: StepResult, v: Varia
         if cause.startswith(f"recipe {r.name}, variant {v.name}, step "):  # the failing step's own line
             err = StepFailed(cause)
             err.step_line = cause
+            raise err
+        step = _unfinished_step(fr.id) if state is not None and state.is_final() else None
+        if step in POLICIES:  # the run died in a step (a crash: its process never said why)
+            line = failure_line(r.name, v.name, step, StepFailed(
+                f"the gpu run {fr.name} of {dep} ended {state.name} in its {step} step: {cause}"))
+            log_error(line)
+            err = StepFailed(line)
+            err.step_line = line
             raise err
         raise step_failed("gpu", StepFailed(cause), r.name, v.name)
     rows = _read_rows(fr.id)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInput
+from ..errors import BadInput, NotAvailable
+from ..runtime.decoding import GREEDY, Decoding, OnToken, replay
 from ..runtime.engine import EngineBase
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -242,9 +243,18 @@ class LLMEngine(EngineBase):
         return torch.cat(out, dim=1)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None = None) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None = None,
+                 decoding: Decoding = GREEDY, on_token: OnToken | None = None) -> list[list[int]]:
         """Greedy continuation of each prompt. Prompts of equal length run as
-        one batch; others run one after another."""
+        one batch; others run one after another. Only greedy decoding (its
+        caches are written in place, so beams cannot be reordered);
+        on_token sees each output once it is complete."""
+        if not decoding.greedy:
+            raise NotAvailable("the GPU engine form (components.llm.aoti) decodes greedily only; sampling and beam "
+                               "search run on the plain aoti engine")
+        return replay(self._greedy(prompts, max_new_tokens, eos_token_id), on_token)
+
+    def _greedy(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None) -> list[list[int]]:
         if not prompts:
             return []
         self._check(len(prompts), max(len(p) for p in prompts), max_new_tokens)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import bits_of, int_values
+from ..quant import bits_of, int_values, is_stored_quantized
 
 ACTS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 
@@ -164,7 +164,7 @@ class Lin(nn.Module):
         super().__init__()
         w = W[name + ".weight"]
         b = W.get(name + ".bias")
-        self.bits = bits if w.dtype == torch.int8 else 0
+        self.bits = bits if is_stored_quantized(W, name, bits) else 0
         self.reduce = row_parallel and tp > 1
         if self.bits:
             q = int_values(w, self.bits)  # [in, out] int8 values

@@ -62,8 +62,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BadInput
-from ..quant import bits_of
+from ..quant import as_int8, bits_of, is_stored_quantized
 from .decoder import ACTS, Lin, Norm, all_gather_last
+from .decoding import GREEDY, Decoding, OnToken, decode
 from .engine import EngineBase
 
 ARCHITECTURES = ("EncoderModel", "DecoderModel")
@@ -187,7 +188,8 @@ def _out_slice(W: dict, name: str, new: str, a: int, b: int, bits: int) -> dict:
     per byte for 4 bits; scales per output feature)."""
     w = W[name + ".weight"]
     out = {}
-    if w.dtype == torch.int8:
+    if is_stored_quantized(W, name, bits):
+        w = as_int8(w)  # a group-wise weight is stored viewed in the model dtype
         if bits == 4 and (a % 2 or b % 2):
             raise ValueError(f"{name}: cannot split packed 4-bit columns at {a}..{b}")
         out[new + ".weight"] = w[:, a // 2 : b // 2] if bits == 4 else w[:, a:b]
@@ -604,8 +606,9 @@ class EncDecEngine(EngineBase):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None = None,
-                 prompt_table: torch.Tensor | None = None) -> list[list[int]]:
-        """Greedy output of each prompt (the decoder starts from
+                 prompt_table: torch.Tensor | None = None, decoding: Decoding = GREEDY,
+                 on_token: OnToken | None = None) -> list[list[int]]:
+        """The output of each prompt (greedy unless `decoding` says otherwise) (the decoder starts from
         decoder_start_token_id, which is not part of the output). All prompts
         run as one batch: the encoder input is right-padded and masked. Ids >=
         vocab_size pick rows of prompt_table (shared by the whole call)."""
@@ -615,12 +618,13 @@ class EncDecEngine(EngineBase):
         self._check(len(prompts), max(len(p) for p in prompts), max_new_tokens, "new tokens")
         self._check_table(prompts, prompt_table)
         ck, cv, lengths = self.encode(prompts, prompt_table)
-        return self._decode(ck, cv, lengths, [[] for _ in prompts], max_new_tokens, eos_token_id)
+        return self._decode(ck, cv, lengths, [[] for _ in prompts], max_new_tokens, eos_token_id, decoding, on_token)
 
     @torch.no_grad()
     def generate_from_features(self, features: torch.Tensor, prefixes: list[list[int]], max_new_tokens: int,
-                               eos_token_id: int | None = None) -> list[list[int]]:
-        """Greedy output for each encoder output features[i] ([B, F, hidden]),
+                               eos_token_id: int | None = None, decoding: Decoding = GREEDY,
+                               on_token: OnToken | None = None) -> list[list[int]]:
+        """The output (greedy unless `decoding` says otherwise) for each encoder output features[i] ([B, F, hidden]),
         the decoder started from its start token and then prefixes[i] (the
         prompt's tokens; output follows them)."""
         if len(prefixes) != features.shape[0]:
@@ -631,30 +635,36 @@ class EncDecEngine(EngineBase):
                            f"max_input_len {self.max_input_len}")
         self._check(len(prefixes), 0, longest + max_new_tokens, "prompt and new tokens")
         ck, cv, lengths = self.encode_features(features)
-        return self._decode(ck, cv, lengths, prefixes, max_new_tokens, eos_token_id)
+        return self._decode(ck, cv, lengths, prefixes, max_new_tokens, eos_token_id, decoding, on_token)
 
-    def _decode(self, ck, cv, lengths, prefixes: list[list[int]], max_new_tokens: int, eos) -> list[list[int]]:
-        """Greedy decoding of each row from [start] + prefixes[i]; rows whose
-        prefixes have the same length run as one batch."""
+    def _decode(self, ck, cv, lengths, prefixes: list[list[int]], max_new_tokens: int, eos,
+                decoding: Decoding = GREEDY, on_token: OnToken | None = None) -> list[list[int]]:
+        """Decoding of each row from [start] + prefixes[i] (greedy unless
+        `decoding` says otherwise); rows whose prefixes have the same length
+        run as one batch."""
+        decoding.check(self.max_beam_width)
         groups = self._by_length(prefixes)
         out: list[list[int]] = [[] for _ in prefixes]
         for n, idx in groups.items():
             sel = torch.tensor(idx, device=ck.device)
             gk, gv, gl = ck.index_select(1, sel), cv.index_select(1, sel), lengths.index_select(0, sel)
             kc, vc = self.new_cache(len(idx))
-            nxt = torch.tensor([[self.decoder_start_token_id] + prefixes[i] for i in idx], dtype=torch.long)
-            done = torch.zeros(len(idx), dtype=torch.bool)
-            pos = 0
-            for _ in range(max_new_tokens):
-                lg, kc, vc = self.step(nxt, pos, kc, vc, gk, gv, gl)
-                pos += nxt.shape[1]
-                tok = lg[:, -1].argmax(-1).cpu()
-                for j, i in enumerate(idx):
-                    if not done[j]:
-                        out[i].append(int(tok[j]))
-                if eos is not None:
-                    done |= tok == eos
-                if bool(done.all()):
-                    break
-                nxt = tok[:, None]
+            first = torch.tensor([[self.decoder_start_token_id] + prefixes[i] for i in idx], dtype=torch.long)
+            lg, kc, vc = self.step(first, 0, kc, vc, gk, gv, gl)
+            state = {"kc": kc, "vc": vc, "ck": gk, "cv": gv, "len": gl, "pos": first.shape[1]}
+
+            def step(tokens: torch.Tensor, rows: torch.Tensor, state=state) -> torch.Tensor:
+                for k in ("kc", "vc", "ck", "cv"):
+                    state[k] = self.reorder(state[k], rows)
+                state["len"] = self.reorder(state["len"], rows, dim=0)
+                lg, state["kc"], state["vc"] = self.step(tokens, state["pos"], state["kc"], state["vc"],
+                                                         state["ck"], state["cv"], state["len"])
+                state["pos"] += 1
+                return lg[:, -1]
+
+            tell = (lambda r, t, idx=idx: on_token(idx[r], t)) if on_token else None
+            seen = [[self.decoder_start_token_id] + prefixes[i] for i in idx]
+            got = decode(lg[:, -1], step, seen, max_new_tokens, eos, decoding, tell)
+            for j, i in enumerate(idx):
+                out[i] = got[j]
         return out

@@ -1,5 +1,5 @@
-"""Running a built LLM engine: greedy generation and scoring from the
-package alone (no Hugging Face model code on this path).
+"""Running a built LLM engine: generation (greedy, sampling, beam search:
+runtime/decoding.py) and scoring from the package alone (no Hugging Face model code on this path).
 
 An engine built for a multimodal recipe takes a prompt table (the visual
 features, [rows, hidden]); token ids >= vocab_size select its rows."""
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput
+from .decoding import GREEDY, Decoding, OnToken, decode
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,6 +41,16 @@ class EngineBase:
     max_input_len = property(lambda self: self.meta["max_input_len"])
     max_seq_len = property(lambda self: self.meta["max_seq_len"])
     vocab_size = property(lambda self: self.meta["vocab_size"])
+    # beams per request the caches were sized for (engines built before it: 1)
+    max_beam_width = property(lambda self: self.meta.get("max_beam_width", 1))
+
+    @staticmethod
+    def reorder(t: torch.Tensor, rows: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Rows of a per-sequence tensor (the caches: batch is dim 1) in a new
+        order, or repeated (beam search); unchanged when rows are 0..n-1."""
+        if rows.shape[0] == t.shape[dim] and bool((rows == torch.arange(rows.shape[0])).all()):
+            return t
+        return t.index_select(dim, rows.to(t.device))
 
     @property
     def max_multimodal_len(self) -> int:
@@ -180,31 +191,34 @@ class LLMEngine(EngineBase):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None = None,
-                 prompt_table: torch.Tensor | None = None) -> list[list[int]]:
-        """Greedy continuation of each prompt. Prompts of equal length run as
-        one batch; others run one after another. Ids >= vocab_size pick rows
-        of prompt_table (shared by the whole call)."""
+                 prompt_table: torch.Tensor | None = None, decoding: Decoding = GREEDY,
+                 on_token: OnToken | None = None) -> list[list[int]]:
+        """The continuation of each prompt, decoded as `decoding` says
+        (greedy by default). Prompts of equal length run as one batch;
+        others run one after another. Ids >= vocab_size pick rows of
+        prompt_table (shared by the whole call). on_token(prompt index,
+        token): each new token as it comes; True ends that prompt."""
         if not prompts:
             return []
         self._check(len(prompts), max(len(p) for p in prompts), max_new_tokens)
         self._check_table(prompts, prompt_table)
+        decoding.check(self.max_beam_width)
         groups = self._prompts_by_length(prompts)
         out: list[list[int]] = [[] for _ in prompts]
         for n, idx in groups.items():
             ids = torch.tensor([prompts[i] for i in idx], dtype=torch.long)
             kc, vc = self.new_cache(len(idx))
             lg, kc, vc = self.step(ids, 0, kc, vc, prompt_table)
-            done = torch.zeros(len(idx), dtype=torch.bool)
-            pos = n
-            for _ in range(max_new_tokens):
-                nxt = lg[:, -1].argmax(-1).cpu()
-                for j, i in enumerate(idx):
-                    if not done[j]:
-                        out[i].append(int(nxt[j]))
-                if eos_token_id is not None:
-                    done |= nxt == eos_token_id
-                if bool(done.all()) or len(out[idx[0]]) >= max_new_tokens:
-                    break
-                lg, kc, vc = self.step(nxt[:, None], pos, kc, vc)
-                pos += 1
+            state = {"kc": kc, "vc": vc, "pos": n}
+
+            def step(tokens: torch.Tensor, rows: torch.Tensor, state=state) -> torch.Tensor:
+                kc, vc = self.reorder(state["kc"], rows), self.reorder(state["vc"], rows)
+                lg, state["kc"], state["vc"] = self.step(tokens, state["pos"], kc, vc)
+                state["pos"] += 1
+                return lg[:, -1]
+
+            tell = (lambda r, t, idx=idx: on_token(idx[r], t)) if on_token else None
+            got = decode(lg[:, -1], step, [prompts[i] for i in idx], max_new_tokens, eos_token_id, decoding, tell)
+            for j, i in enumerate(idx):
+                out[i] = got[j]
         return out

@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 
 from ..errors import BadInput
+from .decoding import GREEDY, Decoding, OnToken
 from .engine import LLMEngine
 from .visual import VisualEngine
 
@@ -145,15 +146,18 @@ class MultimodalPipeline:
     # ----------------------------------------------------------------- running
 
     def generate(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int,
-                 eos_token_id: int | None = None) -> list[list[int]]:
+                 eos_token_id: int | None = None, decoding: Decoding = GREEDY,
+                 on_token: OnToken | None = None) -> list[list[int]]:
+        """Each image-and-prompt's output, decoded as `decoding` says (runtime/decoding.py)."""
         if self.encoder_output:
             self.check_request(len(images))
             encodings = self.prepare(images, prompts)
             feats = torch.stack(self.image_features(encodings))
             return self.llm.generate_from_features(feats, [list(e["prompt_ids"]) for e in encodings], max_new_tokens,
-                                                   eos_token_id=eos_token_id)
+                                                   eos_token_id=eos_token_id, decoding=decoding, on_token=on_token)
         ids, table = self.inputs(images, prompts)
-        return self.llm.generate(ids, max_new_tokens, eos_token_id=eos_token_id, prompt_table=table)
+        return self.llm.generate(ids, max_new_tokens, eos_token_id=eos_token_id, prompt_table=table,
+                                 decoding=decoding, on_token=on_token)
 
     def seq2seq_logits(self, image, prompt: str, decoder_ids: list[int]) -> tuple[list[int], torch.Tensor]:
         """An encoder-decoder LLM's logits, the decoder teacher-forced on

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..concurrency import torch_work
 from ..errors import StepFailed
 from ..hashing import digest_json
 from ..spec import Recipe
@@ -190,7 +191,8 @@ def run_step(
         out, scratch = base / "out", base / "scratch"
         out.mkdir()
         scratch.mkdir()
-        results, extra = work(out, scratch)
+        with torch_work(spec.step, label, waiting=log):  # one trace alone, or runs together
+            results, extra = work(out, scratch)
         produced = {p.relative_to(out).as_posix(): p for p in sorted(out.rglob("*")) if p.is_file()}
         files = store_files(ctx.store, {**produced, **(extra or {})})  # extra: paths, or {sha256, size} blobs
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import BadInput, StepFailed
 from ..hashing import code_version
-from .base import Ctx, StepResult, StepSpec, run_step
+from .base import Ctx, StepResult, StepSpec, materialize, run_step
 from .policy import is_transient, step_task
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -159,6 +159,27 @@ def _work(ctx: Ctx, spec_: StepSpec):
         return {"config": config, "files": n}, extra
 
     return work
+
+
+_CHECKED: set[tuple[str, str]] = set()  # (family, fetch key): checked once per process
+
+
+def check_inputs(ctx: Ctx, fetched: StepResult) -> None:
+    """Right after fetch, before any heavy step: BadInput naming what the
+    checkpoint lacks that a later step loads (tokenizer, processor files).
+    Reads only the small files (no weights)."""
+    import tempfile
+
+    from ..families import get_family
+
+    mark = (ctx.recipe.family, fetched.key)
+    if mark in _CHECKED:
+        return
+    fam = get_family(ctx.recipe.family)
+    with tempfile.TemporaryDirectory(prefix="ef-inputs-", dir=ctx.workdir) as d:
+        small = materialize(ctx, fetched, Path(d), only=lambda rel: not rel.lower().endswith((".safetensors",) + PICKLED))
+        fam.check_inputs(small, f"recipe {ctx.recipe.name}: the checkpoint")
+    _CHECKED.add(mark)
 
 
 @step_task("fetch")

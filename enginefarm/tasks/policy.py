@@ -10,6 +10,12 @@ retries, retry delays and timeout from `POLICIES[STEP]`. Two retry rules:
 - "any": retried on any error except bad input (GPU steps: an Xid error or
   an out-of-memory caused by a neighbour deserves a second try).
 
+Neither retries what no retry can fix (`is_permanent`): bad input, a
+missing file, transformers' "Can't load ..." for a checkpoint without its
+tokenizer or processor files, a full disk (ENOSPC: the line names the full
+directory, the work directory ENGINEFARM_WORK when the file was under it,
+and its size).
+
 A failing step logs, before Prefect's traceback, one line that says which
 recipe, variant and step failed, and why:
 
@@ -29,8 +35,11 @@ warns about this on every such task run; that warning is filtered here
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -110,10 +119,67 @@ def is_transient(e: BaseException) -> bool:
     return False
 
 
+def no_space(e: BaseException) -> Optional[OSError]:
+    """The ENOSPC error that e is, or was raised from."""
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
+            return x
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.0f} GiB"
+
+
+def no_space_line(x: OSError) -> str:
+    """'no space left on device in the work directory D (ENGINEFARM_WORK, a 256 KiB file system) ...'.
+    Its size, not what is free: by the time this line is written the step's
+    scratch files are gone again."""
+    env = os.environ.get("ENGINEFARM_WORK")
+    work = os.path.abspath(env or tempfile.gettempdir())
+    path = os.fspath(x.filename) if x.filename is not None else None
+    in_work = path is None or os.path.commonpath([work, os.path.abspath(path)]) == work
+    where = work
+    if not in_work:  # elsewhere: the file system the file was on
+        where = os.path.dirname(os.path.abspath(path))
+        while not os.path.ismount(where) and os.path.dirname(where) != where:
+            where = os.path.dirname(where)
+    try:
+        fs = os.statvfs(where)
+        size = f"a {_size(fs.f_blocks * fs.f_frsize)} file system"
+    except OSError:
+        size = ""
+    if in_work:
+        named = ["ENGINEFARM_WORK" if env else "the system temp dir", size]
+        what = f"the work directory {work} ({', '.join(x for x in named if x)})"
+        hint = "; point ENGINEFARM_WORK at a bigger disk" if env else "; set ENGINEFARM_WORK to a bigger disk"
+    else:
+        what, hint = f"the file system at {where}" + (f" ({size})" if size else ""), ""
+    return f"no space left on device in {what}" + (f" writing {path}" if path else "") + hint
+
+
+def is_permanent(e: BaseException) -> bool:
+    """Whether no retry can fix an error: bad input, a file that is not
+    there, a full disk, or transformers' "Can't load ..." for a checkpoint missing files."""
+    if no_space(e) is not None:  # a retry on the same disk fills it again
+        return True
+    for x in _chain(e):
+        if isinstance(x, (BadInput, FileNotFoundError)):
+            return True
+        if (isinstance(x, OSError) and not isinstance(x, (ConnectionError, TimeoutError))
+                and str(x).startswith("Can't load")):
+            return True
+    return False
+
+
 def should_retry(step: str, e: BaseException) -> bool:
     pol = POLICIES[step]
     root = getattr(e, "cause", None) or e
-    if any(isinstance(x, BadInput) for x in _chain(root)):
+    if is_permanent(root):
         return False
     return True if pol.retry_on == "any" else is_transient(root)
 
@@ -128,6 +194,9 @@ def _retry_condition(step: str):
 
 
 def one_line(e: BaseException) -> str:
+    full = no_space(e)
+    if full is not None:
+        return no_space_line(full)
     msg = " ".join(str(e).split()) or repr(e)
     name = type(e).__name__
     return msg if isinstance(e, FarmError) else f"{name}: {msg}"

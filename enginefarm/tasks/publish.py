@@ -88,7 +88,8 @@ def provenance(ctx: Ctx, variant: Variant, fetched: StepResult, converted: StepR
     steps = {"fetch": fetched, "convert": converted, **{f"build.{c}": b for c, b in builds.items()},
              "validate": validated}
     return {
-        "recipe": {"name": ctx.recipe.name, "digest": ctx.recipe.digest(), "origin": ctx.recipe.origin},
+        "recipe": {"name": ctx.recipe.name, "digest": ctx.recipe.digest(), "origin": ctx.recipe.origin,
+                   "default_variant": ctx.recipe.variant(None).name},  # what a ref without a variant means
         "source": {
             **src.model_dump(mode="json", exclude_defaults=True),
             "kind": src.kind,

@@ -22,21 +22,23 @@ from ..tasks.base import Ctx, StepSpec, run_step
 VARIANT = Variant(name="fp32-tp1", backend="aoti", dtype="float32", quant="none", tp=1, target="cpu")
 
 
-def recipe(name: str):
-    return parse_recipe({"name": name, "family": "opt", "source": {"tiny": "opt"}}, f"<synthetic {name}>")
+def recipe(name: str, fields: Optional[dict] = None):
+    return parse_recipe({"name": name, "family": "opt", "source": {"tiny": "opt"}, **(fields or {})},
+                        f"<synthetic {name}>")
 
 
 def publish_synthetic(store, name: str = "synth", seed: int = 0, n_files: int = 4, size: int = 64 * 1024,
                       files: Optional[dict[str, Path]] = None, passed: bool = True, ppl: float = 10.0,
-                      variant: Variant = VARIANT, force: bool = False):
+                      variant: Variant = VARIANT, force: bool = False, recipe_fields: Optional[dict] = None):
     """Publish one engine of recipe `name`: seeded random files (n_files x
     size bytes) or `files` ({name: path}). Returns the publish StepResult.
     The same arguments give the same keys, so a rerun finds what an
     interrupted run had finished; force runs every step again (new keys,
-    the same blobs)."""
+    the same blobs). recipe_fields: more fields of the synthetic recipe
+    (matrix, default_variant, ...)."""
     from ..tasks import publish
 
-    ctx = Ctx(store=store, recipe=recipe(name), force=force)
+    ctx = Ctx(store=store, recipe=recipe(name, recipe_fields), force=force)
 
     def step(step: str, params: dict, inputs: dict, produce) -> object:
         return run_step(ctx, StepSpec(step, {**params, "seed": seed}, inputs, "synthetic", {}, variant=variant.name),

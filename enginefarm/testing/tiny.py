@@ -20,9 +20,10 @@ import argparse
 import os
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 from typing import Callable, Optional
+
+from ..concurrency import GATE, IMPORTS
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3
 VOCAB = 384
@@ -625,9 +626,6 @@ def write_tiny(name: str, dest: str | Path, seed: int = 0, **overrides) -> Path:
     return dest
 
 
-# one writer at a time in a process: the nightly checks recipes in threads,
-# and transformers' lazy imports are not thread-safe on first use
-_WRITING = threading.Lock()
 
 
 def ensure_tiny(name: str, root: str | Path | None = None) -> Path:
@@ -635,7 +633,10 @@ def ensure_tiny(name: str, root: str | Path | None = None) -> Path:
     dest = Path(root or default_root()) / name
     if (dest / "config.json").is_file():
         return dest
-    with _WRITING:
+    # one writer at a time in a process (the nightly fetches recipes in
+    # threads): it imports transformers' classes on first use, and it builds
+    # models, which no trace in another thread may see (enginefarm.concurrency)
+    with GATE.hold("run", f"tiny:{name}"), IMPORTS:
         if (dest / "config.json").is_file():
             return dest
         return write_tiny(name, dest)
