@@ -184,6 +184,20 @@ def warm() -> None:
         _warm_done = True
 
 
+def warm_transformers() -> None:
+    """transformers' own top-level names, imported in this thread: before
+    threads that read configs (the nightly's parallel check) would race on
+    its lazy module. Much cheaper than warm(); once per process."""
+    with IMPORTS:
+        try:
+            import transformers
+        except ImportError:
+            return
+        with _quiet_transformers():
+            for name in _TRANSFORMERS:
+                getattr(transformers, name, None)
+
+
 @contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """transformers' own warnings while names are imported for later (e.g.

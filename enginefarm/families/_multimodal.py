@@ -58,9 +58,12 @@ class MultimodalFamily(Family):
         """The transformers config object, every default filled in."""
         from transformers import AutoConfig
 
+        from ..concurrency import IMPORTS
+
         d = {k: v for k, v in config.items() if k != "model_type"}
         try:
-            return AutoConfig.for_model(config["model_type"], **d)
+            with IMPORTS:  # it imports the model type's configuration module on first use; checks run in threads
+                return AutoConfig.for_model(config["model_type"], **d)
         except (KeyError, ValueError, TypeError) as e:
             raise BadInput(f"family {self.name}: cannot read the checkpoint's config.json: {e}") from None
 

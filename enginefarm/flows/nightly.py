@@ -41,7 +41,9 @@ from typing import Optional
 from prefect import flow
 from prefect.states import Completed, Failed
 
+from ..concurrency import warm_transformers
 from ..errors import BadInput, NotAvailable
+from ..families import get_family
 from ..hashing import canonical_json
 from ..spec import Recipe, Variant, load_recipe
 from ..store import open_store
@@ -173,6 +175,8 @@ def check_catalog(items: list[tuple[Recipe, list[Variant]]], store) -> list[dict
 
     if len(items) <= 1:
         return [one(x) for x in items]
+    if any(get_family(r.family).kind == "multimodal" for r, _ in items):
+        warm_transformers()  # their checks read configs through transformers: import it before the threads
     with ThreadPoolExecutor(max_workers=min(max_parallel(), len(items))) as pool:
         # each in a copy of this context: the task run's logger works in the threads
         futures = [pool.submit(contextvars.copy_context().run, one, x) for x in items]
