@@ -161,10 +161,18 @@ def answer_from_store(recipe: str | Recipe, variants: Optional[list[str]], store
 # ----------------------------------------------------------------------------- one variant
 
 
+def ready(ctx: Ctx, fetched: StepResult) -> None:
+    """After fetch, before a variant's first step: the checkpoint's model
+    types imported (before this thread's steps import anything), and what
+    later steps load (tokenizer, processor) checked to be there; both once
+    per checkpoint and process."""
+    warm_for_config(fetched.results.get("config"))
+    fetch_step.check_inputs(ctx, fetched)
+
+
 def run_variant(ctx: Ctx, fetched: StepResult, v: Variant) -> dict[str, StepResult]:
     """convert -> [shards] -> build + validate (here or on the gpu pool) -> publish; the steps by name."""
-    warm_for_config(fetched.results.get("config"))  # before this thread's steps import anything
-    fetch_step.check_inputs(ctx, fetched)  # what later steps load is there (once per checkpoint)
+    ready(ctx, fetched)
     converted = convert_step.convert_task(ctx, fetched, v)
     checked = shards_step.shards_task(ctx, fetched, converted, v) if shards_step.needed(v) else None
     exported = export_step.export_task(ctx, fetched, v) if "visual" in ctx.recipe.enabled_components else None
@@ -221,8 +229,7 @@ def run_build(recipe: str | Recipe, variants: Optional[list[str]], store: Option
     for v in vs:  # before any conversion: tp must divide the heads
         fam.check_config(config, v, where=f"{r.name}'s fetched config.json")
     fam.derived_limits(r, config)  # and the limits must fit the checkpoint (visual features per image)
-    warm_for_config(config)
-    fetch_step.check_inputs(ctx, fetched)  # tokenizer, processor: refused now, not after the build
+    ready(ctx, fetched)
 
     outcomes = submit_variants(ctx, fetched, vs)()
     summary: dict = {"recipe": r.name, "store": st.uri, "variants": {}, "flow_run": flow_run_id()}

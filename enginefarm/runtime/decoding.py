@@ -130,11 +130,13 @@ def decode(first: torch.Tensor, step: Step, prompts: list[list[int]], max_new_to
     penalty counts it)."""
     if d.num_beams > 1:
         return replay(_beam_search(first, step, prompts, max_new_tokens, eos_token_id, d), on_token)
-    gen = torch.Generator(device="cpu")
-    if d.seed is not None:
-        gen.manual_seed(d.seed)
-    else:
-        gen.seed()
+    gen = None
+    if d.do_sample:  # a generator of its own: a seed repeats the draws, whatever else uses torch's
+        gen = torch.Generator(device="cpu")
+        if d.seed is not None:
+            gen.manual_seed(d.seed)
+        else:
+            gen.seed()
     B = first.shape[0]
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
