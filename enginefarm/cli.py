@@ -306,7 +306,8 @@ def cmd_report(a) -> int:
 
 def _catalog_rows() -> list[dict]:
     from .families import get_family
-    from .spec import catalog_paths, load_recipe
+    from .families import load_recipe
+    from .spec import catalog_paths
 
     rows = []
     for p in catalog_paths():

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..errors import BadInput, NotAvailable
-from .base import Backend, torch_toolchain, version_of
+from .base import Backend, BuildRequest, BuildResult, torch_toolchain, version_of
 
 ENGINE_FILE = "llm.pt2"
 ENCODER_FILE = "encoder.pt2"
@@ -59,7 +59,11 @@ class AOTI(Backend):
     def toolchain(self, target: str) -> dict:
         return {"backend": "aoti", **torch_toolchain(target)}
 
-    def build(self, component, src_dir, out_dir, variant, limits, progress=None, options=None) -> dict:
+    def build(self, req: BuildRequest) -> BuildResult:
+        return BuildResult(self._build(req.component, Path(req.src_dir), Path(req.out_dir), req.variant, req.limits,
+                                       req.progress, req.options))
+
+    def _build(self, component, src_dir, out_dir, variant, limits, progress=None, options=None) -> dict:
         """options: the recipe's `components.<c>.aoti` (spec.AotiOptions) or None. A
         decoder-only LLM with options is built in the GPU engine form
         (enginefarm/gpu/export.py: decode package, weight-only kernels, weights
