@@ -204,3 +204,25 @@ def load_rank(ckpt_dir: str | Path, rank: int = 0) -> tuple[dict, dict[str, torc
         for k in f.keys():
             tensors[k] = f.get_tensor(k)
     return cfg, tensors
+
+
+def convert_into(family: DecoderFamily, src_dir: Path, out: Path, variant: Variant,
+                 progress: Optional[Callable[[str], None]] = None) -> dict:
+    """convert_checkpoint into `out` (absent or an empty directory), written
+    beside it and moved into place when complete: an interrupted run leaves
+    nothing at `out`."""
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        summary = convert_checkpoint(family, Path(src_dir), tmp, variant, progress=progress)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+

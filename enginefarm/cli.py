@@ -161,65 +161,16 @@ def _print_build(s: dict) -> None:
         print("  every step cached" + ("" if s.get("flow_run") else " (answered from the store; no flow run needed)"))
 
 
-def _local_config(r) -> Optional[dict]:
-    """A path source's config.json, read in place (no fetch needed to plan it)."""
-    if not r.source.path:
-        return None
-    p = Path(r.source.path)
-    if not p.is_absolute():
-        p = r.recipe_dir() / p
-    try:
-        return json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def cmd_plan(a) -> int:
-    from .flows.build import plan, prepare
+    from .flows.build import plan, plan_notes, prepare
     from .store import open_store
-
-    from . import backends
-    from .families import get_family
 
     r, vs = prepare(a.recipe, a.variant or None, require_backends=False)
     st = open_store(a.store)
     planned = plan(r, vs, st)[0]
     rows = [(x.step, x.variant, "cached" if x.hit else "will run", x.hit.key[:12] if x.hit else "")
             for x in planned]
-    fam = get_family(r.family)
-    # the fetched config.json, where fetch is cached: what the LLM is (BLIP-2: OPT or T5) and its limits;
-    # a local (path) source's own config.json where it is not
-    config = next((x.hit.results.get("config") for x in planned if x.step == "fetch" and x.hit), None)
-    if config is None:
-        config = _local_config(r)
-    limits = fam.derived_limits(r, config) if config else fam.derived_limits(r)
-    notes = {}  # per variant: the backend command where there is one, or why it cannot run here
-    for v in vs:
-        for c in r.enabled_components:
-            b = backends.get_backend(r.component_backend(c, v))
-            cv = r.component_variant(c, v)  # the component's own target, where the recipe gives one
-            ok, why = b.usable(c, cv.target)
-            parts = fam.llm_parts(config) if c == "llm" else ("",)
-            if parts is None and hasattr(b, "command"):
-                # before the fetch the family cannot tell which LLM the checkpoint holds:
-                # the commands for each kind it takes, and what decides
-                for label, p in fam.llm_part_choices():
-                    notes.setdefault(v.name, []).append(
-                        f"build[{c}] if the LLM is {label} (the fetched config.json decides; `enginefarm build` "
-                        f"fetches it): {b.command(cv, limits, parts=p)}")
-                if not ok:
-                    notes[v.name].append(f"build[{c}]: not here: {why}")
-                continue
-            line = b.command(cv, limits, parts=parts) if hasattr(b, "command") else ""
-            if hasattr(b, "releases"):
-                notes.setdefault(v.name, []).append(f"build[{c}] checkpoint serves TensorRT-LLM: "
-                                                    f"{b.releases(cv, parts)}")
-            if cv.target != v.target:
-                line = f"{b.name} for {cv.target} (the variant's target: {v.target})" + (f"; {line}" if line else "")
-            if not ok:
-                line = (line + "\n      " if line else "") + f"not here: {why}"
-            if line:
-                notes.setdefault(v.name, []).append(f"build[{c}]: {line}")
+    notes = plan_notes(r, vs, planned)
     if a.json:
         out = [dict(zip(("step", "variant", "status", "key"), x)) for x in rows]
         for row in out:
@@ -454,41 +405,15 @@ def cmd_promote(a) -> int:
     return 0
 
 
-def _gpu_fit(value: dict, m: dict, given: Optional[str]) -> dict:
-    """Whether the engine runs on the GPU it is pulled for: --gpu (checked
-    by resolve already), else this machine's (nvidia-smi / torch.cuda).
-    BadInput, naming the engine's targets and the GPU, where it cannot; with
-    no GPU found, nothing is refused and the answer says so."""
-    from .backends.base import detect_gpu
-    from .registry import component_targets, why_not_on
-
-    targets = component_targets(m)
-    if given is not None:
-        return {"gpu": given, "source": "--gpu", "targets": targets, "checked": bool(targets)}
-    if not targets:
-        return {"gpu": None, "source": None, "targets": {}, "checked": False,
-                "note": "built for the CPU: runs on any machine"}
-    gpu, how = detect_gpu()
-    if gpu is None:
-        return {"gpu": None, "source": how, "targets": targets, "checked": False,
-                "note": f"no GPU detected here ({how}): not checked whether the engine runs here; "
-                        f"pass --gpu sm_XY to check it for the GPU it will run on"}
-    why = why_not_on(m, gpu)
-    if why:
-        raise BadInput(f"refusing {value['recipe']}:{value['variant']}@{value['alias']} for this machine's GPU "
-                       f"({gpu}, from {how}): its {why}; nothing was written to the destination")
-    return {"gpu": gpu, "source": how, "targets": targets, "checked": True}
-
-
 def cmd_pull(a) -> int:
-    from .registry import resolve, status_of, validation_line
+    from .registry import gpu_fit, resolve, status_of, validation_line
     from .store import open_store
     from .store.pull import pull
 
     try:
         st = open_store(a.store)
         value, m = resolve(st, a.ref, variant=a.variant, alias=a.alias, gpu=a.gpu)
-        fit = _gpu_fit(value, m, a.gpu)
+        fit = gpu_fit(value, m, a.gpu)
         out = pull(st, value, m, a.dest, layout=a.layout,
                    progress=None if a.json else (lambda msg: print(f"[enginefarm] {msg}", file=sys.stderr)))
         out["gpu"] = fit
@@ -709,10 +634,7 @@ def _run_multimodal(a, value: dict, cache: Path, images: list[str], prompts: lis
 def cmd_convert(a) -> int:
     """The DAG's convert step's code on a local checkpoint; with --check, the
     DAG's shards step's check too (tp processes vs the Hugging Face model)."""
-    import shutil
-    import tempfile
-
-    from .checkpoint import convert_checkpoint
+    from .checkpoint import convert_into
     from .families import detect_family, get_family
     from .spec import Variant
 
@@ -732,48 +654,24 @@ def cmd_convert(a) -> int:
     if a.group_size is not None and (a.group_size < 8 or a.group_size & (a.group_size - 1)):
         raise BadInput(f"--group-size is a power of two >= 8 (got {a.group_size})")
 
-    def variant(q: str, g) -> Variant:
-        return Variant(name=f"{a.dtype}-{q}-tp{a.tp}", backend="tensorrt-llm", dtype=a.dtype, quant=q, tp=a.tp,
-                       target="cpu", group_size=g)
-
     from .spec import MAX_TP
 
     if not 1 <= a.tp <= MAX_TP:
         raise BadInput(f"--tp {a.tp}: a tp size is a whole number from 1 to {MAX_TP}")
-    v = variant(quant, a.group_size)
+    v = Variant(name=f"{a.dtype}-{quant}-tp{a.tp}", backend="tensorrt-llm", dtype=a.dtype, quant=quant, tp=a.tp,
+                target="cpu", group_size=a.group_size)
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInput(f"--out {out} exists and is not an empty directory")
     fam.check_config(config, v, where=str(src / "config.json"))
     say = (lambda m: None) if a.quiet else (lambda m: print(m, file=sys.stderr))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:  # written beside --out, moved into place when complete: an interrupted run leaves nothing at --out
-        summary = convert_checkpoint(fam, src, tmp, v, progress=say)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    summary = convert_into(fam, src, out, v, progress=say)
     result = {"out": str(out), "family": fam.name, "tp": a.tp, "quant": quant, "group_size": a.group_size, **summary}
     if a.check:
-        from .evaluation import builtin_text, check_shards, judge
-        from .spec import Validation
+        from .evaluation import check_conversion
 
-        val = Validation()
-        base = None
-        with tempfile.TemporaryDirectory(prefix="enginefarm-baseline-") as btmp:
-            if quant != "none":  # judged next to the unquantized conversion at the same tp
-                say(f"check: converting the {a.dtype} baseline at tp {a.tp}")
-                base = Path(btmp) / "baseline"
-                convert_checkpoint(fam, src, base, variant("none", None))
-            say(f"check: {a.tp} rank process(es) vs the Hugging Face model (fp32)")
-            (m,) = check_shards(src, [out], val.prompts, builtin_text(), 8, 128, a.max_input_len, a.max_input_len * 2,
-                                baseline=base)
-        gates = judge(m, val.gates_for(quant).model_dump())
-        m["gates"] = gates
-        m["passed"] = all(g["passed"] for g in gates.values())
-        m.pop("checkpoint", None)
+        m = check_conversion(fam, src, out, v, a.max_input_len, progress=say)
+        gates = m["gates"]
         result["check"] = m
         if not a.json:
             from .evaluation import gates_line

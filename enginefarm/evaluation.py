@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .errors import BadInput
 
@@ -440,3 +440,34 @@ def _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, ref_eval, feat_diff
     m["greedy_batched_equal"] = all(g["batched_equal"] for g in m["greedy"])
     m["greedy_equal"] = m["greedy_equal"] and m["greedy_batched_equal"]  # the gate covers both ways of running
     return m
+
+
+def check_conversion(family, src_dir: Path, ckpt_dir: Path, variant, max_input_len: int,
+                     progress: Optional[Callable[[str], None]] = None) -> dict:
+    """The shards step's check of one converted checkpoint (`enginefarm
+    convert --check`): its tp rank processes against the Hugging Face model
+    (fp32) on the built-in prompts and text, judged by the default gates of
+    its quantization; a quantized checkpoint is judged next to the
+    unquantized conversion at the same tp (converted here, then dropped)."""
+    import tempfile
+
+    from .checkpoint import convert_checkpoint
+    from .spec import Validation
+
+    say = progress or (lambda m: None)
+    val = Validation()
+    base = None
+    with tempfile.TemporaryDirectory(prefix="enginefarm-baseline-") as btmp:
+        if variant.quant != "none":
+            say(f"check: converting the {variant.dtype} baseline at tp {variant.tp}")
+            base = Path(btmp) / "baseline"
+            convert_checkpoint(family, Path(src_dir), base,
+                               variant.model_copy(update={"quant": "none", "group_size": None}))
+        say(f"check: {variant.tp} rank process(es) vs the Hugging Face model (fp32)")
+        (m,) = check_shards(src_dir, [ckpt_dir], val.prompts, builtin_text(), 8, 128, max_input_len,
+                            max_input_len * 2, baseline=base)
+    m["gates"] = judge(m, val.gates_for(variant.quant).model_dump())
+    m["passed"] = all(g["passed"] for g in m["gates"].values())
+    m.pop("checkpoint", None)
+    return m
+

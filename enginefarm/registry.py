@@ -244,3 +244,28 @@ def diff_manifests(a: dict, b: dict) -> dict:
         changed = {k: [fa.get(k), fb.get(k)] for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
         out[name] = changed
     return out
+
+
+def gpu_fit(value: dict, m: dict, given: Optional[str]) -> dict:
+    """Whether the engine runs on the GPU it is pulled for: --gpu (checked
+    by resolve already), else this machine's (nvidia-smi / torch.cuda).
+    BadInput, naming the engine's targets and the GPU, where it cannot; with
+    no GPU found, nothing is refused and the answer says so."""
+    from .backends.base import detect_gpu
+
+    targets = component_targets(m)
+    if given is not None:
+        return {"gpu": given, "source": "--gpu", "targets": targets, "checked": bool(targets)}
+    if not targets:
+        return {"gpu": None, "source": None, "targets": {}, "checked": False,
+                "note": "built for the CPU: runs on any machine"}
+    gpu, how = detect_gpu()
+    if gpu is None:
+        return {"gpu": None, "source": how, "targets": targets, "checked": False,
+                "note": f"no GPU detected here ({how}): not checked whether the engine runs here; "
+                        f"pass --gpu sm_XY to check it for the GPU it will run on"}
+    why = why_not_on(m, gpu)
+    if why:
+        raise BadInput(f"refusing {value['recipe']}:{value['variant']}@{value['alias']} for this machine's GPU "
+                       f"({gpu}, from {how}): its {why}; nothing was written to the destination")
+    return {"gpu": gpu, "source": how, "targets": targets, "checked": True}

@@ -124,6 +124,16 @@ class Backend(ABC):
     def build(self, req: BuildRequest) -> BuildResult:
         """Build the engine `req` asks for; write `engine.json` (the sidecar) into req.out_dir."""
 
+    def command(self, variant: "Variant", limits: dict, ckpt_dir: str = "CKPT", out_dir: str = "ENGINE",
+                parts: tuple[str, ...] = ("",)) -> Optional[str]:
+        """The shell command that builds this engine outside the farm (trtllm-build's), or None where
+        the backend builds in-process."""
+        return None
+
+    def releases(self, variant: "Variant", parts: tuple[str, ...] = ("",)) -> Optional[str]:
+        """One line naming the releases of the backend's toolchain its input serves, or None."""
+        return None
+
     def timing_cache_name(self, target: str) -> Optional[str]:
         """The store name of this backend's timing cache for `target`, or None
         where it keeps none (the build step then passes and stores none)."""

@@ -15,6 +15,7 @@ or as runs of the `gpu` deployment when ENGINEFARM_GPU_DEPLOYMENT names one
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -24,9 +25,8 @@ from prefect import flow
 from .. import backends
 from ..concurrency import warm, warm_for_config
 from ..errors import GateFailed, StepFailed
-from ..families import get_family
+from ..families import get_family, load_recipe
 from ..registry import status_of
-from ..families import load_recipe
 from ..spec import Recipe, Variant
 from ..store import open_store
 from ..tasks import build as build_step
@@ -259,3 +259,57 @@ def run_build(recipe: str | Recipe, variants: Optional[list[str]], store: Option
 @flow(name="build", log_prints=False, validate_parameters=True, task_runner=task_runner())
 def build(recipe: str, variants: Optional[list[str]] = None, store: Optional[str] = None, force: bool = False) -> dict:
     return run_build(recipe, variants, store, force)
+
+
+def local_config(r: Recipe) -> Optional[dict]:
+    """A path source's config.json, read in place (no fetch needed to plan it)."""
+    if not r.source.path:
+        return None
+    p = Path(r.source.path)
+    if not p.is_absolute():
+        p = r.recipe_dir() / p
+    try:
+        return json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def plan_notes(r: Recipe, vs: list[Variant], planned: list) -> dict[str, list[str]]:
+    """Per variant, what `enginefarm plan` says besides the steps: the
+    backend's command where it has one (trtllm-build's), the toolchain
+    releases its input serves, or why it cannot build here."""
+    fam = get_family(r.family)
+    # the fetched config.json, where fetch is cached: what the LLM is (BLIP-2: OPT or T5) and its limits;
+    # a local (path) source's own config.json where it is not
+    config = next((x.hit.results.get("config") for x in planned if x.step == "fetch" and x.hit), None)
+    if config is None:
+        config = local_config(r)
+    limits = fam.derived_limits(r, config) if config else fam.derived_limits(r)
+    notes = {}  # per variant: the backend command where there is one, or why it cannot run here
+    for v in vs:
+        for c in r.enabled_components:
+            b = backends.get_backend(r.component_backend(c, v))
+            cv = r.component_variant(c, v)  # the component's own target, where the recipe gives one
+            ok, why = b.usable(c, cv.target)
+            parts = fam.llm_parts(config) if c == "llm" else ("",)
+            if parts is None and b.command(cv, limits) is not None:
+                # before the fetch the family cannot tell which LLM the checkpoint holds:
+                # the commands for each kind it takes, and what decides
+                for label, p in fam.llm_part_choices():
+                    notes.setdefault(v.name, []).append(
+                        f"build[{c}] if the LLM is {label} (the fetched config.json decides; `enginefarm build` "
+                        f"fetches it): {b.command(cv, limits, parts=p)}")
+                if not ok:
+                    notes[v.name].append(f"build[{c}]: not here: {why}")
+                continue
+            line = b.command(cv, limits, parts=parts) or ""
+            serves = b.releases(cv, parts)
+            if serves:
+                notes.setdefault(v.name, []).append(f"build[{c}] checkpoint serves TensorRT-LLM: {serves}")
+            if cv.target != v.target:
+                line = f"{b.name} for {cv.target} (the variant's target: {v.target})" + (f"; {line}" if line else "")
+            if not ok:
+                line = (line + "\n      " if line else "") + f"not here: {why}"
+            if line:
+                notes.setdefault(v.name, []).append(f"build[{c}]: {line}")
+    return notes
