@@ -964,12 +964,17 @@ def parser() -> argparse.ArgumentParser:
     ch = sub.add_parser(
         "chat", help="talk to a built engine (with images or videos for multimodal ones); --compare hf: the "
                      "Hugging Face answer beside it",
-        description="An interactive conversation with a built engine: type a message, get the engine's answer "
-                    "and its time (with --compare hf, the Hugging Face model's answer and time beside it). "
-                    "Commands at the prompt: /image PATH (multimodal engines; /video PATH for LLaVA-NeXT-Video) "
-                    "starts a conversation about that file, /reset forgets the conversation, /quit or Ctrl-D "
-                    "ends it. A conversation is about one image or video; the oldest turns are dropped when it "
-                    "outgrows the engine's max_input_len.",
+        description="An interactive conversation with a built engine: type a message, get the engine's answer\n"
+                    "and its time (with --compare hf, the Hugging Face model's answer and time beside it).\n\n"
+                    "At the prompt:\n"
+                    "  /image PATH   multimodal engines: a new conversation about this image\n"
+                    "  /video PATH   LLaVA-NeXT-Video: a new conversation about this video (a directory of\n"
+                    "                frames, a uint8 .npy [T, H, W, 3], or builtin:NAME)\n"
+                    "  /reset        forget the conversation\n"
+                    "  /quit         end it (or Ctrl-D)\n\n"
+                    "A conversation is about one image or video; its oldest turns are dropped when it outgrows\n"
+                    "the engine's max_input_len. A path that cannot be read is one line and the conversation\n"
+                    "goes on (given as --image/--video: exit 2).",
         epilog="examples:  enginefarm chat tiny-llama --compare hf\n"
                "           enginefarm chat tiny-llava --image photo.png   (then: you> What is shown here?)\n"
                "           enginefarm chat tiny-llava-next-video --video frames/   (a directory of frames, a .npy, builtin:orbit)",
