@@ -264,6 +264,13 @@ def test_chat_about_images_through_a_terminal(built, family, tmp_path):
         t.type(f"/image {tmp_path / 'missing.png'}")
         out = t.until("you> ")
         assert "enginefarm: no image file at" in out and "Traceback" not in out
+        (tmp_path / "bad.png").write_bytes(b"not an image")
+        t.type(f"/image {tmp_path / 'bad.png'}")
+        out = t.until("you> ")
+        assert "enginefarm: cannot read image" in out and "Traceback" not in out
+        t.type("What?")  # the conversation about the first image goes on
+        got = answers(t.until("you> "))
+        assert got["engine"] == got["hf"]
         t.type("/video clip.mp4")
         assert "this engine takes images, not videos: /image PATH" in t.until("you> ")
         t.type(f"/image {c}")
@@ -284,6 +291,10 @@ def test_chat_refuses_bad_one_shot_input_in_one_line(built, tmp_path, capsys):
     assert cli(chat + ["--image", str(tmp_path / "missing.png")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no image file at" in err
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert cli(chat + ["--image", str(tmp_path / "bad.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read image" in err
     assert cli(chat + ["--video", "builtin:orbit"]) == 2
     assert "takes images, not videos: give --image PATH" in capsys.readouterr().err
 
