@@ -1,12 +1,22 @@
-"""`enginefarm chat`: a conversation with a built text engine, as a person
-types it, with each answer's time; with a reference (`--compare hf`) the
-Hugging Face model's answer to the same conversation and its time beside it.
+"""`enginefarm chat`: a conversation with a built engine, as a person types
+it, with each answer's time; with a reference (`--compare hf`) the Hugging
+Face model's answer to the same conversation and its time beside it.
 
-The conversation is the tokenizer's own chat template where it has one,
-else "User: ... / Assistant: ..." lines. The oldest turns are dropped when
-the conversation outgrows the engine's max_input_len. Lines that start with
-"/" are commands: /reset forgets the conversation, /quit (or end of input)
-ends it.
+Text engines: the conversation is the tokenizer's own chat template where it
+has one, else "User: ... / Assistant: ..." lines.
+
+Multimodal engines: a conversation is about one image (LLaVA-NeXT-Video: one
+video), as the engines take one per prompt. `/image PATH` (`/video PATH`)
+starts a conversation about it; the first turn of the conversation carries
+the image's placeholder, the later turns are text, written as the family
+says (MultimodalFamily.chat_text: the processor's chat template where it has
+one, else the format the model was trained with). Families that take no
+conversation (BLIP's captions, Nougat's pages) answer each message alone.
+
+In both, the oldest turns are dropped when the conversation outgrows the
+engine's max_input_len. Lines that start with "/" are commands: /reset
+forgets the conversation, /quit (or end of input) ends it. A bad command or
+an unreadable file is one line; the conversation goes on.
 """
 
 from __future__ import annotations
@@ -21,10 +31,24 @@ from .runtime.decoding import GREEDY, Decoding, TextWatch
 HELP = "type a message; /reset forgets the conversation, /quit ends it"
 
 
+def shown(text: str) -> str:
+    """An answer on one terminal line: characters that are not printable
+    (a newline, a control character) written as escapes, e.g. \\n."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def help_line(media: Optional[str]) -> str:
+    if media is None:
+        return HELP
+    return f"/{media} PATH starts a conversation about {'an' if media == 'image' else 'a'} {media}; {HELP}"
+
+
 @dataclass
 class Conversation:
+    """A text engine's conversation; request() gives the prompt's token ids."""
     tokenizer: object
     turns: list[tuple[str, str]] = field(default_factory=list)  # (user, assistant)
+    media = None  # takes no images
 
     def text(self, user: str, turns: Optional[list[tuple[str, str]]] = None) -> str:
         turns = self.turns if turns is None else turns
@@ -46,16 +70,67 @@ class Conversation:
         raise BadInput(f"this message alone is {len(ids)} tokens; the engine takes at most max_input_len "
                        f"{max_input_len}")
 
+    request = ids
 
-Answer = Callable[[list[int]], list[int]]  # prompt ids -> new ids
+    def attach(self, kind: str, path: str) -> str:
+        raise BadInput(f"this is a text engine: it takes no {kind}s")
 
 
-def chat(conv: Conversation, engine: Answer, max_input_len: int, read: Callable[[str], Optional[str]],
+@dataclass
+class MediaConversation:
+    """A multimodal engine's conversation about one image (or video).
+    request() gives (the loaded image, the conversation's text); `length`
+    says how many tokens the engines make of them."""
+    family: object
+    processor: object
+    media: str  # "image" or "video"
+    load: Callable[[str], object]  # a path -> the image (video); BadInput when it cannot be read
+    length: Callable[[object, str], int]  # (image, text) -> the engine prompt's tokens
+    token: str = "<image>"  # the placeholder the processor expands
+    item: object = None
+    name: Optional[str] = None
+    turns: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    def attach(self, kind: str, path: str) -> str:
+        if kind != self.media:
+            raise BadInput(f"this engine takes {self.media}s, not {kind}s: /{self.media} PATH")
+        item = self.load(path)  # a bad file: the conversation so far stays
+        self.item, self.name = item, path
+        self.turns.clear()
+        return f"(a new conversation about {self.media} {path})"
+
+    def text(self, user: str, turns: Optional[list[tuple[str, str]]] = None) -> str:
+        turns = self.turns if turns is None else turns
+        if not getattr(self.family, "conversational", True):
+            turns = []
+        return self.family.chat_text(self.processor, turns, user, self.token)
+
+    def request(self, user: str, max_input_len: int) -> tuple[object, str]:
+        if self.item is None:
+            raise BadInput(f"no {self.media} yet: give one with /{self.media} PATH")
+        for first in range(len(self.turns) + 1):
+            text = self.text(user, self.turns[first:])
+            n = self.length(self.item, text)
+            if n <= max_input_len:
+                return self.item, text
+        raise BadInput(f"this message and the {self.media} alone are {n} tokens; the engine takes at most "
+                       f"max_input_len {max_input_len}")
+
+
+Answer = Callable[[object], list[int]]  # a request (prompt ids; or an image and a text) -> new ids
+
+
+def chat(conv, engine: Answer, max_input_len: int, read: Callable[[str], Optional[str]],
          write: Callable[[str], None], reference: Optional[Answer] = None, stop: tuple[str, ...] = ()) -> int:
     """The loop: read a line, answer it, print the answer with its time (and
     the reference's). Returns the number of answered turns."""
     tok = conv.tokenizer
-    write(HELP + "\n")
+    hint = help_line(conv.media)
+    write(hint + "\n")
     n = 0
     while True:
         line = read("you> ")
@@ -68,27 +143,36 @@ def chat(conv: Conversation, engine: Answer, max_input_len: int, read: Callable[
             conv.turns.clear()
             write("(conversation forgotten)\n")
             continue
+        word, _, rest = line.partition(" ")
+        if word in ("/image", "/video"):
+            try:
+                if not rest.strip():
+                    raise BadInput(f"{word} PATH: give the file")
+                write(conv.attach(word[1:], rest.strip()) + "\n")
+            except BadInput as e:
+                write(f"enginefarm: {e}\n")
+            continue
         if line.startswith("/"):
-            write(f"unknown command {line.split()[0]}; {HELP}\n")
+            write(f"unknown command {word}; {hint}\n")
             continue
         try:
-            ids = conv.ids(line, max_input_len)
+            req = conv.request(line, max_input_len)
+            answers = [("engine", engine)] + ([("hf", reference)] if reference else [])
+            mine = ""
+            for who, fn in answers:
+                t0 = time.perf_counter()
+                out = fn(req)
+                dt = time.perf_counter() - t0
+                watch = TextWatch(1, lambda x: tok.decode(x, skip_special_tokens=True), stop)
+                for t in out:
+                    if watch(0, t):
+                        break
+                text = watch.text(0, out).strip()
+                write(f"{who}> {shown(text)}   ({dt:.2f} s, {len(out)} tokens)\n")
+                mine = mine if who != "engine" else text
         except BadInput as e:
             write(f"enginefarm: {e}\n")
             continue
-        answers = [("engine", engine)] + ([("hf", reference)] if reference else [])
-        mine = ""
-        for who, fn in answers:
-            t0 = time.perf_counter()
-            out = fn(ids)
-            dt = time.perf_counter() - t0
-            watch = TextWatch(1, lambda x: tok.decode(x, skip_special_tokens=True), stop)
-            for t in out:
-                if watch(0, t):
-                    break
-            text = watch.text(0, out).strip()
-            write(f"{who}> {text}   ({dt:.2f} s, {len(out)} tokens)\n")
-            mine = mine or text
         conv.turns.append((line, mine))
         n += 1
 
@@ -113,5 +197,46 @@ def reference_answer(src_dir, max_new_tokens: int, eos: Optional[int], pad: Opti
                                  do_sample=False, num_beams=1, eos_token_id=eos,
                                  pad_token_id=pad if pad is not None else eos)[0].tolist()
         return out[1:] if seq2seq else out[len(ids):]
+
+    return answer
+
+
+# ----------------------------------------------------------------------------- multimodal
+
+
+def media_conversation(pipe, load: Callable[[str], object]) -> MediaConversation:
+    """A conversation with a runtime.multimodal.MultimodalPipeline."""
+
+    def length(item, text: str) -> int:
+        if pipe.encoder_output:  # the features are the decoder's encoder output: the prompt's tokens count
+            return len(pipe.prepare([item], [text])[0]["prompt_ids"])
+        return len(pipe.inputs([item], [text])[0][0])
+
+    return MediaConversation(pipe.family, pipe.processor, pipe.media, load, length, token=pipe.image_token)
+
+
+def media_engine_answer(pipe, max_new_tokens: int, decoding: Decoding = GREEDY) -> Answer:
+    return lambda req: pipe.generate([req[0]], [req[1]], max_new_tokens, eos_token_id=pipe.eos_token_id,
+                                     decoding=decoding)[0]
+
+
+def media_reference_answer(pipe, src_dir, max_new_tokens: int) -> Answer:
+    """The Hugging Face model of a multimodal checkpoint (fp32), greedy, on
+    the processor's inputs for the same image and text (as validation runs it)."""
+    import torch
+
+    fam = pipe.family
+    model = fam.reference_model(src_dir)
+    eos, pad = pipe.eos_token_id, pipe.processor.tokenizer.pad_token_id
+
+    def answer(req) -> list[int]:
+        item, text = req
+        enc = fam.encode(pipe.processor, item, text, pipe.image_token)
+        with torch.no_grad():
+            if pipe.seq2seq or pipe.encoder_output:
+                return fam.reference_generate(model, enc, pipe.llm.decoder_start_token_id, max_new_tokens, eos, pad)
+            out = model.generate(**{k: v for k, v in enc.items() if k != "prompt_ids"}, max_new_tokens=max_new_tokens,
+                                 do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad)
+        return out[0, enc["input_ids"].shape[1]:].tolist()
 
     return answer

@@ -547,19 +547,20 @@ def cmd_chat(a) -> int:
 
     if a.max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens must be at least 1 (got {a.max_new_tokens})")
+    if a.image and a.video:
+        raise BadInput("give --image or --video, not both: a conversation is about one")
     st = open_store(a.store)
     value, m = resolve(st, a.ref)
     comps = m["results"]["components"]
+    given = "image" if a.image else "video" if a.video else None
+    media = None
     if "visual" in comps:
-        raise BadInput(f"{a.ref} is multimodal: chat takes text engines for now; use `enginefarm run --image`")
-    cache = _lay_out(st, value, m, weights=bool(a.compare))
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(cache / "source", trust_remote_code=False)
-    eng = get_backend(comps["llm"]["backend"]).load(cache / "llm")
-    d, _ = _decoding(a, 1, None)
-    mine = engine_answer(eng, a.max_new_tokens, tok.eos_token_id, d)
-    ref = reference_answer(cache / "source", a.max_new_tokens, tok.eos_token_id, tok.pad_token_id) if a.compare else None
+        media = ((comps["visual"].get("engine") or {}).get("visual") or {}).get("media", "image")
+        if given and given != media:
+            raise BadInput(f"{a.ref} takes {media}s, not {given}s: give --{media} PATH")
+    elif given:
+        raise BadInput(f"{a.ref} has a text-only engine (no visual component); --{given} needs a multimodal recipe")
+    first = _load_media(media, a.image or a.video) if given else None  # unreadable: exit 2 before any engine loads
 
     def read(prompt: str):
         try:
@@ -567,10 +568,45 @@ def cmd_chat(a) -> int:
         except EOFError:
             return None
 
-    print(f"chat with {value['recipe']}:{value['variant']}@{value['alias']}"
-          + (" (beside it: the Hugging Face model, fp32, greedy)" if ref else ""), flush=True)
-    chat(Conversation(tok), mine, eng.max_input_len, read, lambda s: print(s, end="", flush=True), ref, d.stop)
+    title = f"chat with {value['recipe']}:{value['variant']}@{value['alias']}"
+    beside = " (beside it: the Hugging Face model, fp32, greedy)" if a.compare else ""
+    write = lambda s: print(s, end="", flush=True)  # noqa: E731
+    cache = _lay_out(st, value, m, weights=bool(a.compare))
+    d, _ = _decoding(a, 1, None)
+    if media is not None:
+        from .chat import media_conversation, media_engine_answer, media_reference_answer
+        from .runtime.multimodal import MultimodalPipeline
+
+        pipe = MultimodalPipeline.load(cache)
+        d.check(pipe.llm.max_beam_width)
+        conv = media_conversation(pipe, lambda p: _load_media(media, p))
+        mine = media_engine_answer(pipe, a.max_new_tokens, d)
+        ref = media_reference_answer(pipe, cache / "source", a.max_new_tokens) if a.compare else None
+        print(title + beside, flush=True)
+        if first is not None:
+            write(conv.attach(media, a.image or a.video) + "\n")
+        chat(conv, mine, pipe.llm.max_input_len, read, write, ref, d.stop)
+        return 0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cache / "source", trust_remote_code=False)
+    eng = get_backend(comps["llm"]["backend"]).load(cache / "llm")
+    mine = engine_answer(eng, a.max_new_tokens, tok.eos_token_id, d)
+    ref = reference_answer(cache / "source", a.max_new_tokens, tok.eos_token_id, tok.pad_token_id) if a.compare else None
+    print(title + beside, flush=True)
+    chat(Conversation(tok), mine, eng.max_input_len, read, write, ref, d.stop)
     return 0
+
+
+def _load_media(media: str, path: str):
+    """An image, or a video's frames; BadInput naming the file when it cannot be read."""
+    if media == "video":
+        from .videos import load_video
+
+        return load_video(path)
+    from .images import load_image
+
+    return load_image(path)
 
 
 def _decoding(a, n: int, detokenize):
@@ -824,9 +860,30 @@ def parser() -> argparse.ArgumentParser:
     rn.add_argument("--json", action="store_true")
     rn.set_defaults(fn=cmd_run)
 
-    ch = sub.add_parser("chat", help="talk to a built text engine; --compare hf: the Hugging Face answer beside it")
+    ch = sub.add_parser(
+        "chat", help="talk to a built engine (with images or videos for multimodal ones); --compare hf: the "
+                     "Hugging Face answer beside it",
+        description="An interactive conversation with a built engine: type a message, get the engine's answer\n"
+                    "and its time (with --compare hf, the Hugging Face model's answer and time beside it).\n\n"
+                    "At the prompt:\n"
+                    "  /image PATH   multimodal engines: a new conversation about this image\n"
+                    "  /video PATH   LLaVA-NeXT-Video: a new conversation about this video (a directory of\n"
+                    "                frames, a uint8 .npy [T, H, W, 3], or builtin:NAME)\n"
+                    "  /reset        forget the conversation\n"
+                    "  /quit         end it (or Ctrl-D)\n\n"
+                    "A conversation is about one image or video; its oldest turns are dropped when it outgrows\n"
+                    "the engine's max_input_len. A path that cannot be read is one line and the conversation\n"
+                    "goes on (given as --image/--video: exit 2).",
+        epilog="examples:  enginefarm chat tiny-llama --compare hf\n"
+               "           enginefarm chat tiny-llava --image photo.png   (then: you> What is shown here?)\n"
+               "           enginefarm chat tiny-llava-next-video --video frames/   (a directory of frames, a .npy, builtin:orbit)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     ch.add_argument("ref")
     ch.add_argument("--compare", choices=["hf"], help="also answer with the Hugging Face model, with its time")
+    ch.add_argument("--image", metavar="PATH", help="multimodal engines: the first conversation's image "
+                    "(a file, or builtin:NAME); /image PATH at the prompt changes it")
+    ch.add_argument("--video", metavar="PATH", help="video engines (LLaVA-NeXT-Video): the first conversation's "
+                    "video; /video PATH at the prompt changes it")
     ch.add_argument("--max-new-tokens", type=int, default=48)
     _decoding_args(ch, stream=False)
     store_arg(ch)

@@ -20,19 +20,21 @@ def builtin_text() -> str:
 
 
 def engine_outputs(eng, prompt_ids: list[list[int]], eval_ids: list[int], max_new_tokens: int,
-                   eos: int | None) -> dict:
+                   eos: int | None, beams: int = 1) -> dict:
     """Everything validation needs from the engine side, from token ids
     alone (so it also runs in the tp rank processes of runtime/tp.py, which
-    load neither tokenizer nor reference model)."""
+    load neither tokenizer nor reference model). beams > 1: each prompt's
+    beam-search output with that many beams, too."""
     if getattr(eng, "seq2seq", False):
-        return _engine_outputs_seq2seq(eng, prompt_ids, eval_ids, max_new_tokens, eos)
+        return _engine_outputs_seq2seq(eng, prompt_ids, eval_ids, max_new_tokens, eos, beams)
     prompts = []
     for ids in prompt_ids:
         if not ids:
             raise BadInput("a validation prompt encodes to no tokens")
         n_new = min(max_new_tokens, eng.max_seq_len - len(ids))
         prompts.append({"ids": ids, "n_new": n_new, "logits": eng.logits(ids),
-                        "generated": eng.generate([ids], n_new, eos_token_id=eos)[0]})
+                        "generated": eng.generate([ids], n_new, eos_token_id=eos)[0],
+                        **_engine_beams(lambda d: eng.generate([ids], n_new, eos_token_id=eos, decoding=d)[0], beams)})
     win = eng.max_input_len
     chunks = []
     for s in range(0, len(eval_ids) - 1, win):
@@ -43,14 +45,41 @@ def engine_outputs(eng, prompt_ids: list[list[int]], eval_ids: list[int], max_ne
     return {"prompts": prompts, "eval": chunks}
 
 
+def _engine_beams(run, beams: int) -> dict:
+    """{"beams": the output of run(Decoding with `beams` beams)}, where beams > 1."""
+    if beams <= 1:
+        return {}
+    from .runtime.decoding import Decoding
+
+    return {"beams": run(Decoding(num_beams=beams))}
+
+
+def beam_config(beams: int, pad: int | None, eos: int | None, **kw):
+    """Hugging Face `generate`'s beam search as the engines run it: no early
+    stop (every beam runs to max_new_tokens or eos), length penalty 1.0."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=False, num_beams=beams, early_stopping=False, length_penalty=1.0,
+                            eos_token_id=eos, pad_token_id=pad, **kw)
+
+
+def unpadded(ids: list[int], pad: int | None, eos: int | None) -> list[int]:
+    """A beam's tokens without the pad tokens `generate` writes after its end."""
+    ids = list(ids)
+    while ids and pad is not None and pad != eos and ids[-1] == pad:
+        ids.pop()
+    return ids
+
+
 def reference_outputs(ref_model, prompt_ids: list[list[int]], eval_ids: list[int], max_new_tokens: int,
-                      eos: int | None, pad: int | None, max_seq_len: int, max_input_len: int) -> dict:
+                      eos: int | None, pad: int | None, max_seq_len: int, max_input_len: int,
+                      beams: int = 1) -> dict:
     """The same as engine_outputs, from the Hugging Face model."""
     import torch
 
     if getattr(getattr(ref_model, "config", None), "is_encoder_decoder", False):
         return _reference_outputs_seq2seq(ref_model, prompt_ids, eval_ids, max_new_tokens, eos, pad, max_seq_len,
-                                          max_input_len)
+                                          max_input_len, beams)
     prompts = []
     for ids in prompt_ids:
         n_new = min(max_new_tokens, max_seq_len - len(ids))
@@ -60,7 +89,13 @@ def reference_outputs(ref_model, prompt_ids: list[list[int]], eval_ids: list[int
                 torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                 max_new_tokens=n_new, do_sample=False, eos_token_id=eos, pad_token_id=pad,
             )[0, len(ids):].tolist()
-        prompts.append({"ids": ids, "n_new": n_new, "logits": logits, "generated": gen})
+        p = {"ids": ids, "n_new": n_new, "logits": logits, "generated": gen}
+        if beams > 1:
+            with torch.no_grad():
+                out = ref_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                         generation_config=beam_config(beams, pad, eos, max_new_tokens=n_new))
+            p["beams"] = unpadded(out[0, len(ids):].tolist(), pad, eos)
+        prompts.append(p)
     chunks = []
     for s in range(0, len(eval_ids) - 1, max_input_len):
         chunk = eval_ids[s : s + max_input_len + 1]
@@ -87,7 +122,7 @@ def seq2seq_chunks(eval_ids: list[int], window: int) -> list[list[int]]:
     return [c for c in chunks if len(c) >= 2]
 
 
-def _engine_outputs_seq2seq(eng, prompt_ids, eval_ids, max_new_tokens, eos) -> dict:
+def _engine_outputs_seq2seq(eng, prompt_ids, eval_ids, max_new_tokens, eos, beams: int = 1) -> dict:
     start = eng.decoder_start_token_id
     prompts = []
     for ids in prompt_ids:
@@ -95,14 +130,15 @@ def _engine_outputs_seq2seq(eng, prompt_ids, eval_ids, max_new_tokens, eos) -> d
             raise BadInput("a validation prompt encodes to no tokens")
         n_new = min(max_new_tokens, eng.max_seq_len)
         prompts.append({"ids": ids, "n_new": n_new, "targets": ids, "logits": eng.logits(ids, [start] + ids[:-1]),
-                        "generated": eng.generate([ids], n_new, eos_token_id=eos)[0]})
+                        "generated": eng.generate([ids], n_new, eos_token_id=eos)[0],
+                        **_engine_beams(lambda d: eng.generate([ids], n_new, eos_token_id=eos, decoding=d)[0], beams)})
     chunks = [{"ids": c, "targets": c, "logits": eng.logits(c, [start] + c[:-1])}
               for c in seq2seq_chunks(eval_ids, min(eng.max_input_len, eng.max_seq_len))]
     return {"prompts": prompts, "eval": chunks}
 
 
 def _reference_outputs_seq2seq(ref_model, prompt_ids, eval_ids, max_new_tokens, eos, pad, max_seq_len,
-                               max_input_len) -> dict:
+                               max_input_len, beams: int = 1) -> dict:
     import torch
     from transformers import GenerationConfig
 
@@ -122,7 +158,14 @@ def _reference_outputs_seq2seq(ref_model, prompt_ids, eval_ids, max_new_tokens, 
         with torch.no_grad():
             gen = ref_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                      generation_config=gc)[0, 1:].tolist()
-        prompts.append({"ids": ids, "n_new": n_new, "targets": ids, "logits": teacher_forced(ids), "generated": gen})
+        p = {"ids": ids, "n_new": n_new, "targets": ids, "logits": teacher_forced(ids), "generated": gen}
+        if beams > 1:  # after the decoder start token
+            with torch.no_grad():
+                out = ref_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                         generation_config=beam_config(beams, pad, eos, max_new_tokens=n_new,
+                                                                       decoder_start_token_id=start))
+            p["beams"] = unpadded(out[0, 1:].tolist(), pad, eos)
+        prompts.append(p)
     chunks = [{"ids": c, "targets": c, "logits": teacher_forced(c)}
               for c in seq2seq_chunks(eval_ids, min(max_input_len, max_seq_len))]
     return {"prompts": prompts, "eval": chunks}
@@ -151,13 +194,15 @@ def compare(got: dict, ref: dict, names: tuple[str, str] = ("engine", "reference
     me, other = names
     max_diff = 0.0
     agree = total = 0
-    greedy = []
+    greedy, beams = [], []
     for g, r in zip(got["prompts"], ref["prompts"]):
         max_diff = worst(max_diff, float((g["logits"] - r["logits"]).abs().max()))
         agree += int((g["logits"].argmax(-1) == r["logits"].argmax(-1)).sum())
         total += g["logits"].shape[0]
         greedy.append({"ids": g["ids"], me: g["generated"], other: r["generated"],
                        "equal": g["generated"] == r["generated"]})
+        if "beams" in g and "beams" in r:
+            beams.append({"ids": g["ids"], me: g["beams"], other: r["beams"], "equal": g["beams"] == r["beams"]})
     nll = {me: 0.0, other: 0.0}
     top1 = {me: 0, other: 0}
     top5 = {me: 0, other: 0}
@@ -174,11 +219,14 @@ def compare(got: dict, ref: dict, names: tuple[str, str] = ("engine", "reference
             top5[who] += int((lg.topk(5, -1).indices == tgt[:, None]).any(-1).sum())
         n += len(tgt)
     ppl = {k: math.exp(v / max(n, 1)) for k, v in nll.items()}
-    return {
+    more = {}
+    if beams:  # the exact-output gate covers beam search as well as greedy
+        more = {"beams": beams, "beams_equal": all(x["equal"] for x in beams)}
+    return {**more,
         "logits_max_abs_diff": max_diff,
         "top1_agreement": agree / max(total, 1),
         "greedy": greedy,
-        "greedy_equal": all(x["equal"] for x in greedy),
+        "greedy_equal": all(x["equal"] for x in greedy) and all(x["equal"] for x in beams),
         "eval_tokens": n,
         "perplexity": ppl,
         "perplexity_rel_diff": abs(ppl[me] - ppl[other]) / ppl[other],
@@ -201,11 +249,16 @@ def tokenize_inputs(tok, prompts: list[str], text: str, max_eval_tokens: int) ->
 def evaluate(ref_model, tok, eng, prompts: list[str], text: str, max_new_tokens: int, max_eval_tokens: int) -> dict:
     """The metrics, engine next to reference."""
     prompt_ids, eval_ids = tokenize_inputs(tok, prompts, text, max_eval_tokens)
-    got = engine_outputs(eng, prompt_ids, eval_ids, max_new_tokens, tok.eos_token_id)
+    beams = eng.max_beam_width  # the recipe's limits.max_beam_width: beams judged where it is above 1
+    got = engine_outputs(eng, prompt_ids, eval_ids, max_new_tokens, tok.eos_token_id, beams)
     ref = reference_outputs(ref_model, prompt_ids, eval_ids, max_new_tokens, tok.eos_token_id, tok.pad_token_id,
-                            eng.max_seq_len, eng.max_input_len)
+                            eng.max_seq_len, eng.max_input_len, beams)
     m = compare(got, ref)
+    if beams > 1:
+        m["num_beams"] = beams
     for g, p in zip(m["greedy"], prompts):
+        g["prompt"] = p
+    for g, p in zip(m.get("beams", []), prompts):
         g["prompt"] = p
     return m
 
@@ -333,6 +386,7 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
     tok = pipe.processor.tokenizer
     eos, pad = pipe.eos_token_id, tok.pad_token_id
     B = pipe.max_batch_size
+    beams = pipe.llm.max_beam_width  # the recipe's limits.max_beam_width: beams judged where it is above 1
 
     encodings = pipe.prepare([p[0] for p in pairs], [p[2] for p in pairs])
     feat_diff = 0.0
@@ -350,7 +404,7 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
 
     if pipe.seq2seq:
         got_p, ref_p, got_eval, ref_eval = _multimodal_seq2seq(family, ref_model, pipe, pairs, encodings, text,
-                                                               max_new_tokens, max_eval_tokens, eos, pad)
+                                                               max_new_tokens, max_eval_tokens, eos, pad, beams)
         return _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, ref_eval, feat_diff, n_feats,
                                    max_new_tokens, eos)
 
@@ -359,7 +413,9 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
         eng_ids, table = pipe.inputs([image], [prompt])
         n_new = min(max_new_tokens, pipe.llm.max_seq_len - len(eng_ids[0]))
         got_p.append({"ids": eng_ids[0], "logits": pipe.llm.logits(eng_ids[0], table),
-                      "generated": pipe.llm.generate(eng_ids, n_new, eos_token_id=eos, prompt_table=table)[0]})
+                      "generated": pipe.llm.generate(eng_ids, n_new, eos_token_id=eos, prompt_table=table)[0],
+                      **_engine_beams(lambda d: pipe.llm.generate(eng_ids, n_new, eos_token_id=eos, prompt_table=table,
+                                                                  decoding=d)[0], beams)})
         T = enc["input_ids"].shape[1]
         if T != len(eng_ids[0]):
             raise BadInput(f"the processor's prompt has {T} tokens, the engine's {len(eng_ids[0])}; the processor "
@@ -369,6 +425,10 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
             out = ref_model.generate(**enc, max_new_tokens=n_new, do_sample=False, eos_token_id=eos,
                                      pad_token_id=pad)[0].tolist()
         ref_p.append({"ids": eng_ids[0], "logits": logits, "generated": out[T:]})  # generate repeats the prompt
+        if beams > 1:
+            with torch.no_grad():
+                out = ref_model.generate(**enc, generation_config=beam_config(beams, pad, eos, max_new_tokens=n_new))
+            ref_p[-1]["beams"] = unpadded(out[0, T:].tolist(), pad, eos)
 
     eval_ids = tok(text).input_ids[:max_eval_tokens]
     got_eval = engine_outputs(pipe.llm, [], eval_ids, 0, eos)["eval"]
@@ -377,7 +437,8 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
     return _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, ref_eval, feat_diff, n_feats, max_new_tokens, eos)
 
 
-def _multimodal_seq2seq(family, ref_model, pipe, pairs, encodings, text, max_new_tokens, max_eval_tokens, eos, pad):
+def _multimodal_seq2seq(family, ref_model, pipe, pairs, encodings, text, max_new_tokens, max_eval_tokens, eos, pad,
+                        beams: int = 1):
     """Encoder-decoder LLMs (BLIP-2 with Flan-T5, Nougat): greedy tokens of
     each pair against `generate`; logits with the decoder teacher-forced on
     [start] + (Nougat: the prompt's tokens) + the reference's greedy tokens;
@@ -398,8 +459,14 @@ def _multimodal_seq2seq(family, ref_model, pipe, pairs, encodings, text, max_new
         ids, logits = pipe.seq2seq_logits(image, prompt, dec)
         with torch.no_grad():
             ref_logits = family.reference_seq2seq_logits(ref_model, enc, dec).float()
-        got_p.append({"ids": ids, "logits": logits, "generated": gen})
+        got_p.append({"ids": ids, "logits": logits, "generated": gen,
+                      **_engine_beams(lambda d: pipe.generate([image], [prompt], n_new, eos_token_id=eos,
+                                                              decoding=d)[0], beams)})
         ref_p.append({"ids": ids, "logits": ref_logits, "generated": ref_gen})
+        if beams > 1:
+            with torch.no_grad():
+                ref_p[-1]["beams"] = unpadded(family.reference_generate(ref_model, enc, start, n_new, eos, pad,
+                                                                        num_beams=beams), pad, eos)
 
     eval_ids = pipe.processor.tokenizer(text).input_ids[:max_eval_tokens]
     if pipe.encoder_output:
@@ -438,6 +505,11 @@ def _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, ref_eval, feat_diff
     m["visual_features"] = pipe.features
     m["visual_features_by_image"] = n_feats
     m["greedy_batched_equal"] = all(g["batched_equal"] for g in m["greedy"])
+    if "beams" in m:
+        m["num_beams"] = pipe.llm.max_beam_width
+        for g, (_, name, prompt) in zip(m["beams"], pairs):
+            g["prompt"], g["image"] = prompt, name
+            g["ids"] = [t if t < pipe.meta["vocab_size"] else -1 for t in g["ids"]]
     m["greedy_equal"] = m["greedy_equal"] and m["greedy_batched_equal"]  # the gate covers both ways of running
     return m
 

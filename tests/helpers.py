@@ -88,3 +88,59 @@ class OpenSpy:
 # one hook for the session (audit hooks cannot be removed)
 SPY = OpenSpy()
 sys.addaudithook(SPY)
+
+
+class Terminal:
+    """A command in a pty, driven as a person types: `until(text)` reads the
+    screen up to text (failing with what it shows when the command exits or
+    the time runs out), `type(line)` presses the keys and Enter."""
+
+    def __init__(self, argv: list[str]):
+        import pty
+        import subprocess
+
+        self.master, slave = pty.openpty()
+        self.p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+        os.close(slave)
+        self.seen = ""
+
+    def until(self, text: str, timeout: float = 300) -> str:
+        import select
+        import time
+
+        end = time.monotonic() + timeout
+        while text not in self.seen:
+            left = end - time.monotonic()
+            assert left > 0, f"no {text!r} on the terminal; it shows: {self.seen[-2000:]!r}"
+            if select.select([self.master], [], [], min(left, 1.0))[0]:
+                try:
+                    self.seen += os.read(self.master, 65536).decode(errors="replace")
+                except OSError:  # the other end closed: the command exited
+                    raise AssertionError(f"exited ({self.p.wait(5)}) before {text!r}; it showed: "
+                                         f"{self.seen[-3000:]!r}") from None
+            elif self.p.poll() is not None and text not in self.seen:
+                raise AssertionError(f"exited ({self.p.returncode}) before {text!r}; it showed: {self.seen[-3000:]!r}")
+        i = self.seen.index(text) + len(text)
+        out, self.seen = self.seen[:i], self.seen[i:]
+        return out
+
+    def type(self, line: str) -> None:
+        os.write(self.master, line.encode() + b"\r")
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(10)
+        os.close(self.master)
+
+
+def enginefarm_exe() -> str:
+    """The enginefarm command of this interpreter's environment."""
+    return str(Path(sys.executable).parent / "enginefarm")
+
+
+def answers(screen: str) -> dict:
+    """{"engine": text, "hf": text} from a chat answer's lines."""
+    import re
+
+    return dict(re.findall(r"^(engine|hf)> (.*?)   \(\d+\.\d\d s, \d+ tokens\)\r?$", screen, re.M))

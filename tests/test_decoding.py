@@ -154,6 +154,42 @@ def test_beam_search_equals_hugging_face_generate(built, family, capsys):
     assert "max_beam_width 2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_validation_judges_beams_equal_to_hugging_face(built, family):
+    """Validation of a recipe built with limits.max_beam_width 2 runs each
+    prompt with 2 beams through the engine and through `generate`; the
+    recorded beams are Hugging Face's own (as this test asks it), and the
+    exact-output gate covers them."""
+    from enginefarm.spec import load_recipe
+
+    from helpers import only_manifest
+
+    b = built(family)
+    val = only_manifest(b.store, b.name, "validate")["results"]
+    m = val["metrics"]
+    assert m["num_beams"] == 2 and m["beams_equal"] is True and val["gates"]["greedy_equal"]["passed"]
+    prompts = load_recipe(str(b.recipe)).validation.prompts
+    assert [x["prompt"] for x in m["greedy"]] == prompts and len(m["beams"]) == len(prompts)
+    want = _hf_beams(family, b.src, prompts, load_recipe(str(b.recipe)).validation.max_new_tokens, 2)
+    assert [x["engine"] for x in m["beams"]] == [x["reference"] for x in m["beams"]] == want
+
+
+def test_a_beam_that_differs_fails_the_exact_output_gate():
+    from enginefarm.evaluation import compare, judge
+
+    def outs(beam):
+        return {"prompts": [{"ids": [1, 2], "logits": torch.zeros(2, 5), "generated": [3, 4], "beams": beam}],
+                "eval": []}
+
+    same = compare(outs([3, 1]), outs([3, 1]))
+    assert same["greedy_equal"] and same["beams_equal"]
+    m = compare(outs([3, 1]), outs([3, 2]))
+    assert m["greedy"][0]["equal"] and not m["beams_equal"] and not m["greedy_equal"]
+    assert judge(m, {"greedy_equal": True})["greedy_equal"]["passed"] is False
+    plain = {"prompts": [{"ids": [1, 2], "logits": torch.zeros(2, 5), "generated": [3, 4]}], "eval": []}
+    assert "beams" not in compare(plain, plain) and "beams_equal" not in compare(plain, plain)
+
+
 def test_sampling_through_run_is_reproducible_and_streams(built, capsys):
     b = built("llama")
     run = ["run", b.name, "--store", str(b.store), "--max-new-tokens", "12", "--prompt", PROMPTS[0]]

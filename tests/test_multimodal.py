@@ -116,6 +116,14 @@ def test_build_exports_checks_and_validates_against_hf(built, family):
     # validation: engines against HF generate, one pair at a time and batched
     val = manifest(b.store, b.name, "validate")["results"]["metrics"]
     assert val["greedy_equal"] and val["greedy_batched_equal"]
+    # beams (the tiny recipes' limits.max_beam_width 2): each pair's beam-search tokens, as `generate` gives them
+    assert val["num_beams"] == 2 and val["beams_equal"] and len(val["beams"]) == len(val["greedy"])
+    from enginefarm.images import load_image
+    from enginefarm.spec import load_recipe
+
+    first = val["beams"][0]
+    n = load_recipe(str(b.recipe)).validation.max_new_tokens
+    assert first["engine"] == hf_generate(family, b.src, load_image(first["image"]), first["prompt"], n, num_beams=2)
     assert val["visual_max_abs_diff"] < 1e-4 and val["logits_max_abs_diff"] < 1e-3
     assert val["visual_features"] == FEATURES[family]
     if family == "llava-next":  # three aspect ratios: three different counts, each as Hugging Face's
@@ -195,6 +203,100 @@ def test_requests_over_the_built_limits_exit_2_naming_the_limit(built, tmp_path,
     assert cli(run + ["--image", str(tmp_path / "bad.png"), "--prompt", "a"]) == 2
     err = capsys.readouterr().err
     assert "cannot read image" in err and "Traceback" not in err
+
+
+CHAT = {  # the prompt a conversation about one image makes: each family's own format (families' chat_lines)
+    "llava": lambda turns, user: "".join(f"USER: {'<image>' + chr(10) if i == 0 else ''}{u} ASSISTANT:"
+                                         + (f" {a} " if a is not None else "")
+                                         for i, (u, a) in enumerate(turns + [(user, None)])),
+    "blip2": lambda turns, user: " ".join([f"Question: {u} Answer: {a}." for u, a in turns]
+                                          + [f"Question: {user} Answer:"]),
+}
+
+
+@pytest.mark.parametrize("family", ["llava", "blip2"])
+def test_chat_about_images_through_a_terminal(built, family, tmp_path):
+    """`enginefarm chat --image --compare hf` in a pty: each answer equals
+    Hugging Face's (fp32, greedy) and its own `generate` on the
+    conversation written in the family's format, the second turn carrying
+    the first where the two fit max_input_len (LLaVA's 64) and alone where
+    they do not (BLIP-2's 48); a bad path is one line and the conversation
+    goes on; /image starts a new one."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from enginefarm.chat import shown
+    from enginefarm.spec import load_recipe
+    from helpers import Terminal, answers, enginefarm_exe
+
+    b = built(family)
+    a = write_image("checker", tmp_path / "a.png", size=40)
+    c = write_image("rings", tmp_path / "c.png", size=57, height=35)
+    proc = AutoProcessor.from_pretrained(b.src)
+    limit = load_recipe(str(b.recipe)).limits.max_input_len
+
+    def hf(img, prompt):
+        return proc.tokenizer.decode(hf_generate(family, b.src, Image.open(img).convert("RGB"), prompt, 2),
+                                     skip_special_tokens=True).strip()
+
+    def fits(img, prompt) -> bool:  # the processor's ids: the prompt's tokens and the image's placeholders
+        return proc(images=[Image.open(img).convert("RGB")], text=[prompt], return_tensors="pt")["input_ids"].shape[1] <= limit
+
+    t = Terminal([enginefarm_exe(), "chat", b.name, "--store", str(b.store), "--compare", "hf", "--image", str(a),
+                  "--max-new-tokens", "2"])
+    try:
+        head = t.until("you> ")
+        assert f"(a new conversation about image {a})" in head and "/image PATH starts a conversation" in head
+        turns: list = []
+        kept = []
+        for msg in ("What?", "Why?"):
+            t.type(msg)
+            got = answers(t.until("you> "))
+            assert set(got) == {"engine", "hf"} and got["engine"] == got["hf"]
+            prompt = CHAT[family](turns, msg)
+            kept.append(fits(a, prompt))
+            if not kept[-1]:  # the oldest turn dropped
+                prompt = CHAT[family](turns[1:], msg)
+            want = hf(a, prompt)
+            assert got["engine"] == shown(want)
+            turns.append((msg, want))
+        assert kept == [True, family == "llava"]  # the tiny recipes' max_input_len: see the docstring
+        t.type(f"/image {tmp_path / 'missing.png'}")
+        out = t.until("you> ")
+        assert "enginefarm: no image file at" in out and "Traceback" not in out
+        (tmp_path / "bad.png").write_bytes(b"not an image")
+        t.type(f"/image {tmp_path / 'bad.png'}")
+        out = t.until("you> ")
+        assert "enginefarm: cannot read image" in out and "Traceback" not in out
+        t.type("What?")  # the conversation about the first image goes on
+        got = answers(t.until("you> "))
+        assert got["engine"] == got["hf"]
+        t.type("/video clip.mp4")
+        assert "this engine takes images, not videos: /image PATH" in t.until("you> ")
+        t.type(f"/image {c}")
+        assert f"(a new conversation about image {c})" in t.until("you> ")
+        t.type("Describe it.")
+        got = answers(t.until("you> "))
+        assert got["engine"] == got["hf"] == shown(hf(c, CHAT[family]([], "Describe it.")))
+        t.type("/quit")
+        assert t.p.wait(60) == 0
+    finally:
+        t.close()
+
+
+def test_chat_refuses_bad_one_shot_input_in_one_line(built, tmp_path, capsys):
+    b = built("llava")
+    chat = ["chat", b.name, "--store", str(b.store)]
+    capsys.readouterr()
+    assert cli(chat + ["--image", str(tmp_path / "missing.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no image file at" in err
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert cli(chat + ["--image", str(tmp_path / "bad.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read image" in err
+    assert cli(chat + ["--video", "builtin:orbit"]) == 2
+    assert "takes images, not videos: give --image PATH" in capsys.readouterr().err
 
 
 def test_llava_next_limits_come_from_the_largest_tiling(built, tmp_path, capsys):

@@ -129,6 +129,7 @@ def test_llava_next_video_builds_validates_and_runs_equal_to_hf_generate(video_b
     assert pub["llm"]["engine"]["prompt_table"] == {"max_rows": 64, "hidden_size": 64}  # max_multimodal_len 2 x 32
     val = _manifest(b.store, "mm-video", "validate")["results"]["metrics"]
     assert val["greedy_equal"] and val["greedy_batched_equal"] and val["logits_max_abs_diff"] < 1e-3
+    assert val["num_beams"] == 2 and val["beams_equal"] and len(val["beams"]) == 3  # beams judged
     assert val["visual_max_abs_diff"] < 1e-4 and val["visual_features"] == 32
     # three videos of 12, 8 and 20 frames, sampled to 8 each
     assert val["visual_features_by_image"] == [32, 32, 32] and len(val["greedy"]) == 3
@@ -155,6 +156,48 @@ def test_llava_next_video_builds_validates_and_runs_equal_to_hf_generate(video_b
     got = json.loads(capsys.readouterr().out)["results"][0]
     assert got["frames"] == 3
     assert got["output_ids"] == hf_video_generate(b.src, load_video("builtin:pulse"), VIDEO_PROMPT, 6, 3)
+
+
+def test_chat_about_a_video_through_a_terminal(video_build):
+    """`enginefarm chat --video --compare hf` in a pty: answers equal
+    Hugging Face's and its `generate` on the conversation as llava-hf's chat
+    template writes it ("USER: <video>\\n... ASSISTANT: ... USER: ..."), the
+    second turn carrying the first (they fit max_input_len 96); /image is
+    refused in one line."""
+    from enginefarm.chat import shown
+    from enginefarm.families import get_family
+    from enginefarm.videos import load_video
+    from helpers import Terminal, answers, enginefarm_exe
+
+    b = video_build
+    fam = get_family("llava-next-video")
+    meta = fam.visual_meta({**json.loads((b.src / "config.json").read_text()), "num_frames": 8})
+    proc = fam.load_processor(b.src, meta)
+    video = load_video("builtin:orbit")
+
+    def hf(prompt):
+        assert fam.encode(proc, video, prompt, "<video>")["input_ids"].shape[1] <= 96  # the whole conversation fits
+        return proc.tokenizer.decode(hf_video_generate(b.src, video, prompt, 2, 8), skip_special_tokens=True).strip()
+
+    t = Terminal([enginefarm_exe(), "chat", "mm-video", "--store", str(b.store), "--compare", "hf", "--video",
+                  "builtin:orbit", "--max-new-tokens", "2"])
+    try:
+        head = t.until("you> ")
+        assert "(a new conversation about video builtin:orbit)" in head and "/video PATH starts" in head
+        t.type("/image builtin:rings")
+        assert "this engine takes videos, not images: /video PATH" in t.until("you> ")
+        first = "USER: <video>\nWhat happens? ASSISTANT:"
+        t.type("What happens?")
+        got = answers(t.until("you> "))
+        want = hf(first)
+        assert got["engine"] == got["hf"] == shown(want)
+        t.type("Why?")
+        got = answers(t.until("you> "))
+        assert got["engine"] == got["hf"] == shown(hf(f"{first} {want} USER: Why? ASSISTANT:"))
+        t.type("/quit")
+        assert t.p.wait(60) == 0
+    finally:
+        t.close()
 
 
 def test_video_requests_over_the_built_limits_exit_2_naming_the_limit(video_build, tmp_path, capsys):

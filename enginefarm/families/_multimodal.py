@@ -334,7 +334,7 @@ class MultimodalFamily(Family):
                   "suppress_tokens", "begin_suppress_tokens", "min_new_tokens"):
             if hasattr(gc, k):
                 setattr(gc, k, None)
-        for k, v in (("min_length", 0), ("repetition_penalty", 1.0), ("length_penalty", 1.0)):
+        for k, v in (("min_length", 0), ("repetition_penalty", 1.0), ("length_penalty", 1.0), ("early_stopping", False)):
             if hasattr(gc, k):
                 setattr(gc, k, v)
         return model
@@ -400,3 +400,35 @@ class MultimodalFamily(Family):
     def prompt_text(self, prompt: str, image_token: str) -> str:
         """The text given to the processor for one image and one prompt."""
         return prompt
+
+    # ----------------------------------------------------------------- a conversation (enginefarm chat)
+
+    # whether the model takes a conversation: BLIP's captions and Nougat's pages answer each message alone
+    conversational = False
+
+    def chat_text(self, processor, turns: list[tuple[str, str]], user: str, token: str) -> str:
+        """The prompt of a conversation about one image (or video): turns
+        (user, assistant) so far, then the user's message. The image goes with
+        the first turn, as Hugging Face's chat templates place it (a content
+        list with {"type": "image"} before the text; the later turns are
+        text). The checkpoint's chat template where it has one (the
+        processor's, else its tokenizer's), else `chat_lines`."""
+        if not self.conversational:
+            return self.prompt_text(user, token)
+        template = getattr(processor, "chat_template", None)
+        if template:
+            msgs = []
+            for i, (u, a) in enumerate(list(turns) + [(user, None)]):
+                msgs.append({"role": "user", "content": ([{"type": self.media}] if i == 0 else [])
+                             + [{"type": "text", "text": u}]})
+                if a is not None:
+                    msgs.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+            if hasattr(processor, "apply_chat_template"):
+                return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            return processor.tokenizer.apply_chat_template(msgs, chat_template=template, add_generation_prompt=True,
+                                                           tokenize=False)
+        return self.chat_lines(turns, user, token)
+
+    def chat_lines(self, turns: list[tuple[str, str]], user: str, token: str) -> str:
+        """A conversation's prompt where the checkpoint has no chat template."""
+        return self.prompt_text(user, token)

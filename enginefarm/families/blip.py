@@ -305,7 +305,7 @@ class Blip(MultimodalFamily):
 
         return model(pixel_values=enc["pixel_values"], input_ids=torch.tensor([decoder_ids])).logits[0]
 
-    def reference_generate(self, model, enc, start: int, n: int, eos, pad) -> list[int]:
+    def reference_generate(self, model, enc, start: int, n: int, eos, pad, num_beams: int = 1) -> list[int]:
         """BlipForConditionalGeneration.generate on the processor's ids (it
         puts [DEC] first, drops the last id and stops at sep_token_id, with
         the pad token of text_config, itself: `eos` and `pad` are what the
@@ -314,7 +314,8 @@ class Blip(MultimodalFamily):
         self.plain_greedy(model.text_decoder)
         ids = enc["input_ids"].clone()  # generate writes [DEC] into it
         out = model.generate(pixel_values=enc["pixel_values"], input_ids=ids, attention_mask=enc["attention_mask"],
-                             max_new_tokens=n, do_sample=False, num_beams=1)
+                             max_new_tokens=n, do_sample=False, num_beams=num_beams, early_stopping=False,
+                             length_penalty=1.0)
         return out[0, ids.shape[1] - 1:].tolist()
 
 

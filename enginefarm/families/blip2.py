@@ -91,11 +91,19 @@ class Blip2(MultimodalFamily):
 
         return model(**enc, decoder_input_ids=torch.tensor([decoder_ids])).logits[0]
 
-    def reference_generate(self, model, enc, start: int, n: int, eos, pad) -> list[int]:
+    conversational = True
+
+    def chat_lines(self, turns, user: str, token: str) -> str:
+        """BLIP-2's question answering with a context, as LAVIS's README
+        writes it: "Question: {q} Answer: {a}." per turn, joined by spaces,
+        then "Question: {message} Answer:"."""
+        return " ".join([f"Question: {u} Answer: {a}." for u, a in turns] + [f"Question: {user} Answer:"])
+
+    def reference_generate(self, model, enc, start: int, n: int, eos, pad, num_beams: int = 1) -> list[int]:
         from transformers import GenerationConfig
 
-        gc = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1, decoder_start_token_id=start,
-                              eos_token_id=eos, pad_token_id=pad)
+        gc = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=num_beams, early_stopping=False,
+                              length_penalty=1.0, decoder_start_token_id=start, eos_token_id=eos, pad_token_id=pad)
         # after the decoder's start token
         return self.plain_greedy(model).generate(**enc, generation_config=gc)[0, 1:].tolist()
 

@@ -105,6 +105,20 @@ class Llava(MultimodalFamily):
         pixels = torch.cat([e["pixel_values"] for e in encodings])
         return list(model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output)
 
+    conversational = True
+
+    def chat_lines(self, turns, user: str, token: str) -> str:
+        """What llava-hf's chat template (llava-1.5's chat_template.json)
+        writes: "USER: <image>\\n{message} ASSISTANT: {answer} USER: {message}
+        ASSISTANT:" (each role upper-cased with ": ", the image before the
+        first message's text, each text followed by a space)."""
+        out = ""
+        for i, (u, a) in enumerate(list(turns) + [(user, None)]):
+            out += "USER: " + (f"{token}\n" if i == 0 else "") + u + " ASSISTANT:"
+            if a is not None:
+                out += f" {a} "
+        return out
+
     def prompt_text(self, prompt: str, image_token: str) -> str:
         # the image goes where the prompt says; a prompt that does not say, gets it first
         return prompt if image_token in prompt else f"{image_token}\n{prompt}"

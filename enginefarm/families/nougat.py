@@ -136,13 +136,13 @@ class Nougat(MultimodalFamily):
 
         return model(pixel_values=enc["pixel_values"], decoder_input_ids=torch.tensor([decoder_ids])).logits[0]
 
-    def reference_generate(self, model, enc, start: int, n: int, eos, pad) -> list[int]:
+    def reference_generate(self, model, enc, start: int, n: int, eos, pad, num_beams: int = 1) -> list[int]:
         import torch
         from transformers import GenerationConfig
 
         prefix = [start] + list(enc["prompt_ids"])
-        gc = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1, decoder_start_token_id=start,
-                              eos_token_id=eos, pad_token_id=pad)
+        gc = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=num_beams, early_stopping=False,
+                              length_penalty=1.0, decoder_start_token_id=start, eos_token_id=eos, pad_token_id=pad)
         out = self.plain_greedy(model).generate(pixel_values=enc["pixel_values"],
                                                 decoder_input_ids=torch.tensor([prefix]), generation_config=gc)
         return out[0, len(prefix):].tolist()
