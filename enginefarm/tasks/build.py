@@ -26,12 +26,11 @@ def spec(ctx: Ctx, source: StepResult, variant: Variant, component: str = "llm",
     limits = get_family(ctx.recipe.family).derived_limits(ctx.recipe, config)
     params = {"component": component, "backend": bname, "variant": variant.params(), "limits": limits}
     mods = [__name__, type(b).__module__, "enginefarm.runtime.decoder", "enginefarm.runtime.engine",
-            "enginefarm.runtime.encdec", "enginefarm.runtime.visual"]
+            "enginefarm.runtime.encdec", "enginefarm.runtime.visual", "enginefarm.runtime.export",
+            "enginefarm.runtime.swaps", "enginefarm.runtime.sidecar", "enginefarm.kernels.gemv"]
     opts = ctx.recipe.components[component].aoti
     if bname == "aoti" and opts is not None:  # only when set: recipes without options keep their cache keys
         params["options"] = opts.model_dump()
-        mods += ["enginefarm.gpu.export", "enginefarm.gpu.decoder", "enginefarm.gpu.engine", "enginefarm.gpu.fast",
-                 "enginefarm.kernels.gemv"]
     code = code_version(*mods)
     inputs = {"export" if component == "visual" else "convert": source}
     return StepSpec("build", params, inputs, code, b.toolchain(variant.target), variant=variant.name)
