@@ -57,6 +57,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from enginefarm.backends import get_backend
+    from enginefarm.backends.base import BuildRequest
     from enginefarm.spec import Variant
 
     b = get_backend(a.flavour)
@@ -69,8 +70,7 @@ def main() -> None:
         tmp = Path(tmp)
         first = export(tmp / "night1", 1, a.layers)
         t0 = time.perf_counter()
-        b.build("visual", first, tmp / "e0", v, limits, timing_cache_out=tmp / "cache")
-        cache = (tmp / "cache").read_bytes() if (tmp / "cache").exists() else b""
+        cache = b.build(BuildRequest("visual", first, tmp / "e0", v, limits)).timing_cache or b""
         print(f"first build: {time.perf_counter() - t0:.2f} s, timing cache {len(cache)} bytes"
               + ("" if b.timing_cache_name(a.target) else f" ({a.flavour} keeps none: kernels are chosen at run time)"))
         second = export(tmp / "night2", 2, a.layers)  # new weights, same shapes
@@ -78,7 +78,7 @@ def main() -> None:
         for r in range(a.repeat):
             for name, tc in (("with cache", cache), ("without", None)):
                 t0 = time.perf_counter()
-                b.build("visual", second, tmp / f"e-{r}-{name[:4]}", v, limits, timing_cache=tc)
+                b.build(BuildRequest("visual", second, tmp / f"e-{r}-{name[:4]}", v, limits, timing_cache=tc))
                 times[name].append(time.perf_counter() - t0)
         w, wo = statistics.median(times["with cache"]), statistics.median(times["without"])
         print(f"rebuild after a weight change ({a.flavour}, {a.target}, median of {a.repeat}): "

@@ -306,7 +306,8 @@ def cmd_report(a) -> int:
 
 def _catalog_rows() -> list[dict]:
     from .families import get_family
-    from .spec import catalog_paths, load_recipe
+    from .families import load_recipe
+    from .spec import catalog_paths
 
     rows = []
     for p in catalog_paths():
@@ -663,6 +664,7 @@ def _decoding(a, n: int, detokenize):
 
 
 def _run_multimodal(a, value: dict, cache: Path, images: list[str], prompts: list[str], media: str = "image") -> int:
+    from .backends import load_engine
     from .runtime.multimodal import MultimodalPipeline
 
     if media == "video":
@@ -676,7 +678,7 @@ def _run_multimodal(a, value: dict, cache: Path, images: list[str], prompts: lis
         from .images import load_image
 
         pixels = [load_image(p) for p in images]
-    pipe = MultimodalPipeline.load(cache)
+    pipe = MultimodalPipeline.load(cache, load_engine)
     pipe.check_request(len(pixels), a.frames)
     d, watch = _decoding(a, len(prompts), pipe.decode)
     if a.stream:

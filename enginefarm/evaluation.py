@@ -286,7 +286,7 @@ def check_shard_sets(sets: list[tuple], prompts: list[str], text: str, max_new_t
     for (key, _), group in sorted(launches.items(), key=lambda kv: kv[0][1]):
         prompt_ids, eval_ids, eos = _json.loads(key)
         for d, o in zip(group, run_checkpoints(group, prompt_ids, eval_ids, max_new_tokens, eos, max_input_len,
-                                               max_seq_len)):
+                                               max_seq_len, outputs=f"{__name__}:engine_outputs")):
             outs[d] = o
     results = []
     for (_, ckpt_dirs, baseline), ref in zip(sets, refs):

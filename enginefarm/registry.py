@@ -76,7 +76,8 @@ def resolve(store, text: str, variant: Optional[str] = None, alias: Optional[str
     """(ref value, publish manifest) for REF = RECIPE[:VARIANT][@ALIAS], with
     --variant / --alias / --gpu as the pull command takes them. BadInput when
     the ref is malformed, contradicts itself or does not exist."""
-    from .spec import load_recipe, parse_ref
+    from .families import load_recipe
+    from .spec import parse_ref
 
     ref = parse_ref(text)
     if variant is not None:

@@ -2,7 +2,7 @@
 
 A recipe is one YAML file in `models/`: where the weights come from, which
 family knows the architecture, which components to build, the build matrix,
-the limits, and the validation gates. `load_recipe` turns a YAML file into a
+the limits, and the validation gates. `read_recipe` turns a YAML file into a
 `Recipe`, or raises `BadInput` with one message that names the file, the
 field path and what was expected.
 """
@@ -86,7 +86,7 @@ class Source(Strict):
 
 
 class AotiOptions(Strict):
-    """How the aoti backend builds and loads a component's engine (all off: a plain AOTInductor package)."""
+    """How the aoti backend builds and loads a component's engine (runtime/export.py; no options: these defaults)."""
 
     max_autotune: bool = Field(False, description="Inductor max-autotune: Triton GEMM templates with fused epilogues, "
                                "autotuned against cuBLAS at build time (slower builds)")
@@ -399,7 +399,9 @@ def parse_recipe(data: Any, origin: str) -> Recipe:
     return r.model_copy(update={"origin": origin})
 
 
-def load_recipe(name_or_path: str) -> Recipe:
+def read_recipe(name_or_path: str) -> Recipe:
+    """A recipe file (or a catalog name) parsed and checked on its own; the
+    checks that need its family are `families.load_recipe`'s."""
     path = find_recipe(name_or_path)
     try:
         text = path.read_text()
@@ -412,13 +414,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise BadInput(f"bad recipe {path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     recipe = parse_recipe(data, str(path))
-    # cross-checks that need the family (limits, components) happen here too,
-    # before any heavy work
-    from .families import get_family
-
-    fam = get_family(recipe.family, origin=str(path))
-    fam.check_recipe(recipe)
-    return recipe
+    return parse_recipe(data, str(path))
 
 
 # --------------------------------------------------------------------------- refs

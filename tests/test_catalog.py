@@ -11,7 +11,7 @@ import yaml
 
 from enginefarm.errors import BadInput
 from enginefarm.families import all_families
-from enginefarm.spec import load_recipe
+from enginefarm.families import load_recipe
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 PATHS = sorted(p for p in MODELS.glob("*.yaml") if p.is_file())  # top level only: models/tiny/ is fixtures

@@ -24,7 +24,8 @@ from enginefarm.cli import main as cli
 from enginefarm.errors import BadInput
 from enginefarm.families import get_family
 from enginefarm.images import write_image
-from enginefarm.spec import Variant, load_recipe, parse_recipe
+from enginefarm.families import load_recipe
+from enginefarm.spec import Variant, parse_recipe
 from enginefarm.testing import write_tiny
 from helpers import only_manifest, session_builds
 

@@ -274,7 +274,7 @@ def test_released_configs_give_the_seed_limits():
                           "scale_embedding": True, "add_cross_attention": True, "is_decoder": True}}
     fam = get_family("nougat")
     assert fam.features(nougat) == 588 and fam.image_size(nougat) == [896, 672]
-    from enginefarm.spec import load_recipe
+    from enginefarm.families import load_recipe
 
     r = load_recipe(str(ROOT / "models" / "nougat-base.yaml"))
     lim = fam.derived_limits(r, nougat)
@@ -390,7 +390,7 @@ def test_plan_prints_the_encoder_decoder_trtllm_build_once_the_llm_is_known(tmp_
     (encoder with the prompt table, then decoder); Nougat's is the decoder alone."""
     from enginefarm.tasks import fetch as F
     from enginefarm.tasks.base import Ctx
-    from enginefarm.spec import load_recipe
+    from enginefarm.families import load_recipe
 
     src = write_tiny("blip2-t5", tmp_path / "src", seed=1)
     data = {"name": "plan-blip2-t5", "family": "blip2", "source": {"path": str(src)},

@@ -243,7 +243,7 @@ def test_video_recipes_need_frames_and_image_recipes_refuse_them(tmp_path, capsy
     # build flow checks right after fetch): 2 videos x 8 frames x 4 features
     from enginefarm.errors import BadInput
     from enginefarm.families import get_family
-    from enginefarm.spec import load_recipe
+    from enginefarm.families import load_recipe
 
     fam, cfg = get_family("llava-next-video"), json.loads((src / "config.json").read_text())
     ok = load_recipe(str(_recipe(tmp_path, "ok", "tiny-llava-next-video", src)))

@@ -16,7 +16,7 @@ from enginefarm.cli import main as cli
 from enginefarm.flows.build import plan
 from enginefarm.flows.nightly import explain, nightly, staleness
 from enginefarm.flows.report import NIGHTLY
-from enginefarm.spec import load_recipe
+from enginefarm.families import load_recipe
 from enginefarm.store import open_store
 from enginefarm.tasks import validate as validate_step
 from enginefarm.tasks.base import Ctx

@@ -4,7 +4,8 @@ import pytest
 
 from enginefarm.errors import BadInput, NotAvailable
 from enginefarm.families import detect_family, get_family
-from enginefarm.spec import Variant, load_recipe, parse_recipe, parse_ref
+from enginefarm.families import load_recipe
+from enginefarm.spec import Variant, parse_recipe, parse_ref
 
 BASE = {"name": "r", "family": "opt", "source": {"tiny": "opt"}}
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from enginefarm.backends import get_backend
+from enginefarm.backends.base import BuildRequest
 from enginefarm.backends.tensorrt import check_runs_here
 from enginefarm.errors import BadInput, NotAvailable
 from enginefarm.spec import Variant
@@ -68,8 +69,9 @@ def test_builds_an_engine_with_its_provenance(tmp_path, flavour):
     b, target = flavour_and_target(flavour)
     rtx = flavour == "tensorrt-rtx"
     src = export(tmp_path / "export")
-    meta = b.build("visual", src, tmp_path / "engine", variant(target, backend=flavour), {"max_batch_size": 4},
-                   timing_cache_out=tmp_path / "cache")
+    res = b.build(BuildRequest("visual", src, tmp_path / "engine", variant(target, backend=flavour),
+                               {"max_batch_size": 4}))
+    meta = res.sidecar
     plan = tmp_path / "engine" / "engine.plan"
     assert plan.stat().st_size > 10_000
     side = json.loads((tmp_path / "engine" / "engine.json").read_text())
@@ -83,9 +85,9 @@ def test_builds_an_engine_with_its_provenance(tmp_path, flavour):
     assert outs[0]["name"] == "features" and outs[0]["shape"] == [-1, 16, 32]
     if rtx:
         assert side["timing_cache"].startswith("not used by tensorrt-rtx")
-        assert not (tmp_path / "cache").exists()
+        assert res.timing_cache is None
     else:
-        assert side["timing_cache"]["bytes"] > 0 and (tmp_path / "cache").stat().st_size == side["timing_cache"]["bytes"]
+        assert side["timing_cache"]["bytes"] > 0 and len(res.timing_cache) == side["timing_cache"]["bytes"]
     # the engine deserialises in the same flavour's runtime only on a GPU it targets
     other = "sm_90" if target != "sm_90" else "sm_86"
     with pytest.raises(BadInput, match=rf"engine for {target}; it does not run on this GPU \({other}\)"):
@@ -119,12 +121,12 @@ def test_dynamic_axes_need_a_profile_from_the_export(tmp_path):
     src = export(tmp_path / "export", dynamic_hw=True)
     b = get_backend("tensorrt-rtx")
     with pytest.raises(BadInput, match="dynamic axis 2 and the export gives no profile"):
-        b.build("visual", src, tmp_path / "e1", variant(), {"max_batch_size": 2})
+        b.build(BuildRequest("visual", src, tmp_path / "e1", variant(), {"max_batch_size": 2})).sidecar
     (src / "export.json").write_text(json.dumps({
         "onnx": "visual.onnx",
         "profiles": {"pixel_values": [[1, 3, 32, 32], [1, 3, 48, 48], [2, 3, 64, 64]]},
     }))
-    meta = b.build("visual", src, tmp_path / "e2", variant(), {"max_batch_size": 2})
+    meta = b.build(BuildRequest("visual", src, tmp_path / "e2", variant(), {"max_batch_size": 2})).sidecar
     assert meta["profiles"]["pixel_values"][2] == [2, 3, 64, 64]
 
 
@@ -133,10 +135,10 @@ def test_a_corrupt_onnx_is_bad_input(tmp_path):
     d.mkdir()
     (d / "visual.onnx").write_bytes(b"not a protobuf at all" * 10)
     with pytest.raises(BadInput, match="cannot parse this ONNX"):
-        get_backend("tensorrt-rtx").build("visual", d, tmp_path / "e", variant(), {"max_batch_size": 1})
+        get_backend("tensorrt-rtx").build(BuildRequest("visual", d, tmp_path / "e", variant(), {"max_batch_size": 1}))
     (d / "second.onnx").write_bytes(b"x")
     with pytest.raises(BadInput, match="expected one .onnx export, found 2"):
-        get_backend("tensorrt-rtx").build("visual", d, tmp_path / "e", variant(), {"max_batch_size": 1})
+        get_backend("tensorrt-rtx").build(BuildRequest("visual", d, tmp_path / "e", variant(), {"max_batch_size": 1}))
 
 
 def test_timing_cache_lives_in_the_store(store):
@@ -189,7 +191,7 @@ def _recipe_file(tmp_path: Path, family: str = "blip2", **visual) -> Path:
 
 def test_a_component_has_its_own_target(tmp_path):
     from enginefarm.flows.build import prepare
-    from enginefarm.spec import load_recipe
+    from enginefarm.families import load_recipe
     from enginefarm.tasks import build as build_step
     from enginefarm.tasks.base import Ctx, StepResult
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..errors import BadInput, NotAvailable
 from ..runtime.sidecar import write as write_sidecar
-from .base import Backend, torch_toolchain, version_of
+from .base import Backend, BuildRequest, BuildResult, torch_toolchain, version_of
 
 ENCODER_FILE = "encoder.pt2"
 DECODER_FILE = "decoder.pt2"
@@ -62,7 +62,11 @@ class AOTI(Backend):
     def toolchain(self, target: str) -> dict:
         return {"backend": "aoti", **torch_toolchain(target)}
 
-    def build(self, component, src_dir, out_dir, variant, limits, progress=None, options=None) -> dict:
+    def build(self, req: BuildRequest) -> BuildResult:
+        return BuildResult(self._build(req.component, Path(req.src_dir), Path(req.out_dir), req.variant, req.limits,
+                                       req.progress, req.options))
+
+    def _build(self, component, src_dir, out_dir, variant, limits, progress=None, options=None) -> dict:
         """options: the recipe's `components.<c>.aoti` (spec.AotiOptions) or None (the defaults)."""
         from ..runtime.encdec import is_encdec_checkpoint
         from ..runtime.export import build_llm

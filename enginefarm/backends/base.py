@@ -9,8 +9,13 @@ import platform
 import shutil
 import subprocess
 import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    from ..spec import AotiOptions, Variant
 
 
 def version_of(dist: str) -> str | None:
@@ -70,7 +75,35 @@ def detect_gpu() -> tuple[Optional[str], str]:
     return None, "no nvidia-smi, and torch.cuda sees no GPU"
 
 
-class Backend:
+@dataclass(frozen=True)
+class BuildRequest:
+    """What the build step asks of a backend: one engine for `component`
+    (`llm` or `visual`) from `src_dir` (a converted checkpoint, or an export
+    for a visual component) into `out_dir`."""
+
+    component: str
+    src_dir: Path
+    out_dir: Path
+    variant: "Variant"
+    limits: dict[str, Any]
+    # the recipe's `components.<c>.aoti` (the aoti backend's engine-form options), or None
+    options: Optional["AotiOptions"] = None
+    # a TensorRT timing cache from earlier builds of the same flavour, version and GPU target
+    timing_cache: Optional[bytes] = None
+    progress: Optional[Callable[[str], None]] = None
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """A built engine: its sidecar (also written to out_dir/engine.json) and,
+    where the backend keeps one, the timing cache to store for later builds
+    (never an engine file)."""
+
+    sidecar: dict[str, Any]
+    timing_cache: Optional[bytes] = None
+
+
+class Backend(ABC):
     name: str = ""
     components: tuple[str, ...] = ()
     install_hint: str = ""
@@ -79,18 +112,22 @@ class Backend:
     def __init__(self, name: str):
         self.name = name
 
+    @abstractmethod
     def usable(self, component: str, target: str) -> tuple[bool, str]:
         """(True, '') or (False, why-with-install-hint), cheap, no heavy imports if avoidable."""
-        raise NotImplementedError
 
+    @abstractmethod
     def toolchain(self, target: str) -> dict[str, Any]:
         """Versions that shape this backend's output (part of the build step's cache key)."""
-        raise NotImplementedError
 
-    def build(self, component: str, src_dir: Path, out_dir: Path, variant, limits: dict, progress=None) -> dict:
-        """Build an engine for `component` from `src_dir` (a converted checkpoint or an export) into
-        `out_dir`; write `engine.json` (the sidecar) there and return it."""
-        raise NotImplementedError
+    @abstractmethod
+    def build(self, req: BuildRequest) -> BuildResult:
+        """Build the engine `req` asks for; write `engine.json` (the sidecar) into req.out_dir."""
+
+    def timing_cache_name(self, target: str) -> Optional[str]:
+        """The store name of this backend's timing cache for `target`, or None
+        where it keeps none (the build step then passes and stores none)."""
+        return None
 
     def cannot_run(self, sidecar: dict, gpu: Optional[str] = None) -> Optional[str]:
         """Why an engine with this sidecar cannot run on this machine (or on

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import NotAvailable
 from ..runtime.sidecar import write as write_sidecar
-from .base import Backend, version_of
+from .base import Backend, BuildRequest, BuildResult, version_of
 
 
 class OnnxRuntime(Backend):
@@ -32,7 +32,11 @@ class OnnxRuntime(Backend):
     def toolchain(self, target: str) -> dict:
         return {"backend": "onnxruntime", "onnxruntime": version_of("onnxruntime")}
 
-    def build(self, component, src_dir, out_dir, variant, limits, progress=None) -> dict:
+    def build(self, req: BuildRequest) -> BuildResult:
+        return BuildResult(self._build(req.component, Path(req.src_dir), Path(req.out_dir), req.variant, req.limits,
+                                       req.progress))
+
+    def _build(self, component, src_dir, out_dir, variant, limits, progress=None) -> dict:
         ok, why = self.usable(component, variant.target)
         if not ok:
             raise NotAvailable(why)

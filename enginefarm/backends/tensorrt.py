@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -36,7 +37,7 @@ from typing import Any, Optional
 from ..errors import BadInput, NotAvailable
 from ..runtime.sidecar import read as read_sidecar
 from ..runtime.sidecar import write as write_sidecar
-from .base import Backend, detect_gpu, version_of
+from .base import Backend, BuildRequest, BuildResult, detect_gpu, version_of
 
 FLAVOURS = {
     # name: (module, distribution, install hint)
@@ -179,7 +180,14 @@ class TensorRT(Backend):
             out[t.name] = [mn, opt, mx]
         return out
 
-    def build(self, component: str, src_dir: Path, out_dir: Path, variant, limits: dict, progress=None,
+    def build(self, req: BuildRequest) -> BuildResult:
+        with tempfile.TemporaryDirectory(prefix="enginefarm-trt-") as tmp:
+            out = Path(tmp) / "timing.cache"
+            sidecar = self._build(req.component, Path(req.src_dir), Path(req.out_dir), req.variant, req.limits,
+                                  req.progress, timing_cache=req.timing_cache, timing_cache_out=out)
+            return BuildResult(sidecar, out.read_bytes() if out.is_file() else None)
+
+    def _build(self, component: str, src_dir: Path, out_dir: Path, variant, limits: dict, progress=None,
               timing_cache: Optional[bytes] = None, timing_cache_out: Optional[Path] = None) -> dict:
         ok, why = self.usable(component, variant.target)
         if not ok:

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from ..errors import NotAvailable, StepFailed
 from ..runtime.sidecar import write as write_sidecar
-from .base import Backend, version_of
+from .base import Backend, BuildRequest, BuildResult, version_of
 
 DTYPE_PLUGIN = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 
@@ -332,7 +332,11 @@ class TensorRTLLM(Backend):
         kind = "decoder" if parts == ("",) else "encoder-decoder"
         return "; ".join(f"{k}: {v}" for k, v in release_range(kind, variant.quant, variant.group_size).items())
 
-    def build(self, component: str, src_dir: Path, out_dir: Path, variant, limits: dict, progress=None) -> dict:
+    def build(self, req: BuildRequest) -> BuildResult:
+        return BuildResult(self._build(req.component, Path(req.src_dir), Path(req.out_dir), req.variant, req.limits,
+                                       req.progress))
+
+    def _build(self, component: str, src_dir: Path, out_dir: Path, variant, limits: dict, progress=None) -> dict:
         ok, why = self.usable(component, variant.target)
         if not ok:
             raise NotAvailable(why)

@@ -13,6 +13,7 @@ import importlib
 from typing import Optional
 
 from ..errors import BadInput
+from ..spec import Recipe, read_recipe
 from .base import Family
 
 IMPLEMENTED = ("opt", "llama", "gpt2", "gpt-neo", "gpt-neox", "gptj", "bloom", "mistral", "t5", "bart",
@@ -60,3 +61,11 @@ def detect_family(config: dict) -> str:
     raise BadInput(
         f"cannot tell the family of a checkpoint with model_type {mt!r}; pass --family (known: {', '.join(all_families())})"
     )
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A recipe read and parsed (spec.read_recipe), then cross-checked against
+    its family (limits, components) before any heavy work."""
+    recipe = read_recipe(name_or_path)
+    get_family(recipe.family, origin=recipe.origin).check_recipe(recipe)
+    return recipe

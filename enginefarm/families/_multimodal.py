@@ -284,7 +284,7 @@ class MultimodalFamily(Family):
 
     def load_visual(self, src_dir: "str | Path", config: dict, dtype: "torch.dtype", allow_pickle: bool = False):
         """The visual module with the checkpoint's weights (only those are read)."""
-        from ..checkpoint import TensorSource
+        from ..tensors import TensorSource
 
         src = TensorSource(src_dir, allow_pickle=allow_pickle)
         module = self.visual_module(config).eval()

@@ -94,7 +94,7 @@ class LlavaNext(Llava):
         return {**super().visual_meta(config), "image_grid_pinpoints": pins, "tile_size": tile, "tile_side": side}
 
     def visual_extras(self, src_dir, config: dict, dtype) -> dict:
-        from ..checkpoint import TensorSource
+        from ..tensors import TensorSource
 
         src = TensorSource(src_dir)
         names = src.names()

@@ -26,7 +26,8 @@ from ..concurrency import warm, warm_for_config
 from ..errors import GateFailed, StepFailed
 from ..families import get_family
 from ..registry import status_of
-from ..spec import Recipe, Variant, load_recipe
+from ..families import load_recipe
+from ..spec import Recipe, Variant
 from ..store import open_store
 from ..tasks import build as build_step
 from ..tasks import convert as convert_step

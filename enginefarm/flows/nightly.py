@@ -45,7 +45,8 @@ from ..concurrency import warm_transformers
 from ..errors import BadInput, NotAvailable
 from ..families import get_family
 from ..hashing import canonical_json
-from ..spec import Recipe, Variant, load_recipe
+from ..families import load_recipe
+from ..spec import Recipe, Variant
 from ..store import open_store
 from ..store.index import Indexed
 from ..tasks import fetch as fetch_step

@@ -20,7 +20,8 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import BadInput
-from ..spec import Backend, catalog_paths, load_recipe
+from ..families import load_recipe
+from ..spec import Backend, catalog_paths
 from .build import run_build
 from .settings import resolve_store, task_runner
 

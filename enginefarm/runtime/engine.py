@@ -84,12 +84,14 @@ def load_weights(runners: list, weights_file: Path, device: str) -> dict:
     return consts
 
 
-def load_engine(engine_dir: str | Path, cuda_graphs: bool | None = None):
-    """Any built engine, as its sidecar says: an aoti LLM (decoder-only or
-    encoder-decoder) or visual package, an ONNX visual encoder, or another
-    backend's engine (through that backend). cuda_graphs (aoti, on CUDA):
-    capture decode steps / visual batches as CUDA graphs (default: as the
-    recipe built it)."""
+def load_engine(engine_dir: str | Path, cuda_graphs: bool | None = None, elsewhere=None):
+    """A built engine, as its sidecar says: an aoti LLM (decoder-only or
+    encoder-decoder) or visual package, an ONNX visual encoder; an engine of
+    another format (a TensorRT plan, a TensorRT-LLM engine) through
+    `elsewhere(engine_dir, sidecar)`, which `enginefarm.backends.load_engine`
+    passes (its backend runs it; this layer does not import the backends).
+    cuda_graphs (aoti, on CUDA): capture decode steps / visual batches as
+    CUDA graphs (default: as the recipe built it)."""
     engine_dir = Path(engine_dir)
     meta = sc.read(engine_dir)
     if meta.format == "aoti-pt2" and meta.kind == "encoder-decoder":
@@ -103,18 +105,15 @@ def load_engine(engine_dir: str | Path, cuda_graphs: bool | None = None):
         return VisualEngine.load(engine_dir, meta, cuda_graphs)
     if meta.format == "aoti-pt2":
         return LLMEngine.load(engine_dir, cuda_graphs, meta)
-    from ..backends import get_backend
-
-    flavour = (meta.model_extra or {}).get("flavour")
-    name = {"tensorrt-plan": flavour or "tensorrt", "tensorrt-llm": "tensorrt-llm"}.get(meta.format)
-    if name is None:
-        raise BadInput(f"{engine_dir} holds a {meta.format} engine, which no backend here runs")
-    return get_backend(name).load(engine_dir)
+    if elsewhere is None:
+        raise BadInput(f"{engine_dir} holds a {meta.format} engine: its backend loads it "
+                       f"(enginefarm.backends.load_engine)")
+    return elsewhere(engine_dir, meta)
 
 
 class EngineBase:
-    """What every LLM engine shares (the aoti decoder, the GPU engine form,
-    the encoder-decoder pair): the limits it was built for, read from its
+    """What every LLM engine shares (the decoder-only engine, the
+    encoder-decoder pair): the limits it was built for, read from its
     sidecar (`meta`), its own KV caches per batch size (`cache_dims`:
     layers, kv heads, max_seq_len, head size), and the checks of a request
     against them and against its prompt table (`table`)."""

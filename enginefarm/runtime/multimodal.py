@@ -63,16 +63,18 @@ class MultimodalPipeline:
             )
 
     @classmethod
-    def load(cls, root: str | Path) -> "MultimodalPipeline":
+    def load(cls, root: str | Path, load=load_engine) -> "MultimodalPipeline":
         """root/visual and root/llm: engine directories; root/source: the
-        processor's files (preprocessing and tokenizer configs)."""
+        processor's files (preprocessing and tokenizer configs). Each engine
+        as its engine.json says (aoti, ONNX or TensorRT visual; decoder-only
+        or encoder-decoder LLM), through `load` (enginefarm.backends.load_engine
+        for every format, the runtime's own for aoti and ONNX)."""
         from ..families import get_family
 
         root = Path(root)
-        visual = load_engine(root / "visual")
+        visual = load(root / "visual")
         processor = get_family(visual.visual["family"]).load_processor(root / "source", visual.visual)
-        # each engine as its engine.json says: aoti, ONNX or TensorRT visual; decoder-only or encoder-decoder LLM
-        return cls(visual, load_engine(root / "llm"), processor)
+        return cls(visual, load(root / "llm"), processor)
 
     # ----------------------------------------------------------------- limits
 

@@ -19,6 +19,7 @@ quantization at one tp size starts its processes once.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import socket
@@ -58,11 +59,18 @@ def run_checkpoints(
     eos: Optional[int],
     max_input_len: int,
     max_seq_len: int,
+    outputs: str,
     backend: str = "auto",
     timeout: float = 600.0,
 ) -> list[dict]:
-    """Engine-side validation outputs (validate.engine_outputs) of each
-    checkpoint, all of one tp size, run as tp processes."""
+    """What `outputs` ("module:function", called in every rank as
+    function(engine, prompt_ids, eval_ids, max_new_tokens, eos); the caller's,
+    e.g. evaluation.engine_outputs, so this module never imports the layers
+    above it) gives for each checkpoint, all of one tp size, run as tp
+    processes; rank 0's result is returned."""
+    module, _, function = outputs.partition(":")
+    if not module or not function:
+        raise BadInput(f"outputs must name a function as 'module:function', got {outputs!r}")
     import torch
 
     if not ckpt_dirs:
@@ -79,6 +87,7 @@ def run_checkpoints(
             "checkpoints": [str(Path(d).resolve()) for d in ckpt_dirs],
             "prompt_ids": prompt_ids, "eval_ids": eval_ids, "max_new_tokens": max_new_tokens, "eos": eos,
             "max_input_len": max_input_len, "max_seq_len": max_seq_len, "backend": backend,
+            "outputs": outputs,
         }))
         port = _free_port()
         env = dict(os.environ)
@@ -132,7 +141,6 @@ def _rank_main(job_path: str, rank: int, world: int, port: int, out_dir: str) ->
     import torch
     import torch.distributed as dist
 
-    from ..evaluation import engine_outputs
     from .decoder import DecoderLM
     from .encdec import EncDecEngine, is_encdec_checkpoint, load_encdec
     from .engine import LLMEngine
@@ -140,6 +148,8 @@ def _rank_main(job_path: str, rank: int, world: int, port: int, out_dir: str) ->
     from .sidecar import Sidecar
 
     job = json.loads(Path(job_path).read_text())
+    module, _, function = job["outputs"].partition(":")
+    engine_outputs = getattr(importlib.import_module(module), function)
     backend = job["backend"]
     if backend == "nccl":
         torch.cuda.set_device(rank)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..backends import get_backend
+from ..backends.base import BuildRequest
 from ..families import get_family
 from ..hashing import code_version
 from ..spec import Variant
@@ -25,13 +26,11 @@ def spec(ctx: Ctx, source: StepResult, variant: Variant, component: str = "llm",
     variant = ctx.recipe.component_variant(component, variant)  # the component's own target, if the recipe gives one
     limits = get_family(ctx.recipe.family).derived_limits(ctx.recipe, config)
     params = {"component": component, "backend": bname, "variant": variant.params(), "limits": limits}
-    mods = [__name__, type(b).__module__, "enginefarm.runtime.decoder", "enginefarm.runtime.engine",
-            "enginefarm.runtime.encdec", "enginefarm.runtime.visual", "enginefarm.runtime.export",
-            "enginefarm.runtime.swaps", "enginefarm.runtime.sidecar", "enginefarm.kernels.gemv"]
     opts = ctx.recipe.components[component].aoti
-    if bname == "aoti" and opts is not None:  # only when set: recipes without options keep their cache keys
+    if bname == "aoti" and opts is not None:  # only when set: recipes without options keep their parameters
         params["options"] = opts.model_dump()
-    code = code_version(*mods)
+    # this module and the backend's, with everything they import (hashing.code_closure)
+    code = code_version(__name__, type(b).__module__)
     inputs = {"export" if component == "visual" else "convert": source}
     return StepSpec("build", params, inputs, code, b.toolchain(variant.target), variant=variant.name)
 
@@ -45,13 +44,13 @@ def build_task(ctx: Ctx, source: StepResult, variant: Variant, component: str = 
     def work(out: Path, scratch: Path):
         src = materialize(ctx, source, scratch / "src")
         b = get_backend(s.params["backend"])
-        extra = {"options": s.params["options"]} if "options" in s.params else {}
-        cache_name = b.timing_cache_name(variant.target) if hasattr(b, "timing_cache_name") else None
-        if cache_name:  # TensorRT: the timing cache of this flavour, version and GPU target, from the store
-            extra.update(timing_cache=ctx.store.get_cache(cache_name), timing_cache_out=scratch / "timing.cache")
-        sidecar = b.build(component, src, out, variant, s.params["limits"], progress=log, **extra)
-        if cache_name and extra["timing_cache_out"].is_file():
-            ctx.store.put_cache(cache_name, extra["timing_cache_out"].read_bytes())
-        return {"engine": sidecar}, {}
+        options = ctx.recipe.components[component].aoti if "options" in s.params else None
+        cache_name = b.timing_cache_name(variant.target)  # TensorRT's, of its flavour, version and GPU target
+        req = BuildRequest(component, src, out, variant, s.params["limits"], options=options,
+                           timing_cache=ctx.store.get_cache(cache_name) if cache_name else None, progress=log)
+        res = b.build(req)
+        if cache_name and res.timing_cache:
+            ctx.store.put_cache(cache_name, res.timing_cache)
+        return {"engine": res.sidecar}, {}
 
     return run_step(ctx, s, work)

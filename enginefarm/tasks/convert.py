@@ -17,8 +17,7 @@ from .policy import step_task
 def spec(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepSpec:
     fam = get_family(ctx.recipe.family)
     params = {"family": fam.name, "dtype": variant.dtype, "quant": variant.quant, "tp": variant.tp}
-    code = code_version(__name__, "enginefarm.checkpoint", "enginefarm.quant", "enginefarm.families._split",
-                        *fam.code_modules())
+    code = code_version(__name__, *fam.code_modules())
     tc = {"torch": version_of("torch"), "safetensors": version_of("safetensors")}
     return StepSpec("convert", params, {"fetch": fetched}, code, tc, variant=f"tp{variant.tp}-{variant.dtype}-{variant.quant}")
 

@@ -56,7 +56,7 @@ def spec(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepSpec:
     }
     if fam.media == "video":  # frames per video: the batch bound and the features follow from it
         params["num_frames"] = config["num_frames"]
-    code = code_version(__name__, "enginefarm.checkpoint", "enginefarm.families._multimodal", type(fam).__module__)
+    code = code_version(__name__, type(fam).__module__)
     tc = {d: version_of(d) for d in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")}
     return StepSpec("export", params, {"fetch": fetched}, code, tc, variant=f"visual-{params['dtype']}")
 

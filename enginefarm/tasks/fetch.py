@@ -27,7 +27,7 @@ def source_dir(ctx: Ctx) -> Path | None:
     """The local directory of a path/tiny source (tiny: written on first use)."""
     src = ctx.recipe.source
     if src.tiny:
-        from ..testing import ensure_tiny
+        from ..testing.tiny import ensure_tiny
 
         return ensure_tiny(src.tiny)
     if src.path:

@@ -37,8 +37,7 @@ def spec(ctx: Ctx, fetched: StepResult, converted: StepResult, variant: Variant)
         "limits": ctx.recipe.limits.model_dump(mode="json"),
     }
     tc = {"torch": version_of("torch"), "transformers": version_of("transformers")}
-    code = code_version(__name__, "enginefarm.evaluation", "enginefarm.runtime.tp", "enginefarm.runtime.decoder",
-                        "enginefarm.runtime.engine", "enginefarm.quant")
+    code = code_version(__name__)
     return StepSpec("shards", params, {"fetch": fetched, "convert": converted}, code, tc, variant=variant.name)
 
 

@@ -88,7 +88,7 @@ def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant,
     if pending:  # only then: every other validate key stays what it was
         params["pending"] = sorted(pending)
     tc = {"torch": version_of("torch"), "transformers": version_of("transformers")}
-    modules = [__name__, "enginefarm.runtime.engine", "enginefarm.runtime.encdec", "enginefarm.evaluation"]
+    modules = [__name__]  # with what it imports (hashing.code_closure); a multimodal family's module besides
     inputs = {"fetch": fetched, "build": built}
     if visual is not None:
         from ..images import image_digest
@@ -97,11 +97,9 @@ def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant,
             from ..videos import video_digest
 
             params["video_digests"] = [video_digest(i, ctx.recipe.recipe_dir()) for i in videos_of(ctx)]
-            modules.append("enginefarm.videos")
         else:
             params["image_digests"] = [image_digest(i, ctx.recipe.recipe_dir()) for i in v.images]
-        modules += ["enginefarm.runtime.visual", "enginefarm.runtime.multimodal", "enginefarm.images",
-                    "enginefarm.families._multimodal", type(get_family(ctx.recipe.family)).__module__]
+        modules.append(type(get_family(ctx.recipe.family)).__module__)
         inputs["build.visual"] = visual
     return StepSpec("validate", params, inputs, code_version(*modules), tc, variant=variant.name)
 
