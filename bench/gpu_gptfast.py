@@ -167,7 +167,7 @@ def main():
     a = ap.parse_args()
     from bench.gpu_llm import compile_all, engine_from_parts
     from bench.models import decoder_from_hf, hf_llama, llama_state
-    from enginefarm.gpu.fast import prepare_engine
+    from enginefarm.runtime.swaps import prepare_engine
 
     res = Results(a.out, "gptfast")
     log(res["env"])

@@ -203,8 +203,8 @@ def check_kernels(res):
 def engine_check(res, layers: int = 2):
     """Small engines of every format through the backend, against eager."""
     from bench.models import decoder_from_hf, hf_llama, llama_state
-    from enginefarm.gpu.export import export_llm
-    from enginefarm.gpu.engine import LLMEngine
+    from enginefarm.runtime.engine import LLMEngine
+    from enginefarm.runtime.export import export_llm
 
     hf = hf_llama(layers=layers)
     state = llama_state(hf)
@@ -232,7 +232,7 @@ def engine_check(res, layers: int = 2):
                 t0 = time.perf_counter()
                 sc = export_llm(m, Path(d), limits, "cuda", {"cuda_graphs": True}, log)
                 r["build_s"] = round(time.perf_counter() - t0, 1)
-                r["timings"] = sc["timings"]
+                r["timings"] = sc.timings
                 del m
                 log("  loading the engine")
                 eng = LLMEngine.load(d)

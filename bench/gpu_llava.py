@@ -67,9 +67,10 @@ def main():
     a = ap.parse_args()
     from bench.gpu_llm import engine_from_parts, start_children
     from bench.models import decoder_from_hf, hf_llava, llama_state
-    from enginefarm.gpu.export import export_visual
-    from enginefarm.gpu.fast import prepare_engine
-    from enginefarm.gpu.vision import ClipVisionTower, VisualEngine
+    from enginefarm.runtime.clip import ClipVisionTower
+    from enginefarm.runtime.export import export_visual
+    from enginefarm.runtime.swaps import prepare_engine
+    from enginefarm.runtime.visual import VisualEngine
 
     res = Results(a.out, "llava")
     log(res["env"])
@@ -105,8 +106,8 @@ def main():
         log(f"waited {time.time() - t_w:.0f}s for {a.wait_for} ({'there' if Path(a.wait_for).exists() else 'not there'})")
     llm = prepare_engine(decoder_from_hf(hf.config.text_config.to_dict(), llama_state(hf), "none"))
     eng = engine_from_parts(work / "none", llm, "none")
-    vis = VisualEngine.load(vdir, cuda_graphs=True)
-    res["compile"] = {"visual": vsc["timings"], "llm": eng.meta["timings"]}
+    vis = VisualEngine.load(vdir, cuda_graphs=True).on_device
+    res["compile"] = {"visual": vsc.timings, "llm": eng.meta.timings}
     rows = []
     for b in batches:
         try:

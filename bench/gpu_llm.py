@@ -42,7 +42,7 @@ def empty_decoder(layers: int, quant: str, vocab: int | None = None):
     all a compile needs), in the checkpoint layout the converter writes."""
     from bench.models import LLAMA_7B
     from enginefarm.quant import QUANTIZED_LINEARS, Scheme, scheme_for
-    from enginefarm.gpu.decoder import DecoderConfig, DecoderLM
+    from enginefarm.runtime.decoder import DecoderConfig, DecoderLM
 
     h, inter, V = LLAMA_7B["hidden_size"], LLAMA_7B["intermediate_size"], vocab or LLAMA_7B["vocab_size"]
     nh = LLAMA_7B["num_attention_heads"]
@@ -74,13 +74,13 @@ def empty_decoder(layers: int, quant: str, vocab: int | None = None):
 
 
 def child(quant: str, which: str, out: str, layers: int, limits: dict) -> None:
-    from enginefarm.gpu.export import export_llm
+    from enginefarm.runtime.export import export_llm
 
     faulthandler.enable()
     t0 = time.perf_counter()
     m = empty_decoder(layers, quant, limits.get("vocab"))
     sc = export_llm(m, Path(out), limits, DEVICE, {"cuda_graphs": True}, log, packages=(which,), write_weights=False,
-                    prompt_table_rows=limits.get("table_rows", 0))
+                    prompt_table_rows=limits.get("table_rows", 0)).dump()
     sc["child_s"] = round(time.perf_counter() - t0, 1)
     Path(out, f"engine.{which}.json").write_text(json.dumps(sc, indent=2))
     log(f"child {quant}/{which} done in {sc['child_s']}s")
@@ -125,8 +125,9 @@ def compile_all(work: Path, layers: int, limits: dict, jobs, parallel: int, time
 
 def engine_from_parts(d: Path, model, quant: str):
     """An LLMEngine from the packages compiled in `d` and the weights of `model` (engine form)."""
-    from enginefarm.gpu.export import engine_constants
-    from enginefarm.gpu.engine import LLMEngine, _load_runner
+    from enginefarm.runtime.engine import LLMEngine, load_runner
+    from enginefarm.runtime.export import engine_constants
+    from enginefarm.runtime.sidecar import parse
 
     metas = {w: json.loads((d / f"engine.{w}.json").read_text()) for w in ("general", "decode")
              if (d / f"engine.{w}.json").exists()}
@@ -136,14 +137,14 @@ def engine_from_parts(d: Path, model, quant: str):
         files.update({k: v for k, v in m["files"].items() if k != "weights"})
     meta["files"] = files
     meta["timings"] = {k: v for m in metas.values() for k, v in m["timings"].items()}
-    general = _load_runner(d / files["general"]) if "general" in files else None
-    decode = _load_runner(d / files["decode"]) if "decode" in files else None
+    general = load_runner(d / files["general"]) if "general" in files else None
+    decode = load_runner(d / files["decode"]) if "decode" in files else None
     consts = engine_constants(model)
     for r in (general, decode):
         if r is not None:
             need = set(r.get_constant_fqns())
             r.load_constants({k: consts[k] for k in need}, check_full_update=True, user_managed=True)
-    return LLMEngine(general, meta, decode, cuda_graphs=True, weights=consts)
+    return LLMEngine(general, parse(meta, str(d)), decode, cuda_graphs=True, weights=consts)
 
 
 def time_engine(eng, prompt, n_new: int, iters: int = 3) -> dict:
@@ -195,7 +196,7 @@ def main():
         child(quant, which, out, int(layers), json.loads(limits))
         return
     from bench.models import decoder_from_hf, hf_llama, llama_state, weight_bytes
-    from enginefarm.gpu.fast import prepare_engine
+    from enginefarm.runtime.swaps import prepare_engine
 
     res = Results(a.out, "llm")
     log(res["env"])

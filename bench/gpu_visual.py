@@ -63,8 +63,9 @@ def main():
     ap.add_argument("--prebuilt", help="time engines built earlier by --compile-only into this directory")
     a = ap.parse_args()
     from bench.models import hf_clip_vision
-    from enginefarm.gpu.export import export_visual
-    from enginefarm.gpu.vision import ClipVisionTower, VisualEngine
+    from enginefarm.runtime.clip import ClipVisionTower
+    from enginefarm.runtime.export import export_visual
+    from enginefarm.runtime.visual import VisualEngine
 
     if a.compile_only:
         hf = hf_clip_vision()
@@ -136,9 +137,9 @@ def main():
                 d = tempfile.mkdtemp(prefix=f"visual-{name}-")
                 t0 = time.perf_counter()
                 sc = export_visual(tower, Path(d), B, cfg.image_size, "cuda", torch.float16, build_opts, log)
-                built[key] = (d, round(time.perf_counter() - t0, 1), sc["timings"])
+                built[key] = (d, round(time.perf_counter() - t0, 1), sc.timings)
             d, build_s, timings = built[key]
-            eng = VisualEngine.load(d, cuda_graphs=opts.get("cuda_graphs", False))
+            eng = VisualEngine.load(d, cuda_graphs=opts.get("cuda_graphs", False)).on_device
             for b in batches:
                 out = eng(pix[b]).float()
                 err = ((out - ref[b]).norm() / ref[b].norm()).item()

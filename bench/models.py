@@ -81,7 +81,7 @@ def decoder_from_hf(hf_config: dict, state: dict, quant: str = "none", dtype: st
     farm's conversion (and weight-only quantization) in memory."""
     from enginefarm.checkpoint import convert_in_memory
     from enginefarm.families import get_family
-    from enginefarm.gpu.decoder import DecoderConfig, DecoderLM
+    from enginefarm.runtime.decoder import DecoderConfig, DecoderLM
     from enginefarm.spec import Variant
 
     v = Variant(name="bench", backend="aoti", dtype=dtype, quant=quant, tp=1, target="sm_90", group_size=group_size)

@@ -208,7 +208,7 @@ def run_bench(store, ref_text: str, batches=(1,), input_lens=(32,), output_lens=
     kw = {} if cuda_graphs is None else {"cuda_graphs": cuda_graphs}
     eng = get_backend(backend).load(eng_dir, **kw)
     meta = eng.meta
-    limits = {k: meta[k] for k in ("max_batch_size", "max_input_len", "max_seq_len")}
+    limits = {k: getattr(meta, k) for k in ("max_batch_size", "max_input_len", "max_seq_len")}
     points, skipped = sweep_points(batches, input_lens, output_lens, limits)
     if not points:
         raise BadInput(f"no point of the sweep fits the engine's limits {limits}: " + "; ".join(skipped))
@@ -220,7 +220,7 @@ def run_bench(store, ref_text: str, batches=(1,), input_lens=(32,), output_lens=
         say("loading the eager baseline (Hugging Face)")
         hf = AutoModelForCausalLM.from_pretrained(src, dtype=eng.dtype, trust_remote_code=False).to(device).eval()
     g = torch.Generator().manual_seed(seed)
-    vocab = meta["vocab_size"]
+    vocab = meta.vocab_size
     rows = []
     for b, t, n in points:
         ids = torch.randint(3, vocab, (b, t), generator=g).to(device)
@@ -236,7 +236,7 @@ def run_bench(store, ref_text: str, batches=(1,), input_lens=(32,), output_lens=
         "schema": SCHEMA,
         "ref": {k: value.get(k) for k in ("recipe", "variant", "alias", "digest", "manifest")},
         "env": env_info(device),
-        "engine": {"backend": backend, "dtype": meta.get("dtype"), "quant_bits": meta.get("quant_bits"),
+        "engine": {"backend": backend, "dtype": meta.dtype, "quant_bits": meta.quant_bits,
                    "cuda_graphs": eng.cuda_graphs, "decode_package": eng.decode_run is not None, "limits": limits},
         "eager_baseline": "transformers generate, greedy, same dtype and device" if eager else None,
         "settings": {"warmup": warmup, "iters": iters, "seed": seed, "timer": "cuda events" if device == "cuda" else "wall clock"},

@@ -625,6 +625,7 @@ def _decoding(a, n: int, detokenize):
 
 
 def _run_multimodal(a, value: dict, cache: Path, images: list[str], prompts: list[str], media: str = "image") -> int:
+    from .backends import load_engine
     from .runtime.multimodal import MultimodalPipeline
 
     if media == "video":
@@ -638,7 +639,7 @@ def _run_multimodal(a, value: dict, cache: Path, images: list[str], prompts: lis
         from .images import load_image
 
         pixels = [load_image(p) for p in images]
-    pipe = MultimodalPipeline.load(cache)
+    pipe = MultimodalPipeline.load(cache, load_engine)
     pipe.check_request(len(pixels), a.frames)
     d, watch = _decoding(a, len(prompts), pipe.decode)
     if a.stream:

@@ -86,7 +86,7 @@ class Source(Strict):
 
 
 class AotiOptions(Strict):
-    """How the aoti backend builds and loads a component's engine (all off: a plain AOTInductor package)."""
+    """How the aoti backend builds and loads a component's engine (runtime/export.py; no options: these defaults)."""
 
     max_autotune: bool = Field(False, description="Inductor max-autotune: Triton GEMM templates with fused epilogues, "
                                "autotuned against cuBLAS at build time (slower builds)")

@@ -42,7 +42,7 @@ def test_default_configs_respect_groups_and_shapes():
 def _decoder(quant, group=None):
     from enginefarm.checkpoint import convert_in_memory
     from enginefarm.families import get_family
-    from enginefarm.gpu.decoder import DecoderConfig, DecoderLM
+    from enginefarm.runtime.decoder import DecoderConfig, DecoderLM
     from enginefarm.spec import Variant
     from transformers import AutoModelForCausalLM
 
@@ -57,7 +57,7 @@ def _decoder(quant, group=None):
 
 @pytest.mark.parametrize("quant,group", [("none", None), ("w8a16", None), ("w4a16", None), ("w4a16", 16)])
 def test_engine_form_equals_checkpoint_form_and_caches_are_written_in_place(quant, group):
-    from enginefarm.gpu.fast import prepare_engine
+    from enginefarm.runtime.swaps import prepare_engine
 
     ref, m = _decoder(quant, group), prepare_engine(_decoder(quant, group))
     assert m.layers[0].fc_gate is not None and m.layers[0].fc is None
@@ -141,15 +141,15 @@ def test_prompt_table_rows_replace_ids_at_or_above_the_vocab():
     assert torch.isfinite(lg).all() and lg.shape == (1, 5, V)
 
 
-def test_recipe_aoti_options_build_the_gpu_engine_form(tmp_path):
-    """components.llm.aoti set: the build step passes the options to the aoti backend,
-    which builds the GPU engine form (on the CPU: the general package and the weights
-    file), records the options in the cache key, and validation runs it."""
+def test_recipe_aoti_options_reach_the_engine(tmp_path):
+    """components.llm.aoti set: the build step passes the options to the aoti backend's
+    one exporter (on the CPU: the general package, weights inside: there is no decode
+    package to share them with), records them in the sidecar, and validation runs it."""
     import yaml
 
     from enginefarm.backends import get_backend
     from enginefarm.flows.build import build
-    from enginefarm.gpu.engine import LLMEngine as GpuLLM
+    from enginefarm.runtime.engine import LLMEngine
     from enginefarm.registry import resolve
     from enginefarm.store import open_store
 
@@ -165,12 +165,50 @@ def test_recipe_aoti_options_build_the_gpu_engine_form(tmp_path):
     st = open_store(store)
     value, m = resolve(st, "opts-llama:fp32-tp1")
     files = sorted(m["files"])
-    assert any(f.endswith("llm/weights.safetensors") for f in files), files
+    assert files == ["llm/engine.json", "llm/llm.pt2"], files
     from enginefarm.benchmark import engine_files
 
     eng_dir, _ = engine_files(st, value, m, cache_root=tmp_path / "cache")
     meta = json.loads((eng_dir / "engine.json").read_text())
-    assert meta["engine_form"] == "gpu" and meta["options"]["decode_kernels"] is True
+    assert meta["version"] == 3 and meta["options"]["decode_kernels"] is True
     eng = get_backend("aoti").load(eng_dir)
-    assert isinstance(eng, GpuLLM)
+    assert isinstance(eng, LLMEngine)
     assert m["results"]["validation"]["passed"], m["results"]["validation"]
+
+
+def test_packages_sharing_a_weights_file_load_it_user_managed(tmp_path):
+    """The path the CUDA build takes for its prefill and decode packages,
+    on the CPU: a package compiled without its weights
+    (package_constants_in_so=False), the weights file beside it, handed to
+    the runner at load (load_constants, user-managed); it equals the eager
+    model, and generates as it does, greedy and beam search."""
+    from enginefarm.runtime.engine import load_engine
+    from enginefarm.runtime.export import export_llm
+
+    ref = _decoder("w8a16")
+    limits = {"max_batch_size": 2, "max_input_len": 8, "max_seq_len": 16, "max_beam_width": 2}
+    side = export_llm(_decoder("w8a16"), tmp_path, limits, "cpu", {"cuda_graphs": True}, packages=("general",))
+    assert side.files == {"general": "llm.pt2", "weights": "weights.safetensors"} and side.max_beam_width == 2
+    eng = load_engine(tmp_path)
+    assert eng.weights is not None and eng.decode_run is None and not eng.cuda_graphs  # graphs: CUDA only
+    ids = [5, 17, 42, 99, 3]
+    with torch.no_grad():
+        kc, vc = ref.new_cache(1, 16)
+        want, _, _ = ref(torch.tensor([ids]), torch.tensor([0]), kc, vc)
+    assert (eng.logits(ids) - want[0]).abs().max() < 1e-3
+    toks = []
+    with torch.no_grad():
+        nxt = want[:, -1].argmax(-1, keepdim=True)
+        for i in range(4):
+            toks.append(int(nxt))
+            lg, _, _ = ref(nxt, torch.tensor([len(ids) + i]), kc, vc)
+            nxt = lg[:, -1].argmax(-1, keepdim=True)
+    assert eng.generate([ids, ids[:3]], 4)[0] == toks
+    # beam search reorders the caches between in-place steps: the package as the eager model does it
+    from enginefarm.runtime.decoding import Decoding
+    from enginefarm.runtime.engine import LLMEngine
+
+    eager = LLMEngine(_decoder("w8a16"), side)
+    beam = Decoding(num_beams=2)
+    got = eng.generate([ids, [9, 8, 7, 6, 5]], 5, decoding=beam)
+    assert got == eager.generate([ids, [9, 8, 7, 6, 5]], 5, decoding=beam) and all(len(g) == 5 for g in got)

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from enginefarm.backends.aoti import export_decoder
 from enginefarm.checkpoint import convert_checkpoint, load_rank
 from enginefarm.cli import main as cli
 from enginefarm.errors import BadInput, NotAvailable
 from enginefarm.evaluation import check_shard_sets
 from enginefarm.families import get_family
 from enginefarm.runtime.decoder import DecoderConfig, DecoderLM
+from enginefarm.runtime.export import export_step
 from enginefarm.spec import Variant
 from enginefarm.testing import write_tiny
 from enginefarm.testing.tiny import eval_text
@@ -233,16 +233,18 @@ def test_aoti_export_with_dynamic_batch_and_tokens(tmp_path, tiny, family):
     batch sizes and token counts and equals the eager decoder."""
     convert_checkpoint(get_family(family), tiny(family), tmp_path / "c", V())
     model = DecoderLM.from_checkpoint(tmp_path / "c")
-    ep = export_decoder(model, 2, 32, 64).module()
+    ep = export_step(model, 2, 32, 64).module()
     ids = torch.randint(4, 384, (2, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        got = ep(ids, torch.tensor([0]), *model.new_cache(2, 64))
-        want = model(ids, torch.tensor([0]), *model.new_cache(2, 64))
-        assert (got[0] - want[0]).abs().max() < 1e-5
+        kc, vc = model.new_cache(2, 64)
+        got = ep(ids, torch.tensor([0]), list(kc.unbind(0)), list(vc.unbind(0)))  # writes kc, vc in place
+        want, wk, wv = model(ids, torch.tensor([0]), *model.new_cache(2, 64))
+        assert (got - want).abs().max() < 1e-5 and torch.allclose(kc, wk, atol=1e-5)
         one = ids[:1, :1]
-        got = ep(one, torch.tensor([20]), got[1][:, :1], got[2][:, :1])
-        want = model(one, torch.tensor([20]), want[1][:, :1], want[2][:, :1])
-        assert (got[0] - want[0]).abs().max() < 1e-5
+        k1, v1 = kc[:, :1].clone(), vc[:, :1].clone()
+        got = ep(one, torch.tensor([20]), list(k1.unbind(0)), list(v1.unbind(0)))
+        want, _, _ = model(one, torch.tensor([20]), wk[:, :1].clone(), wv[:, :1].clone())
+        assert (got - want).abs().max() < 1e-5
 
 
 # ----------------------------------------------------------------------------- tensor-parallel shard check
@@ -350,3 +352,38 @@ def test_unsupported_configs_exit_2_with_one_message(tmp_path, tiny, capsys, fam
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert re.search(message, err), err
+
+
+def test_rank_of_a_tp_checkpoint_reaches_the_model(tmp_path, tiny):
+    """from_checkpoint(rank=r) builds rank r's model: its config says r and,
+    with ALiBi, it holds the slopes of r's heads (the GPU engine form's copy
+    of the decoder dropped the rank, so every rank took rank 0's slopes)."""
+    from enginefarm.runtime.decoder import alibi_slopes
+
+    convert_checkpoint(get_family("bloom"), tiny("bloom"), tmp_path / "c", V(2))
+    m0 = DecoderLM.from_checkpoint(tmp_path / "c", rank=0, allow_tp=True)
+    m1 = DecoderLM.from_checkpoint(tmp_path / "c", rank=1, allow_tp=True)
+    h = m1.cfg.heads_per_rank
+    assert (m0.cfg.tp_rank, m1.cfg.tp_rank) == (0, 1) and h == m1.cfg.num_heads // 2
+    assert torch.equal(m1.alibi, alibi_slopes(m1.cfg.num_heads)[h:2 * h])
+    assert not torch.equal(m0.alibi, m1.alibi)
+
+
+def test_prompt_rows_past_the_table_are_clamped_into_it(tmp_path, tiny):
+    """An id past the prompt table reads its last row, in eager and in the
+    exported graph alike (no read outside the table: the GPU engine form's
+    copy of the decoder clamped only below)."""
+    convert_checkpoint(get_family("gpt2"), tiny("gpt2"), tmp_path / "c", V())
+    model = DecoderLM.from_checkpoint(tmp_path / "c")
+    Vs, H = model.cfg.vocab_size, model.cfg.hidden_size
+    table = torch.randn(3, H, generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([[7, Vs, Vs + 2, Vs + 9]])
+    x = model.embed_tokens(ids, table)
+    assert torch.equal(x[0, 1], table[0]) and torch.equal(x[0, 2], table[2]) and torch.equal(x[0, 3], table[2])
+    assert torch.equal(x[0, 0], model.embed[7])
+    with torch.no_grad():
+        ep = export_step(model, 1, 8, 16, prompt_rows=3).module()
+        kc, vc = model.new_cache(1, 16)
+        got = ep(ids, torch.tensor([0]), list(kc.unbind(0)), list(vc.unbind(0)), table)
+        want, _, _ = model(ids, torch.tensor([0]), *model.new_cache(1, 16), table)
+    assert torch.isfinite(got).all() and (got - want).abs().max() < 1e-5

@@ -1,9 +1,10 @@
 """`aoti`: torch.export + AOTInductor packages (.pt2).
 
-A decoder-only LLM engine is one package holding a step function with a
-static KV cache (see `enginefarm.runtime.decoder`): dynamic batch
-(1..max_batch_size) and dynamic token count (1..max_input_len), so one
-package does prefill and decode. An encoder-decoder LLM (T5, BART) is two
+A decoder-only LLM engine is built by runtime/export.py: a package holding
+the step function of `enginefarm.runtime.decoder` with a static KV cache
+written in place, dynamic batch (1..max_batch_size) and token count
+(1..max_input_len), so one package does prefill and decode (on CUDA, a
+decode package with the weight-only kernels beside it). An encoder-decoder LLM (T5, BART) is two
 packages (see `enginefarm.runtime.encdec`): the encoder, which also computes
 the decoder's cross-attention keys/values once per request, and the decoder
 step with its self-attention cache. Runs on CPU here and on CUDA where the
@@ -12,8 +13,11 @@ max_multimodal_len), the decoder step also takes a prompt table of
 1..max_multimodal_len rows.
 
 The visual engine is the export step's ExportedProgram (the graph its ONNX
-was made from) compiled by AOTInductor: pixel_values with a dynamic batch
-(1..max_batch_size) -> features.
+was made from) compiled by AOTInductor (runtime/export.py's export_visual):
+pixel_values with a dynamic batch (1..max_batch_size) -> features.
+
+The recipe's `components.<c>.aoti` options (spec.AotiOptions) reach the
+exporter as they are; engines load through `runtime.engine.load_engine`.
 """
 
 from __future__ import annotations
@@ -24,11 +28,10 @@ import time
 from pathlib import Path
 
 from ..errors import BadInput, NotAvailable
+from ..runtime.sidecar import write as write_sidecar
 from .base import Backend, BuildRequest, BuildResult, torch_toolchain, version_of
 
-ENGINE_FILE = "llm.pt2"
 ENCODER_FILE = "encoder.pt2"
-VISUAL_FILE = "visual.pt2"
 DECODER_FILE = "decoder.pt2"
 
 
@@ -64,37 +67,23 @@ class AOTI(Backend):
                                        req.progress, req.options))
 
     def _build(self, component, src_dir, out_dir, variant, limits, progress=None, options=None) -> dict:
-        """options: the recipe's `components.<c>.aoti` (spec.AotiOptions) or None. A
-        decoder-only LLM with options is built in the GPU engine form
-        (enginefarm/gpu/export.py: decode package, weight-only kernels, weights
-        outside the packages, CUDA graphs at load); without options, as before."""
+        """options: the recipe's `components.<c>.aoti` (spec.AotiOptions) or None (the defaults)."""
         from ..runtime.encdec import is_encdec_checkpoint
+        from ..runtime.export import build_llm
 
         ok, why = self.usable(component, variant.target)
         if not ok:
             raise NotAvailable(why)
         if component == "visual":
-            if options is not None:
-                raise NotAvailable("aoti options for a visual component are not applied by the build step yet "
-                                   "(bench/gpu_visual.py measures them); remove components.visual.aoti")
-            return self._build_visual(src_dir, out_dir, variant, limits, progress)
+            return self._build_visual(src_dir, out_dir, variant, limits, progress, options)
         if variant.tp > self.max_tp:
             raise NotAvailable(f"the aoti backend builds tp=1 engines (variant {variant.name} has tp={variant.tp})")
         out_dir.mkdir(parents=True, exist_ok=True)
         if is_encdec_checkpoint(src_dir):
             if options is not None:
-                raise NotAvailable("aoti options (the GPU engine form) apply to decoder-only LLMs in this version")
+                raise NotAvailable("aoti options apply to decoder-only LLMs and visual encoders in this version")
             return self._build_encdec(component, src_dir, out_dir, variant, limits, progress)
-        if options is not None:
-            from ..gpu.export import build_llm
-
-            if limits.get("max_multimodal_len"):
-                raise NotAvailable("aoti options (the GPU engine form) apply to text-only LLMs in this version: the "
-                                   "multimodal validation path runs the plain engine (bench/gpu_llava.py measures the "
-                                   "GPU form with a prompt table)")
-
-            return build_llm(Path(src_dir), Path(out_dir), variant, limits, options, progress)
-        return self._build_decoder(component, src_dir, out_dir, variant, limits, progress)
+        return build_llm(Path(src_dir), Path(out_dir), variant, limits, options, progress).dump()
 
     @staticmethod
     def _compile(model, args, dynamic_shapes, path: Path, what: str, progress) -> dict:
@@ -119,44 +108,6 @@ class AOTI(Backend):
             progress(f"aoti: AOTInductor compile ({what}, {device})")
         torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
         return {"compile_s": round(time.perf_counter() - t0, 3)}
-
-    def _build_decoder(self, component, src_dir, out_dir, variant, limits, progress) -> dict:
-        from ..runtime.decoder import DecoderLM
-
-        device = "cpu" if variant.target == "cpu" else "cuda"
-        model = DecoderLM.from_checkpoint(src_dir).to(device)
-        B, T, S = _rows(limits), limits["max_input_len"], limits["max_seq_len"]
-        t0 = time.perf_counter()
-        if progress:
-            progress("aoti: torch.export (decoder)")
-        M = limits.get("max_multimodal_len") or 0
-        ep = export_decoder(model, B, T, S, device, prompt_rows=M)
-        timings = {"export_s": round(time.perf_counter() - t0, 3),
-                   **self._package(ep, out_dir / ENGINE_FILE, "decoder", device, progress)}
-        c = model.cfg
-        sidecar = {
-            **_sidecar(component, device, variant, limits, c.vocab_size),
-            "file": ENGINE_FILE,
-            "cache_shape": [c.num_layers, "batch", c.num_kv_heads, S, c.head_size],
-            "inputs": [
-                {"name": "input_ids", "dtype": "int64", "shape": ["batch", "tokens"]},
-                {"name": "start_pos", "dtype": "int64", "shape": [1]},
-                {"name": "k_cache", "dtype": variant.dtype, "shape": [c.num_layers, "batch", c.num_kv_heads, S, c.head_size]},
-                {"name": "v_cache", "dtype": variant.dtype, "shape": [c.num_layers, "batch", c.num_kv_heads, S, c.head_size]},
-            ],
-            "outputs": [
-                {"name": "logits", "dtype": "float32", "shape": ["batch", "tokens", c.vocab_size]},
-                {"name": "k_cache", "dtype": variant.dtype},
-                {"name": "v_cache", "dtype": variant.dtype},
-            ],
-            "timings": timings,
-        }
-        if M:
-            H = model.cfg.hidden_size
-            sidecar["prompt_table"] = {"max_rows": M, "hidden_size": H}
-            sidecar["inputs"].append({"name": "prompt_table", "dtype": variant.dtype, "shape": ["rows", H]})
-        (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))
-        return sidecar
 
     def _build_encdec(self, component, src_dir, out_dir, variant, limits, progress) -> dict:
         """Two packages: the encoder (with the decoder's cross-attention K/V
@@ -258,90 +209,41 @@ class AOTI(Backend):
             sidecar["encoder_hidden_size"] = c.encoder_hidden_size
         if M:
             sidecar["prompt_table"] = {"max_rows": M, "hidden_size": H}
-        (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))
-        return sidecar
+        return write_sidecar(out_dir, sidecar).dump()
 
-    def _build_visual(self, src_dir: Path, out_dir: Path, variant, limits: dict, progress=None) -> dict:
+    def _build_visual(self, src_dir: Path, out_dir: Path, variant, limits: dict, progress=None, options=None) -> dict:
         """src_dir: the export step's files (visual.ep.pt2, visual.json)."""
         import torch
 
+        from ..runtime.engine import DTYPES
+        from ..runtime.export import export_visual
+
         meta = json.loads((src_dir / "visual.json").read_text())
         B = meta["max_batch_size"]  # encoder inputs per call: images, or tiles (max_batch_size x tiles per image)
-        from torch.export import Dim
-
-        from ..runtime.engine import DTYPES
-
         device = "cpu" if variant.target == "cpu" else "cuda"
-        t0 = time.perf_counter()
         ep = torch.export.load(str(src_dir / meta["exported_program"]))
         if device != "cpu":
             from torch.export.passes import move_to_device_pass
 
             ep = move_to_device_pass(ep, device)
-        # Re-traced before compiling: with torch 2.13, AOTInductor compiling the
-        # deserialized program of the CLIP tower gave NaN at batch 1 (batch 2
-        # was right); compiling a fresh trace of its module is right at every
-        # batch size (tests/test_multimodal.py checks batch 1 and max).
-        from ..images import image_hw
-
-        Hh, Ww = image_hw(meta["image_size"])
-        example = torch.zeros(min(2, B), 3, Hh, Ww, dtype=DTYPES[meta["dtype"]], device=device)
-        dyn = ({0: Dim("batch", min=1, max=B)},) if B > 1 else None
-        with torch.no_grad():
-            ep = torch.export.export(ep.module(), (example,), dynamic_shapes=dyn, strict=False)
-        if progress:
-            progress(f"aoti: AOTInductor compile of the visual encoder ({device})")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(out_dir / VISUAL_FILE))
-        t1 = time.perf_counter()
-        F, H = meta["encoder_features"], meta["hidden_size"]
-        sidecar = {
-            "format": "aoti-pt2",
-            "component": "visual",
-            "file": VISUAL_FILE,
-            "device": device,
-            "target": variant.target,
-            "dtype": meta["dtype"],
-            "max_batch_size": B,
-            "visual": meta,
-            "inputs": [{"name": meta["input"], "dtype": meta["dtype"], "shape": ["batch", 3, Hh, Ww]}],
-            "outputs": [{"name": meta["output"], "dtype": meta["dtype"], "shape": ["batch", F, H]}],
-            "timings": {"compile_s": round(t1 - t0, 3)},
-        }
+        # Re-traced before compiling (export_visual exports the module again):
+        # with torch 2.13, AOTInductor compiling the deserialized program of
+        # the CLIP tower gave NaN at batch 1 (batch 2 was right); compiling a
+        # fresh trace of its module is right at every batch size
+        # (tests/test_multimodal.py checks batch 1 and max).
+        side = export_visual(ep.module(), out_dir, B, meta["image_size"], device, DTYPES[meta["dtype"]], options,
+                             progress, visual=meta, target=variant.target, names=(meta["input"], meta["output"]))
         if meta.get("extras"):
             shutil.copyfile(src_dir / meta["extras"], out_dir / meta["extras"])
-        (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))
-        return sidecar
+        return side.dump()
 
     def load(self, engine_dir: Path, device: str = "cpu", cuda_graphs: bool | None = None):
-        """The engine's runtime. cuda_graphs (GPU engine form only): capture each
-        decode step as a CUDA graph (default: as the recipe built it)."""
-        from ..runtime.engine import LLMEngine
+        """The engine's runtime (runtime.engine.load_engine). cuda_graphs (on
+        CUDA): capture decode steps / visual batches as CUDA graphs (default:
+        as the recipe built it)."""
+        from ..runtime.engine import load_engine
 
-        engine_dir = Path(engine_dir)
-        try:
-            meta = json.loads((engine_dir / "engine.json").read_text())
-        except (OSError, ValueError) as e:
-            raise BadInput(f"{engine_dir} holds no readable engine.json: {e}") from None
-        if meta.get("engine_form") == "gpu":
-            LLMEngine.check_meta(engine_dir, meta)
-            if meta.get("component") == "visual":
-                from ..gpu.vision import VisualEngine as GpuVisual
-
-                return GpuVisual.load(engine_dir, cuda_graphs=bool(cuda_graphs))
-            from ..gpu.engine import LLMEngine as GpuLLM
-
-            return GpuLLM.load(engine_dir, cuda_graphs=cuda_graphs)
-        if meta.get("kind") == "encoder-decoder":
-            from ..runtime.encdec import EncDecEngine
-
-            LLMEngine.check_meta(engine_dir, meta)
-            return EncDecEngine.load(engine_dir, meta)
-        if meta.get("component") == "visual":
-            from ..runtime.visual import VisualEngine
-
-            return VisualEngine.load(engine_dir)
-        return LLMEngine.load(engine_dir)
+        return load_engine(engine_dir, cuda_graphs)
 
     def triton_model(self, name: str, sidecar: dict) -> tuple[str, dict[str, str]]:
         """Triton has no backend for AOTInductor packages: the engine is served
@@ -407,32 +309,6 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e))))
         return responses
 '''
-
-
-def export_decoder(model, max_batch: int, max_tokens: int, max_seq_len: int, device: str = "cpu",
-                   prompt_rows: int = 0):
-    """The decoder's step function as a torch.export program with a dynamic
-    batch (1..max_batch) and token count (1..max_tokens): what the package
-    is compiled from. With prompt_rows (multimodal: max_multimodal_len), the
-    step also takes a prompt table of 1..prompt_rows rows."""
-    import torch
-    from torch.export import Dim
-
-    B, T, S = max_batch, max_tokens, max_seq_len
-    eb, et = min(2, B), min(3, T)
-    ids = torch.zeros(eb, et, dtype=torch.long, device=device)
-    start = torch.zeros(1, dtype=torch.long, device=device)
-    kc, vc = model.new_cache(eb, S)
-    kc, vc = kc.to(device), vc.to(device)
-    batch = Dim("batch", min=1, max=B) if B > 1 else None
-    seq = Dim("seq", min=1, max=T) if T > 1 else None
-    specs = [{0: batch, 1: seq}, {}, {1: batch}, {1: batch}]
-    args = (ids, start, kc, vc)
-    if prompt_rows:  # multimodal: the prompt table (visual features) is an input
-        args += (torch.zeros(min(2, prompt_rows), model.cfg.hidden_size, dtype=kc.dtype, device=device),)
-        specs.append({0: Dim("prompt_rows", min=1, max=prompt_rows) if prompt_rows > 1 else None})
-    with torch.no_grad():
-        return torch.export.export(model, args, dynamic_shapes=_dims(specs), strict=False)
 
 
 def _sidecar(component: str, device: str, variant, limits: dict, vocab_size: int) -> dict:

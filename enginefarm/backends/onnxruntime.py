@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import NotAvailable
+from ..runtime.sidecar import write as write_sidecar
 from .base import Backend, BuildRequest, BuildResult, version_of
 
 
@@ -60,13 +61,12 @@ class OnnxRuntime(Backend):
             "inputs": [{"name": meta["input"], "dtype": meta["dtype"], "shape": ["batch", 3, Hh, Ww]}],
             "outputs": [{"name": meta["output"], "dtype": meta["dtype"], "shape": ["batch", F, H]}],
         }
-        (out_dir / "engine.json").write_text(json.dumps(sidecar, indent=2))
-        return sidecar
+        return write_sidecar(out_dir, sidecar).dump()
 
     def load(self, engine_dir: Path, device: str = "cpu"):
-        from ..runtime.visual import VisualEngine
+        from ..runtime.engine import load_engine
 
-        return VisualEngine.load(engine_dir)
+        return load_engine(engine_dir)
 
 
 def backend(name: str) -> OnnxRuntime:

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import BadInput, NotAvailable
+from ..runtime.sidecar import read as read_sidecar
+from ..runtime.sidecar import write as write_sidecar
 from .base import Backend, BuildRequest, BuildResult, detect_gpu, version_of
 
 FLAVOURS = {
@@ -269,7 +271,7 @@ class TensorRT(Backend):
             meta["max_batch_size"] = shapes[network.get_input(0).name][2][0]
             if export_meta.get("extras"):  # tensors the packing of features needs (LLaVA-NeXT: image_newline)
                 shutil.copyfile(onnx_path.parent / export_meta["extras"], out_dir / export_meta["extras"])
-        (out_dir / "engine.json").write_text(json.dumps(meta, indent=2))
+        meta = write_sidecar(out_dir, meta).dump()
         if timing_cache_out is not None and self.uses_timing_cache:  # for the build step to keep in the store (not an engine file)
             Path(timing_cache_out).write_bytes(new_cache)
         return meta
@@ -285,7 +287,8 @@ class TensorRT(Backend):
         `runtime.visual.VisualEngine` (what the multimodal pipeline takes);
         anything else as the bare TRTEngine (named tensors in and out)."""
         engine_dir = Path(engine_dir)
-        meta = json.loads((engine_dir / "engine.json").read_text())
+        side = read_sidecar(engine_dir)
+        meta = side.dump()
         check_runs_here(meta, gpu, what=str(engine_dir))
         engine = TRTEngine(self.name, engine_dir / meta["file"], meta)
         if not meta.get("visual"):
@@ -298,7 +301,7 @@ class TensorRT(Backend):
 
             extras = load_file(str(engine_dir / meta["visual"]["extras"]))
         name_in, name_out = meta["visual"]["input"], meta["visual"]["output"]
-        return VisualEngine(lambda x: engine(**{name_in: x})[name_out], meta, extras)
+        return VisualEngine(lambda x: engine(**{name_in: x})[name_out], side, extras)
 
 
 class TRTEngine:

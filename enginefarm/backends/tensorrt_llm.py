@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import NotAvailable, StepFailed
+from ..runtime.sidecar import write as write_sidecar
 from .base import Backend, BuildRequest, BuildResult, version_of
 
 DTYPE_PLUGIN = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
@@ -371,8 +372,7 @@ class TensorRTLLM(Backend):
                 **({"encoder_decoder_names": names} if parts != ("",) else {}),
                 "runtime": runtime_settings(Path(src_dir), limits["max_seq_len"], parts != ("",)), "tensorrt_llm": version_of("tensorrt-llm"),
                 "target": variant.target, "tp": variant.tp}
-        (out_dir / "engine.json").write_text(json.dumps(meta, indent=2))
-        return meta
+        return write_sidecar(out_dir, meta).dump()
 
 
     def load(self, engine_dir: Path, device: str = "cpu"):

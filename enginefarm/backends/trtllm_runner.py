@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import BadInput, NotAvailable
+from ..runtime.sidecar import FILE as SIDECAR
+from ..runtime.sidecar import read as read_sidecar
 from ..runtime.decoding import GREEDY, Decoding, OnToken, replay
 
 # ----------------------------------------------------------------------------- facts
@@ -83,7 +85,8 @@ def load(engine_dir: str | Path) -> "TRTLLMEngine":
         ) from e
     if not torch.cuda.is_available():
         raise NotAvailable(f"{engine_dir}: TensorRT-LLM's runtime needs a CUDA GPU and torch sees none")
-    meta = json.loads((engine_dir / "engine.json").read_text()) if (engine_dir / "engine.json").is_file() else {}
+    # TensorRT-LLM's own engine directories (built outside enginefarm) have no sidecar
+    meta = read_sidecar(engine_dir).dump() if (engine_dir / SIDECAR).is_file() else {}
     encdec = (engine_dir / "decoder" / "config.json").is_file()
     if encdec and not (engine_dir / "encoder" / "config.json").is_file():
         # Nougat / BLIP: the visual features are the decoder's encoder output

@@ -18,11 +18,22 @@ LM head bias) by their presence in the rank file.
 
 One step function serves prefill and decode:
 
-    logits, k_cache, v_cache = step(input_ids[B, T], start_pos[1], k_cache, v_cache[, prompt_table])
+    logits, k_cache, v_cache = model(input_ids[B, T], start_pos[1], k_cache, v_cache[, prompt_table])
 
 with a static KV cache of shape [layers, B, kv_heads, max_seq_len, head_size]
-written at positions start_pos .. start_pos + T - 1. The caches are returned,
-so the exported graph stays functional.
+(one tensor, or a sequence of per-layer tensors [B, kv_heads, S, head_size])
+written in place at positions start_pos .. start_pos + T - 1; the caches are
+returned too, for callers that thread them through. `model.logits(...)` is
+the same step without the caches in its outputs: the function the aoti
+backend exports (runtime/export.py), with per-layer cache inputs, since
+Inductor writes a graph input in place only when it is not a view. Writing
+in place matters: a functional update would copy the whole cache on every
+step, which at decode time costs more than the step's weights.
+
+Speed-ups are module swaps on this model (runtime/swaps.py): the linear
+layers into the weight-only kernels' layout, the gated MLP's two input
+projections into one product (`fc_gate`), the lm_head into a linear layer
+(`head`).
 
 Multimodal LLMs take a prompt table [rows, hidden] (visual features), in
 TensorRT-LLM's convention: a token id >= vocab_size stands for row
@@ -261,6 +272,7 @@ class Layer(nn.Module):
         self.fc = Lin(W, p + "mlp.fc", bits)
         self.gate = Lin(W, p + "mlp.gate", bits) if cfg.gated_mlp else None
         self.proj = Lin(W, p + "mlp.proj", bits, row_parallel=reduce_each, tp=tp)
+        self.fc_gate = None
         self.act = ACTS[cfg.hidden_act]
 
     def attention(self, x, pos, cos, sin, mask, kc, vc):
@@ -275,41 +287,44 @@ class Layer(nn.Module):
             interleaved = cfg.positions == "rope_gptj"
             q = _rope(q, cos, sin, interleaved)
             k = _rope(k, cos, sin, interleaved)
-        kc = kc.index_copy(2, pos, k)
-        vc = vc.index_copy(2, pos, v)
+        kc.index_copy_(2, pos, k)
+        vc.index_copy_(2, pos, v)
         keys, vals = kc, vc
         if KV != H:
             keys = keys.repeat_interleave(H // KV, dim=1)
             vals = vals.repeat_interleave(H // KV, dim=1)
         out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=cfg.attn_scale)
         out = out.transpose(1, 2).reshape(B, T, H * D)
-        return self.dense(out), kc, vc
+        return self.dense(out)
 
     def mlp(self, x):
+        if self.fc_gate is not None:  # swapped in (runtime/swaps.py): [fc; gate] in one product
+            y = self.fc_gate(x)
+            n = y.shape[-1] // 2
+            return self.proj(self.act(y[..., :n]) * y[..., n:])
         h = self.act(self.fc(x))
         if self.gate is not None:
             h = h * self.gate(x)
         return self.proj(h)
 
     def forward(self, x, pos, cos, sin, masks, kc, vc):
+        """The layer's output; kc, vc (this layer's caches) are written in place."""
         mask = masks[self.window]
         cfg = self.cfg
         if cfg.parallel_residual:  # GPT-NeoX, GPT-J: both branches read x
             h = self.ln1(x)
-            a, kc, vc = self.attention(h, pos, cos, sin, mask, kc, vc)
+            a = self.attention(h, pos, cos, sin, mask, kc, vc)
             m = self.mlp(self.ln2(x) if self.ln2 is not None else h)
             if cfg.allreduce_once and cfg.tp > 1:
-                return x + all_reduce(a + m), kc, vc
-            return x + a + m, kc, vc
+                return x + all_reduce(a + m)
+            return x + a + m
         if cfg.pre_norm:
-            a, kc, vc = self.attention(self.ln1(x), pos, cos, sin, mask, kc, vc)
-            x = x + a
+            x = x + self.attention(self.ln1(x), pos, cos, sin, mask, kc, vc)
             x = x + self.mlp(self.ln2(x))
         else:  # OPT-350m style post-norm
-            a, kc, vc = self.attention(x, pos, cos, sin, mask, kc, vc)
-            x = self.ln1(x + a)
+            x = self.ln1(x + self.attention(x, pos, cos, sin, mask, kc, vc))
             x = self.ln2(x + self.mlp(x))
-        return x, kc, vc
+        return x
 
 
 class DecoderLM(nn.Module):
@@ -333,14 +348,15 @@ class DecoderLM(nn.Module):
         self.lm_head_bias = (
             nn.Parameter(bias if cfg.tp > 1 else bias[: cfg.vocab_size], requires_grad=False) if bias is not None else None
         )
+        self.head = None  # swapped in (runtime/swaps.py): the lm_head (and its bias) as one linear layer
         if cfg.positions.startswith("rope"):
             d = cfg.rotary_dim or cfg.head_size
-            inv = 1.0 / (cfg.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+            inv = 1.0 / (cfg.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float32, device=self.embed.device) / d))
             self.register_buffer("inv_freq", inv, persistent=True)
         if cfg.positions == "alibi":  # this rank's heads of the model's slopes
             h = cfg.heads_per_rank
-            self.register_buffer("alibi", alibi_slopes(cfg.num_heads)[cfg.tp_rank * h : (cfg.tp_rank + 1) * h],
-                                 persistent=True)
+            slopes = alibi_slopes(cfg.num_heads)[cfg.tp_rank * h : (cfg.tp_rank + 1) * h]
+            self.register_buffer("alibi", slopes.to(self.embed.device), persistent=True)
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir, rank: int = 0, allow_tp: bool = False) -> "DecoderLM":
@@ -356,10 +372,16 @@ class DecoderLM(nn.Module):
     def new_cache(self, batch: int, max_seq_len: int, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg
         shape = (c.num_layers, batch, c.kv_heads_per_rank, max_seq_len, c.head_size)
-        dt = dtype or self.embed.dtype
-        return torch.zeros(shape, dtype=dt), torch.zeros(shape, dtype=dt)
+        dt, dev = dtype or self.embed.dtype, self.embed.device
+        return torch.zeros(shape, dtype=dt, device=dev), torch.zeros(shape, dtype=dt, device=dev)
 
-    def embed_tokens(self, input_ids: torch.Tensor, prompt_table: torch.Tensor | None) -> torch.Tensor:
+    def embed_tokens(self, input_ids: torch.Tensor, prompt_table: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings; with a prompt table (multimodal engines, as
+        TensorRT-LLM's prompt tuning), ids >= vocab_size pick its rows
+        instead (visual features spliced into the prompt). Both lookups are
+        clamped into their tables: the graph has no data-dependent branch,
+        and an id past the table reads its last row rather than memory
+        outside it (the engine refuses such ids before they get here)."""
         if prompt_table is None:
             return F.embedding(input_ids, self.embed)
         V = self.cfg.vocab_size
@@ -372,7 +394,7 @@ class DecoderLM(nn.Module):
         """The attention mask of each window size the layers use: causal, the
         last `window` tokens only where a window is set; with ALiBi, a float
         mask carrying each head's linear distance bias."""
-        keys = torch.arange(S, dtype=torch.long)[None, :]
+        keys = torch.arange(S, dtype=torch.long, device=pos.device)[None, :]
         causal = keys <= pos[:, None]  # [T, S]
         masks = {}
         for w in sorted({layer.window for layer in self.layers}):
@@ -384,11 +406,19 @@ class DecoderLM(nn.Module):
             masks[w] = m
         return masks
 
-    def forward(self, input_ids: torch.Tensor, start_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, start_pos: torch.Tensor, k_cache, v_cache,
                 prompt_table: torch.Tensor | None = None):
+        """logits [B, T, vocab] (float32) and the caches, written in place."""
+        return self.logits(input_ids, start_pos, k_cache, v_cache, prompt_table), k_cache, v_cache
+
+    def logits(self, input_ids: torch.Tensor, start_pos: torch.Tensor, k_cache, v_cache,
+               prompt_table: torch.Tensor | None = None) -> torch.Tensor:
+        """The step without the caches in its outputs (they are written in
+        place): the function the aoti backend exports. The caches are one
+        tensor [layers, ...] each, or sequences of per-layer tensors."""
         B, T = input_ids.shape
-        S = k_cache.shape[3]
-        pos = start_pos + torch.arange(T, dtype=torch.long)  # [T]
+        S = k_cache[0].shape[-2]
+        pos = start_pos + torch.arange(T, dtype=torch.long, device=input_ids.device)  # [T]
         x = self.embed_tokens(input_ids, prompt_table)
         cos = sin = None
         if self.pos_embed is not None:
@@ -400,16 +430,16 @@ class DecoderLM(nn.Module):
         if self.ln_embed is not None:
             x = self.ln_embed(x)
         masks = self._masks(pos, S, x.dtype)
-        ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            x, kc, vc = layer(x, pos, cos, sin, masks, k_cache[i], v_cache[i])
-            ks.append(kc)
-            vs.append(vc)
+            x = layer(x, pos, cos, sin, masks, k_cache[i], v_cache[i])
         if self.ln_f is not None:
             x = self.ln_f(x)
-        logits = x @ self.lm_head.t()
-        if self.lm_head_bias is not None:
-            logits = logits + self.lm_head_bias
+        if self.head is not None:
+            logits = self.head(x)
+        else:
+            logits = x @ self.lm_head.t()
+            if self.lm_head_bias is not None:
+                logits = logits + self.lm_head_bias
         if self.cfg.tp > 1:
             logits = all_gather_last(logits, self.cfg.tp)[..., : self.cfg.vocab_size]
-        return logits.float(), torch.stack(ks), torch.stack(vs)
+        return logits.float()

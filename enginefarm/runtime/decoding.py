@@ -164,7 +164,7 @@ def decode(first: torch.Tensor, step: Step, prompts: list[list[int]], max_new_to
 
 def replay(out: list[list[int]], on_token: Optional[OnToken]) -> list[list[int]]:
     """Tell on_token each finished output's tokens (for decoders that know
-    their tokens only at the end: beam search, the GPU engine form)."""
+    their tokens only at the end: beam search, TensorRT-LLM's runner)."""
     if on_token:
         for r, toks in enumerate(out):
             for t in toks:

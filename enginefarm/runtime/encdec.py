@@ -66,6 +66,7 @@ from ..quant import as_int8, bits_of, is_stored_quantized
 from .decoder import ACTS, Lin, Norm, all_gather_last
 from .decoding import GREEDY, Decoding, OnToken, decode
 from .engine import EngineBase
+from .sidecar import Sidecar
 
 ARCHITECTURES = ("EncoderModel", "DecoderModel")
 FP16_CLAMP = 64000.0  # TensorRT-LLM's enc-dec layers clamp fp16 T5 to this after each residual add
@@ -503,35 +504,38 @@ class EncDecEngine(EngineBase):
 
     seq2seq = True
 
-    def __init__(self, encode: Callable, step: Callable, meta: dict):
+    def __init__(self, encode: Callable, step: Callable, meta: Sidecar):
+        meta.need("dtype", "cache_shape", "max_batch_size", "max_input_len", "max_seq_len", "vocab_size",
+                  "decoder_start_token_id")
         self.encode_fn, self.step_fn = encode, step
         self.meta = meta
-        self.device = meta.get("device", "cpu")
-        self.dtype = {v: k for k, v in DTYPE_NAMES.items()}[meta["dtype"]]
-        L, _, H, S, D = meta["cache_shape"]
+        self.device = meta.device
+        self.dtype = {v: k for k, v in DTYPE_NAMES.items()}[meta.dtype]
+        L, _, H, S, D = meta.cache_shape
         self.cache_dims = (L, H, S, D)
-        self.table = meta.get("prompt_table")  # {"max_rows", "hidden_size"} or None
-        self.features_in = meta.get("encoder_input") == "features"
+        self.table = meta.prompt_table
+        self.features_in = meta.encoder_input == "features"
 
     @classmethod
-    def load(cls, engine_dir: str | Path, meta: dict) -> "EncDecEngine":
+    def load(cls, engine_dir: str | Path, meta: Sidecar) -> "EncDecEngine":
         engine_dir = Path(engine_dir)
-        files = meta["files"]
+        files = meta.files
         enc = torch._inductor.aoti_load_package(str(engine_dir / files["encoder"]))
         dec = torch._inductor.aoti_load_package(str(engine_dir / files["decoder"]))
         return cls(enc, dec, meta)
 
     @classmethod
     def from_modules(cls, encoder: EncoderWithCrossKV, decoder: Decoder, meta: dict) -> "EncDecEngine":
+        """The eager modules of one rank (tp check); meta: the limits (and device) to run them under."""
         c = decoder.cfg
-        meta = {"dtype": DTYPE_NAMES[decoder.embed.dtype],
+        meta = {"format": "aoti-pt2", "kind": "encoder-decoder", "dtype": DTYPE_NAMES[decoder.embed.dtype],
                 "cache_shape": [c.num_layers, "batch", c.heads_per_rank, meta["max_seq_len"], c.head_size],
                 "decoder_start_token_id": c.decoder_start_token_id, "eos_token_id": c.eos_token_id,
                 "vocab_size": c.vocab_size, "encoder_hidden_size": c.encoder_hidden_size,
                 "encoder_input": "features" if isinstance(encoder, FeaturesCrossKV) else "tokens", **meta}
-        return cls(encoder, decoder, meta)
+        return cls(encoder, decoder, Sidecar.model_validate(meta))
 
-    decoder_start_token_id = property(lambda self: self.meta["decoder_start_token_id"])
+    decoder_start_token_id = property(lambda self: self.meta.decoder_start_token_id)
     @property
     def max_decoder_tokens(self) -> int:
         """decoder tokens one step takes (a prefill of the decoder's prompt)"""
@@ -567,12 +571,12 @@ class EncDecEngine(EngineBase):
         B, n, width = features.shape
         if B > self.max_batch_size:
             raise BadInput(f"{B} images in one call, but the engine was built for max_batch_size {self.max_batch_size}")
-        want = self.meta["encoder_features"]
+        want = self.meta.encoder_features
         if n != want:
             raise BadInput(f"{n} encoder features per image, but the decoder was built for {want}")
-        if width != self.meta["encoder_hidden_size"]:
+        if width != self.meta.encoder_hidden_size:
             raise BadInput(f"encoder features of width {width}, but the decoder's cross-attention takes "
-                           f"{self.meta['encoder_hidden_size']}")
+                           f"{self.meta.encoder_hidden_size}")
         lengths = torch.full((B,), n, dtype=torch.long, device=self.device)
         _, ck, cv = self.encode_fn(features.to(self.device, self.dtype), lengths)
         return ck, cv, lengths

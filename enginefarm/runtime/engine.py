@@ -1,48 +1,135 @@
-"""Running a built LLM engine: generation (greedy, sampling, beam search:
-runtime/decoding.py) and scoring from the package alone (no Hugging Face model code on this path).
+"""Running a built engine: generation (greedy, sampling, beam search:
+runtime/decoding.py) and scoring from the package alone (no Hugging Face
+model code on this path), and `load_engine`, which loads any built engine
+as its sidecar (runtime/sidecar.py) says.
+
+An LLM engine (runtime/export.py) has a general step package (prefill), on
+CUDA a decode package, and, with both, its weights in one file that both
+share. With `cuda_graphs` (recipe option `aoti.cuda_graphs`, or
+`LLMEngine.load(..., cuda_graphs=True)`), each greedy decode step is one
+CUDA-graph replay per batch size: the package's call, the greedy pick and
+the feedback of the token into the next step's input are captured once and
+replayed; the caches are the engine's own, one pair per batch size, written
+in place.
 
 An engine built for a multimodal recipe takes a prompt table (the visual
 features, [rows, hidden]); token ids >= vocab_size select its rows."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import BadInput
+from . import sidecar as sc
 from .decoding import GREEDY, Decoding, OnToken, decode
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+_STDCXX_GLOBAL = False
 
-def load_aoti(engine_dir: Path, meta: dict):
-    """The runner of an aoti package (its engine.json: meta)."""
-    if meta.get("device") == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"engine in {engine_dir} was built for {meta.get('target')}; this machine has no CUDA GPU")
-    return torch._inductor.aoti_load_package(str(engine_dir / meta["file"]))
+
+def _global_libstdcxx() -> None:
+    """Make the process's libstdc++ global before loading a package.
+
+    A package's wrapper library built by a compiler that links parts of
+    libstdc++ into it (seen: a toolchain in /opt/gcc on the GPU machines) binds
+    to its own copy unless libstdc++ is in the global scope, and then crashes
+    in std::regex when handed a std::locale made by the other copy (AOTI's
+    device-string parsing, at load). Promoting the already loaded library to
+    RTLD_GLOBAL gives the package the process's one copy."""
+    global _STDCXX_GLOBAL
+    if _STDCXX_GLOBAL:
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        pass
+    _STDCXX_GLOBAL = True
+
+
+def check_runs_here(engine_dir, meta: sc.Sidecar) -> None:
+    """An aoti engine that this machine can run."""
+    if meta.format != "aoti-pt2":
+        raise BadInput(f"{engine_dir} holds a {meta.format} engine, not an aoti package")
+    if meta.device == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"engine in {engine_dir} was built for {meta.target}; this machine has no CUDA GPU")
+
+
+def load_runner(path: Path):
+    """A package's runner. Single-threaded: the default runner keeps a pool of
+    model instances and waits on an event of the previous call before the
+    next, which CUDA-graph capture forbids (seen: 'operation not permitted
+    when stream is capturing'); the engines call from one thread anyway."""
+    _global_libstdcxx()
+    return torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
+
+
+def load_weights(runners: list, weights_file: Path, device: str) -> dict:
+    """The weights file into device memory, handed to every runner (user-managed:
+    the runners share these tensors, nothing is copied)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file), framework="pt", device=device if device != "cuda" else "cuda:0") as f:
+        consts = {k: f.get_tensor(k) for k in f.keys()}
+    for r in runners:
+        need = set(r.get_constant_fqns())
+        missing = need - set(consts)
+        if missing:
+            raise BadInput(f"{weights_file}: no tensors for {sorted(missing)[:4]}... (the package needs them)")
+        r.load_constants({k: consts[k] for k in need}, check_full_update=True, user_managed=True)
+    return consts
+
+
+def load_engine(engine_dir: str | Path, cuda_graphs: bool | None = None, elsewhere=None):
+    """A built engine, as its sidecar says: an aoti LLM (decoder-only or
+    encoder-decoder) or visual package, an ONNX visual encoder; an engine of
+    another format (a TensorRT plan, a TensorRT-LLM engine) through
+    `elsewhere(engine_dir, sidecar)`, which `enginefarm.backends.load_engine`
+    passes (its backend runs it; this layer does not import the backends).
+    cuda_graphs (aoti, on CUDA): capture decode steps / visual batches as
+    CUDA graphs (default: as the recipe built it)."""
+    engine_dir = Path(engine_dir)
+    meta = sc.read(engine_dir)
+    if meta.format == "aoti-pt2" and meta.kind == "encoder-decoder":
+        from .encdec import EncDecEngine
+
+        check_runs_here(engine_dir, meta)
+        return EncDecEngine.load(engine_dir, meta)
+    if meta.component == "visual" and meta.format in ("aoti-pt2", "onnx"):
+        from .visual import VisualEngine
+
+        return VisualEngine.load(engine_dir, meta, cuda_graphs)
+    if meta.format == "aoti-pt2":
+        return LLMEngine.load(engine_dir, cuda_graphs, meta)
+    if elsewhere is None:
+        raise BadInput(f"{engine_dir} holds a {meta.format} engine: its backend loads it "
+                       f"(enginefarm.backends.load_engine)")
+    return elsewhere(engine_dir, meta)
 
 
 class EngineBase:
-    """What every LLM engine shares (the aoti decoder, the GPU engine form,
-    the encoder-decoder pair): the limits it was built for, read from its
+    """What every LLM engine shares (the decoder-only engine, the
+    encoder-decoder pair): the limits it was built for, read from its
     sidecar (`meta`), its own KV caches per batch size (`cache_dims`:
     layers, kv heads, max_seq_len, head size), and the checks of a request
     against them and against its prompt table (`table`)."""
 
-    meta: dict
-    table: dict | None
+    meta: sc.Sidecar
+    table: sc.PromptTable | None
     cache_dims: tuple
     dtype: torch.dtype
     device: str
 
-    max_batch_size = property(lambda self: self.meta["max_batch_size"])
-    max_input_len = property(lambda self: self.meta["max_input_len"])
-    max_seq_len = property(lambda self: self.meta["max_seq_len"])
-    vocab_size = property(lambda self: self.meta["vocab_size"])
-    # beams per request the caches were sized for (engines built before it: 1)
-    max_beam_width = property(lambda self: self.meta.get("max_beam_width", 1))
+    max_batch_size = property(lambda self: self.meta.max_batch_size)
+    max_input_len = property(lambda self: self.meta.max_input_len)
+    max_seq_len = property(lambda self: self.meta.max_seq_len)
+    vocab_size = property(lambda self: self.meta.vocab_size)
+    # beams per request the caches were sized for
+    max_beam_width = property(lambda self: self.meta.max_beam_width)
 
     @staticmethod
     def reorder(t: torch.Tensor, rows: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -54,7 +141,7 @@ class EngineBase:
 
     @property
     def max_multimodal_len(self) -> int:
-        return self.table["max_rows"] if self.table else 0
+        return self.table.max_rows if self.table else 0
 
     def new_cache(self, batch: int):
         L, KV, S, D = self.cache_dims
@@ -99,70 +186,89 @@ class EngineBase:
         if not self.table:
             raise BadInput("this engine was built without a prompt table (not for a multimodal recipe)")
         rows, hidden = prompt_table.shape
-        if rows > self.table["max_rows"]:
+        if rows > self.table.max_rows:
             raise BadInput(f"a prompt table of {rows} rows (visual features), but the engine was built for "
-                           f"max_multimodal_len {self.table['max_rows']}")
-        if hidden != self.table["hidden_size"]:
-            raise BadInput(f"prompt table rows of width {hidden}, but the LLM's hidden size is {self.table['hidden_size']}")
+                           f"max_multimodal_len {self.table.max_rows}")
+        if hidden != self.table.hidden_size:
+            raise BadInput(f"prompt table rows of width {hidden}, but the LLM's hidden size is {self.table.hidden_size}")
         if top >= self.vocab_size + rows:
             raise BadInput(f"token id {top} points past the prompt table ({rows} rows after vocab_size {self.vocab_size})")
 
 
+class _DecodeGraph:
+    """One captured decode step for a batch size: replay() runs the step on
+    `ids` at `pos`, writes the greedy tokens back into `ids` and advances `pos`."""
+
+    def __init__(self, run, batch: int, kc, vc, device: str):
+        # run(ids, pos, kc, vc) -> logits
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.kc, self.vc = kc, vc
+        self.run = run
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm-up: lazy module loads and workspaces happen outside the capture
+                self._body(advance=False)
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._body(advance=True)
+
+    def _body(self, advance: bool):
+        logits = self.run(self.ids, self.pos, self.kc, self.vc)
+        if advance:
+            self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+            self.pos.add_(1)
+        return logits
+
+    def replay(self):
+        self.graph.replay()
+
+
 class LLMEngine(EngineBase):
-    def __init__(self, runner, sidecar: dict):
+    """A decoder-only LLM engine: its general package (`runner`; None for a
+    decode-only one), an optional decode package, optional CUDA-graph decode.
+    `runner` may also be a DecoderLM itself (runtime/tp.py runs one rank of a
+    tp > 1 checkpoint through this engine)."""
+
+    NEEDS = ("dtype", "cache_shape", "max_batch_size", "max_input_len", "max_seq_len", "vocab_size")
+
+    def __init__(self, runner, sidecar: sc.Sidecar, decode_runner=None, cuda_graphs: bool = False, weights=None):
+        sidecar.need(*self.NEEDS)
         self.run = runner
+        self.decode_run = decode_runner
         self.meta = sidecar
-        self.device = sidecar.get("device", "cpu")
-        self.dtype = DTYPES[sidecar["dtype"]]
-        L, _, KV, S, D = sidecar["cache_shape"]
+        self.device = sidecar.device
+        self.dtype = DTYPES[sidecar.dtype]
+        L, _, KV, S, D = sidecar.cache_shape
         self.cache_dims = (L, KV, S, D)
-        self.table = sidecar.get("prompt_table")  # {"max_rows", "hidden_size"} or None
-        self.cuda_graphs = False  # the GPU engine form (enginefarm.gpu.engine) captures decode graphs; this one does not
-        self.decode_run = None
+        self.table = sidecar.prompt_table
+        self.cuda_graphs = bool(cuda_graphs) and self.device == "cuda"
+        self.weights = weights  # keeps user-managed constants alive
+        self.eager = isinstance(runner, torch.nn.Module)  # a model: whole caches in, (logits, caches) out
         self._caches: dict[int, tuple] = {}
+        self._views: dict[int, tuple] = {}
+        self._graphs: dict[int, _DecodeGraph] = {}
 
     @classmethod
-    def load(cls, engine_dir: str | Path) -> "LLMEngine":
+    def load(cls, engine_dir: str | Path, cuda_graphs: bool | None = None, meta: sc.Sidecar | None = None) -> "LLMEngine":
         engine_dir = Path(engine_dir)
-        meta = json.loads((engine_dir / "engine.json").read_text())
-        cls.check_meta(engine_dir, meta)
-        return cls(load_aoti(engine_dir, meta), meta)
-
-    @staticmethod
-    def check_meta(engine_dir: Path, meta: dict) -> None:
-        """An aoti engine that this machine can run."""
-        if meta.get("format") != "aoti-pt2":
-            raise BadInput(f"{engine_dir} holds a {meta.get('format')} engine, not an aoti package")
-        if meta.get("device") == "cuda" and not torch.cuda.is_available():
-            raise BadInput(f"engine in {engine_dir} was built for {meta.get('target')}; this machine has no CUDA GPU")
-
-    @torch.no_grad()
-    def generate_ids(self, ids: torch.Tensor, max_new_tokens: int, prompt_table=None, events: dict | None = None):
-        """Greedy continuation of a batch of equal-length prompts, no end-of-sequence
-        test: [B, T] -> [B, max_new_tokens] (the interface enginefarm bench times; the
-        GPU engine form has the same). With `events` on CUDA: 'start', 'first', 'end'."""
-        B, T = ids.shape
-        self._check(B, T, max_new_tokens)
-        cuda = self.device == "cuda"
-
-        def mark(k):
-            if events is not None and cuda:
-                e = torch.cuda.Event(enable_timing=True)
-                e.record()
-                events[k] = e
-
-        kc, vc = self.cache(B)
-        mark("start")
-        lg, kc, vc = self.step(ids, 0, kc, vc, prompt_table)
-        nxt = lg[:, -1].argmax(-1, keepdim=True)
-        out = [nxt]
-        mark("first")
-        for i in range(max_new_tokens - 1):
-            lg, kc, vc = self.step(nxt, T + i, kc, vc)
-            nxt = lg[:, -1].argmax(-1, keepdim=True)
-            out.append(nxt)
-        mark("end")
-        return torch.cat(out, dim=1)
+        meta = meta or sc.read(engine_dir)
+        check_runs_here(engine_dir, meta)
+        meta.need(*cls.NEEDS)
+        files = meta.files or ({"general": meta.file} if meta.file else {})
+        runner = load_runner(engine_dir / files["general"]) if "general" in files else None
+        decode_run = load_runner(engine_dir / files["decode"]) if "decode" in files else None
+        if runner is None and decode_run is None:
+            raise BadInput(f"{engine_dir}: the sidecar names no package: rebuild the engine")
+        weights = None
+        if "weights" in files:
+            weights = load_weights([r for r in (runner, decode_run) if r is not None], engine_dir / files["weights"],
+                                   meta.device)
+        if cuda_graphs is None:
+            cuda_graphs = (meta.options or {}).get("cuda_graphs", False)
+        return cls(runner, meta, decode_run, cuda_graphs, weights)
 
     def _check(self, batch: int, n_in: int, n_new: int = 0) -> None:
         self._check_batch_and_input(batch, n_in)
@@ -171,14 +277,49 @@ class LLMEngine(EngineBase):
                 f"{n_in} prompt tokens + {n_new} new tokens exceed the engine's max_seq_len {self.max_seq_len}"
             )
 
+    def _layers(self, t: torch.Tensor) -> list:
+        """A cache's per-layer tensors (views, which the package writes in place), kept for the engine's own caches."""
+        v = self._views.get(id(t))
+        if v is None or v[0] is not t:
+            if len(self._views) > 16:  # beam search reorders into new caches every step
+                self._views.clear()
+            v = self._views[id(t)] = (t, list(t.unbind(0)))
+        return v[1]
+
+    def call(self, runner, ids, pos, kc, vc, prompt_table=None):
+        """One call with device tensors; returns the logits (the caches are written in place)."""
+        if self.eager:
+            return runner(ids, pos, kc, vc, prompt_table)[0]
+        flat = [ids, pos, *self._layers(kc), *self._layers(vc)]
+        if prompt_table is not None:
+            flat.append(prompt_table)
+        loader = getattr(runner, "loader", None)
+        if loader is not None:
+            return loader.boxed_run(flat)[0]
+        L = len(kc)
+        return runner(ids, pos, flat[2:2 + L], flat[2 + L:2 + 2 * L], *flat[2 + 2 * L:])[0]
+
+    def _table_arg(self, prompt_table):
+        """The general package of a multimodal engine always takes a table; a text-only step gets a row of zeros."""
+        if not self.table:
+            return None
+        if prompt_table is None:
+            return torch.zeros(1, self.table.hidden_size, dtype=self.dtype, device=self.device)
+        return prompt_table.to(self.device, self.dtype)
+
     def step(self, ids: torch.Tensor, start: int, kc, vc, prompt_table: torch.Tensor | None = None):
-        args = [ids.to(self.device), torch.tensor([start], dtype=torch.long, device=self.device), kc, vc]
-        if self.table:  # the package always takes one; a text-only step gets a row of zeros
-            if prompt_table is None:
-                prompt_table = torch.zeros(1, self.table["hidden_size"])
-            args.append(prompt_table.to(self.device, self.dtype))
-        out = self.run(*args)
-        return out[0], out[1], out[2]
+        """One step: logits [B, T, vocab]; the caches are written in place and returned."""
+        ids = ids.to(self.device)
+        if self.run is None and ids.shape[1] > 1:  # a decode-only engine: the prompt one token at a time
+            for t in range(ids.shape[1]):
+                lg, _, _ = self.step(ids[:, t:t + 1].clone(), start + t, kc, vc)  # a slice may be misaligned: the package would copy it
+            return lg, kc, vc
+        pos = torch.tensor([start], dtype=torch.long, device=self.device)
+        if (ids.shape[1] == 1 and self.decode_run is not None and prompt_table is None) or self.run is None:
+            lg = self.call(self.decode_run, ids, pos, kc, vc)
+        else:
+            lg = self.call(self.run, ids, pos, kc, vc, self._table_arg(prompt_table))
+        return lg, kc, vc
 
     @torch.no_grad()
     def logits(self, ids: list[int], prompt_table: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,6 +330,53 @@ class LLMEngine(EngineBase):
         lg, _, _ = self.step(torch.tensor([ids], dtype=torch.long), 0, kc, vc, prompt_table)
         return lg[0].float().cpu()
 
+    # ------------------------------------------------------------------ generation
+
+    def _decode_graph(self, batch: int) -> _DecodeGraph:
+        g = self._graphs.get(batch)
+        if g is None:
+            kc, vc = self.cache(batch)
+            runner = self.decode_run or self.run
+            extra = self._table_arg(None) if self.decode_run is None else None
+
+            def run(ids, pos, k, v):
+                return self.call(runner, ids, pos, k, v, extra)
+
+            g = self._graphs[batch] = _DecodeGraph(run, batch, kc, vc, self.device)
+        return g
+
+    @torch.no_grad()
+    def generate_ids(self, ids: torch.Tensor, max_new_tokens: int, prompt_table=None, events: dict | None = None):
+        """Greedy continuation of a batch of equal-length prompts, all on the
+        device, no host synchronisation per token (no end-of-sequence test):
+        [B, T] -> [B, max_new_tokens] (what `enginefarm bench` times). With
+        `events` on CUDA, records events 'start', 'first' (after the first
+        token) and 'end' into it."""
+        B, T = ids.shape
+        self._check(B, T, max_new_tokens)
+        cuda = self.device == "cuda"
+        mark = (lambda k: events.__setitem__(k, _event())) if (events is not None and cuda) else (lambda k: None)
+        kc, vc = self.cache(B)
+        graph = self._decode_graph(B) if self.cuda_graphs and max_new_tokens > 1 else None
+        mark("start")
+        lg, _, _ = self.step(ids, 0, kc, vc, prompt_table)
+        nxt = lg[:, -1].argmax(-1, keepdim=True)
+        out = [nxt]
+        mark("first")
+        if graph is not None:
+            graph.ids.copy_(nxt)
+            graph.pos.fill_(T)
+            for _ in range(max_new_tokens - 1):
+                graph.replay()
+                out.append(graph.ids.clone())
+        else:
+            for i in range(max_new_tokens - 1):
+                lg, _, _ = self.step(nxt, T + i, kc, vc)
+                nxt = lg[:, -1].argmax(-1, keepdim=True)
+                out.append(nxt)
+        mark("end")
+        return torch.cat(out, dim=1)
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None = None,
                  prompt_table: torch.Tensor | None = None, decoding: Decoding = GREEDY,
@@ -197,7 +385,9 @@ class LLMEngine(EngineBase):
         (greedy by default). Prompts of equal length run as one batch;
         others run one after another. Ids >= vocab_size pick rows of
         prompt_table (shared by the whole call). on_token(prompt index,
-        token): each new token as it comes; True ends that prompt."""
+        token): each new token as it comes; True ends that prompt. Greedy
+        runs without an end token, a callback or a table run on the device
+        end to end (`generate_ids`: CUDA graphs where the engine has them)."""
         if not prompts:
             return []
         self._check(len(prompts), max(len(p) for p in prompts), max_new_tokens)
@@ -205,8 +395,14 @@ class LLMEngine(EngineBase):
         decoding.check(self.max_beam_width)
         groups = self._prompts_by_length(prompts)
         out: list[list[int]] = [[] for _ in prompts]
+        fast = decoding.greedy and eos_token_id is None and on_token is None and prompt_table is None
         for n, idx in groups.items():
             ids = torch.tensor([prompts[i] for i in idx], dtype=torch.long)
+            if fast:
+                toks = self.generate_ids(ids, max_new_tokens).cpu().tolist()
+                for j, i in enumerate(idx):
+                    out[i] = toks[j]
+                continue
             kc, vc = self.new_cache(len(idx))
             lg, kc, vc = self.step(ids, 0, kc, vc, prompt_table)
             state = {"kc": kc, "vc": vc, "pos": n}
@@ -222,3 +418,9 @@ class LLMEngine(EngineBase):
             for j, i in enumerate(idx):
                 out[i] = got[j]
         return out
+
+
+def _event():
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import BadInput
 from .decoding import GREEDY, Decoding, OnToken
-from .engine import LLMEngine
+from .engine import LLMEngine, load_engine
 from .visual import VisualEngine
 
 
@@ -48,32 +48,33 @@ class MultimodalPipeline:
         if self.meta.get("encoder_output"):
             if not getattr(llm, "features_in", False):
                 raise BadInput("the visual engine makes encoder outputs, but the LLM engine's decoder does not take them")
-            want = (llm.meta["encoder_features"], llm.meta["encoder_hidden_size"])
+            want = (_field(llm.meta, "encoder_features"), _field(llm.meta, "encoder_hidden_size"))
             if (self.meta["encoder_features"], self.meta["hidden_size"]) != want:
                 raise BadInput(f"the visual engine makes [{self.meta['encoder_features']}, {self.meta['hidden_size']}] "
                                f"features per image, but the LLM's decoder was built for {list(want)}")
             return
         if not llm.table:
             raise BadInput("the LLM engine was built without a prompt table; rebuild it with the visual component enabled")
-        if llm.table["hidden_size"] != self.meta["hidden_size"] or llm.vocab_size != self.meta["vocab_size"]:
+        hidden = _field(llm.table, "hidden_size")
+        if hidden != self.meta["hidden_size"] or llm.vocab_size != self.meta["vocab_size"]:
             raise BadInput(
                 f"the visual engine makes features for an LLM of hidden size {self.meta['hidden_size']} and vocab "
-                f"{self.meta['vocab_size']}, but the LLM engine has {llm.table['hidden_size']} and {llm.vocab_size}"
+                f"{self.meta['vocab_size']}, but the LLM engine has {hidden} and {llm.vocab_size}"
             )
 
     @classmethod
-    def load(cls, root: str | Path) -> "MultimodalPipeline":
+    def load(cls, root: str | Path, load=load_engine) -> "MultimodalPipeline":
         """root/visual and root/llm: engine directories; root/source: the
-        processor's files (preprocessing and tokenizer configs)."""
+        processor's files (preprocessing and tokenizer configs). Each engine
+        as its engine.json says (aoti, ONNX or TensorRT visual; decoder-only
+        or encoder-decoder LLM), through `load` (enginefarm.backends.load_engine
+        for every format, the runtime's own for aoti and ONNX)."""
         from ..families import get_family
 
         root = Path(root)
-        visual = VisualEngine.load(root / "visual")
+        visual = load(root / "visual")
         processor = get_family(visual.visual["family"]).load_processor(root / "source", visual.visual)
-        from ..backends import get_backend
-
-        # the llm engine: an aoti package (decoder-only) or two (encoder-decoder), as its engine.json says
-        return cls(visual, get_backend("aoti").load(root / "llm"), processor)
+        return cls(visual, load(root / "llm"), processor)
 
     # ----------------------------------------------------------------- limits
 
@@ -173,10 +174,16 @@ class MultimodalPipeline:
     @property
     def eos_token_id(self):
         """The token greedy generation stops at (the family says which: BLIP's is [SEP])"""
-        return self.family.stop_token_id(self.processor, getattr(self.llm, "meta", {}))
+        meta = getattr(self.llm, "meta", None) or {}
+        return self.family.stop_token_id(self.processor, meta.dump() if hasattr(meta, "dump") else meta)
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _field(obj, name: str):
+    """A field of a sidecar or prompt table (runtime/sidecar.py), or of another backend's dict."""
+    return obj[name] if isinstance(obj, dict) else getattr(obj, name)
 
 
 def engine_ids(ids: list[int], first_row: int, n_features: int, meta: dict, image_token: str = "<image>") -> list[int]:

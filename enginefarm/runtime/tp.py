@@ -144,6 +144,8 @@ def _rank_main(job_path: str, rank: int, world: int, port: int, out_dir: str) ->
     from .decoder import DecoderLM
     from .encdec import EncDecEngine, is_encdec_checkpoint, load_encdec
     from .engine import LLMEngine
+    from .export import dtype_name
+    from .sidecar import Sidecar
 
     job = json.loads(Path(job_path).read_text())
     module, _, function = job["outputs"].partition(":")
@@ -163,11 +165,9 @@ def _rank_main(job_path: str, rank: int, world: int, port: int, out_dir: str) ->
             else:
                 model = DecoderLM.from_checkpoint(ckpt, rank=rank, allow_tp=True).to(device)
                 c = model.cfg
-                eng = LLMEngine(model, {
-                    "dtype": {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[model.embed.dtype],
-                    "cache_shape": [c.num_layers, 1, c.kv_heads_per_rank, job["max_seq_len"], c.head_size],
-                    "vocab_size": c.vocab_size, **limits,
-                })
+                eng = LLMEngine(model, Sidecar(
+                    format="aoti-pt2", dtype=dtype_name(model.embed.dtype), vocab_size=c.vocab_size,
+                    cache_shape=[c.num_layers, 1, c.kv_heads_per_rank, job["max_seq_len"], c.head_size], **limits))
             with torch.no_grad():
                 out = engine_outputs(eng, job["prompt_ids"], job["eval_ids"], job["max_new_tokens"], job["eos"])
             if rank == 0:

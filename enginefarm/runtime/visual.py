@@ -1,51 +1,54 @@
-"""Running a built visual engine: pixel_values [B, 3, S, S] -> features
-[B, F, LLM hidden], from the engine files alone. Two formats: an aoti
-package (.pt2) and an ONNX export served by ONNX Runtime."""
+"""Running a built visual engine: pixel_values [B, 3, H, W] -> features
+[B, F, LLM hidden], from the engine files alone. Its runner is an aoti
+package (.pt2), an ONNX export served by ONNX Runtime, or what another
+backend hands it (a TensorRT plan); on CUDA, each batch size's call can be
+one CUDA-graph replay (recipe option `aoti.cuda_graphs`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import BadInput
-from .engine import DTYPES, load_aoti
+from . import sidecar as sc
+from .engine import DTYPES, check_runs_here, load_runner
 
 
 class VisualEngine:
-    def __init__(self, runner, sidecar: dict, extras: dict | None = None):
+    def __init__(self, runner, sidecar: sc.Sidecar, extras: dict | None = None, cuda_graphs: bool = False):
+        sidecar.need("max_batch_size", "dtype")
         self.run = runner
         self.meta = sidecar
-        self.visual = sidecar["visual"]  # the export's facts: features, hidden size, image size, image token ...
-        self.device = sidecar.get("device", "cpu")
+        self.visual = sidecar.visual or {}  # the export's facts: features, hidden size, image size, image token ...
+        self.device = sidecar.device
         self.extras = extras or {}  # tensors the packing of features needs (LLaVA-NeXT: image_newline)
+        self.cuda_graphs = bool(cuda_graphs) and self.device == "cuda"
+        self._graphs: dict[int, tuple] = {}
 
     @classmethod
-    def load(cls, engine_dir: str | Path) -> "VisualEngine":
+    def load(cls, engine_dir: str | Path, meta: sc.Sidecar | None = None, cuda_graphs: bool | None = None) -> "VisualEngine":
         engine_dir = Path(engine_dir)
-        meta = json.loads((engine_dir / "engine.json").read_text())
-        fmt = meta.get("format")
-        if fmt == "aoti-pt2":
-            runner = load_aoti(engine_dir, meta)
-        elif fmt == "tensorrt-plan":  # its backend runs it, or refuses naming the engine's GPUs and this one
-            from ..backends import get_backend
-
-            return get_backend(meta.get("flavour", "tensorrt")).load(engine_dir)
-        elif fmt == "onnx":
-            runner = _OrtRunner(engine_dir / meta["file"], meta["inputs"][0]["name"])
+        meta = meta or sc.read(engine_dir)
+        if meta.format == "aoti-pt2":
+            check_runs_here(engine_dir, meta)
+            runner = load_runner(engine_dir / meta.file)
+        elif meta.format == "onnx":
+            runner = _OrtRunner(engine_dir / meta.file, meta.inputs[0].name)
         else:
-            raise BadInput(f"{engine_dir} holds a {fmt} engine, which this runner cannot run")
+            raise BadInput(f"{engine_dir} holds a {meta.format} engine, which this runner cannot run")
         extras = {}
-        if meta["visual"].get("extras"):
+        if (meta.visual or {}).get("extras"):
             from safetensors.torch import load_file
 
-            extras = load_file(str(engine_dir / meta["visual"]["extras"]))
-        return cls(runner, meta, extras)
+            extras = load_file(str(engine_dir / meta.visual["extras"]))
+        if cuda_graphs is None:
+            cuda_graphs = (meta.options or {}).get("cuda_graphs", False)
+        return cls(runner, meta, extras, cuda_graphs)
 
     @property
     def max_batch_size(self) -> int:
-        return self.meta["max_batch_size"]
+        return self.meta.max_batch_size
 
     @property
     def features(self) -> int:
@@ -54,10 +57,20 @@ class VisualEngine:
 
     @property
     def image_size(self) -> "int | list[int]":
-        return self.visual["image_size"]
+        if "image_size" in self.visual:
+            return self.visual["image_size"]
+        return list(self.meta.inputs[0].shape[2:])  # [height, width]
+
+    def _call(self, x):
+        loader = getattr(self.run, "loader", None)
+        out = loader.boxed_run([x]) if loader is not None else self.run(x)
+        return out[0] if isinstance(out, (list, tuple)) else out
 
     @torch.no_grad()
-    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def on_device(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Features [B, n, d] where the engine runs, in its dtype. With CUDA
+        graphs the result is the graph's output buffer: read it (or clone it)
+        before the next call."""
         B = pixel_values.shape[0]
         if B > self.max_batch_size:
             raise BadInput(f"{B} inputs in one call, but the visual engine was built for batches up to {self.max_batch_size}")
@@ -67,11 +80,30 @@ class VisualEngine:
         if tuple(pixel_values.shape[1:]) != want:
             raise BadInput(f"pixel_values of shape {tuple(pixel_values.shape[1:])} per image, but the visual engine "
                            f"takes {want}")
-        x = pixel_values.to(self.device, DTYPES[self.meta["dtype"]])
-        out = self.run(x)
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        return out.float().cpu()
+        x = pixel_values.to(self.device, DTYPES[self.meta.dtype])
+        if not self.cuda_graphs:
+            return self._call(x)
+        g = self._graphs.get(B)
+        if g is None:
+            static = x.clone()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):  # warm-up outside the capture
+                    self._call(static)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._call(static)
+            g = self._graphs[B] = (graph, static, out)
+        graph, static, out = g
+        static.copy_(x)
+        graph.replay()
+        return out
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Features [B, n, d], float32 on the CPU."""
+        return self.on_device(pixel_values).float().cpu()
 
 
 class _OrtRunner:

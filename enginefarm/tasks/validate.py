@@ -154,11 +154,13 @@ def _validate_multimodal(ctx: Ctx, fetched: StepResult, built: StepResult, visua
 def _pytorch_visual(fam, src: Path, config: dict, meta: dict, allow_pickle: bool):
     """The checkpoint's visual module, run by PyTorch on the CPU, shaped as a visual engine."""
     from ..runtime.engine import DTYPES
+    from ..runtime.sidecar import Sidecar
     from ..runtime.visual import VisualEngine
 
     dtype = DTYPES[meta["dtype"]]
     module = fam.load_visual(src, config, dtype, allow_pickle=allow_pickle)
-    side = {"visual": meta, "max_batch_size": meta["max_batch_size"], "dtype": meta["dtype"], "device": "cpu"}
+    side = Sidecar(format="pytorch", component="visual", visual=meta, max_batch_size=meta["max_batch_size"],
+                   dtype=meta["dtype"], device="cpu")
     return VisualEngine(module, side, fam.visual_extras(src, config, dtype))
 
 

@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 from typing import Optional
 
+from ..runtime.sidecar import write as write_sidecar
 from ..spec import Variant, parse_recipe
 from ..tasks.base import Ctx, StepSpec, run_step
 
@@ -58,7 +59,7 @@ def publish_synthetic(store, name: str = "synth", seed: int = 0, n_files: int = 
             rng = random.Random(seed)
             sidecar = {"format": "aoti-pt2", "file": "engine.bin", "device": "cpu", "dtype": variant.dtype,
                        "max_batch_size": 2, "max_input_len": 32, "max_seq_len": 64}
-            write(out / "engine.json", json.dumps(sidecar))
+            sidecar = write_sidecar(out, sidecar).dump()
             if files:
                 return {"engine": sidecar}, dict(files)
             for i in range(n_files):

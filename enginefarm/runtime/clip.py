@@ -1,7 +1,8 @@
 """A CLIP vision tower in plain PyTorch over Hugging Face CLIPVisionModel
-weights: the graph the aoti backend exports for a visual component (the
-LLaVA family's encoder: CLIP ViT-L/14-336, features of the second-to-last
-layer, patch tokens only, through the two-layer GELU projector).
+weights, for runtime/export.py's export_visual (bench/gpu_visual.py and
+bench/gpu_llava.py measure it): the LLaVA family's encoder, CLIP
+ViT-L/14-336, features of the second-to-last layer, patch tokens only,
+through the two-layer GELU projector.
 
 Differences from the Hugging Face module are in the graph, not the
 function: q, k and v are one product (their weights concatenated at load),
@@ -124,60 +125,3 @@ class ClipVisionTower(nn.Module):
         if self.proj is not None:
             x = F.linear(self.proj(F.linear(x, self.proj1_w, self.proj1_b)), self.proj2_w, self.proj2_b)
         return x
-
-
-class VisualEngine:
-    """A built visual engine (backends/aoti.export_visual): features for a
-    batch of images, optionally through one CUDA graph per batch size."""
-
-    def __init__(self, runner, meta: dict, cuda_graphs: bool = False):
-        self.run = runner
-        self.meta = meta
-        self.device = meta.get("device", "cpu")
-        self.cuda_graphs = bool(cuda_graphs) and self.device == "cuda"
-        self._graphs: dict[int, tuple] = {}
-
-    @classmethod
-    def load(cls, engine_dir, cuda_graphs: bool | None = None) -> "VisualEngine":
-        import json
-        from pathlib import Path
-
-        engine_dir = Path(engine_dir)
-        from .engine import _load_runner
-
-        meta = json.loads((engine_dir / "engine.json").read_text())
-        runner = _load_runner(engine_dir / meta["file"])
-        if cuda_graphs is None:
-            cuda_graphs = (meta.get("options") or {}).get("cuda_graphs", False)
-        return cls(runner, meta, cuda_graphs)
-
-    def _call(self, x):
-        loader = getattr(self.run, "loader", None)
-        out = loader.boxed_run([x]) if loader is not None else self.run(x)
-        return out[0]
-
-    @torch.no_grad()
-    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Features [B, n, d]. With CUDA graphs the result is the graph's
-        output buffer: read it (or clone it) before the next call."""
-        x = pixel_values.to(self.device)
-        if not self.cuda_graphs:
-            return self._call(x)
-        B = x.shape[0]
-        g = self._graphs.get(B)
-        if g is None:
-            static = x.clone()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self._call(static)
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self._call(static)
-            g = self._graphs[B] = (graph, static, out)
-        graph, static, out = g
-        static.copy_(x)
-        graph.replay()
-        return out

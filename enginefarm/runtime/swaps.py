@@ -1,6 +1,8 @@
-"""The engine form of a DecoderLM: what the aoti backend exports.
+"""Speed-ups of runtime/decoder.py's DecoderLM as module swaps (the way
+gpt-fast swaps nn.Linear for its int8 layer in quantize.py): the engine form
+the aoti backend exports (runtime/export.py).
 
-`prepare_engine(model, target)` rewrites a model built from a checkpoint:
+`prepare_engine(model)` rewrites a model built from a checkpoint, in place:
 
 - every linear layer of the decoder becomes an `EngineLin` holding its
   weight in the kernels' layout (kernels/gemv.py: repacked once, at build
@@ -56,6 +58,9 @@ def gemv_op():
 
 
 class EngineLin(nn.Module):
+    """A linear layer in the kernels' layout (kernels/gemv.py): weight [N, K]
+    (uint8 for 8 and 4 bits), per-channel or per-group scales, optional bias."""
+
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                  in_features: int, dtype: torch.dtype):
         super().__init__()
@@ -133,26 +138,50 @@ class EngineLin(nn.Module):
         return y
 
 
-def prepare_engine(model, fuse_mlp: bool = True, kernel_head: bool = True):
-    """Rewrite a (tp 1) DecoderLM into its engine form, in place; returns it."""
+def swap_linears(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Every checkpoint linear layer (`Lin`) below `module` becomes an
+    `EngineLin` in the kernels' layout, in place (the children are walked and
+    replaced, as gpt-fast's quantize.py swaps nn.Linear for its int8 layer)."""
+    from .decoder import Lin
+
+    for name, child in module.named_children():
+        if isinstance(child, Lin):
+            if child.reduce:
+                raise ValueError("the engine form's linear layers are for tp 1 models")
+            setattr(module, name, EngineLin.from_lin([child], dtype))
+        else:
+            swap_linears(child, dtype)
+    return module
+
+
+def fuse_mlp(model: nn.Module) -> nn.Module:
+    """Each gated MLP's two input projections (fc, gate) become one product
+    `fc_gate`, their output channels concatenated: one pass over x, one launch."""
+    for layer in model.layers:
+        if layer.gate is not None and layer.fc_gate is None:
+            layer.fc_gate = EngineLin.from_lin([layer.fc, layer.gate], model.embed.dtype)
+            layer.fc = layer.gate = None
+    return model
+
+
+def swap_head(model: nn.Module) -> nn.Module:
+    """The lm_head (and its bias, GPT-J's) as an `EngineLin`, so decode can run it through the kernel."""
+    w = model.lm_head.data.contiguous()
+    b = model.lm_head_bias.data if model.lm_head_bias is not None else None
+    model.head = EngineLin(w, None, b, 16, w.shape[1], w.dtype)
+    model.lm_head = model.lm_head_bias = None
+    return model
+
+
+def prepare_engine(model, fuse: bool = True, kernel_head: bool = True):
+    """A (tp 1) DecoderLM in its engine form: the swaps above, in place; returns it."""
     if model.cfg.tp != 1:
         raise ValueError("engine form is for tp 1 models")
-    dtype = model.embed.dtype
-    for layer in model.layers:
-        layer.qkv = EngineLin.from_lin([layer.qkv], dtype)
-        layer.dense = EngineLin.from_lin([layer.dense], dtype)
-        layer.proj = EngineLin.from_lin([layer.proj], dtype)
-        if layer.gate is not None and fuse_mlp:
-            layer.fc_gate = EngineLin.from_lin([layer.fc, layer.gate], dtype)
-            layer.fc = layer.gate = None
-        else:
-            layer.fc = EngineLin.from_lin([layer.fc], dtype)
-            if layer.gate is not None:
-                layer.gate = EngineLin.from_lin([layer.gate], dtype)
+    if fuse:
+        fuse_mlp(model)
+    swap_linears(model, model.embed.dtype)
     if kernel_head:
-        head = EngineLin(model.lm_head.data.contiguous(), None, None, 16, model.lm_head.shape[1], dtype)
-        model.head = head
-        model.lm_head = None
+        swap_head(model)
     return model
 
 
