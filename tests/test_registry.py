@@ -517,6 +517,69 @@ def test_gc_keeps_aliases_and_the_newest_and_deletes_the_rest(uri, tmp_path, cap
     assert json.loads(out)["manifests"]["deleted"] == 0 and json.loads(out)["blobs"]["deleted"] == 0
 
 
+def test_gc_with_a_stale_or_lost_index_never_deletes_live_data(s3_store_uri, tmp_path, capsys):
+    """gc reads manifests and refs through the store index (store/index.py).
+    On real S3 (moto's server, over HTTP): an index written before `latest`
+    was rolled back to the oldest engine, behind its back (stale), one that
+    is gone, and one that is unreadable, each give the answer of no index:
+    the rolled-back engine and its blobs are live, the engine nothing names
+    and the blob of a crashed publish are garbage, found and deleted."""
+    from enginefarm.store.index import INDEX_KEY
+
+    uri = s3_store_uri
+    st = open_store(uri)
+    pubs = [publish_synthetic(st, seed=60 + i, n_files=2, size=8 * 1024) for i in range(3)]
+    rc, out, err = run_cli(capsys, "gc", "--keep", "3", "--store", uri, "--json")  # nothing to delete; writes the index
+    assert rc == 0 and json.loads(out)["manifests"]["deleted"] == 0, err
+    assert st._get_bytes(INDEX_KEY), "gc wrote no index: the stale case below would test nothing"
+
+    old, mid, new = pubs
+    st.move_alias("synth", V, "latest", st.manifest_path("synth", "publish", old.key), old.digest, "rollback")
+    orphan = st.put_blob_bytes(b"the one blob a crashed publish got to write")
+
+    def files(p) -> set[str]:
+        return {f["sha256"] for f in st.get_manifest("synth", "publish", p.key)["files"].values()}
+
+    live = files(old) | files(new)  # latest -> old, validated -> new
+    garbage = (files(mid) - live) | {orphan}
+    assert live and files(mid) - live, "the engines share every blob: nothing to tell apart"
+    mid_path = st.manifest_path("synth", "publish", mid.key)
+    answers = {}
+    for state in ("stale", "lost", "unreadable"):
+        if state == "lost":
+            st._delete(INDEX_KEY)
+        elif state == "unreadable":
+            st._put_bytes(INDEX_KEY, b"not an index")
+        rc, out, err = run_cli(capsys, "gc", "--keep", "0", "--dry-run", "--store", uri, "--json")
+        assert rc == 0, err
+        res = json.loads(out)
+        res.pop("store")
+        answers[state] = res
+        assert st.manifest_path("synth", "publish", old.key) not in res["deleted_manifests"], state
+        assert mid_path in res["deleted_manifests"], state
+        assert res["blobs"]["deleted"] >= len(garbage), (state, res["blobs"])
+        assert "synth:fp32-tp1@latest" in res["aliases"], state
+    assert answers["stale"] == answers["lost"] == answers["unreadable"]
+
+    rc, out, err = run_cli(capsys, "gc", "--keep", "3", "--store", uri, "--json")  # for real: a fresh index
+    assert rc == 0 and json.loads(out)["blobs"]["deleted"] == 1, err  # the orphan (keep 3 keeps every engine)
+    assert not st.has_blob(orphan) and st._get_bytes(INDEX_KEY) != b"not an index"
+    # behind the fresh index's back: latest -> mid, and a second crashed publish
+    st.move_alias("synth", V, "latest", mid_path, mid.digest, "stale now")
+    orphan = st.put_blob_bytes(b"another crashed publish")
+    live, old_files = files(mid) | files(new), files(old)
+    before = set(st.list_blobs())
+    rc, out, err = run_cli(capsys, "gc", "--keep", "0", "--store", uri, "--json")  # for real, the index stale
+    assert rc == 0, err
+    gone = before - set(st.list_blobs())
+    assert not gone & live, "gc deleted a blob that an alias reaches"
+    assert orphan in gone and old_files - live <= gone, gone
+    assert json.loads(out)["blobs"]["deleted"] == len(gone)
+    assert st.get_manifest("synth", "publish", old.key) is None and st.get_manifest("synth", "publish", mid.key)
+    assert_consistent(st)
+    assert run_cli(capsys, "pull", "synth@latest", "--dest", tmp_path / "latest", "--store", uri)[0] == 0
+
+
 def test_gc_waits_for_a_running_publish_and_never_breaks_it(procs, s3_store_uri, capsys):
     uri = s3_store_uri
     st = open_store(uri)

@@ -163,6 +163,8 @@ class Indexed(Store):
         """The digests this object names: a ref's manifest, a manifest's inputs."""
         if key in self._learned:
             return
+        if key.startswith("manifests/") and "manifests/" in self._listed:
+            return  # a listing answers for every manifest (gc): what one names is not needed, nor a second decode
         self._learned.add(key)
         try:
             value = json.loads(data)
