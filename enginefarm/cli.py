@@ -574,10 +574,11 @@ def cmd_chat(a) -> int:
     cache = _lay_out(st, value, m, weights=bool(a.compare))
     d, _ = _decoding(a, 1, None)
     if media is not None:
+        from .backends import load_engine
         from .chat import media_conversation, media_engine_answer, media_reference_answer
         from .runtime.multimodal import MultimodalPipeline
 
-        pipe = MultimodalPipeline.load(cache)
+        pipe = MultimodalPipeline.load(cache, load_engine)
         d.check(pipe.llm.max_beam_width)
         conv = media_conversation(pipe, lambda p: _load_media(media, p))
         mine = media_engine_answer(pipe, a.max_new_tokens, d)
