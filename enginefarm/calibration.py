@@ -1,0 +1,132 @@
+"""Calibrated quantization with NVIDIA ModelOpt (nvidia-modelopt): the
+calibration forward passes on the Hugging Face model, and the statistics the
+farm keeps from them.
+
+INT4 AWQ (`mtq.INT4_AWQ_CFG`: AWQ-lite, per-block int4 weights): ModelOpt
+searches, per linear, the per-input-channel scale s that minimises the output
+error of the quantized weight on the calibration activations, then "smooths"
+(modelopt/torch/quantization/model_calib.py `apply_pre_quant_scale_and_smooth`,
+0.47: the input quantizer multiplies x by pre_quant_scale, the weight is divided
+by it). Linears that read one input and that TensorRT-LLM fuses (q/k/v,
+gate/up) must share one scale: ModelOpt's exporter averages them and re-divides
+the weights (modelopt/torch/export/quant_utils.py `preprocess_linear_fusion`,
+`_update_pre_quant_scale`); the farm does the same average here, so the
+statistics file holds one scale per Hugging Face linear that the converter
+applies as it is (checkpoint.quantize_out). The block amax ModelOpt then takes
+is max|w| of the smoothed weight per block, which is what the farm's group
+quantizer computes from the smoothed weight (quant.quantize).
+
+Which linears share an input is observed, not named per family: one forward
+pass with a pre-hook on every nn.Linear records which tensor each one read.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Optional
+
+import torch
+
+ALGORITHMS = {"int4_awq": "INT4_AWQ_CFG"}
+
+
+def modelopt_version() -> str:
+    from importlib.metadata import version
+
+    return version("nvidia-modelopt")
+
+
+def calibration_ids(tok, text: str, skip: int, max_tokens: int, seq_len: int) -> list[list[int]]:
+    """The calibration samples: the text's tokens after the first `skip`
+    (the perplexity window), at most max_tokens, cut into seq_len pieces (a
+    shorter last piece is kept if it has 8 tokens or more)."""
+    ids = tok(text).input_ids[skip: skip + max_tokens]
+    out = [ids[i: i + seq_len] for i in range(0, len(ids), seq_len)]
+    return [s for s in out if len(s) >= 8]
+
+
+def shared_inputs(model, sample: list[int]) -> list[list[str]]:
+    """Groups of nn.Linear names that read the very same input tensor in one
+    forward pass (q/k/v; gate/up), in call order; singletons left out."""
+    order: list[tuple[str, int]] = []
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, args, _n=name: order.append((_n, id(args[0])))))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([sample]))
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    last = None
+    for name, ident in order:
+        if groups and ident == last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = ident
+    return [g for g in groups if len(g) > 1]
+
+
+def quant_config(algorithm: str, group_size: int) -> dict:
+    import modelopt.torch.quantization as mtq
+
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown calibration algorithm {algorithm!r}")
+    cfg = copy.deepcopy(getattr(mtq, ALGORITHMS[algorithm]))
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer" and isinstance(entry.get("cfg"), dict):
+            bs = entry["cfg"].get("block_sizes")
+            if bs:
+                entry["cfg"]["block_sizes"] = {**bs, -1: group_size}
+    # the LM head (and with it a tied embedding) stays in the model dtype, as TensorRT-LLM leaves it
+    cfg["quant_cfg"].append({"quantizer_name": "*lm_head*", "enable": False})
+    return cfg
+
+
+def run_modelopt(model, samples: list[list[int]], algorithm: str, group_size: int,
+                 progress: Optional[Callable[[str], None]] = None):
+    """ModelOpt's calibration of `model` (in place: it becomes ModelOpt's
+    fake-quantized model) on the samples; returns the model."""
+    import modelopt.torch.quantization as mtq
+
+    def loop(m):
+        with torch.no_grad():
+            for s in samples:
+                m(torch.tensor([s]))
+
+    t0 = time.perf_counter()
+    mtq.quantize(model, quant_config(algorithm, group_size), loop)
+    if progress:
+        progress(f"calibrate: ModelOpt {algorithm} on {len(samples)} samples in {time.perf_counter() - t0:.1f}s")
+    return model
+
+
+def calibrate(model, samples: list[list[int]], algorithm: str, group_size: int,
+              progress: Optional[Callable[[str], None]] = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """({hf linear name + '.pre_quant_scale': float32 [in]}, what was kept):
+    ModelOpt's AWQ scales, averaged over the linears that share an input.
+    The model is left fake-quantized by ModelOpt."""
+    groups = shared_inputs(model, samples[0])
+    run_modelopt(model, samples, algorithm, group_size, progress)
+    pqs: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        iq = getattr(mod, "input_quantizer", None)
+        s = getattr(iq, "pre_quant_scale", None) if iq is not None else None
+        if s is not None:
+            pqs[name] = s.detach().float().reshape(-1).clone()
+    fused = 0
+    for g in groups:
+        have = [n for n in g if n in pqs]
+        if len(have) > 1:
+            mean = torch.stack([pqs[n] for n in have]).mean(0)
+            for n in have:
+                pqs[n] = mean
+            fused += 1
+    stats = {"linears": len(pqs), "fused_groups": fused, "statistics": ["pre_quant_scale"],
+             "samples": len(samples), "tokens": sum(len(s) for s in samples)}
+    return {f"{n}.pre_quant_scale": t for n, t in sorted(pqs.items())}, stats
