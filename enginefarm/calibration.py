@@ -49,12 +49,12 @@ def calibration_ids(tok, text: str, skip: int, max_tokens: int, seq_len: int) ->
 def shared_inputs(model, sample: list[int]) -> list[list[str]]:
     """Groups of nn.Linear names that read the very same input tensor in one
     forward pass (q/k/v; gate/up), in call order; singletons left out."""
-    order: list[tuple[str, int]] = []
+    order: list[tuple[str, torch.Tensor]] = []  # the tensors held, so no id is reused meanwhile
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
             hooks.append(mod.register_forward_pre_hook(
-                lambda m, args, _n=name: order.append((_n, id(args[0])))))
+                lambda m, args, _n=name: order.append((_n, args[0]))))
     try:
         with torch.no_grad():
             model(torch.tensor([sample]))
@@ -63,12 +63,13 @@ def shared_inputs(model, sample: list[int]) -> list[list[str]]:
             h.remove()
     groups: list[list[str]] = []
     last = None
-    for name, ident in order:
-        if groups and ident == last:
+    for name, x in order:
+        if groups and x is last:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last = ident
+        last = x
+    order.clear()
     return [g for g in groups if len(g) > 1]
 
 
@@ -106,13 +107,11 @@ def run_modelopt(model, samples: list[list[int]], algorithm: str, group_size: in
     return model
 
 
-def calibrate(model, samples: list[list[int]], algorithm: str, group_size: int,
-              progress: Optional[Callable[[str], None]] = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """({hf linear name + '.pre_quant_scale': float32 [in]}, what was kept):
-    ModelOpt's AWQ scales, averaged over the linears that share an input.
-    The model is left fake-quantized by ModelOpt."""
-    groups = shared_inputs(model, samples[0])
-    run_modelopt(model, samples, algorithm, group_size, progress)
+def kept_statistics(model, groups: list[list[str]]) -> tuple[dict[str, torch.Tensor], dict]:
+    """What the farm keeps of a model ModelOpt calibrated with AWQ:
+    ({hf linear name + '.pre_quant_scale': float32 [in]}, a summary), the
+    scales averaged over each group of linears that share an input (as
+    ModelOpt's exporter resmooths fused linears)."""
     pqs: dict[str, torch.Tensor] = {}
     for name, mod in model.named_modules():
         iq = getattr(mod, "input_quantizer", None)
@@ -127,6 +126,16 @@ def calibrate(model, samples: list[list[int]], algorithm: str, group_size: int,
             for n in have:
                 pqs[n] = mean
             fused += 1
-    stats = {"linears": len(pqs), "fused_groups": fused, "statistics": ["pre_quant_scale"],
-             "samples": len(samples), "tokens": sum(len(s) for s in samples)}
+    stats = {"linears": len(pqs), "fused_groups": fused, "statistics": ["pre_quant_scale"]}
     return {f"{n}.pre_quant_scale": t for n, t in sorted(pqs.items())}, stats
+
+
+def calibrate(model, samples: list[list[int]], algorithm: str, group_size: int,
+              progress: Optional[Callable[[str], None]] = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """ModelOpt's calibration on the samples, and what the farm keeps of it
+    (kept_statistics). The model is left fake-quantized by ModelOpt."""
+    groups = shared_inputs(model, samples[0])
+    run_modelopt(model, samples, algorithm, group_size, progress)
+    tensors, stats = kept_statistics(model, groups)
+    stats.update(samples=len(samples), tokens=sum(len(s) for s in samples))
+    return tensors, stats

@@ -199,8 +199,8 @@ def _write_rank(outs: list[OutTensor], src: TensorSource, path: Path, rank: int,
             wdt, ws = scheme.weight_storage(shape, dtype, name=f"rank {rank} {o.name}")
             plan.append((o.name, wdt, ws))
             plan.append((o.name[: -len("weight")] + scheme.scale_name, dtype, ss))
-            if scheme.awq:  # TensorRT-LLM's WeightOnlyGroupwiseQuantLinear: prequant_scaling_factor (1, in)
-                plan.append((o.name[: -len("weight")] + "prequant_scaling_factor", dtype, (1, shape[1])))
+            if scheme.awq:  # quant.PREQUANT_SHAPE
+                plan.append((o.name[: -len("weight")] + "prequant_scaling_factor", dtype, (shape[1],)))
         else:
             plan.append((o.name, dt, shape))
     w = SafetensorsWriter(path, plan, {"format": "pt", "rank": rank})
@@ -228,7 +228,7 @@ def _write_rank(outs: list[OutTensor], src: TensorSource, path: Path, rank: int,
 def quantize_out(o: OutTensor, get: Callable[[str], torch.Tensor], scheme, dtype: torch.dtype,
                  calibration: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """One quantized linear of a rank file: (stored weight, scales, pre-quant
-    scale [1, in] or None). AWQ: each source weight divided by its linear's
+    scale [in] or None). AWQ: each source weight divided by its linear's
     calibrated pre-quant scale before the concatenation / split, the scale
     itself carried through the same `make` (quant.prequant_scale_rows)."""
     from .quant import awq_smooth, prequant_scale_rows, quantize
@@ -245,7 +245,7 @@ def quantize_out(o: OutTensor, get: Callable[[str], torch.Tensor], scheme, dtype
         t = o.make(*sources)
         if rows.shape[0] != t.shape[1]:
             raise BadInput(f"{o.name}: AWQ needs weights stored [out, in]; this family's layout is not covered")
-        pqs = rows.to(dtype)[None, :]
+        pqs = rows.to(dtype)
     else:
         t = o.make(*sources)
     q, sc = quantize(t, scheme, dtype, name=o.name)

@@ -69,7 +69,11 @@ BITS = {"w8a16": 8, "w4a16": 4, "w4a16_awq": 4}
 # calibrated quantizations: a `calibrate` step (tasks/calibrate.py) runs
 # ModelOpt on the Hugging Face model first, and the converter applies what it kept
 CALIBRATED = {"w4a16_awq": "int4_awq"}
-AWQ_GROUPS = (128, 64)  # the choice: 128, or 64 where 128 does not divide an input width
+AWQ_GROUPS = (128, 64)
+# AWQ's `prequant_scaling_factor` is stored with shape (in,), as ModelOpt's
+# TensorRT-LLM export writes it (tests/test_conformance_awq.py holds the two
+# equal); TensorRT-LLM's WeightOnlyGroupwiseQuantLinear declares the parameter
+# (1, in) (tensorrt_llm/quantization/layers.py) and the runtime takes either.  # the choice: 128, or 64 where 128 does not divide an input width
 # the linear layers of a TensorRT-LLM decoder layer that weight-only
 # quantization applies to (embeddings, norms and lm_head stay in the model
 # dtype): the names trtllm-build's own weight_only_quantize_dict quantizes

@@ -505,7 +505,7 @@ def test_awq_checkpoint_layout_and_arithmetic(tmp_path):
         p = f"transformer.layers.0.{trt}."
         pqs = W[p + "prequant_scaling_factor"]
         s = cal[f"model.layers.0.{hf_names[0]}.pre_quant_scale"]
-        assert tuple(pqs.shape) == (1, s.numel()) and torch.allclose(pqs[0], s)
+        assert tuple(pqs.shape) == (s.numel(),) and torch.allclose(pqs, s)
         back = dequantize(W[p + "weight"], W[p + "weights_scaling_factor"], 4) * pqs
         orig = torch.cat([hf[f"model.layers.0.{n}.weight"] for n in hf_names])
         step = (W[p + "weights_scaling_factor"].repeat_interleave(16, 0).t() * pqs)
@@ -527,9 +527,9 @@ def test_awq_scales_follow_the_tensor_parallel_split(tmp_path):
     for rank in (0, 1):
         _, W = load_rank(out, rank)
         half = down.numel() // 2
-        assert torch.equal(W["transformer.layers.0.mlp.proj.prequant_scaling_factor"][0],
+        assert torch.equal(W["transformer.layers.0.mlp.proj.prequant_scaling_factor"],
                            down[rank * half:(rank + 1) * half])
-        assert torch.equal(W["transformer.layers.0.attention.qkv.prequant_scaling_factor"][0], q)
+        assert torch.equal(W["transformer.layers.0.attention.qkv.prequant_scaling_factor"], q)
 
 
 def test_awq_group_size_is_128_or_64_where_128_does_not_divide():

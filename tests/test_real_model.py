@@ -143,3 +143,22 @@ def test_a_second_build_is_answered_from_the_store(real_build):
     assert again is not None and again["all_cached"]
     assert set(again["variants"]["fp32-w4a16_awq-tp1"]["steps"]) >= {"calibrate", "convert", "shards", "validate"}
     print(f"\nreal model: safetensors {json.dumps(round(real_build['seconds']))}s build")
+
+
+def test_show_and_the_report_put_quality_next_to_the_reference(real_build, capsys):
+    from enginefarm.cli import main as cli
+    from enginefarm.flows import report
+
+    rc = cli(["show", "smollm2-135m:fp32-w4a16_awq-tp1@latest", "--store", str(real_build["store"])])
+    out = capsys.readouterr().out
+    assert rc in (0, None)
+    line = next(x for x in out.splitlines() if x.strip().startswith("quality"))
+    assert "perplexity" in line and "reference" in line and "top-1" in line and "top-5" in line
+    # the report's row and table: the variant's quality next to its reference's
+    metrics = real_build["out"]["variants"]["fp32-w4a16_awq-tp1"]["gates"]
+    assert metrics["perplexity_rel_diff"]["value"] > 0
+    r = dict.fromkeys(report.COLUMNS)
+    r.update(recipe="smollm2-135m", variant="fp32-w4a16_awq-tp1", status="built", perplexity=12.0,
+             perplexity_ref=10.0, top1=0.4, top1_ref=0.45, top5=0.7, top5_ref=0.72)
+    assert report.quality_cell(r) == "ppl 12.00 / 10.00 (+20.0%) · top-1 0.400 / 0.450 · top-5 0.700 / 0.720"
+    assert ("top1_agreement", "top-1 agreement") in report.PANELS
