@@ -7,23 +7,22 @@ searches, per linear, the per-input-channel scale s that minimises the output
 error of the quantized weight on the calibration activations, then "smooths"
 (modelopt/torch/quantization/model_calib.py `apply_pre_quant_scale_and_smooth`,
 0.47: the input quantizer multiplies x by pre_quant_scale, the weight is divided
-by it). Linears that read one input and that TensorRT-LLM fuses (q/k/v,
-gate/up) must share one scale: ModelOpt's exporter averages them and re-divides
-the weights (modelopt/torch/export/quant_utils.py `preprocess_linear_fusion`,
-`_update_pre_quant_scale`); the farm does the same average here, so the
-statistics file holds one scale per Hugging Face linear that the converter
-applies as it is (checkpoint.quantize_out). The block amax ModelOpt then takes
-is max|w| of the smoothed weight per block, which is what the farm's group
-quantizer computes from the smoothed weight (quant.quantize).
-
-Which linears share an input is observed, not named per family: one forward
-pass with a pre-hook on every nn.Linear records which tensor each one read.
+by it). The statistics file holds each Hugging Face linear's own scale.
+Linears that become one TensorRT-LLM tensor (q/k/v -> attention.qkv) must
+share one: ModelOpt's exporter averages them and re-divides the weights
+(modelopt/torch/export/quant_utils.py `preprocess_linear_fusion`,
+`_update_pre_quant_scale`), and so does the farm's converter, over the
+sources of each fused tensor (checkpoint.quantize_out): gate and up stay
+apart, as TensorRT-LLM's mlp.gate / mlp.fc do. The block amax ModelOpt then
+takes is max|w| of the smoothed weight per block, which is what the farm's
+group quantizer computes from the smoothed weight (quant.quantize).
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from typing import Callable, Optional
 
 import torch
@@ -46,33 +45,6 @@ def calibration_ids(tok, text: str, skip: int, max_tokens: int, seq_len: int) ->
     return [s for s in out if len(s) >= 8]
 
 
-def shared_inputs(model, sample: list[int]) -> list[list[str]]:
-    """Groups of nn.Linear names that read the very same input tensor in one
-    forward pass (q/k/v; gate/up), in call order; singletons left out."""
-    order: list[tuple[str, torch.Tensor]] = []  # the tensors held, so no id is reused meanwhile
-    hooks = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            hooks.append(mod.register_forward_pre_hook(
-                lambda m, args, _n=name: order.append((_n, args[0]))))
-    try:
-        with torch.no_grad():
-            model(torch.tensor([sample]))
-    finally:
-        for h in hooks:
-            h.remove()
-    groups: list[list[str]] = []
-    last = None
-    for name, x in order:
-        if groups and x is last:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-        last = x
-    order.clear()
-    return [g for g in groups if len(g) > 1]
-
-
 def quant_config(algorithm: str, group_size: int) -> dict:
     import modelopt.torch.quantization as mtq
 
@@ -89,6 +61,28 @@ def quant_config(algorithm: str, group_size: int) -> dict:
     return cfg
 
 
+@contextmanager
+def _no_attention_rewrite():
+    """ModelOpt's Hugging Face plugin rewrites every attention class it meets
+    for KV-cache quantization (plugins/huggingface.py
+    `register_hf_attentions_on_the_fly`), process-wide: a Hugging Face model
+    made later in the same process (the shards and validate steps' reference)
+    then fails ("'LlamaAttention' object has no attribute 'q_bmm_quantizer'").
+    Weight-only AWQ quantizes no KV cache, so the hook is left out meanwhile
+    (tests/test_conformance.py does the same for its exports)."""
+    from modelopt.torch.quantization.plugins import custom, huggingface
+
+    hook = getattr(huggingface, "register_hf_attentions_on_the_fly", None)
+    had = hook is not None and hook in custom.CUSTOM_MODEL_PLUGINS
+    if had:
+        custom.CUSTOM_MODEL_PLUGINS.discard(hook)
+    try:
+        yield
+    finally:
+        if had:
+            custom.CUSTOM_MODEL_PLUGINS.add(hook)
+
+
 def run_modelopt(model, samples: list[list[int]], algorithm: str, group_size: int,
                  progress: Optional[Callable[[str], None]] = None):
     """ModelOpt's calibration of `model` (in place: it becomes ModelOpt's
@@ -101,32 +95,26 @@ def run_modelopt(model, samples: list[list[int]], algorithm: str, group_size: in
                 m(torch.tensor([s]))
 
     t0 = time.perf_counter()
-    mtq.quantize(model, quant_config(algorithm, group_size), loop)
+    with _no_attention_rewrite():
+        mtq.quantize(model, quant_config(algorithm, group_size), loop)
     if progress:
         progress(f"calibrate: ModelOpt {algorithm} on {len(samples)} samples in {time.perf_counter() - t0:.1f}s")
     return model
 
 
-def kept_statistics(model, groups: list[list[str]]) -> tuple[dict[str, torch.Tensor], dict]:
+def kept_statistics(model) -> tuple[dict[str, torch.Tensor], dict]:
     """What the farm keeps of a model ModelOpt calibrated with AWQ:
-    ({hf linear name + '.pre_quant_scale': float32 [in]}, a summary), the
-    scales averaged over each group of linears that share an input (as
-    ModelOpt's exporter resmooths fused linears)."""
+    ({hf linear name + '.pre_quant_scale': float32 [in]}, a summary): each
+    linear's own scale, as ModelOpt found it. Linears that the converter
+    fuses into one TensorRT-LLM tensor (q/k/v) share the mean of theirs
+    there (checkpoint.quantize_out), as ModelOpt's exporter does."""
     pqs: dict[str, torch.Tensor] = {}
     for name, mod in model.named_modules():
         iq = getattr(mod, "input_quantizer", None)
         s = getattr(iq, "pre_quant_scale", None) if iq is not None else None
         if s is not None:
             pqs[name] = s.detach().float().reshape(-1).clone()
-    fused = 0
-    for g in groups:
-        have = [n for n in g if n in pqs]
-        if len(have) > 1:
-            mean = torch.stack([pqs[n] for n in have]).mean(0)
-            for n in have:
-                pqs[n] = mean
-            fused += 1
-    stats = {"linears": len(pqs), "fused_groups": fused, "statistics": ["pre_quant_scale"]}
+    stats = {"linears": len(pqs), "statistics": ["pre_quant_scale"]}
     return {f"{n}.pre_quant_scale": t for n, t in sorted(pqs.items())}, stats
 
 
@@ -134,8 +122,7 @@ def calibrate(model, samples: list[list[int]], algorithm: str, group_size: int,
               progress: Optional[Callable[[str], None]] = None) -> tuple[dict[str, torch.Tensor], dict]:
     """ModelOpt's calibration on the samples, and what the farm keeps of it
     (kept_statistics). The model is left fake-quantized by ModelOpt."""
-    groups = shared_inputs(model, samples[0])
     run_modelopt(model, samples, algorithm, group_size, progress)
-    tensors, stats = kept_statistics(model, groups)
+    tensors, stats = kept_statistics(model)
     stats.update(samples=len(samples), tokens=sum(len(s) for s in samples))
     return tensors, stats

@@ -230,7 +230,8 @@ def quantize_out(o: OutTensor, get: Callable[[str], torch.Tensor], scheme, dtype
     """One quantized linear of a rank file: (stored weight, scales, pre-quant
     scale [in] or None). AWQ: each source weight divided by its linear's
     calibrated pre-quant scale before the concatenation / split, the scale
-    itself carried through the same `make` (quant.prequant_scale_rows)."""
+    itself carried through the same `make` (quant.prequant_scale_rows); the
+    linears of one fused tensor share the mean of their scales."""
     from .quant import awq_smooth, prequant_scale_rows, quantize
 
     sources = [get(s) for s in o.sources]
@@ -240,6 +241,9 @@ def quantize_out(o: OutTensor, get: Callable[[str], torch.Tensor], scheme, dtype
             scales = [calibration[s[: -len("weight")] + "pre_quant_scale"] for s in o.sources]
         except KeyError as e:
             raise BadInput(f"{o.name}: the calibration has no pre-quant scale for {e.args[0]}") from None
+        if len(scales) > 1:  # one tensor from several linears of one input (q/k/v): their mean, as ModelOpt
+            mean = torch.stack([x.float() for x in scales]).mean(0)
+            scales = [mean] * len(scales)
         rows = prequant_scale_rows(o.make, sources, scales)
         sources = [awq_smooth(t, p) for t, p in zip(sources, scales)]
         t = o.make(*sources)

@@ -463,7 +463,7 @@ def test_encoder_decoder_names_for_releases_before_the_rename(tmp_path):
 
 def _awq_scales(src: Path, seed: int = 5) -> dict:
     """Positive per-input-channel scales for every linear of a tiny llama,
-    shared by q/k/v and by gate/up (the calibrate step's averaging)."""
+    the same for q/k/v and for gate/up (so the fused tensors' mean is each one's)."""
     from safetensors.torch import load_file
 
     W = load_file(str(src / "model.safetensors"))
