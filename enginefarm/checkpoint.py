@@ -96,18 +96,25 @@ def convert_checkpoint(
     variant: Variant,
     allow_pickle: bool = False,
     progress: Optional[Callable[[str], None]] = None,
+    calibration: Optional[dict] = None,
 ) -> dict:
     """Convert one checkpoint for one variant; returns a summary. A family
     writes one checkpoint at out_dir (decoder-only) or several in
-    sub-directories (encoder-decoder: out_dir/encoder, out_dir/decoder)."""
-    from .quant import scheme_for
+    sub-directories (encoder-decoder: out_dir/encoder, out_dir/decoder).
+    A calibrated quantization (w4a16_awq) takes the `calibrate` step's
+    statistics: {hf linear name + '.pre_quant_scale': [in] float32}."""
+    from .quant import effective_scheme
 
-    scheme = scheme_for(variant.quant, variant.group_size)
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     try:
         hf = json.loads((src_dir / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise BadInput(f"cannot read {src_dir / 'config.json'}: {e}") from None
+    scheme = effective_scheme(variant, hf)
+    if scheme is not None and scheme.awq:  # the group size chosen for this model, in config.json too
+        variant = variant.model_copy(update={"group_size": scheme.group_size})
+    if scheme is not None and scheme.awq and not calibration:
+        raise BadInput(f"{variant.quant}: the conversion needs the calibrate step's statistics")
     family.check_config(hf, variant, where=str(src_dir / "config.json"))
     src = TensorSource(src_dir, allow_pickle=allow_pickle)
     names = src.names()
@@ -124,7 +131,7 @@ def convert_checkpoint(
         for rank in range(variant.tp):
             outs = part.tensors(rank)
             n_bytes += _write_rank(outs, src, part_dir / f"rank{rank}.safetensors", rank, dtype, scheme,
-                                   progress, f"convert {label}rank {rank}")
+                                   progress, f"convert {label}rank {rank}", calibration)
         counts[part.subdir] = len(outs)
     summary = {"tensors_per_rank": sum(counts.values()), "bytes_written": n_bytes,
                "seconds": round(time.perf_counter() - t0, 3)}
@@ -134,7 +141,7 @@ def convert_checkpoint(
 
 
 def _write_rank(outs: list[OutTensor], src: TensorSource, path: Path, rank: int, dtype: torch.dtype, scheme,
-                progress: Optional[Callable[[str], None]], label: str) -> int:
+                progress: Optional[Callable[[str], None]], label: str, calibration: Optional[dict] = None) -> int:
     """One rank file, tensor by tensor; returns the bytes written."""
     from .quant import is_quantized_weight, quantize
 
@@ -146,37 +153,75 @@ def _write_rank(outs: list[OutTensor], src: TensorSource, path: Path, rank: int,
             wdt, ws = scheme.weight_storage(shape, dtype, name=f"rank {rank} {o.name}")
             plan.append((o.name, wdt, ws))
             plan.append((o.name[: -len("weight")] + scheme.scale_name, dtype, ss))
+            if scheme.awq:  # quant.PREQUANT_SHAPE
+                plan.append((o.name[: -len("weight")] + "prequant_scaling_factor", dtype, (shape[1],)))
         else:
             plan.append((o.name, dt, shape))
     w = SafetensorsWriter(path, plan, {"format": "pt", "rank": rank})
     n_bytes = 0
     for i, o in enumerate(outs):
-        t = o.make(*(src.get(s).to(dtype) for s in o.sources))
         if scheme and is_quantized_weight(o.name):
-            q, sc = quantize(t, scheme, dtype, name=o.name)
+            q, sc, pqs = quantize_out(o, lambda s: src.get(s).to(dtype), scheme, dtype, calibration)
             w.write(o.name, q)
             w.write(o.name[: -len("weight")] + scheme.scale_name, sc)
             n_bytes += q.numel() * q.element_size() + sc.numel() * sc.element_size()
+            if pqs is not None:
+                w.write(o.name[: -len("weight")] + "prequant_scaling_factor", pqs)
+                n_bytes += pqs.numel() * pqs.element_size()
         else:
+            t = o.make(*(src.get(s).to(dtype) for s in o.sources))
             w.write(o.name, t)
             n_bytes += t.numel() * t.element_size()
-        del t
+            del t
         if progress and (i % 16 == 0 or i == len(outs) - 1):
             progress(f"{label}: {i + 1}/{len(outs)} tensors")
     w.close()
     return n_bytes
 
 
+def quantize_out(o: OutTensor, get: Callable[[str], torch.Tensor], scheme, dtype: torch.dtype,
+                 calibration: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """One quantized linear of a rank file: (stored weight, scales, pre-quant
+    scale [in] or None). AWQ: each source weight divided by its linear's
+    calibrated pre-quant scale before the concatenation / split, the scale
+    itself carried through the same `make` (quant.prequant_scale_rows); the
+    linears of one fused tensor share the mean of their scales."""
+    from .quant import awq_smooth, prequant_scale_rows, quantize
+
+    sources = [get(s) for s in o.sources]
+    pqs = None
+    if scheme.awq:
+        try:
+            scales = [calibration[s[: -len("weight")] + "pre_quant_scale"] for s in o.sources]
+        except KeyError as e:
+            raise BadInput(f"{o.name}: the calibration has no pre-quant scale for {e.args[0]}") from None
+        if len(scales) > 1:  # one tensor from several linears of one input (q/k/v): their mean, as ModelOpt
+            mean = torch.stack([x.float() for x in scales]).mean(0)
+            scales = [mean] * len(scales)
+        rows = prequant_scale_rows(o.make, sources, scales)
+        sources = [awq_smooth(t, p) for t, p in zip(sources, scales)]
+        t = o.make(*sources)
+        if rows.shape[0] != t.shape[1]:
+            raise BadInput(f"{o.name}: AWQ needs weights stored [out, in]; this family's layout is not covered")
+        pqs = rows.to(dtype)
+    else:
+        t = o.make(*sources)
+    q, sc = quantize(t, scheme, dtype, name=o.name)
+    return q, sc, pqs
+
+
 def convert_in_memory(family: DecoderFamily, hf_config: dict, tensors: dict, variant: Variant,
-                      rank: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
+                      rank: int = 0, calibration: Optional[dict] = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """The same conversion as `convert_checkpoint`, for one rank, from tensors
     already in memory (a model's state dict, on any device) to a
     (config.json dict, rank tensors) pair: what `DecoderLM(DecoderConfig.
     from_trtllm(config), tensors)` takes. For benchmarks and tests that make
     their weights where they run; nothing is written."""
-    from .quant import is_quantized_weight, quantize, scheme_for
+    from .quant import effective_scheme, is_quantized_weight
 
-    scheme = scheme_for(variant.quant, variant.group_size)
+    scheme = effective_scheme(variant, hf_config)
+    if scheme is not None and scheme.awq:
+        variant = variant.model_copy(update={"group_size": scheme.group_size})
     family.check_config(hf_config, variant)
     dtype = TORCH_DTYPES[variant.dtype]
     cfg = family.trtllm_config(hf_config, variant)
@@ -185,13 +230,14 @@ def convert_in_memory(family: DecoderFamily, hf_config: dict, tensors: dict, var
         missing = [x for x in o.sources if x not in tensors]
         if missing:
             raise BadInput(f"no tensor {missing[0]!r} (needed for {o.name})")
-        t = o.make(*(tensors[x].to(dtype) for x in o.sources))
         if scheme and is_quantized_weight(o.name):
-            q, sc = quantize(t, scheme, dtype, name=o.name)
+            q, sc, pqs = quantize_out(o, lambda x: tensors[x].to(dtype), scheme, dtype, calibration)
             out[o.name] = q
             out[o.name[: -len("weight")] + scheme.scale_name] = sc
+            if pqs is not None:
+                out[o.name[: -len("weight")] + "prequant_scaling_factor"] = pqs
         else:
-            out[o.name] = t
+            out[o.name] = o.make(*(tensors[x].to(dtype) for x in o.sources))
     return cfg, out
 
 

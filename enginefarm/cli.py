@@ -180,7 +180,7 @@ def cmd_plan(a) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(f"recipe {r.name} ({r.family}) against {st.uri}")
-    print("  fetch -> convert -> [shards] -> build -> validate -> publish -> alias")
+    print("  fetch -> [calibrate] -> convert -> [shards] -> build -> validate -> publish -> alias")
     for step, variant, status, key in rows:
         print(f"  {step:<14} {variant:<18} {status:<9} {key}")
     for name, lines in notes.items():
@@ -314,7 +314,7 @@ def cmd_ls(a) -> int:
 
 
 def cmd_show(a) -> int:
-    from .registry import resolve, validation_line
+    from .registry import quality_line, resolve, validation_line
     from .store import open_store
 
     st = open_store(a.store)
@@ -344,6 +344,9 @@ def cmd_show(a) -> int:
         print("  timings    " + ", ".join(f"{k} {v}s" for k, v in res["timings"].items() if v is not None))
     val = res.get("validation") or {}
     print(f"  validation {validation_line(val)}")
+    q = quality_line(val.get("metrics"))
+    if q:  # next to the unquantized reference: what a quantized variant costs
+        print(f"  quality    {q}")
     for c, x in (val.get("components") or {}).items():
         print(f"    {c}: {x['status']}" + (f" ({x.get('reason')}: {x['detail']})" if x.get("detail") else ""))
     for g, r in (val.get("gates") or {}).items():

@@ -65,7 +65,15 @@ import torch
 
 from .errors import BadInput
 
-BITS = {"w8a16": 8, "w4a16": 4}
+BITS = {"w8a16": 8, "w4a16": 4, "w4a16_awq": 4}
+# calibrated quantizations: a `calibrate` step (tasks/calibrate.py) runs
+# ModelOpt on the Hugging Face model first, and the converter applies what it kept
+CALIBRATED = {"w4a16_awq": "int4_awq"}
+AWQ_GROUPS = (128, 64)
+# AWQ's `prequant_scaling_factor` is stored with shape (in,), as ModelOpt's
+# TensorRT-LLM export writes it (tests/test_conformance_awq.py holds the two
+# equal); TensorRT-LLM's WeightOnlyGroupwiseQuantLinear declares the parameter
+# (1, in) (tensorrt_llm/quantization/layers.py) and the runtime takes either.  # the issue's choice: 128, or 64 where 128 does not divide an input width
 # the linear layers of a TensorRT-LLM decoder layer that weight-only
 # quantization applies to (embeddings, norms and lm_head stay in the model
 # dtype): the names trtllm-build's own weight_only_quantize_dict quantizes
@@ -79,6 +87,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 class Scheme:
     bits: int
     group_size: Optional[int] = None  # None: per output channel
+    awq: bool = False  # activation-aware: a per-input-channel pre-quant scale (prequant_scaling_factor)
 
     @property
     def qmax(self) -> int:
@@ -127,6 +136,8 @@ class Scheme:
 
     def quant_algo(self) -> str:
         base = {8: "W8A16", 4: "W4A16"}[self.bits]
+        if self.awq:
+            return base + "_AWQ"
         return base + ("_GPTQ" if self.group_size else "")
 
 
@@ -134,8 +145,44 @@ def scheme_for(quant: str, group_size: Optional[int] = None) -> Optional[Scheme]
     if quant == "none":
         return None
     if quant not in BITS:
-        raise BadInput(f"unknown quantization {quant!r}; expected none, w8a16 or w4a16")
+        raise BadInput(f"unknown quantization {quant!r}; expected none, w8a16, w4a16 or w4a16_awq")
+    if quant == "w4a16_awq":
+        return Scheme(4, group_size or AWQ_GROUPS[0], awq=True)
     return Scheme(BITS[quant], group_size)
+
+
+def awq_group_size(hf_config: dict, tp: int = 1, asked: Optional[int] = None) -> int:
+    """The AWQ group size of a model: the recipe's matrix.group_size, else 128,
+    or 64 where 128 does not divide an input width of a quantized linear of a
+    tensor-parallel shard (SmolLM2-135M's hidden size 576 = 4.5 x 128)."""
+    if asked:
+        return asked
+    hidden = hf_config.get("hidden_size") or hf_config.get("n_embd") or hf_config.get("d_model") or 0
+    inter = hf_config.get("intermediate_size") or hf_config.get("ffn_dim") or hf_config.get("n_inner") or 4 * hidden
+    heads = hf_config.get("num_attention_heads") or hf_config.get("n_head") or 1
+    head_dim = hf_config.get("head_dim") or (hidden // heads if heads else hidden)
+    widths = [hidden, inter // tp, heads * head_dim // tp]
+    for g in AWQ_GROUPS:
+        if all(w % g == 0 for w in widths if w):
+            return g
+    raise BadInput(f"AWQ: no group size of {AWQ_GROUPS} divides the input widths {widths} at tp={tp}; "
+                   f"set matrix.group_size")
+
+
+def effective_scheme(variant, hf_config: Optional[dict] = None) -> Optional[Scheme]:
+    """scheme_for, with AWQ's group size resolved against the model's widths."""
+    if variant.quant == "w4a16_awq" and hf_config is not None:
+        return scheme_for(variant.quant, awq_group_size(hf_config, variant.tp, variant.group_size))
+    return scheme_for(variant.quant, variant.group_size)
+
+
+def awq_smooth(t: torch.Tensor, pqs: torch.Tensor) -> torch.Tensor:
+    """An AWQ linear's weight [out, in] as it is quantized: divided by the
+    pre-quant scale along its inputs (the input is multiplied by it at run
+    time, so x @ W^T is unchanged before rounding); ModelOpt's
+    `apply_pre_quant_scale_and_smooth` (modelopt/torch/quantization/model_calib.py,
+    0.47) does the same in float32."""
+    return (t.float() / pqs.float()[None, :]).to(t.dtype)
 
 
 def is_quantized_weight(name: str) -> bool:
@@ -229,6 +276,16 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: tor
     else:
         w = q * s[None, :]
     return w.t().contiguous().to(dtype)
+
+
+def prequant_scale_rows(make, sources: list[torch.Tensor], pqs: list[torch.Tensor]) -> torch.Tensor:
+    """The pre-quant scale of one rank's output tensor: each source weight
+    replaced by a matrix whose every row is its scale, through the same
+    `make` (concatenation, tensor-parallel split) as the weights: the scale
+    follows a row-parallel split of the inputs and stays whole for a
+    column-parallel one. Returns [in_of_this_rank]."""
+    rows = [p.float()[None, :].expand(s.shape[0], -1) for s, p in zip(sources, pqs)]
+    return make(*rows)[0].contiguous()
 
 
 def bits_of(config: dict) -> int:

@@ -44,6 +44,33 @@ def validation_line(validation: Optional[dict]) -> str:
     return f"pending ({v.get('reason') or 'no compatible GPU'})" + (f": {', '.join(comps)}" if comps else "")
 
 
+def quality(metrics: Optional[dict]) -> dict:
+    """The engine's quality next to its reference's (the unquantized Hugging
+    Face model), from validation metrics: perplexity, top-1 and top-5
+    accuracy on the text set, each {engine, reference}; {} when not measured."""
+    m = metrics or {}
+    out = {}
+    for key, name in (("perplexity", "perplexity"), ("top1_accuracy", "top1"), ("top5_accuracy", "top5")):
+        v = m.get(key)
+        if isinstance(v, dict) and v.get("engine") is not None and v.get("reference") is not None:
+            out[name] = {"engine": float(v["engine"]), "reference": float(v["reference"])}
+    return out
+
+
+def quality_line(metrics: Optional[dict]) -> str:
+    """`perplexity 12.41 (reference 10.52, +18.0%), top-1 0.412 (0.451), top-5 0.700 (0.720)`, or ''."""
+    q = quality(metrics)
+    parts = []
+    if "perplexity" in q:
+        p = q["perplexity"]
+        rel = (p["engine"] / p["reference"] - 1) * 100 if p["reference"] else float("nan")
+        parts.append(f"perplexity {p['engine']:.3f} (reference {p['reference']:.3f}, {rel:+.1f}%)")
+    for k, label in (("top1", "top-1"), ("top5", "top-5")):
+        if k in q:
+            parts.append(f"{label} {q[k]['engine']:.3f} ({q[k]['reference']:.3f})")
+    return ", ".join(parts)
+
+
 def component_targets(manifest: dict) -> dict[str, list[str]]:
     """{component: the GPUs its engine runs on} for the components built for
     GPUs (a TensorRT engine: its compute capabilities; another GPU engine:

@@ -26,7 +26,7 @@ HEX40 = re.compile(r"^[0-9a-f]{40}$")
 
 Backend = Literal["aoti", "onnxruntime", "tensorrt", "tensorrt-rtx", "tensorrt-llm"]
 DType = Literal["float32", "float16", "bfloat16"]
-Quant = Literal["none", "w8a16", "w4a16"]
+Quant = Literal["none", "w8a16", "w4a16", "w4a16_awq"]
 Component = Literal["llm", "visual"]
 
 MAX_TP = 64  # GPUs of one tensor-parallel group: TensorRT-LLM's builds run one worker per rank
@@ -209,7 +209,27 @@ DEFAULT_QUANT_GATES = {
                    perplexity_rel_diff=0.03, top5_accuracy_drop=0.05),
     "w4a16": Gates(logits_max_abs_diff=None, top1_agreement=0.5, greedy_equal=False,
                    perplexity_rel_diff=0.10, top5_accuracy_drop=0.15),
+    # Calibrated INT4 AWQ, set for a real trained model (issue 17:
+    # SmolLM2-135M-Instruct, whose weights come from a 4-bit GGUF, the hard
+    # case for any 4-bit scheme). The issue measured there: ModelOpt's own
+    # INT4 AWQ +18% perplexity, RTN per group of 64 +35%, RTN per channel +55%
+    # with top-1 agreement 0.53. So: perplexity within 30% (room above
+    # ModelOpt's own, still refusing both RTN schemes), top-1 agreement >= 0.65
+    # (refuses per-channel RTN's 0.53), top-5 accuracy drop <= 0.12.
+    # bench/quant_real.py prints the figures of one run (bench/results/).
+    "w4a16_awq": Gates(logits_max_abs_diff=None, top1_agreement=0.65, greedy_equal=False,
+                       perplexity_rel_diff=0.30, top5_accuracy_drop=0.12),
 }
+
+
+class Calibration(Strict):
+    """What a calibrated quantization (w4a16_awq) runs the model on first."""
+
+    text_set: Optional[str] = Field(
+        None, description="builtin:eval or a path to a UTF-8 text file; unset: validation.text_set after its "
+        "perplexity window (max_eval_tokens), so the calibration never sees the tokens it is judged on")
+    max_tokens: int = Field(2048, ge=16, description="calibration tokens at most")
+    seq_len: int = Field(128, ge=8, description="tokens per calibration sample")
 
 
 class Validation(Strict):
@@ -227,7 +247,8 @@ class Validation(Strict):
     text_set: str = Field("builtin:eval", description="builtin:eval or a path to a UTF-8 text file")
     max_eval_tokens: int = Field(256, ge=8)
     gates: Gates = Gates()
-    quant_gates: dict[Literal["w8a16", "w4a16"], Gates] = Field(
+    calibration: Calibration = Calibration()
+    quant_gates: dict[Literal["w8a16", "w4a16", "w4a16_awq"], Gates] = Field(
         default_factory=lambda: dict(DEFAULT_QUANT_GATES),
         description="gates for weight-only quantized variants, per quantization",
     )

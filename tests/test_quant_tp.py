@@ -456,3 +456,89 @@ def test_encoder_decoder_names_for_releases_before_the_rename(tmp_path):
                     v.numel() for v in new.values())
                 assert torch.equal(old[f"{part}_layers.1.mlp.fc.weight"], new["transformer.layers.1.mlp.fc.weight"])
                 assert torch.equal(old["embedding.vocab_embedding.weight"], new["transformer.vocab_embedding.weight"])
+
+
+# ----------------------------------------------------------------------------- AWQ (w4a16_awq)
+
+
+def _awq_scales(src: Path, seed: int = 5) -> dict:
+    """Positive per-input-channel scales for every linear of a tiny llama,
+    the same for q/k/v and for gate/up (so the fused tensors' mean is each one's)."""
+    from safetensors.torch import load_file
+
+    W = load_file(str(src / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in W.items():
+        if name.endswith("proj.weight"):
+            out[name[: -len("weight")] + "pre_quant_scale"] = None
+    for name in list(out):
+        base = name.rsplit(".", 2)[0]  # model.layers.i.self_attn / mlp
+        key = base + (".qkv" if name.split(".")[-2] in ("q_proj", "k_proj", "v_proj") else
+                      ".gu" if name.split(".")[-2] in ("gate_proj", "up_proj") else "." + name.split(".")[-2])
+        width = W[name[: -len("pre_quant_scale")] + "weight"].shape[1]
+        out.setdefault("_" + key, torch.rand(width, generator=g) * 1.5 + 0.25)
+        out[name] = out["_" + key]
+    return {k: v for k, v in out.items() if not k.startswith("_")}
+
+
+def test_awq_checkpoint_layout_and_arithmetic(tmp_path):
+    """TensorRT-LLM's W4A16_AWQ layout (WeightOnlyGroupwiseQuantLinear with
+    pre_quant_scale: the group-wise weight and scales plus
+    prequant_scaling_factor (1, in)); weight / s quantized, x * s at run time:
+    dequantized weight x s is the original weight within the group error."""
+    from safetensors.torch import load_file
+
+    src = write_tiny("llama-h8", tmp_path / "src", seed=1)
+    cal = _awq_scales(src)
+    out = tmp_path / "ckpt"
+    with pytest.raises(BadInput, match="calibrate step"):
+        convert_checkpoint(get_family("llama"), src, out, variant("w4a16_awq", dtype="float32", group=16))
+    convert_checkpoint(get_family("llama"), src, out, variant("w4a16_awq", dtype="float32", group=16),
+                       calibration=cal)
+    cfg, W = load_rank(out, 0)
+    assert cfg["quantization"] == {"quant_algo": "W4A16_AWQ", "kv_cache_quant_algo": None, "group_size": 16,
+                                   "has_zero_point": False, "pre_quant_scale": True}
+    hf = load_file(str(src / "model.safetensors"))
+    for trt, hf_names in (("attention.qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                          ("mlp.proj", ("mlp.down_proj",))):
+        p = f"transformer.layers.0.{trt}."
+        pqs = W[p + "prequant_scaling_factor"]
+        s = cal[f"model.layers.0.{hf_names[0]}.pre_quant_scale"]
+        assert tuple(pqs.shape) == (s.numel(),) and torch.allclose(pqs, s)
+        back = dequantize(W[p + "weight"], W[p + "weights_scaling_factor"], 4) * pqs
+        orig = torch.cat([hf[f"model.layers.0.{n}.weight"] for n in hf_names])
+        step = (W[p + "weights_scaling_factor"].repeat_interleave(16, 0).t() * pqs)
+        assert bool(((back - orig).abs() <= step * 0.5 + 1e-6).all())
+    # the lm head and embeddings stay float
+    assert "lm_head.prequant_scaling_factor" not in W and W["lm_head.weight"].dtype == torch.float32
+
+
+def test_awq_scales_follow_the_tensor_parallel_split(tmp_path):
+    """Row-parallel linears (attention.dense, mlp.proj) split their inputs,
+    and their pre-quant scales with them; column-parallel ones keep them whole."""
+    src = write_tiny("llama-h8", tmp_path / "src", seed=1)
+    cal = _awq_scales(src)
+    out = tmp_path / "ckpt"
+    convert_checkpoint(get_family("llama"), src, out, variant("w4a16_awq", tp=2, dtype="float32", group=16),
+                       calibration=cal)
+    down = cal["model.layers.0.mlp.down_proj.pre_quant_scale"]
+    q = cal["model.layers.0.self_attn.q_proj.pre_quant_scale"]
+    for rank in (0, 1):
+        _, W = load_rank(out, rank)
+        half = down.numel() // 2
+        assert torch.equal(W["transformer.layers.0.mlp.proj.prequant_scaling_factor"],
+                           down[rank * half:(rank + 1) * half])
+        assert torch.equal(W["transformer.layers.0.attention.qkv.prequant_scaling_factor"], q)
+
+
+def test_awq_group_size_is_128_or_64_where_128_does_not_divide():
+    from enginefarm.quant import awq_group_size
+
+    assert awq_group_size({"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32}) == 128
+    # SmolLM2-135M: hidden 576 = 4.5 x 128
+    assert awq_group_size({"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+                           "head_dim": 64}) == 64
+    assert awq_group_size({"hidden_size": 576}, asked=32) == 32
+    with pytest.raises(BadInput, match="group size"):
+        awq_group_size({"hidden_size": 96, "intermediate_size": 96, "num_attention_heads": 3})

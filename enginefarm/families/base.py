@@ -382,5 +382,6 @@ def quantization(variant: "Variant") -> dict:
     # the model dtype, which is what the farm writes.
     out = {"quant_algo": sch.quant_algo(), "kv_cache_quant_algo": None}
     if sch.group_size:
-        out.update(group_size=sch.group_size, has_zero_point=False, pre_quant_scale=False)
+        # AWQ (W4A16_AWQ): the same group-wise layout plus a prequant_scaling_factor per linear
+        out.update(group_size=sch.group_size, has_zero_point=False, pre_quant_scale=sch.awq)
     return out

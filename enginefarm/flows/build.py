@@ -1,6 +1,6 @@
 """The `build` flow: one recipe, its variants, every step a cached task.
 
-    fetch -> convert(tp, dtype, quant) -> [shards: tp > 1 or quantized] -> build[llm](backend, target)
+    fetch -> [calibrate: w4a16_awq] -> convert(tp, dtype, quant) -> [shards: tp > 1 or quantized] -> build[llm](backend, target)
           -> validate -> publish -> alias
       +--> export[visual](onnx) -> build[visual](backend) ---+            (multimodal families)
 
@@ -30,6 +30,7 @@ from ..registry import status_of
 from ..spec import Recipe, Variant
 from ..store import open_store
 from ..tasks import build as build_step
+from ..tasks import calibrate as calibrate_step
 from ..tasks import convert as convert_step
 from ..tasks import export as export_step
 from ..tasks import fetch as fetch_step
@@ -118,7 +119,12 @@ def plan(r: Recipe, vs: list[Variant], st) -> tuple[list[PlanRow], dict]:
         for v in vs:
             fam.check_config(fetched.results["config"], v, where=f"{r.name}'s fetched config.json")
     for v in vs:
-        conv = look("convert", v.name, convert_step.spec(ctx, fetched, v) if fetched else None)
+        cal = None
+        if calibrate_step.needed(v):
+            cal = look("calibrate", v.name, calibrate_step.spec(ctx, fetched, v) if fetched else None)
+            conv = look("convert", v.name, convert_step.spec(ctx, fetched, v, cal) if cal else None)
+        else:
+            conv = look("convert", v.name, convert_step.spec(ctx, fetched, v) if fetched else None)
         shards = None
         if shards_step.needed(v):
             shards = look("shards", v.name, shards_step.spec(ctx, fetched, conv, v) if conv else None)
@@ -135,7 +141,7 @@ def plan(r: Recipe, vs: list[Variant], st) -> tuple[list[PlanRow], dict]:
         ready = val and all(builds.values()) and (shards or not shards_step.needed(v))
         pub = look("publish", v.name, publish_step.spec(ctx, v, fetched, conv, builds, val, shards) if ready else None)
         if pub:
-            complete[v.name] = {"fetch": fetched, "convert": conv, **({"shards": shards} if shards else {}),
+            complete[v.name] = {"fetch": fetched, **({"calibrate": cal} if cal else {}), "convert": conv, **({"shards": shards} if shards else {}),
                                 **({"export": exported} if exported else {}),
                                 **{f"build.{c}": b for c, b in builds.items()},
                                 "validate": val, "publish": pub}
@@ -172,14 +178,16 @@ def ready(ctx: Ctx, fetched: StepResult) -> None:
 
 
 def run_variant(ctx: Ctx, fetched: StepResult, v: Variant) -> dict[str, StepResult]:
-    """convert -> [shards] -> build + validate (here or on the gpu pool) -> publish; the steps by name."""
+    """[calibrate] -> convert -> [shards] -> build + validate (here or on the gpu pool) -> publish; the steps by name."""
     ready(ctx, fetched)
-    converted = convert_step.convert_task(ctx, fetched, v)
+    calibrated = calibrate_step.calibrate_task(ctx, fetched, v) if calibrate_step.needed(v) else None
+    converted = convert_step.convert_task(ctx, fetched, v, calibrated)
     checked = shards_step.shards_task(ctx, fetched, converted, v) if shards_step.needed(v) else None
     exported = export_step.export_task(ctx, fetched, v) if "visual" in ctx.recipe.enabled_components else None
     builds, validated = gpu.gpu_steps_for(ctx, fetched, converted, v, exported)
     published = publish_step.publish_task(ctx, v, fetched, converted, builds, validated, checked)
-    return {"fetch": fetched, "convert": converted, **({"shards": checked} if checked else {}),
+    return {"fetch": fetched, **({"calibrate": calibrated} if calibrated else {}), "convert": converted,
+            **({"shards": checked} if checked else {}),
             **({"export": exported} if exported else {}),
             **{f"build.{c}": b for c, b in builds.items()}, "validate": validated, "publish": published}
 

@@ -22,16 +22,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..registry import status_of
+from ..registry import quality, status_of
 from ..tasks.policy import one_line
 
 METRICS = ("logits_max_abs_diff", "top1_agreement", "perplexity_rel_diff", "top5_accuracy_drop")
-COLUMNS = ("recipe", "variant", "status", "cache", "size_mb", "build_s", "validation", *METRICS, "why", "manifest")
+# each variant's quality next to its reference (the unquantized Hugging Face model): registry.quality
+QUALITY = ("perplexity", "perplexity_ref", "top1", "top1_ref", "top5", "top5_ref")
+COLUMNS = ("recipe", "variant", "status", "cache", "size_mb", "build_s", "validation", *METRICS, *QUALITY, "why",
+           "manifest")
 STATUSES = ("built", "up to date", "failed", "skipped")
 NIGHTLY = "nightly"  # the store's report kind
 # the plot's panels: (row field, axis label)
 PANELS = (("build_s", "build time (s)"), ("logits_max_abs_diff", "logits max |diff|"),
-          ("perplexity_rel_diff", "perplexity rel. diff"))
+          ("perplexity_rel_diff", "perplexity rel. diff"), ("top1_agreement", "top-1 agreement"))
 
 
 def why(e: BaseException) -> str:
@@ -70,7 +73,21 @@ def row(st, recipe: str, variant: str, steps: dict, reasons: Iterable[str] = ())
         manifest=st.manifest_path(recipe, "publish", pub.key),
         **{m: _num(metrics.get(m)) for m in METRICS},
     )
+    for k, q in quality(metrics).items():
+        out[k], out[k + "_ref"] = q["engine"], q["reference"]
     return out
+
+
+def quality_cell(r: dict) -> str:
+    """`ppl 12.41 / 10.52 (+18.0%) · top-1 0.41 / 0.45 · top-5 0.70 / 0.72` (engine / reference)."""
+    parts = []
+    if _num(r.get("perplexity")) is not None and _num(r.get("perplexity_ref")):
+        rel = (r["perplexity"] / r["perplexity_ref"] - 1) * 100
+        parts.append(f"ppl {r['perplexity']:.2f} / {r['perplexity_ref']:.2f} ({rel:+.1f}%)")
+    for k, label in (("top1", "top-1"), ("top5", "top-5")):
+        if _num(r.get(k)) is not None and _num(r.get(k + "_ref")) is not None:
+            parts.append(f"{label} {r[k]:.3f} / {r[k + '_ref']:.3f}")
+    return " · ".join(parts) or "-"
 
 
 def failed_row(recipe: str, variant: str, e: BaseException | str) -> dict:
@@ -116,11 +133,13 @@ def markdown(title: str, rows: list[dict], st, extra: str = "") -> str:
             lines.append("")
     ok = [r for r in rows if r["status"] in ("built", "up to date")]
     if ok:
-        lines += ["## Engines", "", "| recipe | variant | status | size (MB) | build (s) | validation | manifest |",
-                  "| --- | --- | --- | ---: | ---: | --- | --- |"]
+        lines += ["## Engines", "", "| recipe | variant | status | size (MB) | build (s) | validation | "
+                  "quality (engine / reference) | manifest |",
+                  "| --- | --- | --- | ---: | ---: | --- | --- | --- |"]
         for r in ok:
             lines.append(f"| {r['recipe']} | {r['variant']} | {r['status']} | {r['size_mb']} | {r['build_s']} | "
-                         f"{r['validation']} | [{r['manifest'].split('/')[-1][:12]}]({manifest_url(st, r['manifest'])}) |")
+                         f"{r['validation']} | {quality_cell(r)} | "
+                         f"[{r['manifest'].split('/')[-1][:12]}]({manifest_url(st, r['manifest'])}) |")
     return "\n".join(lines) + "\n"
 
 

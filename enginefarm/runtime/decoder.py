@@ -187,8 +187,12 @@ class Lin(nn.Module):
         else:
             self.weight = nn.Parameter(w, requires_grad=False)
         self.bias = nn.Parameter(b, requires_grad=False) if b is not None else None
+        pqs = W.get(name + ".prequant_scaling_factor") if self.bits else None  # AWQ (quant.py)
+        self.pre_quant_scale = nn.Parameter(pqs.reshape(-1), requires_grad=False) if pqs is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_quant_scale is not None:  # AWQ: x * s against the weight smoothed by 1 / s
+            x = x * self.pre_quant_scale
         if self.bits and self.scale.dim() == 1:  # per channel: x @ (q * s) == (x @ q) * s
             y = (x @ self.qweight.to(x.dtype)) * self.scale
         elif self.bits:  # per group

@@ -61,6 +61,8 @@ POLICIES: dict[str, StepPolicy] = {
     # the nightly's per-recipe staleness check: the Hugging Face API for tracked branches, the store
     "check": StepPolicy(2, (10, 60), 10 * MINUTE, "transient", "the Hugging Face API, the store"),
     "fetch": StepPolicy(3, (10, 60, 300), 4 * HOUR, "transient", "the Hugging Face hub or S3, the store"),
+    # ModelOpt's calibration passes over the Hugging Face model (in this process)
+    "calibrate": StepPolicy(1, (30,), 4 * HOUR, "transient", "the store"),
     "convert": StepPolicy(2, (10, 60), 4 * HOUR, "transient", "the store"),
     # tp rank processes (gloo / nccl) against the HF model: a hung rank is killed by runtime/tp.py's own timeout
     "shards": StepPolicy(1, (30,), 2 * HOUR, "transient", "the store, local rank processes"),

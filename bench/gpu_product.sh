@@ -1,0 +1,89 @@
+#!/bin/bash
+# The product's own path on a GPU worker (issue 22): `enginefarm build` ->
+# validate -> publish, then `enginefarm bench`, as a worker runs them: no
+# LD_PRELOAD, no environment tricks. Run from the repository root on the GPU
+# machine (the device image has torch/transformers but not prefect: its wheel
+# closure is installed first from .whl/ when present).
+#
+#   bash bench/gpu_product.sh tiny      # tiny llama, fp16 on sm_XY, aoti engine form + CUDA graphs (~3 min)
+#   bash bench/gpu_product.sh llama7b   # LLaMA-7B-shaped (random fp16 weights written here), build + bench
+#   bash bench/gpu_product.sh bench7b   # `enginefarm bench` of the llama7b build (same machine, after it)
+#
+# Results (build JSON, bench JSON, timings) go to $OUT (default: .).
+set -o pipefail
+export PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME=$(mktemp -d)
+OUT=${OUT:-.}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 2
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+SM=$(python3 -c "import torch; print('sm_%d%d' % torch.cuda.get_device_capability())")
+W=$(mktemp -d)
+ef() { python3 -m enginefarm "$@"; }
+stamp() { echo "[$(date +%T)] $*"; }
+case "$1" in
+tiny)
+  sed -e "s/^name: tiny-llama/name: gpu-tiny-llama/" -e "s/dtype: \[float32\]/dtype: [float16]/" \
+      -e "s/target: \[cpu\]/target: [$SM]/" -e "s/^default_variant: .*/default_variant: fp16-tp1/" \
+      -e "s/^  llm: {}/  llm: {aoti: {cuda_graphs: true}}/" \
+      -e "s/logits_max_abs_diff: 0.001/logits_max_abs_diff: 0.05/" -e "s/greedy_equal: true/greedy_equal: false/" \
+      -e "s/perplexity_rel_diff: 0.001/perplexity_rel_diff: 0.01/" -e "s/top5_accuracy_drop: 0.0/top5_accuracy_drop: 0.05/" \
+      -e "s/top1_agreement: 0.99/top1_agreement: 0.9/" \
+      models/tiny/tiny-llama.yaml > "$W/gpu-tiny-llama.yaml"
+  stamp build; /usr/bin/time -v python3 -m enginefarm build "$W/gpu-tiny-llama.yaml" --store "$W/store" --json \
+    > "$OUT/tiny_build.json" 2> "$OUT/tiny_build.err"; rc=$?; tail -25 "$OUT/tiny_build.err" | grep -v "^\s*\(Page\|Socket\|Signals\|Swaps\|File sys\|Average\|Exit\|Minor\|Major\|Voluntary\|Involuntary\|Percent\)"
+  stamp "build rc=$rc"; head -c 1500 "$OUT/tiny_build.json"; echo
+  stamp bench; ef bench gpu-tiny-llama --store "$W/store" --batch 1 --input-len 16 --output-len 32 --json \
+    > "$OUT/tiny_bench.json" 2> "$OUT/tiny_bench.err"; echo "bench rc=$?"; tail -5 "$OUT/tiny_bench.err"; head -c 1500 "$OUT/tiny_bench.json"; echo ;;
+llama7b)
+  W=/tmp/ef7b; mkdir -p $W
+  stamp "write the checkpoint"
+  python3 - "$W/src" <<'PY' || exit 1
+import sys, shutil, time, torch
+sys.path.insert(0, ".")
+from bench.models import hf_llama
+from enginefarm.testing.tiny import ensure_tiny
+t = time.time()
+m = hf_llama(device="cuda", dtype=torch.float16)
+m.generation_config.eos_token_id = 2
+m.save_pretrained(sys.argv[1], safe_serialization=True, max_shard_size="5GB")
+tiny = ensure_tiny("llama")  # its tokenizer (ids < 32000 fit the 7B vocab)
+for f in tiny.iterdir():
+    if "token" in f.name or f.name == "special_tokens_map.json":
+        shutil.copy(f, sys.argv[1])
+print("checkpoint written", round(time.time() - t, 1), "s")
+PY
+  cat > "$W/llama-7b-shaped.yaml" <<YAML
+name: llama-7b-shaped
+description: LLaMA-7B-shaped random fp16 weights (issue 22's GPU-worker run)
+family: llama
+source: {path: $W/src}
+components:
+  llm: {aoti: {cuda_graphs: true}}
+matrix: {backend: [aoti], dtype: [float16], quant: [none], tp: [1], target: [$SM]}
+default_variant: fp16-tp1
+limits: {max_batch_size: 1, max_input_len: 256, max_seq_len: 512}
+validation:
+  prompts: ["The build farm", "Engines are rebuilt every night when"]
+  max_new_tokens: 8
+  max_eval_tokens: 128
+  gates: {logits_max_abs_diff: null, top1_agreement: 0.8, greedy_equal: false, perplexity_rel_diff: 0.05, top5_accuracy_drop: 0.2}
+YAML
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "$OUT/gpu_mem_7b.txt" &
+  SMI=$!
+  stamp build; /usr/bin/time -v python3 -m enginefarm build "$W/llama-7b-shaped.yaml" --store "$W/store" --json \
+    > "$OUT/7b_build.json" 2> "$OUT/7b_build.err"; rc=$?; kill $SMI
+  grep "Maximum resident\|Elapsed" "$OUT/7b_build.err"; grep "^\[" "$OUT/7b_build.err" | tail -30
+  echo "peak GPU MiB: $(sort -n "$OUT/gpu_mem_7b.txt" | tail -1)"
+  stamp "build rc=$rc"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps(d)[:3000])" "$OUT/7b_build.json" ;;
+bench7b)
+  W=/tmp/ef7b
+  stamp bench; ef bench llama-7b-shaped --store "$W/store" --batch 1 --input-len 16,128 --output-len 128 --iters 3 \
+    --json > "$OUT/7b_bench.json" 2> "$OUT/7b_bench.err"; echo "bench rc=$?"; tail -5 "$OUT/7b_bench.err"
+  head -c 3000 "$OUT/7b_bench.json"; echo ;;
+*)
+  echo "usage: bash bench/gpu_product.sh tiny|llama7b|bench7b" >&2; exit 2 ;;
+esac

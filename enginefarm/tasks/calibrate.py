@@ -1,0 +1,103 @@
+"""calibrate: ModelOpt's calibration of the Hugging Face model for a
+calibrated quantization (w4a16_awq), a cached step of its own.
+
+    fetch -> calibrate(algorithm, group size, data) -> convert(quant)
+
+Its key holds the fetched checkpoint, the algorithm, the group size, the
+digest of the calibration data and ModelOpt's version, so one calibration
+serves every variant that shares them (tp sizes, dtypes) and a new ModelOpt
+or new data calibrates again. Its one file, `calibration.safetensors`, holds
+the statistics the converter applies (calibration.py); its manifest records
+the data digest, the algorithm, ModelOpt's version and what was kept.
+
+The data is the recipe's `validation.calibration`: by default the farm's text
+set after the perplexity window (the first max_eval_tokens tokens), so that
+calibration never sees the tokens the variant is judged on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from ..backends.base import version_of
+from ..errors import BadInput
+from ..hashing import code_version, digest_bytes, digest_json
+from ..quant import CALIBRATED, awq_group_size
+from ..spec import Variant
+from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
+from .policy import step_task
+from .validate import text_set
+
+FILE = "calibration.safetensors"
+
+
+def needed(variant: Variant) -> bool:
+    return variant.quant in CALIBRATED
+
+
+def data(ctx: Ctx) -> tuple[str, int]:
+    """(calibration text, tokens to skip at its start)."""
+    v = ctx.recipe.validation
+    c = v.calibration
+    if c.text_set:
+        return text_set(c.text_set, ctx), 0
+    return text_set(v.text_set, ctx), v.max_eval_tokens
+
+
+def spec(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepSpec:
+    c = ctx.recipe.validation.calibration
+    text, skip = data(ctx)
+    group = awq_group_size(fetched.results["config"], variant.tp, variant.group_size)
+    params = {
+        "algorithm": CALIBRATED[variant.quant],
+        "group_size": group,
+        "data": {"text_digest": digest_bytes(text.encode()), "skip_tokens": skip,
+                 "max_tokens": c.max_tokens, "seq_len": c.seq_len},
+    }
+    tc = {"modelopt": version_of("nvidia-modelopt"), "torch": version_of("torch"),
+          "transformers": version_of("transformers")}
+    code = code_version(__name__, "enginefarm.calibration")
+    return StepSpec("calibrate", params, {"fetch": fetched}, code, tc,
+                    variant=f"{params['algorithm']}-g{group}")
+
+
+@step_task("calibrate")
+def calibrate_task(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepResult:
+    s = spec(ctx, fetched, variant)
+
+    def work(out: Path, scratch: Path):
+        from safetensors.torch import save_file
+        from transformers import AutoTokenizer
+
+        from .. import calibration
+        from ..evaluation import load_reference
+
+        src = materialize(ctx, fetched, scratch / "src")
+        c = ctx.recipe.validation.calibration
+        text, skip = data(ctx)
+        tok = AutoTokenizer.from_pretrained(src)
+        samples = calibration.calibration_ids(tok, text, skip, c.max_tokens, c.seq_len)
+        if not samples:
+            raise BadInput(f"recipe {ctx.recipe.name}: the calibration text has no tokens after the first {skip} "
+                           f"(the perplexity window); set validation.calibration.text_set")
+        model = load_reference(src)
+        algo, group = s.params["algorithm"], s.params["group_size"]
+        log(f"calibrate [{algo}]: {len(samples)} samples, {sum(map(len, samples))} tokens, group {group}")
+        tensors, stats = calibration.calibrate(model, samples, algo, group, progress=log)
+        save_file(tensors, str(out / FILE), metadata={"format": "pt", "algorithm": algo})
+        results = {"algorithm": algo, "group_size": group, "modelopt": calibration.modelopt_version(),
+                   "data_digest": digest_json(samples), **stats}
+        return results, {}
+
+    return run_step(ctx, s, work)
+
+
+def load(ctx: Ctx, calibrated: Optional[StepResult], scratch: Path) -> Optional[dict]:
+    """The statistics of a calibrate result, as tensors (None: no calibration)."""
+    if calibrated is None:
+        return None
+    from safetensors.torch import load_file
+
+    d = materialize(ctx, calibrated, scratch / "calibration")
+    return load_file(str(d / FILE))

