@@ -160,7 +160,7 @@ def test_validation_judges_beams_equal_to_hugging_face(built, family):
     prompt with 2 beams through the engine and through `generate`; the
     recorded beams are Hugging Face's own (as this test asks it), and the
     exact-output gate covers them."""
-    from enginefarm.spec import load_recipe
+    from enginefarm.families import load_recipe
 
     from helpers import only_manifest
 

@@ -119,7 +119,7 @@ def test_build_exports_checks_and_validates_against_hf(built, family):
     # beams (the tiny recipes' limits.max_beam_width 2): each pair's beam-search tokens, as `generate` gives them
     assert val["num_beams"] == 2 and val["beams_equal"] and len(val["beams"]) == len(val["greedy"])
     from enginefarm.images import load_image
-    from enginefarm.spec import load_recipe
+    from enginefarm.families import load_recipe
 
     first = val["beams"][0]
     n = load_recipe(str(b.recipe)).validation.max_new_tokens
@@ -226,7 +226,7 @@ def test_chat_about_images_through_a_terminal(built, family, tmp_path):
     from transformers import AutoProcessor
 
     from enginefarm.chat import shown
-    from enginefarm.spec import load_recipe
+    from enginefarm.families import load_recipe
     from helpers import Terminal, answers, enginefarm_exe
 
     b = built(family)
