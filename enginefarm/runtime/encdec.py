@@ -558,7 +558,7 @@ class EncDecEngine(EngineBase):
         args = [ids, lengths]
         if self.table:  # the package always takes one; text alone gets a row of zeros
             if prompt_table is None:
-                prompt_table = torch.zeros(1, self.table["hidden_size"])
+                prompt_table = torch.zeros(1, self.table.hidden_size)
             args.append(prompt_table.to(self.device, self.dtype))
         _, ck, cv = self.encode_fn(*args)
         return ck, cv, lengths
