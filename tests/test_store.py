@@ -389,26 +389,3 @@ def test_the_index_answers_what_did_not_change_and_rereads_what_did(store):
     store._put_bytes(INDEX_KEY, b"not gzip")  # an unreadable index is an empty one
     lost = Indexed(store)
     assert lost.get_ref("r", "v", "latest")[0]["digest"] == "c" * 64 and lost.get_manifest("r", "fetch", "k1") == m
-
-
-def test_s3_listing_pages_agree_with_botocore(s3_store_uri):
-    """S3Store lists through a lean ListObjectsV2 parser (Key and ETag from
-    the XML): over more than one page (1,000 keys a page), with keys that
-    need URL encoding, it gives what botocore's own parser gives."""
-    import boto3
-    from concurrent.futures import ThreadPoolExecutor
-
-    from enginefarm.store import open_store
-
-    st = open_store(s3_store_uri)
-    keys = [f"manifests/r/fetch/k{i:04d}{'+a b&c' if i % 97 == 0 else ''}.json" for i in range(1050)]
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda k: st._put_bytes(k, k.encode()), keys))
-    got = st._list_versions("manifests/")
-    want = {}
-    for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=st.bucket, Prefix=st._k("manifests/")):
-        for o in page.get("Contents", []):
-            want[o["Key"][len(st.prefix):]] = o["ETag"]
-    assert len(want) == 1050 and got == want
-    assert sorted(st._list("manifests/r/")) == sorted(keys)
-    assert st._list("nothing/here/") == [] and st._list_versions("nothing/") == {}

@@ -111,60 +111,6 @@ class _Body:
             self.body.close()
 
 
-class _LeanListParser:
-    """A 200 answer to ListObjectsV2: the page's Key and ETag of each object,
-    IsTruncated, NextContinuationToken, KeyCount, Prefix and EncodingType
-    (botocore's own handler then URL-decodes the keys, as it does for its
-    parser's output). Anything else goes to botocore's parser."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def parse(self, response: dict, shape) -> dict:
-        if getattr(shape, "name", None) != "ListObjectsV2Output" or response.get("status_code") != 200:
-            return self.inner.parse(response, shape)
-        import xml.etree.ElementTree as ET
-
-        try:
-            root = ET.fromstring(response["body"])
-        except ET.ParseError:
-            return self.inner.parse(response, shape)
-        tag = root.tag
-        if not tag.endswith("ListBucketResult"):
-            return self.inner.parse(response, shape)
-        ns = tag[: -len("ListBucketResult")]
-        out: dict[str, Any] = {
-            "Contents": [{"Key": c.findtext(ns + "Key"), "ETag": c.findtext(ns + "ETag")}
-                         for c in root.findall(ns + "Contents")],
-            "IsTruncated": (root.findtext(ns + "IsTruncated") or "").strip().lower() == "true",
-        }
-        for name in ("NextContinuationToken", "ContinuationToken", "Prefix", "EncodingType", "StartAfter"):
-            v = root.findtext(ns + name)
-            if v is not None:
-                out[name] = v
-        if root.findtext(ns + "KeyCount"):
-            out["KeyCount"] = int(root.findtext(ns + "KeyCount"))
-        headers = response.get("headers") or {}
-        out["ResponseMetadata"] = {"RequestId": headers.get("x-amz-request-id", ""),
-                                   "HostId": headers.get("x-amz-id-2", ""),
-                                   "HTTPStatusCode": 200, "HTTPHeaders": headers}
-        return out
-
-
-class _LeanParsers:
-    """botocore's parser factory, with the lean ListObjectsV2 parser for S3."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def create_parser(self, protocol: str):
-        parser = self.inner.create_parser(protocol)
-        return _LeanListParser(parser) if protocol == "rest-xml" else parser
-
-    def set_parser_defaults(self, **kwargs) -> None:
-        self.inner.set_parser_defaults(**kwargs)
-
-
 class S3Store(Store):
     def __init__(
         self,
@@ -208,7 +154,6 @@ class S3Store(Store):
         self.download_threshold = multipart_threshold if download_threshold is None else download_threshold
         self._bucket_ok = False
         self._bucket_lock = threading.Lock()
-        self._lister = None  # the client of listings (see _list_client)
 
     # ------------------------------------------------------------ helpers
 
@@ -222,30 +167,6 @@ class S3Store(Store):
 
         cfg = self._cfg.merge(Config(s3={"payload_signing_enabled": False})) if self._checksums else self._cfg
         return boto3.client("s3", config=cfg)
-
-    def _list_client(self):
-        """The client that lists: its own botocore session, whose parser reads
-        a ListObjectsV2 page for the Key and ETag of each object (all that
-        `_list` and `_list_versions` use) straight from the XML. botocore's
-        own parse of a 1,000-key page (every field, every LastModified
-        through dateutil) costs the client more than the server takes to
-        answer it."""
-        if self._lister is None:
-            import boto3
-            import botocore.session
-
-            sess = botocore.session.get_session()
-            sess.register_component("response_parser_factory", _LeanParsers(sess.get_component("response_parser_factory")))
-            client = boto3.Session(botocore_session=sess).client("s3", config=self._cfg)
-            with self._bucket_lock:
-                if self._lister is None:
-                    self._lister = client
-        return self._lister
-
-    def _pages(self, prefix: str):
-        """The ListObjectsV2 pages of one prefix, in key order."""
-        self._check_bucket()
-        return self._list_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._k(prefix))
 
     def _no_checksums(self) -> None:
         """The server refused checksums: stop sending them, and sign bodies again."""
@@ -437,16 +358,18 @@ class S3Store(Store):
         return h.hexdigest(), offset
 
     def _list(self, prefix: str) -> list[str]:
+        self._check_bucket()
         out = []
-        for page in self._pages(prefix):
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._k(prefix)):
             for o in page.get("Contents", []):
                 out.append(o["Key"][len(self.prefix):])
         return out
 
     def _list_versions(self, prefix: str) -> dict[str, Optional[str]]:
         """The ETags of one listing (1,000 keys a request)."""
+        self._check_bucket()
         out: dict[str, Optional[str]] = {}
-        for page in self._pages(prefix):
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._k(prefix)):
             for o in page.get("Contents", []):
                 out[o["Key"][len(self.prefix):]] = o.get("ETag")
         return out
