@@ -46,6 +46,7 @@ TORCH_USE: dict[str, str] = {
     "shards": "run",  # the Hugging Face reference in this process, the rank files in rank processes
     "validate": "run",  # the Hugging Face reference and the engines
     "calibrate": "run",  # calibration forward passes
+    "reference": "run",  # the Hugging Face model on the validation inputs
 }
 
 

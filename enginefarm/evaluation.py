@@ -80,19 +80,21 @@ def reference_outputs(ref_model, prompt_ids: list[list[int]], eval_ids: list[int
     if getattr(getattr(ref_model, "config", None), "is_encoder_decoder", False):
         return _reference_outputs_seq2seq(ref_model, prompt_ids, eval_ids, max_new_tokens, eos, pad, max_seq_len,
                                           max_input_len, beams)
+    dev = model_device(ref_model)
     prompts = []
     for ids in prompt_ids:
         n_new = min(max_new_tokens, max_seq_len - len(ids))
         with torch.no_grad():
-            logits = ref_model(torch.tensor([ids])).logits[0].float()
+            logits = ref_model(torch.tensor([ids], device=dev)).logits[0].float().cpu()
             gen = ref_model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                torch.tensor([ids], device=dev), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=dev),
                 max_new_tokens=n_new, do_sample=False, eos_token_id=eos, pad_token_id=pad,
             )[0, len(ids):].tolist()
         p = {"ids": ids, "n_new": n_new, "logits": logits, "generated": gen}
         if beams > 1:
             with torch.no_grad():
-                out = ref_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                out = ref_model.generate(torch.tensor([ids], device=dev),
+                                         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=dev),
                                          generation_config=beam_config(beams, pad, eos, max_new_tokens=n_new))
             p["beams"] = unpadded(out[0, len(ids):].tolist(), pad, eos)
         prompts.append(p)
@@ -102,7 +104,7 @@ def reference_outputs(ref_model, prompt_ids: list[list[int]], eval_ids: list[int
         if len(chunk) < 2:
             break
         with torch.no_grad():
-            chunks.append({"ids": chunk, "logits": ref_model(torch.tensor([chunk[:-1]])).logits[0].float()})
+            chunks.append({"ids": chunk, "logits": ref_model(torch.tensor([chunk[:-1]], device=dev)).logits[0].float().cpu()})
     return {"prompts": prompts, "eval": chunks}
 
 
@@ -143,10 +145,12 @@ def _reference_outputs_seq2seq(ref_model, prompt_ids, eval_ids, max_new_tokens, 
     from transformers import GenerationConfig
 
     start = ref_model.config.decoder_start_token_id
+    dev = model_device(ref_model)
 
     def teacher_forced(ids):
         with torch.no_grad():
-            return ref_model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([[start] + ids[:-1]])).logits[0].float()
+            return ref_model(input_ids=torch.tensor([ids], device=dev),
+                             decoder_input_ids=torch.tensor([[start] + ids[:-1]], device=dev)).logits[0].float().cpu()
 
     prompts = []
     for ids in prompt_ids:
@@ -156,12 +160,14 @@ def _reference_outputs_seq2seq(ref_model, prompt_ids, eval_ids, max_new_tokens, 
         gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, num_beams=1, decoder_start_token_id=start,
                               eos_token_id=eos, pad_token_id=pad)
         with torch.no_grad():
-            gen = ref_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            gen = ref_model.generate(torch.tensor([ids], device=dev),
+                                     attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=dev),
                                      generation_config=gc)[0, 1:].tolist()
         p = {"ids": ids, "n_new": n_new, "targets": ids, "logits": teacher_forced(ids), "generated": gen}
         if beams > 1:  # after the decoder start token
             with torch.no_grad():
-                out = ref_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                out = ref_model.generate(torch.tensor([ids], device=dev),
+                                         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=dev),
                                          generation_config=beam_config(beams, pad, eos, max_new_tokens=n_new,
                                                                        decoder_start_token_id=start))
             p["beams"] = unpadded(out[0, 1:].tolist(), pad, eos)
@@ -171,15 +177,92 @@ def _reference_outputs_seq2seq(ref_model, prompt_ids, eval_ids, max_new_tokens, 
     return {"prompts": prompts, "eval": chunks}
 
 
-def load_reference(src_dir: str | Path):
+def reference_device(device: Optional[str] = None) -> str:
+    """Where the Hugging Face reference runs: `device`, else ENGINEFARM_REFERENCE_DEVICE, else "auto" (the
+    GPUs where there are any, the CPU otherwise)."""
+    import os
+
+    d = device or os.environ.get("ENGINEFARM_REFERENCE_DEVICE") or "auto"
+    if d not in ("auto", "cpu", "cuda"):
+        raise BadInput(f"ENGINEFARM_REFERENCE_DEVICE must be auto, cpu or cuda, got {d!r}")
+    return d
+
+
+def load_reference(src_dir: str | Path, device: str = "cpu"):
     """The Hugging Face model of a checkpoint in fp32: a causal LM, or a
-    sequence-to-sequence one for an encoder-decoder config."""
+    sequence-to-sequence one for an encoder-decoder config.
+
+    device "cpu" (the default), or "auto"/"cuda": on the GPUs where there are
+    any, through accelerate's big-model placement (`device_map="auto"` with a
+    per-GPU budget), so a model larger than one GPU is split over the GPUs and
+    what still does not fit stays in host memory, layer by layer; never more
+    than the budget on a GPU."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     cfg = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
     cls = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
-    return cls.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False).eval()
+    import importlib.util
+
+    kw, gpu = {}, reference_device(device) != "cpu" and torch.cuda.is_available()
+    if gpu:
+        # 90% of each GPU's free memory: room for activations and the engine's own process
+        budget = {i: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i in range(torch.cuda.device_count())}
+        if importlib.util.find_spec("accelerate") is not None:
+            kw = {"device_map": "auto", "max_memory": {**budget, "cpu": "1024GiB"}}
+    model = cls.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False, **kw).eval()
+    if gpu and not kw:  # no accelerate: onto the first GPU where the whole model fits, else stay on the CPU
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        if size < budget[0]:
+            model = model.to("cuda:0")
+    return model
+
+
+def model_device(model):
+    """The device a (possibly split) model takes its inputs on."""
+    import torch
+
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- stored reference outputs
+#
+# The reference step (tasks/reference.py) stores reference_outputs once per
+# source and validation settings: the logits in one safetensors file, the
+# token ids and generated tokens in JSON beside them.
+
+
+def save_outputs(outputs: dict, directory: Path) -> None:
+    """Write reference_outputs' result under directory (logits.safetensors + outputs.json)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {"prompts": [], "eval": []}
+    for part in ("prompts", "eval"):
+        for i, item in enumerate(outputs[part]):
+            tensors[f"{part}.{i}"] = item["logits"].float().contiguous()
+            meta[part].append({k: v for k, v in item.items() if k != "logits"})
+    save_file(tensors, str(directory / "logits.safetensors"))
+    (directory / "outputs.json").write_text(json.dumps(meta))
+
+
+def load_outputs(directory: Path) -> dict:
+    """save_outputs' files back as reference_outputs' result."""
+    import json
+
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((directory / "outputs.json").read_text())
+        tensors = load_file(str(directory / "logits.safetensors"))
+        return {part: [{**item, "logits": tensors[f"{part}.{i}"]} for i, item in enumerate(meta[part])]
+                for part in ("prompts", "eval")}
+    except (OSError, ValueError, KeyError) as e:
+        raise BadInput(f"{directory}: not a stored reference (outputs.json + logits.safetensors): {e}") from None
 
 
 def worst(a: float, b: float) -> float:
@@ -246,13 +329,17 @@ def tokenize_inputs(tok, prompts: list[str], text: str, max_eval_tokens: int) ->
     return ids, tok(text).input_ids[:max_eval_tokens]
 
 
-def evaluate(ref_model, tok, eng, prompts: list[str], text: str, max_new_tokens: int, max_eval_tokens: int) -> dict:
-    """The metrics, engine next to reference."""
+def evaluate(ref, tok, eng, prompts: list[str], text: str, max_new_tokens: int, max_eval_tokens: int) -> dict:
+    """The metrics, engine next to reference. `ref`: the Hugging Face model,
+    or its outputs on these inputs as the reference step stored them."""
     prompt_ids, eval_ids = tokenize_inputs(tok, prompts, text, max_eval_tokens)
     beams = eng.max_beam_width  # the recipe's limits.max_beam_width: beams judged where it is above 1
     got = engine_outputs(eng, prompt_ids, eval_ids, max_new_tokens, tok.eos_token_id, beams)
-    ref = reference_outputs(ref_model, prompt_ids, eval_ids, max_new_tokens, tok.eos_token_id, tok.pad_token_id,
-                            eng.max_seq_len, eng.max_input_len, beams)
+    if isinstance(ref, dict):
+        check_same_inputs(ref, prompt_ids, eval_ids)
+    else:
+        ref = reference_outputs(ref, prompt_ids, eval_ids, max_new_tokens, tok.eos_token_id, tok.pad_token_id,
+                                eng.max_seq_len, eng.max_input_len, beams)
     m = compare(got, ref)
     if beams > 1:
         m["num_beams"] = beams
@@ -261,6 +348,16 @@ def evaluate(ref_model, tok, eng, prompts: list[str], text: str, max_new_tokens:
     for g, p in zip(m.get("beams", []), prompts):
         g["prompt"] = p
     return m
+
+
+def check_same_inputs(ref: dict, prompt_ids: list[list[int]], eval_ids: list[int]) -> None:
+    """Stored reference outputs must be of exactly these token ids."""
+    from .errors import StepFailed
+
+    first = ref["eval"][0]["ids"] if ref["eval"] else []
+    if [p["ids"] for p in ref["prompts"]] != prompt_ids or eval_ids[:len(first)] != first:
+        raise StepFailed("the stored reference outputs are of other token ids than this validation's "
+                         "(the tokenizer or the prompts changed without a new reference key)")
 
 
 def judge(metrics: dict, gates: dict) -> dict:
@@ -291,7 +388,8 @@ def gates_line(gates: dict) -> str:
 
 def check_shards(src_dir: str | Path, ckpt_dirs: list[str | Path], prompts: list[str], text: str,
                  max_new_tokens: int = 8, max_eval_tokens: int = 128, max_input_len: int = 32,
-                 max_seq_len: int = 64, baseline: Optional[str | Path] = None) -> list[dict]:
+                 max_seq_len: int = 64, baseline: Optional[str | Path] = None,
+                 reference: Optional[dict] = None) -> list[dict]:
     """Run each converted checkpoint in its tp processes (runtime/tp.py) and
     compare it with the Hugging Face model in fp32. With `baseline` (a
     checkpoint, e.g. the fp16 conversion) each result also carries
@@ -302,7 +400,8 @@ def check_shards(src_dir: str | Path, ckpt_dirs: list[str | Path], prompts: list
 
 
 def check_shard_sets(sets: list[tuple], prompts: list[str], text: str, max_new_tokens: int = 8,
-                     max_eval_tokens: int = 128, max_input_len: int = 32, max_seq_len: int = 64) -> list[list[dict]]:
+                     max_eval_tokens: int = 128, max_input_len: int = 32, max_seq_len: int = 64,
+                     references: Optional[list[Optional[dict]]] = None) -> list[list[dict]]:
     """check_shards for several sources at once: `sets` holds (src_dir,
     ckpt_dirs, baseline or None) tuples, and the result holds check_shards'
     list for each. The checkpoints of all sources whose tokenizers give the
@@ -318,14 +417,18 @@ def check_shard_sets(sets: list[tuple], prompts: list[str], text: str, max_new_t
     hf_logging.disable_progress_bar()
 
     inputs, refs = [], []
-    for src_dir, _, _ in sets:
+    for (src_dir, _, _), stored in zip(sets, references or [None] * len(sets)):
         tok = AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False)
         prompt_ids, eval_ids = tokenize_inputs(tok, prompts, text, max_eval_tokens)
         eos, pad = tok.eos_token_id, tok.pad_token_id
-        ref_model = load_reference(src_dir)
-        refs.append(reference_outputs(ref_model, prompt_ids, eval_ids, max_new_tokens, eos, pad, max_seq_len,
-                                      max_input_len))
-        del ref_model
+        if stored is not None:
+            check_same_inputs(stored, prompt_ids, eval_ids)
+            refs.append(stored)
+        else:
+            ref_model = load_reference(src_dir)
+            refs.append(reference_outputs(ref_model, prompt_ids, eval_ids, max_new_tokens, eos, pad, max_seq_len,
+                                          max_input_len))
+            del ref_model
         inputs.append((prompt_ids, eval_ids, eos))
     # (token ids, tp) -> the checkpoints that run in one launch
     launches: dict[tuple[str, int], list[Path]] = {}

@@ -35,6 +35,7 @@ from ..tasks import convert as convert_step
 from ..tasks import export as export_step
 from ..tasks import fetch as fetch_step
 from ..tasks import publish as publish_step
+from ..tasks import reference as reference_step
 from ..tasks import shards as shards_step
 from ..tasks import validate as validate_step
 from ..tasks.base import Ctx, StepResult, StepSpec, log, lookup
@@ -115,6 +116,9 @@ def plan(r: Recipe, vs: list[Variant], st) -> tuple[list[PlanRow], dict]:
 
     fetched = look("fetch", "-", fetch_step.spec(ctx))
     config = fetched.results["config"] if fetched else None
+    ref, ref_needed = None, reference_step.needed(ctx)
+    if ref_needed:
+        ref = look("reference", "-", reference_step.spec(ctx, fetched) if fetched else None)
     if fetched:
         for v in vs:
             fam.check_config(fetched.results["config"], v, where=f"{r.name}'s fetched config.json")
@@ -127,7 +131,8 @@ def plan(r: Recipe, vs: list[Variant], st) -> tuple[list[PlanRow], dict]:
             conv = look("convert", v.name, convert_step.spec(ctx, fetched, v) if fetched else None)
         shards = None
         if shards_step.needed(v):
-            shards = look("shards", v.name, shards_step.spec(ctx, fetched, conv, v) if conv else None)
+            shards = look("shards", v.name,
+                          shards_step.spec(ctx, fetched, conv, v, ref) if conv and (ref or not ref_needed) else None)
         exported = None
         if "visual" in r.enabled_components:
             exported = look("export[visual]", v.name, export_step.spec(ctx, fetched, v) if fetched else None)
@@ -135,9 +140,9 @@ def plan(r: Recipe, vs: list[Variant], st) -> tuple[list[PlanRow], dict]:
         for c in r.enabled_components:
             src = exported if c == "visual" else conv
             builds[c] = look(f"build[{c}]", v.name, build_step.spec(ctx, src, v, c, config) if src else None)
-        both = builds.get("llm") and ("visual" not in builds or builds["visual"])
+        both = builds.get("llm") and ("visual" not in builds or builds["visual"]) and (ref or not ref_needed)
         val = look("validate", v.name,
-                   validate_step.spec(ctx, fetched, builds["llm"], v, builds.get("visual")) if both else None)
+                   validate_step.spec(ctx, fetched, builds["llm"], v, builds.get("visual"), ref) if both else None)
         ready = val and all(builds.values()) and (shards or not shards_step.needed(v))
         pub = look("publish", v.name, publish_step.spec(ctx, v, fetched, conv, builds, val, shards) if ready else None)
         if pub:
@@ -178,11 +183,16 @@ def ready(ctx: Ctx, fetched: StepResult) -> None:
 
 
 def run_variant(ctx: Ctx, fetched: StepResult, v: Variant) -> dict[str, StepResult]:
-    """[calibrate] -> convert -> [shards] -> build + validate (here or on the gpu pool) -> publish; the steps by name."""
+    """[calibrate] -> convert -> [shards] -> build + validate (here or on the gpu pool) -> publish; the steps by
+    name. The reference (text recipes) is computed by the first step that needs it: shards here, or validate
+    where that runs (a GPU worker)."""
     ready(ctx, fetched)
     calibrated = calibrate_step.calibrate_task(ctx, fetched, v) if calibrate_step.needed(v) else None
     converted = convert_step.convert_task(ctx, fetched, v, calibrated)
-    checked = shards_step.shards_task(ctx, fetched, converted, v) if shards_step.needed(v) else None
+    checked = None
+    if shards_step.needed(v):
+        referenced = reference_step.reference_task(ctx, fetched) if reference_step.needed(ctx) else None
+        checked = shards_step.shards_task(ctx, fetched, converted, v, referenced)
     exported = export_step.export_task(ctx, fetched, v) if "visual" in ctx.recipe.enabled_components else None
     builds, validated = gpu.gpu_steps_for(ctx, fetched, converted, v, exported)
     published = publish_step.publish_task(ctx, v, fetched, converted, builds, validated, checked)

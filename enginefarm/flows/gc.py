@@ -23,7 +23,8 @@ from ..errors import BadInput
 from ..store.base import LOCKS, _lock_live, parse_manifest_key
 from ..store.index import Indexed
 
-STEP_ORDER = {"publish": 0, "validate": 1, "build": 2, "shards": 3, "convert": 4, "calibrate": 5, "fetch": 6}
+STEP_ORDER = {"publish": 0, "validate": 1, "build": 2, "shards": 3, "convert": 4, "calibrate": 5, "reference": 6,
+              "fetch": 7}
 PARTIAL_MAX_AGE = 3600.0  # half-written uploads older than this are abandoned
 
 

@@ -30,6 +30,7 @@ from ..hashing import digest_json
 from ..spec import Variant, parse_recipe
 from ..store import open_store
 from ..tasks import build as build_step
+from ..tasks import reference as reference_step
 from ..tasks import validate as validate_step
 from ..tasks.base import Ctx, StepResult, log, log_error
 from ..tasks.policy import POLICIES, failure_line, step_failed
@@ -75,7 +76,10 @@ def run_gpu_steps(ctx: Ctx, fetched: StepResult, converted: StepResult, v: Varia
     with _ONE_AT_A_TIME:
         builds = {c: build_step.build_task(ctx, exported if c == "visual" else converted, v, c, config)
                   for c in ctx.recipe.enabled_components}
-        validated = validate_step.validate_task(ctx, fetched, builds["llm"], v, builds.get("visual"))
+        # the Hugging Face reference of the recipe, once: computed by the first variant, here (on the GPUs of a
+        # GPU worker) unless a shards step computed it already
+        referenced = reference_step.reference_task(ctx, fetched) if reference_step.needed(ctx) else None
+        validated = validate_step.validate_task(ctx, fetched, builds["llm"], v, builds.get("visual"), referenced)
     return builds, validated
 
 

@@ -27,7 +27,7 @@ from ..quant import CALIBRATED, awq_group_size
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
 from .policy import step_task
-from .validate import text_set
+from .reference import text_set
 
 FILE = "calibration.safetensors"
 

@@ -64,6 +64,8 @@ POLICIES: dict[str, StepPolicy] = {
     # ModelOpt's calibration passes over the Hugging Face model (in this process)
     "calibrate": StepPolicy(1, (30,), 4 * HOUR, "transient", "the store"),
     "convert": StepPolicy(2, (10, 60), 4 * HOUR, "transient", "the store"),
+    # the Hugging Face model's outputs on the validation inputs, once per source (GPU where there is one)
+    "reference": StepPolicy(1, (30,), 3 * HOUR, "transient", "the store, a GPU"),
     # tp rank processes (gloo / nccl) against the HF model: a hung rank is killed by runtime/tp.py's own timeout
     "shards": StepPolicy(1, (30,), 2 * HOUR, "transient", "the store, local rank processes"),
     # the visual component to ONNX (+ ExportedProgram), checked with ONNX Runtime

@@ -21,14 +21,16 @@ from ..hashing import code_version, digest_bytes
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
 from .policy import step_task
-from .validate import text_set
+from . import reference as reference_step
+from .reference import text_set
 
 
 def needed(variant: Variant) -> bool:
     return variant.tp > 1 or variant.quant != "none"
 
 
-def spec(ctx: Ctx, fetched: StepResult, converted: StepResult, variant: Variant) -> StepSpec:
+def spec(ctx: Ctx, fetched: StepResult, converted: StepResult, variant: Variant,
+         referenced: StepResult | None = None) -> StepSpec:
     v = ctx.recipe.validation
     params = {
         "variant": variant.params(),
@@ -38,20 +40,24 @@ def spec(ctx: Ctx, fetched: StepResult, converted: StepResult, variant: Variant)
     }
     tc = {"torch": version_of("torch"), "transformers": version_of("transformers")}
     code = code_version(__name__)
-    return StepSpec("shards", params, {"fetch": fetched, "convert": converted}, code, tc, variant=variant.name)
+    inputs = {"fetch": fetched, "convert": converted, **({"reference": referenced} if referenced is not None else {})}
+    return StepSpec("shards", params, inputs, code, tc, variant=variant.name)
 
 
 @step_task("shards")
-def shards_task(ctx: Ctx, fetched: StepResult, converted: StepResult, variant: Variant) -> StepResult:
-    s = spec(ctx, fetched, converted, variant)
+def shards_task(ctx: Ctx, fetched: StepResult, converted: StepResult, variant: Variant,
+                referenced: StepResult | None = None) -> StepResult:
+    s = spec(ctx, fetched, converted, variant, referenced)
 
     def work(out: Path, scratch: Path):
         src = materialize(ctx, fetched, scratch / "src")
         ckpt = materialize(ctx, converted, scratch / "ckpt")
         v, lim = ctx.recipe.validation, ctx.recipe.limits
-        log(f"shards [{variant.name}]: running the rank files in {variant.tp} process(es) against the HF model")
+        stored = reference_step.load(ctx, referenced, scratch) if referenced is not None else None
+        log(f"shards [{variant.name}]: running the rank files in {variant.tp} process(es) against the HF model"
+            + (f"'s stored outputs ({referenced.key[:12]})" if stored else ""))
         (m,) = check_shards(src, [ckpt], v.prompts, text_set(v.text_set, ctx), v.max_new_tokens, v.max_eval_tokens,
-                            lim.max_input_len, lim.max_seq_len)
+                            lim.max_input_len, lim.max_seq_len, reference=stored)
         m.pop("checkpoint", None)
         gates = judge(m, v.gates_for(variant.quant).model_dump())
         passed = all(g["passed"] for g in gates.values())

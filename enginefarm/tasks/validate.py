@@ -34,23 +34,13 @@ from ..backends import get_backend
 from ..backends.base import version_of
 from ..errors import BadInput
 from ..hashing import code_version, digest_bytes
-from ..evaluation import builtin_text, evaluate, evaluate_multimodal, gates_line, judge, load_reference
+from ..evaluation import evaluate, evaluate_multimodal, gates_line, judge, load_reference
 from ..families import get_family
 from ..spec import Variant
+from . import reference as reference_step
+from .reference import text_set
 from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
 from .policy import step_task
-
-
-def text_set(name: str, ctx: Ctx) -> str:
-    if name == "builtin:eval":
-        return builtin_text()
-    p = Path(name)
-    if not p.is_absolute():
-        p = ctx.recipe.recipe_dir() / p
-    try:
-        return p.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"recipe {ctx.recipe.name}: validation.text_set {name}: {e}") from None
 
 
 PENDING = "no compatible GPU"
@@ -73,8 +63,9 @@ def pending_components(built: StepResult, visual: StepResult | None = None) -> d
 
 
 def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant,
-         visual: StepResult | None = None) -> StepSpec:
-    """built: the llm engine's build; visual: the visual engine's (multimodal recipes)."""
+         visual: StepResult | None = None, referenced: StepResult | None = None) -> StepSpec:
+    """built: the llm engine's build; visual: the visual engine's (multimodal recipes); referenced: the
+    reference step's result (text recipes)."""
     v = ctx.recipe.validation
     validation = v.model_dump(mode="json")
     if validation["videos"] is None:  # unset: the key of a recipe from before the field is unchanged
@@ -89,7 +80,7 @@ def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant,
         params["pending"] = sorted(pending)
     tc = {"torch": version_of("torch"), "transformers": version_of("transformers")}
     modules = [__name__]  # with what it imports (hashing.code_closure); a multimodal family's module besides
-    inputs = {"fetch": fetched, "build": built}
+    inputs = {"fetch": fetched, "build": built, **({"reference": referenced} if referenced is not None else {})}
     if visual is not None:
         from ..images import image_digest
 
@@ -203,8 +194,8 @@ def _tensorrt_vs_onnxruntime_and_pytorch(ctx: Ctx, fam, src: Path, config: dict,
 
 @step_task("validate")
 def validate_task(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant,
-                  visual: StepResult | None = None) -> StepResult:
-    s = spec(ctx, fetched, built, variant, visual)
+                  visual: StepResult | None = None, referenced: StepResult | None = None) -> StepResult:
+    s = spec(ctx, fetched, built, variant, visual, referenced)
 
     def work(out: Path, scratch: Path):
         pending = pending_components(built, visual)
@@ -220,10 +211,14 @@ def validate_task(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Var
         src = materialize(ctx, fetched, scratch / "src")
         eng_dir = materialize(ctx, built, scratch / "engine")
         v = ctx.recipe.validation
-        log(f"validate [{variant.name}]: loading the reference model (fp32) and the engine")
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
-        ref = load_reference(src)  # causal or seq2seq, from config.json
         eng = get_backend(built.manifest["params"]["backend"]).load(eng_dir)
+        if referenced is not None and reference_step.matches(referenced, eng):
+            log(f"validate [{variant.name}]: the engine against the stored reference ({referenced.key[:12]})")
+            ref = reference_step.load(ctx, referenced, scratch)
+        else:  # no stored reference, or one cut with other limits than this engine's
+            log(f"validate [{variant.name}]: loading the reference model (fp32) and the engine")
+            ref = load_reference(src, device="auto")  # causal or seq2seq, from config.json
         metrics = evaluate(ref, tok, eng, v.prompts, text_set(v.text_set, ctx), v.max_new_tokens, v.max_eval_tokens)
         return _finish(metrics, pending)
 

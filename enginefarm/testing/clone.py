@@ -24,12 +24,13 @@ def record_like(store, recipe: str, template: str) -> list[str]:
     from ..tasks import convert as convert_step
     from ..tasks import fetch as fetch_step
     from ..tasks import publish as publish_step
+    from ..tasks import reference as reference_step
     from ..tasks import shards as shards_step
     from ..tasks import validate as validate_step
     from ..tasks.base import Ctx, StepResult, run_step
 
     t, tvs = prepare(template)
-    _, done = plan(t, tvs, store)
+    trows, done = plan(t, tvs, store)
     r, vs = prepare(recipe)
     missing = [v.name for v in vs if v.name not in done]
     if missing:
@@ -43,13 +44,19 @@ def record_like(store, recipe: str, template: str) -> list[str]:
 
     fetched = run_step(ctx, fetch_step.spec(ctx), same(done[vs[0].name]["fetch"]))
     config = fetched.results["config"]
+    referenced = None
+    if reference_step.needed(ctx):  # the template's, recorded under this recipe's key
+        trefs = [x.hit for x in trows if x.step == "reference" and x.hit]
+        if not trefs:
+            raise BadInput(f"template {t.name} has no reference step in {store.uri}")
+        referenced = run_step(ctx, reference_step.spec(ctx, fetched), same(trefs[0]))
     for v in vs:
         tmpl = done[v.name]
         conv = run_step(ctx, convert_step.spec(ctx, fetched, v), same(tmpl["convert"]))
         shards = None
         if shards_step.needed(v):
-            shards = run_step(ctx, shards_step.spec(ctx, fetched, conv, v), same(tmpl["shards"]))
+            shards = run_step(ctx, shards_step.spec(ctx, fetched, conv, v, referenced), same(tmpl["shards"]))
         built = run_step(ctx, build_step.spec(ctx, conv, v, "llm", config), same(tmpl["build.llm"]))
-        val = run_step(ctx, validate_step.spec(ctx, fetched, built, v), same(tmpl["validate"]))
+        val = run_step(ctx, validate_step.spec(ctx, fetched, built, v, None, referenced), same(tmpl["validate"]))
         publish_step.publish_task.fn(ctx, v, fetched, conv, {"llm": built}, val, shards)
     return [v.name for v in vs]
