@@ -44,7 +44,13 @@ DTYPE_PLUGIN = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float3
 # 0.17.0.dev2024121700), or in the source pages of the versioned documentation
 # (nvidia.github.io/TensorRT-LLM/<version>/_modules/..., built from the
 # release). A boundary that could not be tied to a tag is given as the last
-# release known without and the first known with.
+# release known without and the first known with. The release commits, for
+# whoever reads further: the tensorrt_llm submodule of
+# triton-inference-server/tensorrtllm_backend at its tag of the same name
+# (equal to TensorRT-LLM's own tags for 0.13.0-0.15.0; at 42a7b092,
+# version.py says 0.16.0): 0.16.0 42a7b092, 0.17.0 350625cc, 0.18.0 3c046200,
+# 0.18.2 5aec7af4, 0.19.0 c6f7d423, 0.20.0 79658429, 0.21.0 b4b1185a; no
+# stored source of 0.17-0.21 other than the documentation pages could be read.
 LAST = "the last release with the TensorRT engine path (trtllm-build; removed mid-2026)"
 RELEASES = {
     "decoder-only": {
