@@ -34,12 +34,22 @@ from ..runtime.decoding import GREEDY, Decoding, OnToken, replay
 # kwargs by name ("accepted_parameters") and renames num_beams -> beam_width,
 # random_seed -> seed for the executor's SamplingConfig.
 MRC = "tensorrt_llm/runtime/model_runner_cpp.py (stored commit 03832911f05dbe10232949eb3c56aac45578e30a)"
+# Read again at tag v0.15.0 (8f91cff2) and on main be178810 of 2024-12-16
+# (0.17.0.dev2024121700): from_dir takes engine_dir, rank,
+# max_attention_window_size and is_enc_dec (v0.15.0 lines 81-112), generate
+# takes encoder_input_ids, max_new_tokens, end_id, pad_id, return_dict,
+# output_sequence_lengths, prompt_table, prompt_tasks and **kwargs (lines
+# 492-523), whose accepted_parameters hold every sampling name below (lines
+# 591-598); commands/build.py has --gather_context_logits (line 228) and
+# cpp/tensorrt_llm/thop/weightOnlyQuantOp.cpp registers the three-argument
+# preprocess_weights_for_mixed_gemm (lines 123-124) at both.
+TAGGED = "tag v0.15.0 (8f91cff2) and main be178810 (2024-12-16)"
 SIGNATURES = {
     "ModelRunnerCpp.from_dir": {
         "params": ("engine_dir", "rank", "is_enc_dec", "max_attention_window_size"),
         "read": f"{MRC}: classmethod from_dir(cls, engine_dir, *, ..., rank=0, ..., "
                 f"max_attention_window_size=None, ..., is_enc_dec=False, ...); is_enc_dec reads "
-                f"engine_dir/encoder and engine_dir/decoder",
+                f"engine_dir/encoder and engine_dir/decoder; the same at {TAGGED}",
     },
     "ModelRunnerCpp.generate": {
         "params": ("batch_input_ids", "encoder_input_ids", "max_new_tokens", "end_id", "pad_id",
@@ -52,7 +62,7 @@ SIGNATURES = {
                 f"prompt_tasks (comma-separated task index per request), ..., **kwargs); with return_dict it "
                 f"returns output_ids [batch, beams, max_seq_len] (the input tokens first, padded with end_id), "
                 f"sequence_lengths, and context_logits [batch, max input len, vocab] where the engine gathers "
-                f"them (property gather_context_logits = model_config.compute_context_logits)",
+                f"them (property gather_context_logits = model_config.compute_context_logits); the same keywords at {TAGGED}",
     },
 }
 # The trtllm-build flag without which an engine returns no context logits:
