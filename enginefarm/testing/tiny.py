@@ -10,6 +10,10 @@ the demo never download anything. `ensure_tiny(name)` writes one once and
 afterwards leaves it untouched (its files keep their mtimes, so the fetch
 step's cache key stays put).
 
+A decoder-only family declares its tiny checkpoints in its own module
+(`tiny_models`, `tiny_config`: enginefarm/families/base.py), so adding a
+family adds its fixtures; the encoder-decoder and multimodal ones are here.
+
     python -m enginefarm.testing.tiny opt /tmp/tiny-opt [--seed 1 --layers 3 ...]
     python -m enginefarm.testing.tiny llava /tmp/tiny-llava [--image-size 48 --patch 12 ...]
 """
