@@ -64,10 +64,11 @@ def cmd_recipe_new(a) -> int:
     source = _source_arg(a.source)
     config = None
     if "tiny" in source:
-        from .testing import TINY_MODELS, ensure_tiny
+        from .testing import ensure_tiny, tiny_models
 
-        if source["tiny"] not in TINY_MODELS:
-            raise BadInput(f"--source tiny:{source['tiny']}: no such tiny model (known: {', '.join(TINY_MODELS)})")
+        known = tiny_models()
+        if source["tiny"] not in known:
+            raise BadInput(f"--source tiny:{source['tiny']}: no such tiny model (known: {', '.join(known)})")
         config = json.loads((ensure_tiny(source["tiny"]) / "config.json").read_text())
     elif "path" in source:
         cfg = Path(source["path"]) / "config.json"

@@ -43,8 +43,8 @@ import modelopt.torch.export.model_config_export as mce  # noqa: E402
 import modelopt.torch.quantization as mtq  # noqa: E402
 
 # family -> ModelOpt's decoder_type
-FAMILIES = {"gpt2": "gpt", "llama": "llama", "mistral": "llama", "gptj": "gptj", "bloom": "bloom", "t5": "t5",
-            "bart": "bart"}
+FAMILIES = {"gpt2": "gpt", "llama": "llama", "mistral": "llama", "gptj": "gptj", "bloom": "bloom", "qwen2": "qwen",
+            "t5": "t5", "bart": "bart"}
 ENC_DEC = ("t5", "bart")
 GROUP = 16  # ModelOpt's default block of 128 exceeds the tiny models' 64 channels
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 from ..spec import Variant
 from . import _split as S
 from .base import (LAYERNORM_POSITION, LAYERNORM_TYPE, MLP_TYPE, EncoderDecoderFamily, OutTensor, encdec_config,
-                   first_present)
+                   first_present, register_family)
 
 POSITION_OFFSET = 2  # Hugging Face's BartLearnedPositionalEmbedding / MBart's
 
 
+@register_family("bart")
 class BART(EncoderDecoderFamily):
-    name = "bart"
     title = "BART / mBART"
     model_types = ("bart", "mbart")
 
@@ -136,6 +136,3 @@ class BART(EncoderDecoderFamily):
 
     def decoder_tensors(self, hf: dict, names: set[str], variant: Variant, rank: int = 0) -> list[OutTensor]:
         return self._side(hf, names, variant, rank, "decoder")
-
-
-FAMILY = BART()

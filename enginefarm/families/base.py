@@ -5,7 +5,7 @@ its head counts allow."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 from ..errors import BadInput, NotAvailable
 
@@ -37,8 +37,59 @@ class OutTensor:
     make: Callable[..., "torch.Tensor"]  # called with the loaded source tensors, in order
 
 
+# ----------------------------------------------------------------------------- the registry
+
+# name -> the family's one instance, filled by @register_family as the
+# families package imports its modules (families/__init__.py finds them)
+REGISTRY: dict[str, "Family"] = {}
+
+F = TypeVar("F", bound=type)
+
+
+def register_family(name: str) -> Callable[[F], F]:
+    """Class decorator: the family `name` is this class. A family module
+    declares itself this way and nothing else names it:
+
+        @register_family("gptj")
+        class GPTJ(DecoderFamily):
+            model_types = ("gptj",)
+            architecture = "GPTJForCausalLM"
+            traits = DecoderTraits(parallel_residual=True, allreduce_once=True)
+            tiny_models = {"gptj": dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=False)}
+            ...
+
+    (the shape of Optimum's exporters: one small config class per
+    architecture, registered by a decorator). A second class registering the
+    same name is an error, raised at import."""
+
+    def register(cls: F) -> F:
+        cls.name = name
+        have = REGISTRY.get(name)
+        if have is not None and type(have).__qualname__ != cls.__qualname__:
+            raise RuntimeError(f"family {name!r} is registered twice: by {type(have).__module__}.{type(have).__qualname__} "
+                               f"and by {cls.__module__}.{cls.__qualname__}")
+        REGISTRY[name] = cls()
+        return cls
+
+    return register
+
+
+@dataclass(frozen=True)
+class DecoderTraits:
+    """What a TensorRT-LLM architecture implies for the runtime's one
+    decoder (runtime/decoder.py) beyond the fields of its config.json, which
+    say the rest (position_embedding_type: learned / GPT-NeoX or GPT-J rotary
+    / ALiBi; rotary_dim or rotary_pct; use_parallel_residual;
+    max_attention_window_size; q_scaling; do_layer_norm_before)."""
+
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    gated_mlp: bool = False  # act(fc x) * gate x, then proj
+    parallel_residual: bool = False  # x + attn(ln1 x) + mlp(ln2 x), unless config.json says use_parallel_residual
+    allreduce_once: bool = False  # tp: one all-reduce of the attention + MLP partial sums (GPT-J)
+
+
 class Family:
-    name: str = ""
+    name: str = ""  # set by @register_family
     title: str = ""
     model_types: tuple[str, ...] = ()  # Hugging Face config.json "model_type" values
     kind: str = "decoder"  # decoder | encoder-decoder | multimodal
@@ -197,10 +248,41 @@ def check_divides_widths(config: dict, variant: "Variant", where: str) -> None:
 
 
 class DecoderFamily(Family):
-    """A decoder-only language model converted to the TensorRT-LLM checkpoint."""
+    """A decoder-only language model converted to the TensorRT-LLM checkpoint.
+
+    Besides its conversion, a decoder-only family module declares what the
+    rest of the farm needs to know of it, so that adding one is that module
+    (plus its tiny recipe, models/tiny/tiny-NAME.yaml):
+      - `architecture`: the TensorRT-LLM architecture its checkpoints name,
+        and `traits`, what that architecture means for the aoti runtime;
+      - `tiny_models`: its tiny test checkpoints (name -> the arguments of
+        `tiny_config`), which enginefarm.testing.tiny writes;
+      - `tiny_config(...)`: the Hugging Face config.json of a tiny one.
+    """
 
     implemented = True
     architecture: str = ""
+    traits: DecoderTraits = DecoderTraits()
+    # tiny checkpoint name -> tiny_config's arguments (layers, hidden, heads,
+    # kv_heads, tied, then the family's own)
+    tiny_models: dict[str, dict] = {}
+    # a seeded random draw of every bias and norm weight of the tiny model
+    # (Hugging Face starts them at 0 and 1, so a converter that dropped or
+    # misplaced one would go unnoticed)
+    tiny_random_affine: bool = True
+
+    def tiny_config(self, vocab: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool,
+                    **extra: Any) -> dict:  # pragma: no cover - abstract
+        """The Hugging Face config of a tiny random checkpoint of this
+        family: {"model_type": ..., then the arguments of its config class};
+        `vocab`: the tiny tokenizer's vocabulary size. No transformers import
+        here (enginefarm.testing.tiny builds the model from it)."""
+        raise NotImplementedError
+
+    @property
+    def tiny_recipe(self) -> str:
+        """The catalog name of the family's tiny recipe (models/tiny/)."""
+        return f"tiny-{self.name}"
 
     def trtllm_config(self, hf: dict, variant: "Variant") -> dict:  # pragma: no cover - abstract
         raise NotImplementedError

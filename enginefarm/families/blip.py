@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from ..errors import BadInput, NotAvailable
 from . import _split as S
 from ._multimodal import MultimodalFamily
-from .base import LAYERNORM_POSITION, LAYERNORM_TYPE, MLP_TYPE, CheckpointPart, OutTensor, encdec_config, first_present
+from .base import (LAYERNORM_POSITION, LAYERNORM_TYPE, MLP_TYPE, CheckpointPart, OutTensor, encdec_config,
+                   first_present, register_family)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..spec import Recipe, Variant
@@ -74,8 +75,8 @@ def _visual_class():
     return BlipVisual
 
 
+@register_family("blip")
 class Blip(MultimodalFamily):
-    name = "blip"
     title = "BLIP image captioning (ViT + BERT-style text decoder)"
     model_types = ("blip",)
     visual_features = 577  # 384 px in 16 px patches, + the class token; a checkpoint's own count wins
@@ -317,6 +318,3 @@ class Blip(MultimodalFamily):
                              max_new_tokens=n, do_sample=False, num_beams=num_beams, early_stopping=False,
                              length_penalty=1.0)
         return out[0, ids.shape[1] - 1:].tolist()
-
-
-FAMILY = Blip()

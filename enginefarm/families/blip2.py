@@ -11,6 +11,7 @@ converted by the t5 family into `encoder/` + `decoder/`)."""
 from __future__ import annotations
 
 from ._multimodal import MultimodalFamily
+from .base import register_family
 
 
 def _visual_class():
@@ -41,8 +42,8 @@ def _visual_class():
     return Blip2Visual
 
 
+@register_family("blip2")
 class Blip2(MultimodalFamily):
-    name = "blip2"
     title = "BLIP-2 (ViT + Q-Former + OPT)"
     model_types = ("blip-2",)
     visual_features = 32  # the released checkpoints' num_query_tokens; a checkpoint's own count wins
@@ -106,6 +107,3 @@ class Blip2(MultimodalFamily):
                               length_penalty=1.0, decoder_start_token_id=start, eos_token_id=eos, pad_token_id=pad)
         # after the decoder's start token
         return self.plain_greedy(model).generate(**enc, generation_config=gc)[0, 1:].tolist()
-
-
-FAMILY = Blip2()

@@ -12,14 +12,21 @@ from __future__ import annotations
 from ..errors import NotAvailable
 from ..spec import Variant
 from . import _split as S
-from .base import DecoderFamily, OutTensor, hf_value, prefix_of
+from .base import DecoderFamily, OutTensor, hf_value, prefix_of, register_family
 
 
+@register_family("bloom")
 class Bloom(DecoderFamily):
-    name = "bloom"
     title = "BLOOM / BLOOMZ"
     model_types = ("bloom",)
     architecture = "BloomForCausalLM"
+    # bloom-h6: ALiBi slopes of a head count that is not a power of two
+    tiny_models = {"bloom": dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=True),
+                   "bloom-h6": dict(layers=2, hidden=48, heads=6, kv_heads=None, tied=True)}
+
+    def tiny_config(self, vocab, layers, hidden, heads, kv_heads, tied):
+        return dict(model_type="bloom", vocab_size=vocab, hidden_size=hidden, n_layer=layers, n_head=heads,
+                    bos_token_id=0, eos_token_id=2, pad_token_id=1, initializer_range=0.1)
     hidden_keys = ("hidden_size", "n_embed")
     layer_keys = ("n_layer", "num_hidden_layers")
     head_keys = ("n_head", "num_attention_heads")
@@ -63,6 +70,3 @@ class Bloom(DecoderFamily):
             ]
         out += S.whole("transformer.ln_f", p + "ln_f")
         return out + S.lm_head(names, ("lm_head", p + "word_embeddings"), tp, rank)
-
-
-FAMILY = Bloom()

@@ -14,14 +14,19 @@ import math
 from ..errors import NotAvailable
 from ..spec import Variant
 from . import _split as S
-from .base import DecoderFamily, OutTensor, hf_value, prefix_of
+from .base import DecoderFamily, OutTensor, hf_value, prefix_of, register_family
 
 
+@register_family("gpt2")
 class GPT2(DecoderFamily):
-    name = "gpt2"
     title = "GPT-2 (and Cerebras-GPT)"
     model_types = ("gpt2",)
     architecture = "GPTForCausalLM"
+    tiny_models = {"gpt2": dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=True)}
+
+    def tiny_config(self, vocab, layers, hidden, heads, kv_heads, tied):
+        return dict(model_type="gpt2", vocab_size=vocab, n_positions=256, n_embd=hidden, n_layer=layers, n_head=heads,
+                    bos_token_id=0, eos_token_id=2, pad_token_id=1, initializer_range=0.1)
     hidden_keys = ("n_embd", "hidden_size")
     layer_keys = ("n_layer", "num_hidden_layers")
     head_keys = ("n_head", "num_attention_heads")
@@ -66,6 +71,3 @@ class GPT2(DecoderFamily):
                 *S.row_linear(d + "mlp.proj", s + "mlp.c_proj", tp, rank, transposed=True),
             ]
         return out + S.whole("transformer.ln_f", p + "ln_f") + S.lm_head(names, ("lm_head", p + "wte"), tp, rank)
-
-
-FAMILY = GPT2()

@@ -18,8 +18,7 @@ import math
 from ..errors import BadInput
 from ..spec import Variant
 from . import _split as S
-from .base import DecoderFamily, OutTensor, hf_value
-
+from .base import DecoderFamily, OutTensor, hf_value, register_family
 
 def attention_layers(hf: dict) -> list[str]:
     """'global' / 'local' per layer, from attention_layers or its compact
@@ -34,11 +33,21 @@ def attention_layers(hf: dict) -> list[str]:
     return layers
 
 
+@register_family("gpt-neo")
 class GPTNeo(DecoderFamily):
-    name = "gpt-neo"
     title = "GPT-Neo"
     model_types = ("gpt_neo",)
     architecture = "GPTForCausalLM"
+    tiny_models = {"gpt-neo": dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=True)}
+
+    def tiny_config(self, vocab, layers, hidden, heads, kv_heads, tied):
+        # global and local layers alternate; a window of 16 tokens binds
+        # within the tests' 32-token inputs
+        return dict(model_type="gpt_neo", vocab_size=vocab, max_position_embeddings=256, hidden_size=hidden,
+                    num_layers=layers, num_heads=heads, window_size=16,
+                    attention_types=[[["global", "local"], layers // 2]] + ([[["global"], 1]] if layers % 2 else []),
+                    intermediate_size=hidden * 2, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                    initializer_range=0.1)
     layer_keys = ("num_layers", "num_hidden_layers")
     head_keys = ("num_heads", "num_attention_heads")
 
@@ -81,6 +90,3 @@ class GPTNeo(DecoderFamily):
                 *S.row_linear(d + "mlp.proj", s + "mlp.c_proj", tp, rank),
             ]
         return out + S.whole("transformer.ln_f", p + "ln_f") + S.lm_head(names, ("lm_head", p + "wte"), tp, rank)
-
-
-FAMILY = GPTNeo()

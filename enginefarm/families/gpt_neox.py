@@ -13,8 +13,7 @@ from __future__ import annotations
 from ..errors import NotAvailable
 from ..spec import Variant
 from . import _split as S
-from .base import DecoderFamily, OutTensor, hf_value
-
+from .base import DecoderFamily, DecoderTraits, OutTensor, hf_value, register_family
 
 def rope_of(hf: dict) -> tuple[float, float]:
     """(rotary_pct, rotary base): older config.json files name them
@@ -25,11 +24,22 @@ def rope_of(hf: dict) -> tuple[float, float]:
     return float(pct), float(base)
 
 
+@register_family("gpt-neox")
 class GPTNeoX(DecoderFamily):
-    name = "gpt-neox"
     title = "GPT-NeoX / Pythia"
     model_types = ("gpt_neox",)
     architecture = "GPTNeoXForCausalLM"
+    traits = DecoderTraits(parallel_residual=True)  # unless config.json says use_parallel_residual: false
+    # gpt-neox-seq: the sequential residual (use_parallel_residual: false)
+    tiny_models = {"gpt-neox": dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=False),
+                   "gpt-neox-seq": dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=True,
+                                        parallel_residual=False)}
+
+    def tiny_config(self, vocab, layers, hidden, heads, kv_heads, tied, parallel_residual=True):
+        return dict(model_type="gpt_neox", vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                    num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=256,
+                    rotary_pct=0.5, use_parallel_residual=parallel_residual, bos_token_id=0, eos_token_id=2,
+                    pad_token_id=1, initializer_range=0.1, tie_word_embeddings=tied)
 
     def check_config(self, config: dict, variant: Variant, where: str = "config.json") -> None:
         super().check_config(config, variant, where)
@@ -78,6 +88,3 @@ class GPTNeoX(DecoderFamily):
             ]
         out += S.whole("transformer.ln_f", "gpt_neox.final_layer_norm")
         return out + S.lm_head(names, ("embed_out", "gpt_neox.embed_in"), tp, rank)
-
-
-FAMILY = GPTNeoX()

@@ -12,14 +12,24 @@ from __future__ import annotations
 
 from ..spec import Variant
 from . import _split as S
-from .base import DecoderFamily, OutTensor, hf_value
+from .base import DecoderFamily, DecoderTraits, OutTensor, hf_value, register_family
 
 
+@register_family("gptj")
 class GPTJ(DecoderFamily):
-    name = "gptj"
     title = "GPT-J"
     model_types = ("gptj",)
     architecture = "GPTJForCausalLM"
+    # attention and MLP read one layernorm, and TensorRT-LLM adds their
+    # row-parallel partial sums before one all-reduce (so mlp.proj's bias
+    # sits on rank 0 only)
+    traits = DecoderTraits(parallel_residual=True, allreduce_once=True)
+    tiny_models = {"gptj": dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=False)}
+
+    def tiny_config(self, vocab, layers, hidden, heads, kv_heads, tied):
+        return dict(model_type="gptj", vocab_size=vocab, n_positions=256, n_embd=hidden, n_layer=layers, n_head=heads,
+                    rotary_dim=(hidden // heads) // 2, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                    initializer_range=0.1, tie_word_embeddings=False)
     hidden_keys = ("n_embd", "hidden_size")
     layer_keys = ("n_layer", "num_hidden_layers")
     head_keys = ("n_head", "num_attention_heads")
@@ -61,6 +71,3 @@ class GPTJ(DecoderFamily):
             ]
         out += S.whole("transformer.ln_f", "transformer.ln_f")
         return out + S.lm_head(names, ("lm_head",), tp, rank, bias=True)
-
-
-FAMILY = GPTJ()

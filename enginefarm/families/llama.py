@@ -6,14 +6,27 @@ from __future__ import annotations
 
 from ..spec import Variant
 from . import _split as S
-from .base import DecoderFamily, OutTensor, mapping, quantization
+from .base import DecoderFamily, DecoderTraits, OutTensor, mapping, quantization, register_family
 
 
+@register_family("llama")
 class LLaMA(DecoderFamily):
-    name = "llama"
     title = "LLaMA"
     model_types = ("llama",)
     architecture = "LlamaForCausalLM"
+    traits = DecoderTraits(norm="rmsnorm", gated_mlp=True)
+    tiny_random_affine = False
+    # llama-h8: 8 heads, so that every tp size (1, 2, 4, 8) divides them, and
+    # 2 kv heads (GQA), which tp 4 and 8 replicate
+    tiny_models = {"llama": dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False),
+                   "llama-tied": dict(layers=2, hidden=48, heads=6, kv_heads=3, tied=True),
+                   "llama-h8": dict(layers=2, hidden=64, heads=8, kv_heads=2, tied=False)}
+
+    def tiny_config(self, vocab, layers, hidden, heads, kv_heads, tied):
+        return dict(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2 + 32,
+                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                    max_position_embeddings=256, rms_norm_eps=1e-6, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                    initializer_range=0.1, tie_word_embeddings=tied)
 
     def trtllm_config(self, hf: dict, variant: Variant) -> dict:
         h, n = hf["hidden_size"], hf["num_attention_heads"]
@@ -80,6 +93,3 @@ class LLaMA(DecoderFamily):
         head = "lm_head.weight" if "lm_head.weight" in names else "model.embed_tokens.weight"
         out.append(OutTensor("lm_head.weight", (head,), lambda t: S.vocab_rows(t, tp, rank)))
         return out
-
-
-FAMILY = LLaMA()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..errors import NotAvailable
 from ._multimodal import MultimodalFamily
+from .base import register_family
 
 
 def _visual_class():
@@ -46,8 +47,8 @@ def _visual_class():
     return LlavaVisual
 
 
+@register_family("llava")
 class Llava(MultimodalFamily):
-    name = "llava"
     title = "LLaVA-1.5 (CLIP ViT + projector + LLaMA)"
     model_types = ("llava",)
     visual_features = 576  # CLIP ViT-L/14 at 336 px; a checkpoint's own count wins
@@ -122,6 +123,3 @@ class Llava(MultimodalFamily):
     def prompt_text(self, prompt: str, image_token: str) -> str:
         # the image goes where the prompt says; a prompt that does not say, gets it first
         return prompt if image_token in prompt else f"{image_token}\n{prompt}"
-
-
-FAMILY = Llava()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from ..errors import BadInput, NotAvailable
 from .llava import Llava
+from .base import register_family
 
 
 def best_resolution(height: int, width: int, pinpoints: list) -> tuple[int, int]:
@@ -48,8 +49,8 @@ def unpad(grid, height: int, width: int):
     return grid[:, :, pad : cols - pad]
 
 
+@register_family("llava-next")
 class LlavaNext(Llava):
-    name = "llava-next"
     title = "LLaVA-NeXT (1.6): any-resolution tiles, CLIP + projector + LLaMA or Mistral"
     model_types = ("llava_next",)
     visual_features = None  # depends on the image; derived from the checkpoint's pinpoints
@@ -142,6 +143,3 @@ class LlavaNext(Llava):
                                              return_dict=True).pooler_output
             out.append(feats[0])
         return out
-
-
-FAMILY = LlavaNext()

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from ..errors import BadInput, NotAvailable
-from .base import Family
+from .base import Family, register_family
 from .llava import Llava, _visual_class as _llava_visual_class
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -68,8 +68,8 @@ def _visual_class():
     return LlavaNextVideoVisual
 
 
+@register_family("llava-next-video")
 class LlavaNextVideo(Llava):
-    name = "llava-next-video"
     title = "LLaVA-NeXT-Video: sampled frames through CLIP + spatial pooling + projector, LLaMA or Mistral"
     model_types = ("llava_next_video",)
     visual_features = None  # frames x pooled patches: from the recipe's num_frames and the checkpoint's config
@@ -225,6 +225,3 @@ class VideoInputs:
         ids = ids[: at[0]] + [self.video_token_id] * n + ids[at[0] + 1 :]
         return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
                 "pixel_values_videos": pixels[None]}
-
-
-FAMILY = LlavaNextVideo()

@@ -20,6 +20,7 @@ import math
 
 from ..errors import BadInput, NotAvailable
 from ._multimodal import MultimodalFamily
+from .base import register_family
 
 
 def _visual_class():
@@ -49,8 +50,8 @@ def _projects(cfg) -> bool:
             and getattr(cfg.decoder, "cross_attention_hidden_size", None) is None)
 
 
+@register_family("nougat")
 class Nougat(MultimodalFamily):
-    name = "nougat"
     title = "Nougat (Donut-Swin + mBART decoder)"
     model_types = ("vision-encoder-decoder", "nougat")
     visual_features = 588  # 896 x 672 pages; a checkpoint's own count wins
@@ -146,6 +147,3 @@ class Nougat(MultimodalFamily):
         out = self.plain_greedy(model).generate(pixel_values=enc["pixel_values"],
                                                 decoder_input_ids=torch.tensor([prefix]), generation_config=gc)
         return out[0, len(prefix):].tolist()
-
-
-FAMILY = Nougat()

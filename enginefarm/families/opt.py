@@ -6,14 +6,24 @@ from __future__ import annotations
 from ..errors import NotAvailable
 from ..spec import Variant
 from . import _split as S
-from .base import DecoderFamily, OutTensor, mapping, quantization
+from .base import DecoderFamily, OutTensor, mapping, quantization, register_family
 
 
+@register_family("opt")
 class OPT(DecoderFamily):
-    name = "opt"
     title = "OPT"
     model_types = ("opt",)
     architecture = "OPTForCausalLM"
+    tiny_random_affine = False
+    # 8 heads, so that every tp size (1, 2, 4, 8) divides them
+    tiny_models = {"opt": dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True),
+                   "opt-h8": dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=True)}
+
+    def tiny_config(self, vocab, layers, hidden, heads, kv_heads, tied):
+        return dict(model_type="opt", vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                    ffn_dim=hidden * 2, num_attention_heads=heads, max_position_embeddings=256,
+                    word_embed_proj_dim=hidden, pad_token_id=1, bos_token_id=2, eos_token_id=2, init_std=0.1,
+                    tie_word_embeddings=True)
 
     def check_config(self, config: dict, variant: Variant, where: str = "config.json") -> None:
         super().check_config(config, variant, where)
@@ -80,6 +90,3 @@ class OPT(DecoderFamily):
         head = "lm_head.weight" if "lm_head.weight" in names else p + "embed_tokens.weight"
         out.append(OutTensor("lm_head.weight", (head,), lambda t: S.vocab_rows(t, tp, rank)))
         return out
-
-
-FAMILY = OPT()

@@ -22,8 +22,7 @@ import math
 from ..spec import Variant
 from . import _split as S
 from .base import (LAYERNORM_POSITION, LAYERNORM_TYPE, MLP_TYPE, EncoderDecoderFamily, OutTensor, encdec_config,
-                   first_present)
-
+                   first_present, register_family)
 
 def scales_decoder_output(hf: dict) -> bool:
     """Whether the decoder output is scaled by d_model**-0.5 before lm_head:
@@ -45,8 +44,8 @@ def activation(hf: dict) -> str:
     return "gelu_new" if ffp == "gated-gelu" else ffp.split("-")[-1]
 
 
+@register_family("t5")
 class T5(EncoderDecoderFamily):
-    name = "t5"
     title = "T5 / Flan-T5"
     model_types = ("t5",)
 
@@ -157,6 +156,3 @@ class T5(EncoderDecoderFamily):
         table = "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
         out.append(OutTensor("rel_attn_table", (table,), lambda t: S.column(t.t().contiguous(), tp, rank)))
         return out
-
-
-FAMILY = T5()

@@ -8,8 +8,10 @@ Weight-only quantized checkpoints (W8A16, W4A16; see quant.py) run with
 their integer weights and scales as stored.
 
 What differs between the architectures (OPT, LLaMA/Mistral, GPT-2/GPT-Neo,
-GPT-NeoX, GPT-J, BLOOM) is read from config.json into DecoderConfig fields,
-plus one ARCHITECTURES row each: positions (learned table, GPT-NeoX or GPT-J
+GPT-NeoX, GPT-J, BLOOM, ...) is read from config.json into DecoderConfig
+fields, plus the traits that the family converting into the architecture
+declares (families.decoder_traits: norm, gated MLP, parallel residual, one
+all-reduce), so a new family needs no row here: positions (learned table, GPT-NeoX or GPT-J
 rotary on the first rotary_dim dims of a head, ALiBi slopes of the rank's
 heads), the softmax scale (q_scaling), per-layer attention windows
 (max_attention_window_size: GPT-Neo's local layers, Mistral's sliding
@@ -50,26 +52,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..families import decoder_traits
 from ..quant import bits_of, int_values, is_stored_quantized
 
 ACTS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 
 
-# What each TensorRT-LLM architecture implies for the runtime beyond its
-# config.json fields: one row per architecture, so that the layer code reads
-# config fields only (no per-family branches).
-ARCHITECTURES: dict[str, dict] = {
-    "OPTForCausalLM": {"norm": "layernorm"},
-    "LlamaForCausalLM": {"norm": "rmsnorm", "gated_mlp": True},
-    "MistralForCausalLM": {"norm": "rmsnorm", "gated_mlp": True},
-    "GPTForCausalLM": {"norm": "layernorm"},
-    "GPTNeoXForCausalLM": {"norm": "layernorm", "parallel_residual": True},
-    # GPT-J: attention and MLP read one layernorm, and TensorRT-LLM adds
-    # their row-parallel partial sums before one all-reduce (so mlp.proj's
-    # bias sits on rank 0 only)
-    "GPTJForCausalLM": {"norm": "layernorm", "parallel_residual": True, "allreduce_once": True},
-    "BloomForCausalLM": {"norm": "layernorm"},
-}
 POSITIONS = ("learned_absolute", "rope_gpt_neox", "rope_gptj", "alibi")
 
 
@@ -102,11 +90,9 @@ class DecoderConfig:
     @classmethod
     def from_trtllm(cls, c: dict, rank: int = 0) -> "DecoderConfig":
         arch = c["architecture"]
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"the aoti decoder does not know architecture {arch}")
+        a = decoder_traits(arch)  # ValueError for an architecture no family converts into
         if c["position_embedding_type"] not in POSITIONS:
             raise ValueError(f"the aoti decoder does not know position_embedding_type {c['position_embedding_type']}")
-        a = ARCHITECTURES[arch]
         n_layers = c["num_hidden_layers"]
         head = c.get("head_size") or c["hidden_size"] // c["num_attention_heads"]
         windows = c.get("max_attention_window_size") or [0] * n_layers
@@ -119,20 +105,20 @@ class DecoderConfig:
             num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
             head_size=head,
             hidden_act=c["hidden_act"],
-            norm=a["norm"],
+            norm=a.norm,
             norm_eps=c.get("norm_epsilon", 1e-5),
             positions=c["position_embedding_type"],
             rotary_base=c.get("rotary_base") or c.get("rotary_emb_base") or 10000.0,
             max_position_embeddings=c["max_position_embeddings"],
-            gated_mlp=a.get("gated_mlp", False),
+            gated_mlp=a.gated_mlp,
             pre_norm=c.get("do_layer_norm_before", True),
             tp=(c.get("mapping") or {}).get("tp_size", 1),
             quant_bits=bits_of(c),
             tp_rank=rank,
             rotary_dim=c.get("rotary_dim") or int(head * c.get("rotary_pct", 1.0)),
             q_scaling=c.get("q_scaling", 1.0),
-            parallel_residual=c.get("use_parallel_residual", a.get("parallel_residual", False)),
-            allreduce_once=a.get("allreduce_once", False),
+            parallel_residual=c.get("use_parallel_residual", a.parallel_residual),
+            allreduce_once=a.allreduce_once,
             windows=tuple(int(w or 0) for w in windows),
         )
 

@@ -1,5 +1,5 @@
 """Offline test support: tiny, seeded, random-initialised checkpoints."""
 
-from .tiny import TINY_MODELS, ensure_tiny, write_tiny
+from .tiny import ensure_tiny, tiny_models, write_tiny
 
-__all__ = ["TINY_MODELS", "ensure_tiny", "write_tiny"]
+__all__ = ["ensure_tiny", "tiny_models", "write_tiny"]

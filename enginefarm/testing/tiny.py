@@ -10,6 +10,10 @@ the demo never download anything. `ensure_tiny(name)` writes one once and
 afterwards leaves it untouched (its files keep their mtimes, so the fetch
 step's cache key stays put).
 
+A decoder-only family declares its tiny checkpoints in its own module
+(`tiny_models`, `tiny_config`: enginefarm/families/base.py), so adding a
+family adds its fixtures; the encoder-decoder and multimodal ones are here.
+
     python -m enginefarm.testing.tiny opt /tmp/tiny-opt [--seed 1 --layers 3 ...]
     python -m enginefarm.testing.tiny llava /tmp/tiny-llava [--image-size 48 --patch 12 ...]
 """
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..concurrency import GATE, IMPORTS
+from ..families import get_family, tiny_fixtures
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3
 VOCAB = 384
@@ -56,47 +61,6 @@ def make_tokenizer(vocab_size: int = VOCAB):
     )
 
 
-def _opt(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    cfg = OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        ffn_dim=hidden * 2,
-        num_attention_heads=heads,
-        max_position_embeddings=256,
-        word_embed_proj_dim=hidden,
-        pad_token_id=1,
-        bos_token_id=2,
-        eos_token_id=2,
-        init_std=0.1,
-        tie_word_embeddings=True,
-    )
-    return OPTForCausalLM(cfg)
-
-
-def _llama(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2 + 32,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads or heads,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        initializer_range=0.1,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(cfg)
-
-
 def _random_affine(model, std: float = 0.1):
     """Hugging Face initialises biases to 0 and norm weights to 1; random
     ones (from the seeded generator) make every bias and norm parameter
@@ -110,66 +74,6 @@ def _random_affine(model, std: float = 0.1):
             elif p.dim() == 1:  # LayerNorm / RMSNorm weights
                 p.normal_(1.0, std)
     return model
-
-
-def _gpt2(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=hidden, n_layer=layers, n_head=heads,
-                     bos_token_id=0, eos_token_id=2, pad_token_id=1, initializer_range=0.1)
-    return _random_affine(GPT2LMHeadModel(cfg))
-
-
-def _gpt_neo(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
-
-    # global and local layers alternate; a window of 16 tokens binds within
-    # the tests' 32-token inputs
-    cfg = GPTNeoConfig(vocab_size=VOCAB, max_position_embeddings=256, hidden_size=hidden, num_layers=layers,
-                       num_heads=heads, window_size=16,
-                       attention_types=[[["global", "local"], layers // 2]] + ([[["global"], 1]] if layers % 2 else []),
-                       intermediate_size=hidden * 2, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-                       initializer_range=0.1)
-    return _random_affine(GPTNeoForCausalLM(cfg))
-
-
-def _gpt_neox(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool,
-              parallel_residual: bool = True):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=hidden * 2, max_position_embeddings=256, rotary_pct=0.5,
-                        use_parallel_residual=parallel_residual, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-                        initializer_range=0.1, tie_word_embeddings=tied)
-    return _random_affine(GPTNeoXForCausalLM(cfg))
-
-
-def _gptj(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
-    from transformers import GPTJConfig, GPTJForCausalLM
-
-    cfg = GPTJConfig(vocab_size=VOCAB, n_positions=256, n_embd=hidden, n_layer=layers, n_head=heads,
-                     rotary_dim=(hidden // heads) // 2, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-                     initializer_range=0.1, tie_word_embeddings=False)
-    return _random_affine(GPTJForCausalLM(cfg))
-
-
-def _bloom(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
-    from transformers import BloomConfig, BloomForCausalLM
-
-    cfg = BloomConfig(vocab_size=VOCAB, hidden_size=hidden, n_layer=layers, n_head=heads, bos_token_id=0,
-                      eos_token_id=2, pad_token_id=1, initializer_range=0.1)
-    return _random_affine(BloomForCausalLM(cfg))
-
-
-def _mistral(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    # a 16-token sliding window, so that it binds within the tests' inputs
-    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 2 + 32,
-                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
-                        max_position_embeddings=256, sliding_window=16, rms_norm_eps=1e-6, bos_token_id=0,
-                        eos_token_id=2, pad_token_id=1, initializer_range=0.1, tie_word_embeddings=tied)
-    return _random_affine(MistralForCausalLM(cfg))
 
 
 def _t5(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[int], tied: bool, gated: bool = False):
@@ -543,25 +447,10 @@ def _blip(seed: int, layers: int, hidden: int, heads: int, kv_heads: Optional[in
     return model, proc
 
 
-# name -> (builder, defaults)
-TINY_MODELS: dict[str, tuple[Callable, dict]] = {
-    "opt": (_opt, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True)),
-    "llama": (_llama, dict(layers=2, hidden=64, heads=4, kv_heads=2, tied=False)),
-    "llama-tied": (_llama, dict(layers=2, hidden=48, heads=6, kv_heads=3, tied=True)),
-    # 8 heads, so that every tp size (1, 2, 4, 8) divides them; the llama one
-    # has 2 kv heads (GQA), which tp 4 and 8 replicate
-    "opt-h8": (_opt, dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=True)),
-    "llama-h8": (_llama, dict(layers=2, hidden=64, heads=8, kv_heads=2, tied=False)),
-    # the other decoder-only families, 8 heads each (tp 1, 2, 4, 8 all divide them)
-    "gpt2": (_gpt2, dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=True)),
-    "gpt-neo": (_gpt_neo, dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=True)),
-    "gpt-neox": (_gpt_neox, dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=False)),
-    "gpt-neox-seq": (_gpt_neox, dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=True, parallel_residual=False)),
-    "gptj": (_gptj, dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=False)),
-    "bloom": (_bloom, dict(layers=2, hidden=64, heads=8, kv_heads=None, tied=True)),
-    # 6 heads: ALiBi slopes of a head count that is not a power of two
-    "bloom-h6": (_bloom, dict(layers=2, hidden=48, heads=6, kv_heads=None, tied=True)),
-    "mistral": (_mistral, dict(layers=2, hidden=64, heads=8, kv_heads=2, tied=False)),
+# name -> (builder, defaults): the encoder-decoder and multimodal ones; the
+# decoder-only families declare theirs in their own module (tiny_models,
+# tiny_config; see _family_builder)
+_OWN: dict[str, tuple[Callable, dict]] = {
     # encoder-decoder: T5 (ReLU, tied), a Flan-T5-like one (gated GELU, untied,
     # 6 heads like flan-t5-small: tp 1 and 2), BART (post-norm), mBART (pre-norm)
     "t5": (_t5, dict(layers=2, hidden=64, heads=4, kv_heads=None, tied=True, gated=False)),
@@ -599,13 +488,45 @@ TINY_MODELS: dict[str, tuple[Callable, dict]] = {
 }
 
 
+def _family_builder(family: str) -> Callable:
+    """The builder of a decoder-only family's tiny checkpoints: its
+    tiny_config as a Hugging Face config, the model of that config
+    (AutoModelForCausalLM, seeded by write_tiny), and for most families a
+    random draw of every bias and norm weight."""
+
+    def build(seed: int, **args):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        fam = get_family(family)
+        fields = dict(fam.tiny_config(VOCAB, **args))
+        cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        model = AutoModelForCausalLM.from_config(cfg)
+        return _random_affine(model) if fam.tiny_random_affine else model
+
+    return build
+
+
+def tiny_models() -> dict[str, tuple[Callable, dict]]:
+    """Every tiny checkpoint: name -> (builder, default arguments). The
+    decoder-only families' come from the family registry (so a new family
+    module brings its own), the others from this module."""
+    out = {}
+    for name, family in tiny_fixtures().items():
+        out[name] = (_family_builder(family), dict(get_family(family).tiny_models[name]))
+    clash = set(out) & set(_OWN)
+    if clash:
+        raise RuntimeError(f"tiny checkpoints declared twice: {sorted(clash)}")
+    return {**out, **_OWN}
+
+
 def write_tiny(name: str, dest: str | Path, seed: int = 0, **overrides) -> Path:
     """Write the tiny checkpoint `name` into `dest` (replaced if present)."""
     import torch
 
-    if name not in TINY_MODELS:
-        raise KeyError(f"no tiny model {name!r}; known: {', '.join(TINY_MODELS)}")
-    build, defaults = TINY_MODELS[name]
+    models = tiny_models()
+    if name not in models:
+        raise KeyError(f"no tiny model {name!r}; known: {', '.join(models)}")
+    build, defaults = models[name]
     args = {**defaults, **overrides}
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -644,7 +565,8 @@ def ensure_tiny(name: str, root: str | Path | None = None) -> Path:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="write a tiny random-initialised HF checkpoint (offline)")
-    ap.add_argument("name", choices=sorted(TINY_MODELS))
+    models = tiny_models()
+    ap.add_argument("name", choices=sorted(models))
     ap.add_argument("dest")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layers", type=int)
@@ -665,7 +587,7 @@ def main(argv=None) -> None:
     keys = ("layers", "hidden", "heads", "kv_heads", "image_size", "image_width", "patch", "vision_hidden",
             "vision_layers", "queries", "llm", "pool_mode", "pool_stride")
     over = {k: v for k, v in vars(a).items() if k in keys and v is not None}
-    unknown = set(over) - set(TINY_MODELS[a.name][1])
+    unknown = set(over) - set(models[a.name][1])
     if unknown:
         ap.error(f"{a.name} takes no {', '.join('--' + k.replace('_', '-') for k in sorted(unknown))}")
     print(write_tiny(a.name, a.dest, seed=a.seed, **over))
