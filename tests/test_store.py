@@ -83,6 +83,34 @@ def test_local_blobs_are_read_only_and_staging_is_clean(tmp_path):
     assert [p for p in (tmp_path / "store").rglob(".*") if p.is_file()] == []  # no temp/staging leftovers
 
 
+def test_step_inputs_are_links_and_step_outputs_are_moved_in_on_one_filesystem(store, tmp_path):
+    """What a step reads (materialize: link=True) and what it gives up (store_files' consumed outputs) cost
+    no second copy of a model-sized file on a local store; on S3 they are the plain download and upload.
+    Either way the bytes are verified and a corrupt blob is refused."""
+    out = tmp_path / "out.bin"
+    out.write_bytes(b"w" * 10000)
+    ino = out.stat().st_ino
+    d, n = store.put_blob_file(out, consume=True)
+    assert (d, n) == (digest_bytes(b"w" * 10000), 10000)
+    local = not _is_s3(store)
+    assert out.exists() != local  # moved in (local) / left where it was (S3 uploads a copy)
+    dest = tmp_path / "scratch" / "in.bin"
+    store.get_blob_file(d, dest, size=n, link=True)
+    assert dest.read_bytes() == b"w" * 10000
+    if local:
+        blob = Path(store.uri) / store.blob_key(d)
+        assert blob.stat().st_ino == dest.stat().st_ino == ino and blob.stat().st_mode & 0o777 == 0o444
+        assert [p for p in Path(store.uri).rglob(".*") if p.is_file()] == []  # no staging leftovers
+        dest.unlink()  # removing the scratch copy leaves the blob
+        assert blob.read_bytes() == b"w" * 10000
+    bad = store.put_blob_bytes(b"good bytes")
+    store._put_bytes(store.blob_key(bad), b"evil bytes")
+    with pytest.raises(CorruptBlob, match=bad):
+        store.get_blob_file(bad, tmp_path / "scratch" / "bad.bin", link=True)
+    assert not (tmp_path / "scratch" / "bad.bin").exists()
+    assert sorted(p.name for p in (tmp_path / "scratch").iterdir()) == ([] if local else ["in.bin"])
+
+
 def _watch_writes(store) -> list:
     """Every write request (or local file creation under the store) from now on."""
     calls: list = []

@@ -281,6 +281,20 @@ class Store(ABC):
         digest, size = digest_file(path)
         yield Staged(path, digest, size)
 
+    @contextmanager
+    def _stage_consumed(self, path: Path) -> Iterator[Staged]:
+        """_stage_file for a file the caller gives up (a step's output, removed
+        after it is stored): a store that can take it without a copy (a local
+        directory on the same filesystem) moves it in. The default copies."""
+        with self._stage_file(path) as staged:
+            yield staged
+
+    def _link_file(self, key: str, dest: Path) -> Optional[tuple[str, int]]:
+        """Make dest (an absent name) a read-only hard link of the object at
+        key, after hashing it in place: its (sha256, size); None where this
+        store cannot link (the default: other stores, other filesystems)."""
+        return None
+
     # ------------------------------------------------------------ blobs
 
     @staticmethod
@@ -291,13 +305,15 @@ class Store(ABC):
     def has_blob(self, digest: str) -> bool:
         return self._exists(blob_key(digest))
 
-    def put_blob_file(self, path) -> tuple[str, int]:
+    def put_blob_file(self, path, consume: bool = False) -> tuple[str, int]:
         """Store a file as a blob: (sha256, size). An existing blob is never
-        written again."""
+        written again. consume: the caller gives the file up (it may be moved
+        into the store instead of copied: a model-sized step output costs no
+        second copy on disk)."""
         path = Path(path)
         if not path.is_file():
             raise BadInput(f"cannot store {path}: not a file")
-        with self._stage_file(path) as staged:
+        with (self._stage_consumed(path) if consume else self._stage_file(path)) as staged:
             key = blob_key(staged.digest)
             if not self._exists(key):
                 self._put_file(key, staged.path, staged.digest, staged.size)
@@ -311,10 +327,14 @@ class Store(ABC):
             self._put_bytes(key, bytes(data), if_none_match=True)
         return digest
 
-    def get_blob_file(self, digest: str, dest, size: Optional[int] = None) -> None:
+    def get_blob_file(self, digest: str, dest, size: Optional[int] = None, link: bool = False) -> None:
         """Fetch a blob into dest atomically (a temp file in dest's directory,
         then os.replace), verified against its sha256 (and size, if given)
-        before it appears. On any failure nothing is left at dest or beside it."""
+        before it appears. On any failure nothing is left at dest or beside it.
+
+        link: the caller only reads dest (a step's materialized input, removed
+        with its scratch directory): where the store can, dest is a read-only
+        hard link of the blob, verified in place, and no bytes are copied."""
         key = blob_key(digest)
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -322,11 +342,20 @@ class Store(ABC):
         os.close(fd)
         tmp = Path(name)
         try:
-            got = self._get_file(key, tmp, size)
+            got = None
+            if link:
+                tmp.unlink()
+                got = self._link_file(key, tmp)
+                if got is None:  # not linked: copy below
+                    tmp.touch()
+            linked = got is not None
+            if not linked:
+                got = self._get_file(key, tmp, size)
             if got is None:
                 raise MissingBlob(f"blob sha256:{digest} is missing from {self.uri}")
             self._check_digest(digest, got, size)
-            os.chmod(tmp, 0o644)
+            if not linked:  # a link shares the blob's inode (and its read-only mode)
+                os.chmod(tmp, 0o644)
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)

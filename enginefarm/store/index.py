@@ -308,3 +308,11 @@ class Indexed(Store):
     def _stage_file(self, path: Path) -> Iterator[Staged]:
         with self.inner._stage_file(path) as staged:
             yield staged
+
+    @contextmanager
+    def _stage_consumed(self, path: Path) -> Iterator[Staged]:
+        with self.inner._stage_consumed(path) as staged:
+            yield staged
+
+    def _link_file(self, key: str, dest: Path) -> Optional[tuple[str, int]]:
+        return self.inner._link_file(key, dest)

@@ -120,6 +120,48 @@ class LocalStore(Store):
         finally:
             tmp.unlink(missing_ok=True)
 
+    @contextmanager
+    def _stage_consumed(self, path: Path) -> Iterator[Staged]:
+        """The file moved into the staging area (same filesystem), hashed in
+        place: no copy of a model-sized output. Elsewhere: _stage_file's copy."""
+        tmp = self._new_tmp(self._staging)
+        try:
+            try:
+                os.replace(path, tmp)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                tmp.unlink(missing_ok=True)
+                with self._stage_file(path) as staged:
+                    yield staged
+                return
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+                h, size = hashlib.sha256(), 0
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+            yield Staged(tmp, h.hexdigest(), size)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _link_file(self, key: str, dest: Path) -> Optional[tuple[str, int]]:
+        src = self._path(key)
+        try:
+            os.link(src, dest)
+        except FileNotFoundError:  # no such blob: the copy path says so
+            return None
+        except OSError as e:
+            if e.errno in _NO_LINKS or e.errno == errno.EXDEV:
+                return None
+            raise
+        h, size = hashlib.sha256(), 0
+        with open(dest, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+        return h.hexdigest(), size
+
     def _put_file(self, key: str, path: Path, digest: str, size: int) -> None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)

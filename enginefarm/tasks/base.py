@@ -129,10 +129,12 @@ def _validator():
     return _VALIDATOR
 
 
-def store_files(store, files: dict[str, Any]) -> dict[str, dict]:
+def store_files(store, files: dict[str, Any], consumed: frozenset = frozenset()) -> dict[str, dict]:
     """Store every file as a blob, several at once: {rel: {sha256, size}}.
     Values are paths, or {sha256, size} for what already is a blob. Every
-    name is checked first (a relative path that cannot escape a pull)."""
+    name is checked first (a relative path that cannot escape a pull). The
+    paths in `consumed` are given up (a step's outputs): the store may move
+    them in instead of copying."""
     from concurrent.futures import ThreadPoolExecutor
 
     for rel in files:
@@ -141,7 +143,8 @@ def store_files(store, files: dict[str, Any]) -> dict[str, dict]:
     todo = sorted((rel, Path(v)) for rel, v in files.items() if not isinstance(v, dict))
     if todo:
         with ThreadPoolExecutor(max_workers=min(UPLOAD_WORKERS, len(todo))) as pool:
-            for rel, (d, n) in zip([r for r, _ in todo], pool.map(lambda t: store.put_blob_file(t[1]), todo)):
+            for rel, (d, n) in zip([r for r, _ in todo],
+                                   pool.map(lambda t: store.put_blob_file(t[1], consume=t[1] in consumed), todo)):
                 out[rel] = {"sha256": d, "size": n}
     return dict(sorted(out.items()))
 
@@ -162,7 +165,7 @@ def materialize(ctx: Ctx, result: StepResult, dest: Path, only: Optional[Callabl
             continue
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        ctx.store.get_blob_file(info["sha256"], target, size=info["size"])
+        ctx.store.get_blob_file(info["sha256"], target, size=info["size"], link=True)  # read-only: a step never writes its inputs
     return dest
 
 
@@ -194,7 +197,7 @@ def run_step(
         with torch_work(spec.step, label, waiting=log):  # one trace alone, or runs together
             results, extra = work(out, scratch)
         produced = {p.relative_to(out).as_posix(): p for p in sorted(out.rglob("*")) if p.is_file()}
-        files = store_files(ctx.store, {**produced, **(extra or {})})  # extra: paths, or {sha256, size} blobs
+        files = store_files(ctx.store, {**produced, **(extra or {})}, consumed=frozenset(produced.values()))  # extra: paths, or {sha256, size} blobs
     finally:
         shutil.rmtree(base, ignore_errors=True)
     dt = time.perf_counter() - t0
