@@ -110,7 +110,9 @@ def test_bench_cli_on_a_tiny_cpu_engine(tmp_path, capsys):
             assert f["ttft_ms"] > 0 and f["decode_ms_per_token"] > 0
             assert f["tokens_per_s"] == pytest.approx(r["batch"] * f["tokens_per_s_per_user"], rel=1e-2)
         assert r["speedup_decode"] > 0
+        assert r["tokens_equal"] is True  # fp32: the engine's greedy tokens are generate's
     assert rep["env"]["device"] == "cpu" and rep["settings"]["timer"] == "wall clock"
+    assert "visual_rows" not in rep  # a text engine: no visual part
     st = open_store(store)
     recorded = st.get_manifest_by_path(rep["recorded"])
     assert recorded["results"]["rows"] == rep["rows"]
