@@ -147,9 +147,10 @@ benchllava)
 import sys; sys.path.insert(0, '.')
 from enginefarm.families import load_recipe
 print(' '.join(v.name for v in load_recipe('$W/llava-7b-shaped.yaml').variants()))"); do
-    # prompt: BOS + the image's 576 placeholders + newline + random text, 18 text tokens as bench/NOTES.md (4)
-    stamp "bench $v"; ef bench "llava-7b-shaped:$v" --store "$W/store" --batch 1 --input-len 18,128 --output-len 64,128 \
-      --iters 5 --json > "$OUT/llava_bench_$v.json" 2> "$OUT/llava_bench_$v.err"; echo "bench rc=$?"
+    # prompt: BOS + the image's 576 placeholders + newline + random text: 18 text tokens, 594 positions, as
+    # bench/NOTES.md (4) measured; BENCH_ARGS replaces the sweep
+    stamp "bench $v"; ef bench "llava-7b-shaped:$v" --store "$W/store" ${BENCH_ARGS:---batch 1 --input-len 18 --output-len 64,128 --iters 5} \
+      --json > "$OUT/llava_bench_$v.json" 2> "$OUT/llava_bench_$v.err"; echo "bench rc=$?"
     tail -5 "$OUT/llava_bench_$v.err"
     python3 -c "import json,sys; from enginefarm.benchmark import format_table; print(format_table(json.load(open(sys.argv[1]))))" \
       "$OUT/llava_bench_$v.json"

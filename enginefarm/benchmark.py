@@ -268,6 +268,8 @@ def run_bench(store, ref_text: str, batches=(1,), input_lens=(32,), output_lens=
     from .hashing import digest_json
 
     say = progress or (lambda m: None)
+    if iters < 1 or warmup < 0:
+        raise BadInput(f"--iters must be at least 1 and --warmup at least 0 (got {iters} and {warmup})")
     value, m = resolve(store, ref_text)
     comps = (m.get("results") or {}).get("components") or {}
     if "llm" not in comps:

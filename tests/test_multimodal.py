@@ -244,6 +244,8 @@ def test_bench_times_the_visual_engine_and_the_pipeline_next_to_hf(built, tmp_pa
     assert "input 60 + 16 visual features > max_input_len 64" in out and "batch 4 > max_batch_size 2" in out
     assert "visual b4: 4 encoder inputs > the visual engine's max_batch_size 2" in out
 
+    assert cli(bench + ["--iters", "0"]) == 2 and "--iters must be at least 1" in capsys.readouterr().err
+
     # the checkpoint's weights broken in the cache: no baseline can be made, and none is faked
     (weights,) = cache.glob("*/source/model.safetensors")
     weights.write_bytes(b"not safetensors")
