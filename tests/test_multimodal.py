@@ -254,6 +254,22 @@ def test_bench_times_the_visual_engine_and_the_pipeline_next_to_hf(built, tmp_pa
     assert "eager baseline" in err and "cannot be built" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("family", ["blip2", "llava-next"])
+def test_bench_of_prepended_and_tiled_features(built, family, capsys):
+    """The same bench where the features go before the text (BLIP-2 with OPT)
+    and where an image is several tiles packed with newline rows (LLaVA-NeXT)."""
+    b = built(family)
+    capsys.readouterr()
+    assert cli(["bench", b.name, "--store", str(b.store), "--batch", "1", "--input-len", "12", "--output-len", "3",
+                "--iters", "1", "--no-record", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    (v,) = rep["visual_rows"]
+    assert v["engine"]["ms"] > 0 and v["eager"]["ms"] > 0 and v["features_max_abs_diff"] < 1e-4
+    (r,) = rep["rows"]
+    assert r["engine"]["ttft_ms"] > 0 and r["eager"]["decode_ms_per_token"] > 0 and r["tokens_equal"] is True
+    assert r["prompt_positions"] == 12 + rep["engine"]["visual"]["features_per_image"] <= 12 + FEATURES[family]
+
+
 CHAT = {  # the prompt a conversation about one image makes: each family's own format (families' chat_lines)
     "llava": lambda turns, user: "".join(f"USER: {'<image>' + chr(10) if i == 0 else ''}{u} ASSISTANT:"
                                          + (f" {a} " if a is not None else "")
