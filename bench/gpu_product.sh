@@ -8,6 +8,9 @@
 #   bash bench/gpu_product.sh tiny      # tiny llama, fp16 on sm_XY, aoti engine form + CUDA graphs (~3 min)
 #   bash bench/gpu_product.sh llama7b   # LLaMA-7B-shaped (random fp16 weights written here), build + bench
 #   bash bench/gpu_product.sh bench7b   # `enginefarm bench` of the llama7b build (same machine, after it)
+#   bash bench/gpu_product.sh llava7b   # LLaVA-1.5-7B-shaped (CLIP ViT-L/14-336 + projector + LLaMA-7B, random
+#                                       # fp16 weights written here): build (fp16; QUANTS="none w8a16" adds W8A16) + bench
+#   bash bench/gpu_product.sh benchllava  # `enginefarm bench` of the llava7b build again (same machine, after it)
 #
 # Results (build JSON, bench JSON, timings) go to $OUT (default: .).
 set -o pipefail
@@ -84,6 +87,74 @@ bench7b)
   stamp bench; ef bench llama-7b-shaped --store "$W/store" --batch 1 --input-len 16,128 --output-len 128 --iters 3 \
     --json > "$OUT/7b_bench.json" 2> "$OUT/7b_bench.err"; echo "bench rc=$?"; tail -5 "$OUT/7b_bench.err"
   head -c 3000 "$OUT/7b_bench.json"; echo ;;
+llava7b)
+  W=/tmp/efllava; mkdir -p $W
+  stamp "write the checkpoint"
+  python3 - "$W/src" <<'PY' || exit 1
+import sys, time, torch
+sys.path.insert(0, ".")
+from bench.models import hf_llava, llava_processor
+from enginefarm.images import builtin_image
+from enginefarm.testing.tiny import IMAGE_TOKEN_ID
+t = time.time()
+# the tiny fixture's tokenizer writes <image> as IMAGE_TOKEN_ID (a row of the 32064-row embedding):
+# the config names that id, where enginefarm/families/_multimodal.py image_token_id reads it
+m = hf_llava(device="cuda", dtype=torch.float16, image_token_index=IMAGE_TOKEN_ID)
+m.generation_config.eos_token_id = 2
+m.save_pretrained(sys.argv[1], safe_serialization=True, max_shard_size="5GB")
+proc = llava_processor(sys.argv[1])  # 336 px, 14 px patches: 576 placeholders an image
+n = proc(images=[builtin_image("gradient")], text=["<image>\nhi"], return_tensors="pt")
+assert int((n["input_ids"] == IMAGE_TOKEN_ID).sum()) == 576 and tuple(n["pixel_values"].shape[-2:]) == (336, 336)
+print("checkpoint written", round(time.time() - t, 1), "s")
+PY
+  Q=$(echo ${QUANTS:-none} | sed "s/ /, /g")
+  cat > "$W/llava-7b-shaped.yaml" <<YAML
+name: llava-7b-shaped
+description: LLaVA-1.5-7B-shaped random fp16 weights (issue 22's GPU-worker run)
+family: llava
+source: {path: $W/src}
+components:
+  visual: {aoti: {cuda_graphs: true}}
+  llm: {aoti: {cuda_graphs: true}}
+matrix: {backend: [aoti], dtype: [float16], quant: [$Q], tp: [1], target: [$SM]}
+default_variant: fp16-tp1
+limits: {max_batch_size: 1, max_input_len: 768, max_seq_len: 1024}
+validation:
+  prompts: ["USER: <image>\nWhat is in the picture? ASSISTANT:"]
+  images: ["builtin:gradient", "builtin:rings"]
+  max_new_tokens: 8
+  max_eval_tokens: 128
+  gates: {logits_max_abs_diff: null, top1_agreement: 0.8, greedy_equal: false, perplexity_rel_diff: 0.05, top5_accuracy_drop: 0.2, visual_max_abs_diff: 0.1}
+  # random weights give flat logits, whose top-1 a weight-only rounding flips more often than a trained model's
+  quant_gates:
+    w8a16: {logits_max_abs_diff: null, top1_agreement: 0.5, greedy_equal: false, perplexity_rel_diff: 0.1, top5_accuracy_drop: 0.3, visual_max_abs_diff: 0.1}
+YAML
+  # the recipe checked against its family before the build (as `enginefarm build` does first)
+  python3 -c "import sys; from enginefarm.families import load_recipe; load_recipe(sys.argv[1])" "$W/llava-7b-shaped.yaml" \
+    || exit 2
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "$OUT/gpu_mem_llava.txt" &
+  SMI=$!
+  stamp build; /usr/bin/time -v python3 -m enginefarm build "$W/llava-7b-shaped.yaml" --store "$W/store" --json \
+    > "$OUT/llava_build.json" 2> "$OUT/llava_build.err"; rc=$?; kill $SMI
+  grep "Maximum resident\|Elapsed" "$OUT/llava_build.err"; grep "^\[" "$OUT/llava_build.err" | tail -30
+  echo "peak GPU MiB: $(sort -n "$OUT/gpu_mem_llava.txt" | tail -1)"
+  stamp "build rc=$rc"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps(d)[:3000])" "$OUT/llava_build.json"
+  [ $rc -eq 0 ] || exit $rc
+  exec bash "$0" benchllava ;;
+benchllava)
+  W=/tmp/efllava
+  for v in $(python3 -c "
+import sys; sys.path.insert(0, '.')
+from enginefarm.families import load_recipe
+print(' '.join(v.name for v in load_recipe('$W/llava-7b-shaped.yaml').variants()))"); do
+    # prompt: BOS + the image's 576 placeholders + newline + random text: 18 text tokens, 594 positions, as
+    # bench/NOTES.md (4) measured; BENCH_ARGS replaces the sweep
+    stamp "bench $v"; ef bench "llava-7b-shaped:$v" --store "$W/store" ${BENCH_ARGS:---batch 1 --input-len 18 --output-len 64,128 --iters 5} \
+      --json > "$OUT/llava_bench_$v.json" 2> "$OUT/llava_bench_$v.err"; echo "bench rc=$?"
+    tail -5 "$OUT/llava_bench_$v.err"
+    python3 -c "import json,sys; from enginefarm.benchmark import format_table; print(format_table(json.load(open(sys.argv[1]))))" \
+      "$OUT/llava_bench_$v.json"
+  done ;;
 *)
-  echo "usage: bash bench/gpu_product.sh tiny|llama7b|bench7b" >&2; exit 2 ;;
+  echo "usage: bash bench/gpu_product.sh tiny|llama7b|bench7b|llava7b|benchllava" >&2; exit 2 ;;
 esac

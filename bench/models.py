@@ -52,9 +52,9 @@ def hf_clip_vision(device: str = "cuda", dtype=torch.float16, seed: int = 0, lay
     return m.eval()
 
 
-def hf_llava(device: str = "cuda", dtype=torch.float16, seed: int = 0, llm_layers: int | None = None,
-             vision_layers: int | None = None, attn: str | None = None):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def llava_config(llm_layers: int | None = None, vision_layers: int | None = None, image_token_index: int = 32000):
+    """LLaVA-1.5-7B's config (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336, LLaMA-7B, vocab 32064."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     tk = dict(LLAMA_7B, vocab_size=32064)
     if llm_layers is not None:
@@ -62,9 +62,36 @@ def hf_llava(device: str = "cuda", dtype=torch.float16, seed: int = 0, llm_layer
     vk = dict(CLIP_L_336)
     if vision_layers is not None:
         vk["num_hidden_layers"] = vision_layers
-    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**vk), text_config=LlamaConfig(**tk, pad_token_id=0),
-                      image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
-                      projector_hidden_act="gelu")
+    return LlavaConfig(vision_config=CLIPVisionConfig(**vk), text_config=LlamaConfig(**tk, pad_token_id=0),
+                       image_token_index=image_token_index, vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", projector_hidden_act="gelu")
+
+
+def llava_processor(dest=None):
+    """A processor for llava_config's model: the tiny LLaVA fixture's
+    (CLIP image processor + the tiny tokenizer with <image>, whose id is
+    enginefarm.testing.tiny.IMAGE_TOKEN_ID) at CLIP-L/14-336's sizes: 336 px
+    crops in 14 px patches, so 24 x 24 = 576 placeholders per image (CLS
+    dropped), the count the llava family reads from config.json. Saved into
+    dest when given."""
+    from transformers import AutoProcessor
+
+    from enginefarm.testing.tiny import ensure_tiny
+
+    proc = AutoProcessor.from_pretrained(ensure_tiny("llava"))
+    proc.patch_size = 14
+    proc.image_processor.size = {"shortest_edge": CLIP_L_336["image_size"]}
+    proc.image_processor.crop_size = {"height": CLIP_L_336["image_size"], "width": CLIP_L_336["image_size"]}
+    if dest is not None:
+        proc.save_pretrained(dest)
+    return proc
+
+
+def hf_llava(device: str = "cuda", dtype=torch.float16, seed: int = 0, llm_layers: int | None = None,
+             vision_layers: int | None = None, attn: str | None = None, image_token_index: int = 32000):
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = llava_config(llm_layers, vision_layers, image_token_index)
     if attn:
         cfg._attn_implementation = attn
     torch.manual_seed(seed)

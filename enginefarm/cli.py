@@ -895,10 +895,12 @@ def parser() -> argparse.ArgumentParser:
     store_arg(ch)
     ch.set_defaults(fn=cmd_chat, stream=False, json=False)
 
-    bn = sub.add_parser("bench", help="latency/throughput sweep of an engine, next to eager Hugging Face")
+    bn = sub.add_parser("bench", help="latency/throughput sweep of an engine (multimodal: the visual engine and the "
+                        "whole pipeline), next to eager Hugging Face")
     bn.add_argument("ref", help="RECIPE[:VARIANT][@ALIAS]")
-    bn.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1)")
-    bn.add_argument("--input-len", default="32", help="prompt lengths, comma-separated (default 32)")
+    bn.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1; multimodal: images too)")
+    bn.add_argument("--input-len", default="32", help="prompt lengths, comma-separated (default 32; multimodal: text "
+                    "tokens, the image's visual features on top)")
     bn.add_argument("--output-len", default="32", help="new tokens, comma-separated (default 32)")
     bn.add_argument("--warmup", type=int, default=2)
     bn.add_argument("--iters", type=int, default=5, help="timed repeats per point (medians are reported)")

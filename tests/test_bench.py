@@ -110,7 +110,9 @@ def test_bench_cli_on_a_tiny_cpu_engine(tmp_path, capsys):
             assert f["ttft_ms"] > 0 and f["decode_ms_per_token"] > 0
             assert f["tokens_per_s"] == pytest.approx(r["batch"] * f["tokens_per_s_per_user"], rel=1e-2)
         assert r["speedup_decode"] > 0
+        assert r["tokens_equal"] is True  # fp32: the engine's greedy tokens are generate's
     assert rep["env"]["device"] == "cpu" and rep["settings"]["timer"] == "wall clock"
+    assert "visual_rows" not in rep  # a text engine: no visual part
     st = open_store(store)
     recorded = st.get_manifest_by_path(rep["recorded"])
     assert recorded["results"]["rows"] == rep["rows"]
@@ -212,3 +214,36 @@ def test_packages_sharing_a_weights_file_load_it_user_managed(tmp_path):
     beam = Decoding(num_beams=2)
     got = eng.generate([ids, [9, 8, 7, 6, 5]], 5, decoding=beam)
     assert got == eager.generate([ids, [9, 8, 7, 6, 5]], 5, decoding=beam) and all(len(g) == 5 for g in got)
+
+
+def test_gpu_product_llava7b_recipe_and_processor_check_here(tmp_path):
+    """bench/gpu_product.sh llava7b runs on a GPU machine only; its recipe and
+    the inputs it writes are checked here: the recipe passes the llava
+    family's checks, LLaVA-1.5-7B's config (bench/models.py, without its
+    weights) gives 576 features that the limits hold, and the tiny
+    fixture's processor at 336 px / 14 px patches writes as many
+    placeholders, under the id the config names."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from bench.models import llava_config, llava_processor
+    from enginefarm.families import get_family, load_recipe
+    from enginefarm.images import builtin_image
+    from enginefarm.testing.tiny import IMAGE_TOKEN_ID
+
+    script = (ROOT / "bench" / "gpu_product.sh").read_text()
+    body = script.split('cat > "$W/llava-7b-shaped.yaml" <<YAML\n')[1].split("\nYAML\n")[0]
+    path = tmp_path / "llava-7b-shaped.yaml"
+    path.write_text(body.replace("$W", str(tmp_path)).replace("$SM", "sm_90").replace("$Q", "none, w8a16"))
+    recipe = load_recipe(str(path))
+    assert [v.name for v in recipe.variants()] == ["fp16-tp1", "fp16-w8a16-tp1"]
+    assert recipe.components["visual"].aoti.cuda_graphs and recipe.components["llm"].aoti.cuda_graphs
+    fam = get_family("llava")
+    config = llava_config(image_token_index=IMAGE_TOKEN_ID).to_dict()
+    for v in recipe.variants():
+        fam.check_config(config, v)
+    assert fam.features(config) == 576 and fam.visual_meta(config)["image_token_id"] == IMAGE_TOKEN_ID
+    assert fam.derived_limits(recipe, config)["max_multimodal_len"] == 576
+    proc = llava_processor()
+    enc = fam.encode(proc, builtin_image("gradient"), "What is it?", "<image>")
+    assert int((enc["input_ids"] == IMAGE_TOKEN_ID).sum()) == 576 and tuple(enc["pixel_values"].shape) == (1, 3, 336, 336)

@@ -205,6 +205,71 @@ def test_requests_over_the_built_limits_exit_2_naming_the_limit(built, tmp_path,
     assert "cannot read image" in err and "Traceback" not in err
 
 
+def test_bench_times_the_visual_engine_and_the_pipeline_next_to_hf(built, tmp_path, monkeypatch, capsys):
+    """`enginefarm bench` of a multimodal ref: a visual row (the engine vs the
+    Hugging Face vision tower + projector) and a pipeline row (image + prompt
+    -> tokens vs LlavaForConditionalGeneration.generate), the engines' greedy
+    tokens equal to eager's in fp32; over-limit points skipped saying why; a
+    checkpoint the eager baseline cannot load from: one line, exit 2."""
+    from enginefarm.store import open_store
+
+    b = built("llava")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ENGINEFARM_CACHE", str(cache))  # the test corrupts a file of its own copy below
+    bench = ["bench", f"{b.name}:fp32-tp1", "--store", str(b.store)]
+    capsys.readouterr()
+    assert cli(bench + ["--batch", "1", "--input-len", "8", "--output-len", "4", "--iters", "1", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["schema"] == "enginefarm.bench/1" and rep["env"]["device"] == "cpu" and rep["settings"]["timer"] == "wall clock"
+    assert rep["engine"]["visual"]["features_per_image"] == FEATURES["llava"] == 16
+    assert rep["inputs"]["images"] == ["builtin:gradient"] and "outside the timed region" in rep["inputs"]["preprocessing"]
+    (v,) = rep["visual_rows"]
+    assert v["batch"] == 1 and v["engine"]["ms"] > 0 and v["eager"]["ms"] > 0 and v["speedup"] > 0
+    assert v["features_max_abs_diff"] < 1e-4  # the same features as Hugging Face's, to float rounding
+    (r,) = rep["rows"]
+    assert (r["batch"], r["input_len"], r["output_len"], r["prompt_positions"]) == (1, 8, 4, 8 + 16)
+    for side in ("engine", "eager"):
+        f = r[side]
+        assert f["ttft_ms"] > 0 and f["decode_ms_per_token"] > 0 and f["tokens_per_s"] > 0 and f["e2e_tokens_per_s"] > 0
+    assert r["speedup_ttft"] > 0 and r["speedup_decode"] > 0
+    assert r["tokens_equal"] is True  # fp32: the engines' greedy tokens are generate's
+    recorded = open_store(str(b.store)).get_manifest_by_path(rep["recorded"])
+    assert recorded["results"]["visual_rows"] == rep["visual_rows"] and recorded["results"]["rows"] == rep["rows"]
+
+    # a table; the points over the engines' limits are skipped, each saying why
+    assert cli(bench + ["--batch", "1,4", "--input-len", "8,60", "--output-len", "4", "--iters", "1", "--warmup", "0",
+                        "--no-eager", "--no-record"]) == 0
+    out = capsys.readouterr().out
+    assert "visual engine (aoti, float32, 16 features per image)" in out and "TTFT" in out
+    assert "input 60 + 16 visual features > max_input_len 64" in out and "batch 4 > max_batch_size 2" in out
+    assert "visual b4: 4 encoder inputs > the visual engine's max_batch_size 2" in out
+
+    assert cli(bench + ["--iters", "0"]) == 2 and "--iters must be at least 1" in capsys.readouterr().err
+
+    # the checkpoint's weights broken in the cache: no baseline can be made, and none is faked
+    (weights,) = cache.glob("*/source/model.safetensors")
+    weights.write_bytes(b"not safetensors")
+    assert cli(bench + ["--batch", "1", "--input-len", "8", "--output-len", "4", "--iters", "1", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "eager baseline" in err and "cannot be built" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("family", ["blip2", "llava-next"])
+def test_bench_of_prepended_and_tiled_features(built, family, capsys):
+    """The same bench where the features go before the text (BLIP-2 with OPT)
+    and where an image is several tiles packed with newline rows (LLaVA-NeXT)."""
+    b = built(family)
+    capsys.readouterr()
+    assert cli(["bench", b.name, "--store", str(b.store), "--batch", "1", "--input-len", "12", "--output-len", "3",
+                "--iters", "1", "--no-record", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    (v,) = rep["visual_rows"]
+    assert v["engine"]["ms"] > 0 and v["eager"]["ms"] > 0 and v["features_max_abs_diff"] < 1e-4
+    (r,) = rep["rows"]
+    assert r["engine"]["ttft_ms"] > 0 and r["eager"]["decode_ms_per_token"] > 0 and r["tokens_equal"] is True
+    assert r["prompt_positions"] == 12 + rep["engine"]["visual"]["features_per_image"] <= 12 + FEATURES[family]
+
+
 CHAT = {  # the prompt a conversation about one image makes: each family's own format (families' chat_lines)
     "llava": lambda turns, user: "".join(f"USER: {'<image>' + chr(10) if i == 0 else ''}{u} ASSISTANT:"
                                          + (f" {a} " if a is not None else "")

@@ -315,12 +315,17 @@ class MultimodalFamily(Family):
 
     reference_class = ""  # transformers class name of the whole model
 
-    def reference_model(self, src_dir):
+    def reference_model(self, src_dir, dtype=None):
+        """The whole Hugging Face model (fp32 unless dtype says: `enginefarm bench`
+        times it in the engine's dtype); NotAvailable where the family names none."""
         import torch
         import transformers
 
-        cls = getattr(transformers, self.reference_class)
-        return cls.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False).eval()
+        cls = getattr(transformers, self.reference_class, None) if self.reference_class else None
+        if cls is None:
+            raise NotAvailable(f"family {self.name}: no Hugging Face model class to run as its reference "
+                               f"({self.reference_class or 'none named'})")
+        return cls.from_pretrained(src_dir, dtype=dtype or torch.float32, trust_remote_code=False).eval()
 
     @staticmethod
     def plain_greedy(model):
