@@ -27,6 +27,18 @@ SM=$(python3 -c "import torch; print('sm_%d%d' % torch.cuda.get_device_capabilit
 W=$(mktemp -d)
 ef() { python3 -m enginefarm "$@"; }
 stamp() { echo "[$(date +%T)] $*"; }
+# timed_build NAME RECIPE STORE: `enginefarm build` under /usr/bin/time -v with the GPU's memory sampled
+# every 250 ms; prints wall time, peak host RSS, peak GPU memory and each step's own wall time; returns its rc
+timed_build() {
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "$OUT/gpu_mem_$1.txt" &
+  local smi=$!
+  stamp build; /usr/bin/time -v python3 -m enginefarm build "$2" --store "$3" --json \
+    > "$OUT/$1_build.json" 2> "$OUT/$1_build.err"; local rc=$?; kill $smi
+  grep "Maximum resident\|Elapsed" "$OUT/$1_build.err"; grep -o "[a-z]*\( \[[^]]*\]\)\?: done in [0-9.]*s.*\|failed: .*" "$OUT/$1_build.err"
+  echo "peak GPU MiB: $(sort -n "$OUT/gpu_mem_$1.txt" | tail -1)"
+  stamp "build rc=$rc"; [ -s "$OUT/$1_build.json" ] && head -c 3000 "$OUT/$1_build.json"; echo
+  return $rc
+}
 case "$1" in
 tiny)
   sed -e "s/^name: tiny-llama/name: gpu-tiny-llama/" -e "s/dtype: \[float32\]/dtype: [float16]/" \
@@ -44,21 +56,7 @@ tiny)
 llama7b)
   W=/tmp/ef7b; mkdir -p $W
   stamp "write the checkpoint"
-  python3 - "$W/src" <<'PY' || exit 1
-import sys, shutil, time, torch
-sys.path.insert(0, ".")
-from bench.models import hf_llama
-from enginefarm.testing.tiny import ensure_tiny
-t = time.time()
-m = hf_llama(device="cuda", dtype=torch.float16)
-m.generation_config.eos_token_id = 2
-m.save_pretrained(sys.argv[1], safe_serialization=True, max_shard_size="5GB")
-tiny = ensure_tiny("llama")  # its tokenizer (ids < 32000 fit the 7B vocab)
-for f in tiny.iterdir():
-    if "token" in f.name or f.name == "special_tokens_map.json":
-        shutil.copy(f, sys.argv[1])
-print("checkpoint written", round(time.time() - t, 1), "s")
-PY
+  python3 -m bench.models llama "$W/src" || exit 1
   cat > "$W/llama-7b-shaped.yaml" <<YAML
 name: llama-7b-shaped
 description: LLaMA-7B-shaped random fp16 weights (issue 22's GPU-worker run)
@@ -75,13 +73,7 @@ validation:
   max_eval_tokens: 128
   gates: {logits_max_abs_diff: null, top1_agreement: 0.8, greedy_equal: false, perplexity_rel_diff: 0.05, top5_accuracy_drop: 0.2}
 YAML
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "$OUT/gpu_mem_7b.txt" &
-  SMI=$!
-  stamp build; /usr/bin/time -v python3 -m enginefarm build "$W/llama-7b-shaped.yaml" --store "$W/store" --json \
-    > "$OUT/7b_build.json" 2> "$OUT/7b_build.err"; rc=$?; kill $SMI
-  grep "Maximum resident\|Elapsed" "$OUT/7b_build.err"; grep "^\[" "$OUT/7b_build.err" | tail -30
-  echo "peak GPU MiB: $(sort -n "$OUT/gpu_mem_7b.txt" | tail -1)"
-  stamp "build rc=$rc"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps(d)[:3000])" "$OUT/7b_build.json" ;;
+  timed_build 7b "$W/llama-7b-shaped.yaml" "$W/store" ;;
 bench7b)
   W=/tmp/ef7b
   stamp bench; ef bench llama-7b-shaped --store "$W/store" --batch 1 --input-len 16,128 --output-len 128 --iters 3 \
@@ -90,23 +82,7 @@ bench7b)
 llava7b)
   W=/tmp/efllava; mkdir -p $W
   stamp "write the checkpoint"
-  python3 - "$W/src" <<'PY' || exit 1
-import sys, time, torch
-sys.path.insert(0, ".")
-from bench.models import hf_llava, llava_processor
-from enginefarm.images import builtin_image
-from enginefarm.testing.tiny import IMAGE_TOKEN_ID
-t = time.time()
-# the tiny fixture's tokenizer writes <image> as IMAGE_TOKEN_ID (a row of the 32064-row embedding):
-# the config names that id, where enginefarm/families/_multimodal.py image_token_id reads it
-m = hf_llava(device="cuda", dtype=torch.float16, image_token_index=IMAGE_TOKEN_ID)
-m.generation_config.eos_token_id = 2
-m.save_pretrained(sys.argv[1], safe_serialization=True, max_shard_size="5GB")
-proc = llava_processor(sys.argv[1])  # 336 px, 14 px patches: 576 placeholders an image
-n = proc(images=[builtin_image("gradient")], text=["<image>\nhi"], return_tensors="pt")
-assert int((n["input_ids"] == IMAGE_TOKEN_ID).sum()) == 576 and tuple(n["pixel_values"].shape[-2:]) == (336, 336)
-print("checkpoint written", round(time.time() - t, 1), "s")
-PY
+  python3 -m bench.models llava "$W/src" || exit 1
   Q=$(echo ${QUANTS:-none} | sed "s/ /, /g")
   cat > "$W/llava-7b-shaped.yaml" <<YAML
 name: llava-7b-shaped
@@ -132,14 +108,7 @@ YAML
   # the recipe checked against its family before the build (as `enginefarm build` does first)
   python3 -c "import sys; from enginefarm.families import load_recipe; load_recipe(sys.argv[1])" "$W/llava-7b-shaped.yaml" \
     || exit 2
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "$OUT/gpu_mem_llava.txt" &
-  SMI=$!
-  stamp build; /usr/bin/time -v python3 -m enginefarm build "$W/llava-7b-shaped.yaml" --store "$W/store" --json \
-    > "$OUT/llava_build.json" 2> "$OUT/llava_build.err"; rc=$?; kill $SMI
-  grep "Maximum resident\|Elapsed" "$OUT/llava_build.err"; grep "^\[" "$OUT/llava_build.err" | tail -30
-  echo "peak GPU MiB: $(sort -n "$OUT/gpu_mem_llava.txt" | tail -1)"
-  stamp "build rc=$rc"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps(d)[:3000])" "$OUT/llava_build.json"
-  [ $rc -eq 0 ] || exit $rc
+  timed_build llava "$W/llava-7b-shaped.yaml" "$W/store" || exit $?
   exec bash "$0" benchllava ;;
 benchllava)
   W=/tmp/efllava

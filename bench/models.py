@@ -142,3 +142,44 @@ def weight_bytes(model) -> int:
             continue
         n += p.numel() * p.element_size()
     return n
+
+
+def write_shaped(kind: str, dest: str) -> None:
+    """A random fp16 checkpoint of a real shape, written on the GPU into dest
+    with what the farm's fetch needs beside it: `llama` (LLaMA-7B, the tiny
+    llama fixture's tokenizer: its ids fit the 7B vocabulary) or `llava`
+    (LLaVA-1.5-7B, llava_processor's 336 px processor: 576 placeholders an
+    image, checked). bench/gpu_product.sh runs it as `python3 -m bench.models KIND DIR`."""
+    import shutil
+    import time
+
+    from enginefarm.testing.tiny import IMAGE_TOKEN_ID, ensure_tiny
+
+    t = time.time()
+    if kind == "llama":
+        m = hf_llama(device="cuda", dtype=torch.float16)
+    elif kind == "llava":
+        # the tiny fixture's tokenizer writes <image> as IMAGE_TOKEN_ID (a row of the 32064-row embedding):
+        # the config names that id, where enginefarm/families/_multimodal.py image_token_id reads it
+        m = hf_llava(device="cuda", dtype=torch.float16, image_token_index=IMAGE_TOKEN_ID)
+    else:
+        raise SystemExit(f"write_shaped: unknown kind {kind!r} (llama or llava)")
+    m.generation_config.eos_token_id = 2
+    m.save_pretrained(dest, safe_serialization=True, max_shard_size="5GB")
+    if kind == "llama":
+        for f in ensure_tiny("llama").iterdir():
+            if "token" in f.name or f.name == "special_tokens_map.json":
+                shutil.copy(f, dest)
+    else:
+        from enginefarm.images import builtin_image
+
+        proc = llava_processor(dest)
+        n = proc(images=[builtin_image("gradient")], text=["<image>\nhi"], return_tensors="pt")
+        assert int((n["input_ids"] == IMAGE_TOKEN_ID).sum()) == 576 and tuple(n["pixel_values"].shape[-2:]) == (336, 336)
+    print("checkpoint written", round(time.time() - t, 1), "s")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_shaped(sys.argv[1], sys.argv[2])
