@@ -135,7 +135,7 @@ def test_every_manifest_follows_the_versioned_schema_with_full_provenance(built)
         m = st.get_manifest(r, s, k)
         validate_manifest(m)
         steps.add(s)
-    assert steps == {"fetch", "convert", "build", "validate", "publish"}
+    assert steps == {"fetch", "reference", "convert", "build", "validate", "publish"}
 
     value, _ = st.get_ref("reg-opt", V, "validated")
     m = st.get_manifest_by_path(value["manifest"])

@@ -417,3 +417,28 @@ def test_the_index_answers_what_did_not_change_and_rereads_what_did(store):
     store._put_bytes(INDEX_KEY, b"not gzip")  # an unreadable index is an empty one
     lost = Indexed(store)
     assert lost.get_ref("r", "v", "latest")[0]["digest"] == "c" * 64 and lost.get_manifest("r", "fetch", "k1") == m
+
+
+def test_s3_listing_in_ranges_cut_at_known_keys_gives_the_same_keys(s3_store_uri, monkeypatch):
+    """With known keys (the index's), S3 lists ranges of the key space at once: one LIST request a range, all
+    in flight together, and exactly the keys one listing gives, whatever was added or removed since."""
+    import enginefarm.store.s3 as s3mod
+
+    st = open_store(s3_store_uri)
+    keys = [f"refs/r{i:03d}/v/latest" for i in range(0, 60, 2)]
+    for k in keys:
+        st._put_bytes(k, k.encode())
+    monkeypatch.setattr(s3mod, "LIST_PAGE", 4)  # a page of 4 keys: 30 keys make ranges without 30,000 objects
+    plain = st._list_versions("refs/")
+    assert sorted(plain) == keys
+    calls: list = []
+    st.s3.meta.events.register("before-call.s3.ListObjectsV2", lambda **kw: calls.append(kw["params"]))
+    assert st._list_versions("refs/", keys) == plain
+    assert len(calls) == 8  # one request a range: 30 keys cut at every 4th
+    # keys added between the known ones, before the first and after the last, and known keys gone
+    for k in ["refs/a/v/latest", "refs/r007/v/latest", "refs/r031/v/x", "refs/z/v/latest"]:
+        st._put_bytes(k, b"new")
+    for k in keys[5:9]:
+        st._delete(k)
+    assert st._list_versions("refs/", keys) == st._list_versions("refs/")
+    assert st._list_versions("refs/", ["refs/zz"] * 9) == st._list_versions("refs/")  # a useless hint costs nothing

@@ -242,11 +242,14 @@ class Store(ABC):
     def _list(self, prefix: str) -> list[str]:
         """Every key under prefix (recursively), in any order."""
 
-    def _list_versions(self, prefix: str) -> dict[str, Optional[str]]:
+    def _list_versions(self, prefix: str, known: Optional[list[str]] = None) -> dict[str, Optional[str]]:
         """{key: a token that changes whenever the object's bytes do} of every
         key under prefix, in one listing (S3: the ETags LIST returns). The
         token need not be the compare-and-swap version. None: unknown (a
-        reader must then fetch the object). This default knows no tokens."""
+        reader must then fetch the object). `known`: keys under prefix seen
+        before, sorted (the index's), a hint a store may use to list ranges of
+        the key space at once; the answer never depends on it. This default
+        knows no tokens."""
         return dict.fromkeys(self._list(prefix))
 
     def _token_matches(self, token: Optional[str], data: bytes) -> bool:

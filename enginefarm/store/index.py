@@ -67,6 +67,7 @@ class Indexed(Store):
         self._djson: dict[str, str] = {}  # sha256 of a manifest's bytes -> digest_json of its decoded value
         self._dirty = False
         self._mu = threading.Lock()
+        self._load_mu = threading.Lock()
 
     # ------------------------------------------------------------ the index
 
@@ -79,7 +80,9 @@ class Indexed(Store):
         with self._mu:
             got = self._listed.get(prefix)
         if got is None:
-            got = self.inner._list_versions(prefix)
+            # the keys the index holds under prefix: where to cut the listing into ranges listed at once
+            known = sorted(k for k in self._load() if k.startswith(prefix))
+            got = self.inner._list_versions(prefix, known)
             with self._mu:
                 self._listed.setdefault(prefix, got)
         return got
@@ -87,6 +90,12 @@ class Indexed(Store):
     def _load(self) -> dict[str, tuple[str, bytes, Optional[str]]]:
         if self._memo is not None:
             return self._memo
+        with self._load_mu:  # one GET of the index, however many threads ask at once
+            if self._memo is not None:
+                return self._memo
+            return self._fetch_index()
+
+    def _fetch_index(self) -> dict[str, tuple[str, bytes, Optional[str]]]:
         memo: dict = {}
         raw = self.inner._get_bytes(INDEX_KEY)  # a store that cannot be read says so, as for any read
         try:
@@ -276,8 +285,8 @@ class Indexed(Store):
             return [k for k in self._listing(prefix) if k.startswith(prefix)]
         return self.inner._list(prefix)
 
-    def _list_versions(self, prefix: str) -> dict[str, Optional[str]]:
-        return self.inner._list_versions(prefix)
+    def _list_versions(self, prefix: str, known: Optional[list[str]] = None) -> dict[str, Optional[str]]:
+        return self.inner._list_versions(prefix, known)
 
     def _wrote(self, key: str) -> None:
         with self._mu:

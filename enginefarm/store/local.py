@@ -215,7 +215,7 @@ class LocalStore(Store):
                     out.append(k)
         return out
 
-    def _list_versions(self, prefix: str) -> dict[str, Optional[str]]:
+    def _list_versions(self, prefix: str, known: Optional[list[str]] = None) -> dict[str, Optional[str]]:
         """Tokens from a stat: inode, size and mtime. Every write makes a new
         file (a temp file renamed or linked into place), so a new inode."""
         out: dict[str, Optional[str]] = {}
