@@ -118,7 +118,7 @@ class MediaConversation:
         if not getattr(self.family, "conversational", True):
             turns = []
         kind = self.kind or self.media
-        token = getattr(self.processor, "token", None)  # a processor of several kinds names each one's placeholder
+        token = getattr(self.processor, "placeholder_token", None)  # a processor of several kinds: each one's
         return self.family.chat_text(self.processor, turns, user, token(kind) if token else self.token, kind)
 
     def request(self, user: str, max_input_len: int) -> tuple[object, str]:
@@ -217,7 +217,7 @@ def reference_answer(src_dir, max_new_tokens: int, eos: Optional[int], pad: Opti
 # ----------------------------------------------------------------------------- multimodal
 
 
-def media_conversation(pipe, load: Callable[[str], object]) -> MediaConversation:
+def media_conversation(pipe, load: Callable[[str, str], object]) -> MediaConversation:
     """A conversation with a runtime.multimodal.MultimodalPipeline."""
 
     def length(item, text: str) -> int:

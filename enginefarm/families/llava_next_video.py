@@ -272,16 +272,16 @@ class VideoInputs:
         self.features_per_frame, self.num_frames = features_per_frame, num_frames
         self.images, self.image_token, self.image_token_id = images, image_token, image_token_id
 
-    def token(self, kind: str) -> str:
+    def placeholder_token(self, kind: str) -> str:
         return self.video_token if kind == "video" else self.image_token or "<image>"
 
     def placed(self, prompt: str, kind: str, prompt_text) -> str:
         """The prompt with the item's own placeholder where the prompt has
         either (prompt_text: the family's, which puts it first where there is none)."""
-        other = self.token("image" if kind == "video" else "video")
-        if other in prompt and self.token(kind) not in prompt:
-            prompt = prompt.replace(other, self.token(kind))
-        return prompt_text(prompt, self.token(kind))
+        other = self.placeholder_token("image" if kind == "video" else "video")
+        if other in prompt and self.placeholder_token(kind) not in prompt:
+            prompt = prompt.replace(other, self.placeholder_token(kind))
+        return prompt_text(prompt, self.placeholder_token(kind))
 
     @classmethod
     def load(cls, src_dir, meta: dict) -> "VideoInputs":
