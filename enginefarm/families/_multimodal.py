@@ -238,7 +238,8 @@ class MultimodalFamily(Family):
         return " or ".join(self.media_kinds) + (", the larger" if len(self.media_kinds) > 1 else "")
 
     def _features_of(self, f: int) -> str:
-        """E.g. "a video's 64 visual features"; with both kinds "a video's or an image's 56 visual features (the larger)"."""
+        """E.g. "a video's 64 visual features"; with both kinds "a video's or an
+        image's 56 visual features (the larger)"."""
         return " or ".join(_A[k] + "'s" for k in self.media_kinds) + f" {f} visual features" + \
             (" (the larger)" if len(self.media_kinds) > 1 else "")
 
