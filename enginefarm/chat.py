@@ -6,8 +6,8 @@ Text engines: the conversation is the tokenizer's own chat template where it
 has one, else "User: ... / Assistant: ..." lines.
 
 Multimodal engines: a conversation is about one image (LLaVA-NeXT-Video: one
-video), as the engines take one per prompt. `/image PATH` (`/video PATH`)
-starts a conversation about it; the first turn of the conversation carries
+video or one image), as the engines take one per prompt. `/image PATH`
+(`/video PATH`) starts a conversation about it; the first turn of the conversation carries
 the image's placeholder, the later turns are text, written as the family
 says (MultimodalFamily.chat_text: the processor's chat template where it has
 one, else the format the model was trained with). Families that take no
@@ -37,10 +37,14 @@ def shown(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
-def help_line(media: Optional[str]) -> str:
+def help_line(media, takes: tuple[str, ...] = ()) -> str:
+    """media: what the engine takes ("image", "video"; None: text); takes: every kind, where it takes more"""
     if media is None:
         return HELP
-    return f"/{media} PATH starts a conversation about {'an' if media == 'image' else 'a'} {media}; {HELP}"
+    kinds = tuple(takes) or (media,)
+    a = {"image": "an image", "video": "a video"}
+    return (f"{' or '.join(f'/{k} PATH' for k in kinds)} starts a conversation about "
+            f"{' or '.join(a[k] for k in kinds)}; {HELP}")
 
 
 @dataclass
@@ -84,34 +88,43 @@ class MediaConversation:
     family: object
     processor: object
     media: str  # "image" or "video"
-    load: Callable[[str], object]  # a path -> the image (video); BadInput when it cannot be read
+    load: Callable[[str, str], object]  # (kind, a path) -> the image (video); BadInput when it cannot be read
     length: Callable[[object, str], int]  # (image, text) -> the engine prompt's tokens
     token: str = "<image>"  # the placeholder the processor expands
     item: object = None
     name: Optional[str] = None
     turns: list[tuple[str, str]] = field(default_factory=list)
+    takes: tuple[str, ...] = ()  # every kind the engine takes (LLaVA-NeXT-Video: video, image); () : media alone
+    kind: Optional[str] = None  # the item's
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(self.takes) or (self.media,)
 
     @property
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
 
     def attach(self, kind: str, path: str) -> str:
-        if kind != self.media:
+        if kind not in self.kinds:
             raise BadInput(f"this engine takes {self.media}s, not {kind}s: /{self.media} PATH")
-        item = self.load(path)  # a bad file: the conversation so far stays
-        self.item, self.name = item, path
+        item = self.load(kind, path)  # a bad file: the conversation so far stays
+        self.item, self.name, self.kind = item, path, kind
         self.turns.clear()
-        return f"(a new conversation about {self.media} {path})"
+        return f"(a new conversation about {kind} {path})"
 
     def text(self, user: str, turns: Optional[list[tuple[str, str]]] = None) -> str:
         turns = self.turns if turns is None else turns
         if not getattr(self.family, "conversational", True):
             turns = []
-        return self.family.chat_text(self.processor, turns, user, self.token)
+        kind = self.kind or self.media
+        token = getattr(self.processor, "placeholder_token", None)  # a processor of several kinds: each one's
+        return self.family.chat_text(self.processor, turns, user, token(kind) if token else self.token, kind)
 
     def request(self, user: str, max_input_len: int) -> tuple[object, str]:
         if self.item is None:
-            raise BadInput(f"no {self.media} yet: give one with /{self.media} PATH")
+            kinds = " or ".join(f"/{k} PATH" for k in self.kinds)
+            raise BadInput(f"no {' or '.join(self.kinds)} yet: give one with {kinds}")
         for first in range(len(self.turns) + 1):
             text = self.text(user, self.turns[first:])
             n = self.length(self.item, text)
@@ -129,7 +142,7 @@ def chat(conv, engine: Answer, max_input_len: int, read: Callable[[str], Optiona
     """The loop: read a line, answer it, print the answer with its time (and
     the reference's). Returns the number of answered turns."""
     tok = conv.tokenizer
-    hint = help_line(conv.media)
+    hint = help_line(conv.media, getattr(conv, "takes", ()))
     write(hint + "\n")
     n = 0
     while True:
@@ -204,7 +217,7 @@ def reference_answer(src_dir, max_new_tokens: int, eos: Optional[int], pad: Opti
 # ----------------------------------------------------------------------------- multimodal
 
 
-def media_conversation(pipe, load: Callable[[str], object]) -> MediaConversation:
+def media_conversation(pipe, load: Callable[[str, str], object]) -> MediaConversation:
     """A conversation with a runtime.multimodal.MultimodalPipeline."""
 
     def length(item, text: str) -> int:
@@ -212,7 +225,8 @@ def media_conversation(pipe, load: Callable[[str], object]) -> MediaConversation
             return len(pipe.prepare([item], [text])[0]["prompt_ids"])
         return len(pipe.inputs([item], [text])[0][0])
 
-    return MediaConversation(pipe.family, pipe.processor, pipe.media, load, length, token=pipe.image_token)
+    return MediaConversation(pipe.family, pipe.processor, pipe.media, load, length, token=pipe.image_token,
+                             takes=pipe.takes)
 
 
 def media_engine_answer(pipe, max_new_tokens: int, decoding: Decoding = GREEDY) -> Answer:

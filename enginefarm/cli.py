@@ -496,7 +496,7 @@ def cmd_run(a) -> int:
     from .store import open_store
 
     if a.image and a.video:
-        raise BadInput("give --image or --video, not both: a model takes one kind (LLaVA-NeXT-Video: --video)")
+        raise BadInput("give --image or --video, not both: one kind a run (LLaVA-NeXT-Video takes either)")
     if a.frames is not None and not a.video:
         raise BadInput("--frames is for --video")
     if a.frames is not None and a.frames < 1:
@@ -510,14 +510,14 @@ def cmd_run(a) -> int:
     if given and "visual" not in comps:
         raise BadInput(f"{a.ref} has a text-only engine (no visual component); --{given} needs a multimodal recipe")
     if "visual" in comps:
-        media = ((comps["visual"].get("engine") or {}).get("visual") or {}).get("media", "image")
+        media, takes = _media_of(comps)
         if not given:
-            raise BadInput(f"{a.ref} is multimodal: give --{media} PATH (one per prompt, or one for every prompt)")
-        if given != media:
+            raise BadInput(f"{a.ref} is multimodal: give {_flags(takes)} (one per prompt, or one for every prompt)")
+        if given not in takes:
             raise BadInput(f"{a.ref} takes {media}s, not {given}s: give --{media} PATH"
                            + (" (--video needs a video family: llava-next-video)" if media == "image" else ""))
-        images, prompts = _pairs(a.image or a.video, a.prompt, media)
-        return _run_multimodal(a, value, _lay_out(st, value, m), images, prompts, media)
+        images, prompts = _pairs(a.image or a.video, a.prompt, given)
+        return _run_multimodal(a, value, _lay_out(st, value, m), images, prompts, given)
     cache = _lay_out(st, value, m)
     from transformers import AutoTokenizer
 
@@ -559,12 +559,12 @@ def cmd_chat(a) -> int:
     given = "image" if a.image else "video" if a.video else None
     media = None
     if "visual" in comps:
-        media = ((comps["visual"].get("engine") or {}).get("visual") or {}).get("media", "image")
-        if given and given != media:
+        media, takes = _media_of(comps)
+        if given and given not in takes:
             raise BadInput(f"{a.ref} takes {media}s, not {given}s: give --{media} PATH")
     elif given:
         raise BadInput(f"{a.ref} has a text-only engine (no visual component); --{given} needs a multimodal recipe")
-    first = _load_media(media, a.image or a.video) if given else None  # unreadable: exit 2 before any engine loads
+    first = _load_media(given, a.image or a.video) if given else None  # unreadable: exit 2 before any engine loads
 
     def read(prompt: str):
         try:
@@ -584,12 +584,12 @@ def cmd_chat(a) -> int:
 
         pipe = MultimodalPipeline.load(cache, load_engine)
         d.check(pipe.llm.max_beam_width)
-        conv = media_conversation(pipe, lambda p: _load_media(media, p))
+        conv = media_conversation(pipe, _load_media)
         mine = media_engine_answer(pipe, a.max_new_tokens, d)
         ref = media_reference_answer(pipe, cache / "source", a.max_new_tokens) if a.compare else None
         print(title + beside, flush=True)
         if first is not None:
-            write(conv.attach(media, a.image or a.video) + "\n")
+            write(conv.attach(given, a.image or a.video) + "\n")
         chat(conv, mine, pipe.llm.max_input_len, read, write, ref, d.stop)
         return 0
     from transformers import AutoTokenizer
@@ -601,6 +601,17 @@ def cmd_chat(a) -> int:
     print(title + beside, flush=True)
     chat(Conversation(tok), mine, eng.max_input_len, read, write, ref, d.stop)
     return 0
+
+
+def _media_of(comps: dict) -> tuple[str, tuple[str, ...]]:
+    """A multimodal engine's item kind, and every kind it takes (LLaVA-NeXT-Video: video, image)."""
+    visual = (comps["visual"].get("engine") or {}).get("visual") or {}
+    media = visual.get("media", "image")
+    return media, tuple(visual.get("takes") or (media,))
+
+
+def _flags(takes) -> str:
+    return " or ".join(f"--{k} PATH" for k in takes)
 
 
 def _load_media(media: str, path: str):
@@ -645,7 +656,7 @@ def _run_multimodal(a, value: dict, cache: Path, images: list[str], prompts: lis
 
         pixels = [load_image(p) for p in images]
     pipe = MultimodalPipeline.load(cache, load_engine)
-    pipe.check_request(len(pixels), a.frames)
+    pipe.check_request(len(pixels), a.frames, media)
     d, watch = _decoding(a, len(prompts), pipe.decode)
     if a.stream:
         print(f"[{images[0]}] {prompts[0]}", end="", flush=True)
@@ -662,7 +673,7 @@ def _run_multimodal(a, value: dict, cache: Path, images: list[str], prompts: lis
             r["frames"] = min(len(v), pipe.meta["num_frames"])
     if a.json:
         extra = {"num_frames": pipe.meta["num_frames"]} if media == "video" else {}
-        print(json.dumps({"ref": value, "visual_features": pipe.features, **extra, "results": results,
+        print(json.dumps({"ref": value, "visual_features": pipe.features_of(media), **extra, "results": results,
                           "seconds": round(dt, 3)}, indent=2))
     elif not a.stream:
         for r in results:
@@ -857,7 +868,8 @@ def parser() -> argparse.ArgumentParser:
     rn.add_argument("--image", action="append", help="repeatable: an image file, paired with the prompts in order")
     rn.add_argument("--video", action="append",
                     help="repeatable: a video (a directory of frames, a uint8 .npy [T, H, W, 3], builtin:NAME), "
-                         "paired with the prompts in order; video models (llava-next-video)")
+                         "paired with the prompts in order; video models (llava-next-video, which takes --image "
+                         "too)")
     rn.add_argument("--frames", type=int,
                     help="frames sampled per video (default: the engine's num_frames, which is also the most)")
     rn.add_argument("--max-new-tokens", type=int, default=32)
@@ -889,7 +901,7 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--image", metavar="PATH", help="multimodal engines: the first conversation's image "
                     "(a file, or builtin:NAME); /image PATH at the prompt changes it")
     ch.add_argument("--video", metavar="PATH", help="video engines (LLaVA-NeXT-Video): the first conversation's "
-                    "video; /video PATH at the prompt changes it")
+                    "video; /video PATH (or /image PATH) at the prompt changes it")
     ch.add_argument("--max-new-tokens", type=int, default=48)
     _decoding_args(ch, stream=False)
     store_arg(ch)

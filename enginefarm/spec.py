@@ -113,7 +113,8 @@ class ComponentSpec(Strict):
         None, ge=1,
         description="video families (llava-next-video; required there, refused elsewhere): frames sampled per "
         "video, spread evenly, first and last included. The visual engine's batch is max_batch_size x num_frames "
-        "frames; max_multimodal_len = max_batch_size x num_frames x pooled features per frame (derived)",
+        "frames (or an image's tiles, where more); max_multimodal_len = max_batch_size x the larger of num_frames "
+        "x pooled features per frame and an image's features at most (derived)",
     )
     target: Optional[str] = Field(
         None, description="overrides the variant's target for this component: cpu or sm_XY (e.g. visual: "

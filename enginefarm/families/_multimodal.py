@@ -47,6 +47,11 @@ class MultimodalFamily(Family):
     image_placement = "inline"
     # what one request item is: "image", or "video" (LLaVA-NeXT-Video: sampled frames)
     media = "image"
+
+    @property
+    def media_kinds(self) -> tuple[str, ...]:
+        """the kinds of item the engines take (LLaVA-NeXT-Video: videos and images); `media` first"""
+        return (self.media,)
     # encoder-decoder LLMs: the TensorRT-LLM checkpoint parts converted (Nougat: its decoder only)
     encdec_parts: tuple[str, ...] = ("encoder", "decoder")
     # the visual features are the LLM decoder's encoder output (Nougat), not prompt-table rows
@@ -158,6 +163,14 @@ class MultimodalFamily(Family):
             "encoder_output": self.features_as_encoder_output,
         }
 
+    def kind_of(self, encoding) -> str:
+        """What one encoding (the processor's output for one item) holds: "image" or "video"."""
+        return self.media
+
+    def placeholder_id(self, encoding, meta: dict) -> Optional[int]:
+        """The token id an encoding's placeholders carry (meta: the visual engine's facts)."""
+        return meta["image_token_id"]
+
     def image_token_id(self, config: dict) -> Optional[int]:
         for k in ("image_token_index", "image_token_id"):
             if config.get(k) is not None:
@@ -200,8 +213,9 @@ class MultimodalFamily(Family):
         if recipe.limits.max_multimodal_len is not None and recipe.limits.max_multimodal_len != derived:
             raise BadInput(
                 f"bad recipe {origin}: limits.max_multimodal_len is {recipe.limits.max_multimodal_len}, but "
-                f"max_batch_size ({lim['max_batch_size']}) x visual features per {self.media} ({f}, from the checkpoint's "
-                f"config.json{self._recipe_part()}) = {derived}; remove it (it is derived) or make them agree"
+                f"max_batch_size ({lim['max_batch_size']}) x visual features per {self._per_item()} ({f}, from the "
+                f"checkpoint's config.json{self._recipe_part()}) = {derived}; remove it (it is derived) or make "
+                f"them agree"
             )
         if self.features_as_encoder_output:
             # the features are the decoder's encoder output; max_input_len bounds the decoder's prompt
@@ -210,14 +224,24 @@ class MultimodalFamily(Family):
             return lim
         if lim["max_input_len"] <= f:
             raise BadInput(
-                f"bad recipe {origin}: limits.max_input_len ({lim['max_input_len']}) must hold {_A[self.media]}'s {f} visual "
-                f"features and the prompt's tokens; raise it above {f}"
+                f"bad recipe {origin}: limits.max_input_len ({lim['max_input_len']}) must hold {self._features_of(f)} "
+                f"and the prompt's tokens; raise it above {f}"
             )
         lim["max_multimodal_len"] = derived
         return lim
 
     def _recipe_part(self) -> str:
         return " and components.visual.num_frames" if self.media == "video" else ""
+
+    def _per_item(self) -> str:
+        """what the feature count is per: "image", or "video" (both: "image or video, the larger")"""
+        return " or ".join(self.media_kinds) + (", the larger" if len(self.media_kinds) > 1 else "")
+
+    def _features_of(self, f: int) -> str:
+        """E.g. "a video's 64 visual features"; with both kinds "a video's or an
+        image's 56 visual features (the larger)"."""
+        return " or ".join(_A[k] + "'s" for k in self.media_kinds) + f" {f} visual features" + \
+            (" (the larger)" if len(self.media_kinds) > 1 else "")
 
     def head_counts(self, config: dict) -> tuple[int, int]:
         text = self.text_config(config, complete=False)
@@ -411,20 +435,22 @@ class MultimodalFamily(Family):
     # whether the model takes a conversation: BLIP's captions and Nougat's pages answer each message alone
     conversational = False
 
-    def chat_text(self, processor, turns: list[tuple[str, str]], user: str, token: str) -> str:
+    def chat_text(self, processor, turns: list[tuple[str, str]], user: str, token: str,
+                  kind: Optional[str] = None) -> str:
         """The prompt of a conversation about one image (or video): turns
         (user, assistant) so far, then the user's message. The image goes with
         the first turn, as Hugging Face's chat templates place it (a content
         list with {"type": "image"} before the text; the later turns are
         text). The checkpoint's chat template where it has one (the
-        processor's, else its tokenizer's), else `chat_lines`."""
+        processor's, else its tokenizer's), else `chat_lines`. kind: the
+        item's ("image" or "video"; the family's `media` unless said)."""
         if not self.conversational:
             return self.prompt_text(user, token)
         template = getattr(processor, "chat_template", None)
         if template:
             msgs = []
             for i, (u, a) in enumerate(list(turns) + [(user, None)]):
-                msgs.append({"role": "user", "content": ([{"type": self.media}] if i == 0 else [])
+                msgs.append({"role": "user", "content": ([{"type": kind or self.media}] if i == 0 else [])
                              + [{"type": "text", "text": u}]})
                 if a is not None:
                     msgs.append({"role": "assistant", "content": [{"type": "text", "text": a}]})

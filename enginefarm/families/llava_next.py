@@ -68,13 +68,13 @@ class LlavaNext(Llava):
         tile = int(v["image_size"])
         bad = [p for p in pins if p[0] % tile or p[1] % tile]
         if bad:
-            raise BadInput(f"family llava-next: image_grid_pinpoints {bad} are not multiples of the tile size {tile}")
+            raise BadInput(f"family {self.name}: image_grid_pinpoints {bad} are not multiples of the tile size {tile}")
         return [list(map(int, p)) for p in pins], tile, tile // int(v["patch_size"])
 
     def _check_strategy(self, config: dict) -> None:
         strategy = config.get("vision_feature_select_strategy") or self._vision(config).vision_feature_select_strategy
         if strategy != "default":
-            raise NotAvailable(f"family llava-next: vision_feature_select_strategy {strategy!r} is not supported "
+            raise NotAvailable(f"family {self.name}: vision_feature_select_strategy {strategy!r} is not supported "
                                f"(the tile grid needs the CLS token dropped)")
 
     def encoder_features(self, config: dict) -> int:
@@ -85,10 +85,14 @@ class LlavaNext(Llava):
         return 1 + max((h // tile) * (w // tile) for h, w in pins)
 
     def features(self, config: dict) -> int:
+        return self.image_features_at_most(config)
+
+    def image_features_at_most(self, config: dict) -> int:
+        """An image's features at most: the base tile's, then the largest grid with a newline a row."""
         self._check_strategy(config)
         pins, tile, side = self._tiling(config)
         grid = max((h // tile) * side * ((w // tile) * side + 1) for h, w in pins)
-        return self.encoder_features(config) + grid
+        return Llava.features(self, config) + grid
 
     def visual_meta(self, config: dict) -> dict:
         pins, tile, side = self._tiling(config)
@@ -103,7 +107,7 @@ class LlavaNext(Llava):
         for key, candidates in self.extra_tensors.items():
             found = next((c for c in candidates if c in names), None)
             if found is None:
-                raise BadInput(f"family llava-next: the checkpoint in {src_dir} has no {key} tensor")
+                raise BadInput(f"family {self.name}: the checkpoint in {src_dir} has no {key} tensor")
             out[key] = src.get(found).to(dtype)
         return out
 

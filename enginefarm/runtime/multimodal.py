@@ -14,7 +14,10 @@ processor does the preprocessing).
 A video family (LLaVA-NeXT-Video) works the same way with a video for an
 image: its frames are the visual engine's inputs, its features the frames'
 pooled features one frame after the other, its placeholder `<video>`; the
-family supplies the preprocessing (`load_processor`, `encode`).
+family supplies the preprocessing (`load_processor`, `encode`). It takes
+images too (the engine's `takes`): each item's kind (`family.kind_of` its
+encoding) picks its placeholder token and its rows of the visual engine's
+output, and one batch may mix both.
 
 An encoder-decoder LLM takes the prompt table in its encoder (BLIP-2 with
 Flan-T5). Where the visual features are the encoder output (Nougat, BLIP),
@@ -45,6 +48,7 @@ class MultimodalPipeline:
         tok = getattr(processor, "image_token", None) or "<image>"
         self.image_token = getattr(tok, "content", None) or str(tok)
         self.media = self.meta.get("media", "image")  # what one request item is: an image or a video
+        self.takes = tuple(self.meta.get("takes") or (self.media,))  # LLaVA-NeXT-Video: videos and images
         if self.meta.get("encoder_output"):
             if not getattr(llm, "features_in", False):
                 raise BadInput("the visual engine makes encoder outputs, but the LLM engine's decoder does not take them")
@@ -96,14 +100,27 @@ class MultimodalPipeline:
         """the visual features are the decoder's encoder output (Nougat, BLIP)"""
         return bool(self.meta.get("encoder_output"))
 
-    def check_request(self, n_images: int, frames: int | None = None) -> None:
-        """n_images images (or videos) in one call; frames: per video, where the request says."""
-        B, media = self.max_batch_size, self.media
-        at_most = " at most" if self.meta["encoder_features"] != self.meta["features"] and media == "image" else ""
-        limit = (f"max_multimodal_len {self.llm.max_multimodal_len or B * self.features} = {B} x {self.features} visual features per "
-                 f"{media}{at_most}")
-        if media == "video":
-            limit += f": num_frames {self.meta['num_frames']} x {self.meta['encoder_features']} per frame"
+    def features_of(self, kind: str) -> int:
+        """visual features per image or per video (at most, where they depend on the image)"""
+        return (self.meta.get("features_by_kind") or {}).get(kind, self.features)
+
+    def check_request(self, n_images: int, frames: int | None = None, kind: str | None = None) -> None:
+        """n_images images (or videos: kind) in one call; frames: per video, where the request says."""
+        B, media = self.max_batch_size, kind or self.media
+        if media not in self.takes:
+            raise BadInput(f"this engine takes {' and '.join(k + 's' for k in self.takes)}, not {media}s")
+        per_frame = self.meta.get("frame_features", self.meta["encoder_features"])
+        if len(self.takes) > 1:  # the limit holds the larger kind
+            limit = (f"max_multimodal_len {self.llm.max_multimodal_len or B * self.features} = {B} x {self.features}"
+                     f" visual features per image or video, the larger: an image's at most "
+                     f"{self.features_of('image')}, a video's num_frames {self.meta['num_frames']} x {per_frame} = "
+                     f"{self.features_of('video')}")
+        else:
+            at_most = " at most" if self.meta["encoder_features"] != self.meta["features"] and media == "image" else ""
+            limit = (f"max_multimodal_len {self.llm.max_multimodal_len or B * self.features} = {B} x {self.features} "
+                     f"visual features per {media}{at_most}")
+            if media == "video":
+                limit += f": num_frames {self.meta['num_frames']} x {per_frame} per frame"
         if n_images > B:
             raise BadInput(f"{n_images} {media}s in one call, but the engines were built for max_batch_size {B} "
                            f"({limit})")
@@ -140,7 +157,8 @@ class MultimodalPipeline:
         feats = self.image_features(encodings)
         ids, first = [], 0
         for e, f in zip(encodings, feats):
-            ids.append(engine_ids(e["input_ids"][0].tolist(), first, f.shape[0], self.meta, self.image_token))
+            ids.append(engine_ids(e["input_ids"][0].tolist(), first, f.shape[0], self.meta, self.image_token,
+                                  self.family.placeholder_id(e, self.meta)))
             first += f.shape[0]
         return ids, torch.cat(feats)
 
@@ -186,12 +204,14 @@ def _field(obj, name: str):
     return obj[name] if isinstance(obj, dict) else getattr(obj, name)
 
 
-def engine_ids(ids: list[int], first_row: int, n_features: int, meta: dict, image_token: str = "<image>") -> list[int]:
-    """The processor's ids with one image's placeholders turned into
-    prompt-table ids vocab_size + first_row + 0 .. n_features - 1. A
-    processor that wrote one placeholder (older LLaVA processors) or none
-    (older BLIP-2 ones, whose features go first) is expanded here."""
-    tok, V = meta["image_token_id"], meta["vocab_size"]
+def engine_ids(ids: list[int], first_row: int, n_features: int, meta: dict, image_token: str = "<image>",
+               token_id: int | None = None) -> list[int]:
+    """The processor's ids with one image's placeholders (token_id, else
+    meta's image_token_id) turned into prompt-table ids vocab_size +
+    first_row + 0 .. n_features - 1. A processor that wrote one placeholder
+    (older LLaVA processors) or none (older BLIP-2 ones, whose features go
+    first) is expanded here."""
+    tok, V = (meta["image_token_id"] if token_id is None else token_id), meta["vocab_size"]
     rows = list(range(V + first_row, V + first_row + n_features))
     at = [i for i, t in enumerate(ids) if t == tok]
     if len(at) == n_features:

@@ -84,11 +84,12 @@ def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant,
     if visual is not None:
         from ..images import image_digest
 
-        if get_family(ctx.recipe.family).media == "video":
+        kinds = get_family(ctx.recipe.family).media_kinds
+        if "video" in kinds:
             from ..videos import video_digest
 
             params["video_digests"] = [video_digest(i, ctx.recipe.recipe_dir()) for i in videos_of(ctx)]
-        else:
+        if "image" in kinds:  # LLaVA-NeXT-Video: both
             params["image_digests"] = [image_digest(i, ctx.recipe.recipe_dir()) for i in v.images]
         modules.append(type(get_family(ctx.recipe.family)).__module__)
         inputs["build.visual"] = visual
@@ -121,14 +122,15 @@ def _validate_multimodal(ctx: Ctx, fetched: StepResult, built: StepResult, visua
     log(f"validate [{variant.name}]: loading the reference model (fp32), the processor and the engines")
     pipe = MultimodalPipeline(vis, llm, fam.load_processor(src, vis.visual))
     ref = fam.reference_model(src)
-    if fam.media == "video":
+    names, items = [], []
+    if "video" in fam.media_kinds:
         from ..videos import load_video
 
-        names = videos_of(ctx)
-        items = [load_video(i, ctx.recipe.recipe_dir()) for i in names]
-    else:
-        names = v.images
-        items = [load_image(i, ctx.recipe.recipe_dir()) for i in names]
+        names += videos_of(ctx)
+        items += [load_video(i, ctx.recipe.recipe_dir()) for i in videos_of(ctx)]
+    if "image" in fam.media_kinds:  # LLaVA-NeXT-Video takes both: its videos, then its images
+        names += v.images
+        items += [load_image(i, ctx.recipe.recipe_dir()) for i in v.images]
     metrics = evaluate_multimodal(fam, ref, pipe, items, names, v.prompts, text_set(v.text_set, ctx),
                                   v.max_new_tokens, v.max_eval_tokens)
     if stand_in:
