@@ -125,6 +125,10 @@ def _run(ctx: Ctx, fetched: StepResult, s: StepSpec) -> StepResult:
                    "peak_host_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                    "peak_gpu_mb": _peak_gpu_mb(), "prompts": len(prompt_ids), "eval_tokens": len(eval_ids)}
         del model
+        import torch
+
+        if torch.cuda.is_available():  # the engines, and rank processes, come next on these GPUs
+            torch.cuda.empty_cache()
         return results, {}
 
     return run_step(ctx, s, work)
