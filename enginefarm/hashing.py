@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -130,6 +131,10 @@ def _neutral(name: str) -> bool:
 
 
 _IMPORTS: dict[str, tuple[bytes, tuple[str, ...]]] = {}
+# CPython 3.11's ast.parse is not safe in several threads at once: it can raise "SystemError: AST
+# constructor recursion depth mismatch" (python/cpython issue 106905, fixed in later releases); the nightly's
+# parallel checks ask for code versions from several threads (seen: the catalog-scale bench's nightly)
+_PARSE = threading.Lock()
 
 
 def _imports(name: str) -> tuple[str, ...]:
@@ -144,7 +149,9 @@ def _imports(name: str) -> tuple[str, ...]:
         return ()
     package = name if _origin(name).name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(src)):
+    with _PARSE:
+        tree = ast.parse(src)
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
