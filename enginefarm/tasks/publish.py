@@ -41,6 +41,10 @@ def spec(ctx: Ctx, variant: Variant, fetched: StepResult, converted: StepResult,
     inputs = {"fetch": fetched, "convert": converted, "validate": validated}
     if shards is not None:  # the proof of a tp > 1 or quantized checkpoint: part of the provenance
         inputs["shards"] = shards
+    ref = (validated.manifest.get("inputs") or {}).get("reference")
+    if ref:  # what validate was judged against, named here too: a reader of the release (the nightly's
+        # staleness pass, through the store's index) knows its digest before it looks the reference up
+        inputs["reference"] = StepResult("reference", ref["key"], ref["digest"], {}, cached=True)
     inputs.update({f"build.{c}": b for c, b in builds.items()})
     params = {"variant": variant.params(), "components": sorted(builds)}
     return StepSpec("publish", params, inputs, code_version(__name__), {}, variant=variant.name)
