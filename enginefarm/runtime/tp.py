@@ -241,7 +241,7 @@ class TPEngine:
             try:
                 while len(self._conns) < self.tp:
                     c = self._listener.accept()
-                    self._conns[int(c.recv())] = c
+                    self._conns[int(_get(c))] = c
             except (OSError, EOFError):
                 pass
 
@@ -288,7 +288,7 @@ class TPEngine:
 
         msg = (kind, name, tuple(prepare(a) for a in args), {k: prepare(v) for k, v in kwargs.items()})
         for c in self._conns.values():
-            c.send(msg)
+            _put(c, msg)
         rank_of = {id(c): r for r, c in self._conns.items()}
         results: dict[int, tuple] = {}
         verdicts: list[bool] = []
@@ -306,7 +306,7 @@ class TPEngine:
                 for c in ready:
                     r = rank_of[id(c)]
                     try:
-                        m = c.recv()
+                        m = _get(c)
                     except EOFError:
                         time.sleep(0.5)
                         self._ranks.fail(f"the tp {self.tp} engine's {name}", *(self._ranks.failed() or (r, "EOF")))
@@ -315,7 +315,7 @@ class TPEngine:
                         asked[r] += 1
                         if k == len(verdicts):
                             verdicts.append(bool(on_token(m[1], m[2])))
-                        c.send(verdicts[k])
+                        _put(c, verdicts[k])
                     else:
                         results[r] = m
         except BaseException:
@@ -332,10 +332,26 @@ class TPEngine:
         return results[0][1]
 
 
+def _put(conn, obj) -> None:
+    """Plain pickle over the connection: Connection.send's pickler would hand
+    tensors over as shared-memory file descriptors, fetched through
+    multiprocessing's resource sharer, which these processes (not started by
+    multiprocessing) cannot authenticate to."""
+    import pickle
+
+    conn.send_bytes(pickle.dumps(obj))
+
+
+def _get(conn):
+    import pickle
+
+    return pickle.loads(conn.recv_bytes())
+
+
 def _shutdown(conns: dict, ranks: Ranks, listener, tmp) -> None:
     for c in list(conns.values()):
         try:
-            c.send(("close", "", (), {}))
+            _put(c, ("close", "", (), {}))
             c.close()
         except OSError:
             pass
@@ -369,15 +385,15 @@ def _serve(job: dict, rank: int) -> None:
 
     conn = Client(("127.0.0.1", job["port"]), authkey=bytes.fromhex(job["authkey"]))
     eng = load_engine(Path(job["serve"]) / f"rank{rank}")
-    conn.send(rank)
+    _put(conn, rank)
 
     def on_token(i, t):
-        conn.send(("token", i, t))
-        return conn.recv()
+        _put(conn, ("token", i, t))
+        return _get(conn)
 
     while True:
         try:
-            kind, name, args, kwargs = conn.recv()
+            kind, name, args, kwargs = _get(conn)
         except EOFError:
             return
         if kind == "close":
@@ -397,11 +413,11 @@ def _serve(job: dict, rank: int) -> None:
                 args = tuple(on_token if a == _ON_TOKEN else a for a in args)
                 kwargs = {k: (on_token if v == _ON_TOKEN else v) for k, v in kwargs.items()}
                 out = getattr(eng, name)(*args, **kwargs)
-            conn.send(("ok", _to_cpu(out) if rank == 0 else None))
+            _put(conn, ("ok", _to_cpu(out) if rank == 0 else None))
         except BadInput as e:
-            conn.send(("err", "BadInput", str(e)))
+            _put(conn, ("err", "BadInput", str(e)))
         except Exception as e:  # noqa: BLE001 - reported to the driver, which raises it
-            conn.send(("err", type(e).__name__, str(e)))
+            _put(conn, ("err", type(e).__name__, str(e)))
 
 
 def _rank_main(job_path: str, rank: int, world: int, port: int, out_dir: str) -> None:
