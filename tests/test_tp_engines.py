@@ -98,6 +98,25 @@ def test_tp_engine_limits_and_rank_directories(llama, capsys, tmp_path):
     assert "no Triton layout" in capsys.readouterr().err
 
 
+def test_bench_and_streaming_drive_the_ranks(llama, capsys):
+    # bench: the sweep through the rank processes, recorded like a tp 1 one
+    assert cli(["bench", f"{llama.name}:fp32-tp2", "--store", llama.store, "--batch", "1,2", "--input-len", "4",
+                "--output-len", "3", "--warmup", "1", "--iters", "1", "--no-eager", "--json", "--no-record"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert {(r["batch"], r["input_len"]) for r in rep["rows"]} == {(1, 4), (2, 4)}
+    assert all(r["engine"]["decode_ms_per_token"] > 0 for r in rep["rows"])
+    # streaming and a stop string: the callback stays in this process, every rank gets its verdicts
+    want = _cli_run(capsys, f"{llama.name}:fp32-tp2", llama.store, 8, prompts=PROMPTS[:1])[0]
+    capsys.readouterr()
+    assert cli(["run", f"{llama.name}:fp32-tp2", "--store", llama.store, "--max-new-tokens", "8", "--stream",
+                "--prompt", PROMPTS[0]]) == 0
+    assert want["text"] in capsys.readouterr().out
+    stop = want["text"][len(want["text"]) // 2:][:3]
+    if stop.strip():
+        got = _cli_run(capsys, f"{llama.name}:fp32-tp2", llama.store, 8, prompts=PROMPTS[:1], extra=["--stop", stop])
+        assert stop not in got[0]["text"] and want["text"].startswith(got[0]["text"])
+
+
 @pytest.fixture(scope="module")
 def t5(tmp_path_factory):
     return _build(tmp_path_factory, "t5", "tp-t5", [2], seed=5)

@@ -18,6 +18,11 @@ pixel_values with a dynamic batch (1..max_batch_size) -> features.
 
 The recipe's `components.<c>.aoti` options (spec.AotiOptions) reach the
 exporter as they are; engines load through `runtime.engine.load_engine`.
+
+A tp > 1 variant (LLM components) is one engine directory per rank, rank N's
+built from the checkpoint's rank N files in rank N of tp processes, the
+collectives compiled into the packages (`AOTI._build_tp`); the visual engine
+is built once, as at tp 1 (replicated: every rank gets its features).
 """
 
 from __future__ import annotations

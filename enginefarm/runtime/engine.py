@@ -151,7 +151,8 @@ def load_weights(runners: list, weights_file: Path, device: str) -> dict:
     the runners share these tensors, nothing is copied)."""
     from safetensors import safe_open
 
-    with safe_open(str(weights_file), framework="pt", device=device if device != "cuda" else f"cuda:{torch.cuda.current_device()}") as f:
+    where = device if device != "cuda" else f"cuda:{torch.cuda.current_device()}"  # a tp rank: its own GPU
+    with safe_open(str(weights_file), framework="pt", device=where) as f:
         consts = {k: f.get_tensor(k) for k in f.keys()}
     for r in runners:
         need = set(r.get_constant_fqns())
