@@ -179,6 +179,11 @@ def load_reference(src_dir: str | Path):
 
     cfg = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
     cls = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
+    if cls is AutoModelForCausalLM and type(cfg) not in AutoModelForCausalLM._model_mapping:
+        # a multimodal checkpoint (LLaVA) whose model also runs on text alone:
+        # the shards step checks its LLM's rank files against it (BLIP-2's
+        # needs pixels in every call: not covered)
+        from transformers import AutoModelForImageTextToText as cls
     return cls.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False).eval()
 
 
