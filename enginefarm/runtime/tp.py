@@ -251,9 +251,11 @@ class TPEngine:
         while len(self._conns) < self.tp:
             failed = self._ranks.failed()
             if failed or time.monotonic() > deadline:
-                self.close()
-                self._ranks.fail(f"starting the tp {self.tp} engine {self.engine_dir}", *(failed or (None, "timeout")),
-                                 timeout=start_timeout)
+                try:
+                    self._ranks.fail(f"starting the tp {self.tp} engine {self.engine_dir}",
+                                     *(failed or (None, "timeout")), timeout=start_timeout)
+                finally:
+                    self.close()
             time.sleep(0.02)
 
     def close(self) -> None:
