@@ -197,13 +197,18 @@ def load_reference(src_dir: str | Path, device: str = "cpu"):
     per-GPU budget), so a model larger than one GPU is split over the GPUs and
     what still does not fit stays in host memory, layer by layer; never more
     than the budget on a GPU."""
+    import importlib.util
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     cfg = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
     cls = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
-    import importlib.util
-
+    if cls is AutoModelForCausalLM and type(cfg) not in AutoModelForCausalLM._model_mapping:
+        # a multimodal checkpoint (LLaVA) whose model also runs on text alone:
+        # the shards step checks its LLM's rank files against it (BLIP-2's
+        # needs pixels in every call: not covered)
+        from transformers import AutoModelForImageTextToText as cls
     kw, gpu = {}, reference_device(device) != "cpu" and torch.cuda.is_available()
     if gpu:
         # 90% of each GPU's free memory: room for activations and the engine's own process

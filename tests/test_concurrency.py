@@ -175,8 +175,8 @@ def _no_spurious_failure(out: dict) -> None:
 # the recipes whose steps race the most: visual exports (torch.export + ONNX)
 # and aoti builds of decoder-only, encoder-decoder and multimodal LLMs, and a
 # LLaMA of two variants (none / W8A16: a shards check, and two builds of one
-# recipe), in one process at once (aoti builds tp 1 engines
-# only: a tp 2 variant would fail its build for that reason, not a race)
+# recipe), in one process at once (tp > 1 aoti engines, built in rank
+# processes, have their own tests: tests/test_tp_engines.py)
 RACERS = ("tiny-llava", "tiny-blip2-t5", "tiny-bart", "tiny-blip", "tiny-nougat")
 
 

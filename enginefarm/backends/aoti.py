@@ -18,6 +18,11 @@ pixel_values with a dynamic batch (1..max_batch_size) -> features.
 
 The recipe's `components.<c>.aoti` options (spec.AotiOptions) reach the
 exporter as they are; engines load through `runtime.engine.load_engine`.
+
+A tp > 1 variant (LLM components) is one engine directory per rank, rank N's
+built from the checkpoint's rank N files in rank N of tp processes, the
+collectives compiled into the packages (`AOTI._build_tp`); the visual engine
+is built once, as at tp 1 (replicated: every rank gets its features).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ DECODER_FILE = "decoder.pt2"
 
 class AOTI(Backend):
     components = ("llm", "visual")
-    max_tp = 1  # one process, one device: tp > 1 checkpoints are proven by the shards step, built by tensorrt-llm
+    max_tp = 8  # tp > 1: one package set per rank, run as tp processes (see _build_tp)
     install_hint = "pip install 'torch>=2.6'"
 
     def usable(self, component: str, target: str) -> tuple[bool, str]:
@@ -77,13 +82,52 @@ class AOTI(Backend):
         if component == "visual":
             return self._build_visual(src_dir, out_dir, variant, limits, progress, options)
         if variant.tp > self.max_tp:
-            raise NotAvailable(f"the aoti backend builds tp=1 engines (variant {variant.name} has tp={variant.tp})")
+            raise NotAvailable(f"the aoti backend builds engines up to tp={self.max_tp} (variant {variant.name} has "
+                               f"tp={variant.tp})")
+        if variant.tp > 1:
+            return self._build_tp(component, src_dir, out_dir, variant, limits, progress, options)
+        return self._build_llm(component, src_dir, out_dir, variant, limits, progress, options)
+
+    def _build_llm(self, component, src_dir, out_dir, variant, limits, progress=None, options=None, rank: int = 0):
+        """The LLM packages of one rank of the checkpoint (tp 1: the only one)."""
+        from ..runtime.encdec import is_encdec_checkpoint
+        from ..runtime.export import build_llm
+
         out_dir.mkdir(parents=True, exist_ok=True)
         if is_encdec_checkpoint(src_dir):
             if options is not None:
                 raise NotAvailable("aoti options apply to decoder-only LLMs and visual encoders in this version")
-            return self._build_encdec(component, src_dir, out_dir, variant, limits, progress)
-        return build_llm(Path(src_dir), Path(out_dir), variant, limits, options, progress).dump()
+            return self._build_encdec(component, src_dir, out_dir, variant, limits, progress, rank)
+        return build_llm(Path(src_dir), Path(out_dir), variant, limits, options, progress, rank=rank).dump()
+
+    def _build_tp(self, component, src_dir, out_dir, variant, limits, progress=None, options=None) -> dict:
+        """A tp > 1 LLM engine: out_dir/rank{N}/ holds rank N's packages, built
+        from the checkpoint's rank{N} files in rank N of tp processes
+        (runtime/tp.py's launcher, gloo on CPU, nccl on GPUs), each a whole
+        engine directory whose sidecar carries tp_rank; out_dir/engine.json
+        names them (`ranks`). The collectives are inside the packages: the
+        model's all-reduces and the logits all-gather are torch's functional
+        collectives (runtime/decoder.py), which torch.export traces and
+        AOTInductor compiles (torch 2.13, CPU with gloo, tried); the compile
+        resolves the process group, hence the build in the rank processes.
+        The runner (runtime/tp.py's TPEngine) only starts the ranks and hands
+        every rank the same call."""
+        from ..runtime.tp import checkpoint_tp, run_ranks
+
+        got = checkpoint_tp(src_dir)
+        if got != variant.tp:
+            raise BadInput(f"{src_dir}: a tp {got} checkpoint, but variant {variant.name} has tp={variant.tp}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if progress:
+            progress(f"aoti: tp {variant.tp}: exporting and compiling each rank's packages in its own process")
+        args = {"component": component, "src": str(Path(src_dir).resolve()), "out": str(Path(out_dir).resolve()),
+                "variant": variant.model_dump(mode="json"), "limits": limits,
+                "options": options.model_dump(mode="json") if hasattr(options, "model_dump") else options}
+        rank0 = run_ranks(variant.tp, "enginefarm.backends.aoti:build_rank", args,
+                          backend="gloo" if variant.target == "cpu" else "nccl", what=f"aoti tp {variant.tp} build")
+        top = {k: v for k, v in rank0.items() if k not in ("tp_rank", "file", "files")}
+        top["ranks"] = [f"rank{r}" for r in range(variant.tp)]
+        return write_sidecar(out_dir, top).dump()
 
     @staticmethod
     def _compile(model, args, dynamic_shapes, path: Path, what: str, progress) -> dict:
@@ -109,7 +153,7 @@ class AOTI(Backend):
         torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
         return {"compile_s": round(time.perf_counter() - t0, 3)}
 
-    def _build_encdec(self, component, src_dir, out_dir, variant, limits, progress) -> dict:
+    def _build_encdec(self, component, src_dir, out_dir, variant, limits, progress, rank: int = 0) -> dict:
         """Two packages: the encoder (with the decoder's cross-attention K/V
         projections of its output, so they are computed once per request) and
         the decoder step (static self-attention cache; cross K/V as inputs).
@@ -124,7 +168,7 @@ class AOTI(Backend):
         from ..runtime.encdec import FeaturesCrossKV, load_encdec
 
         device = "cpu" if variant.target == "cpu" else "cuda"
-        encoder, decoder = load_encdec(src_dir)
+        encoder, decoder = load_encdec(src_dir, rank=rank, allow_tp=True)
         encoder, decoder = encoder.to(device), decoder.to(device)
         features_in = isinstance(encoder, FeaturesCrossKV)
         c = decoder.cfg
@@ -164,8 +208,8 @@ class AOTI(Backend):
                     {0: batch}])
         timings["decoder"] = self._compile(decoder, (dec_ids, start, kc, vc, ck, cv, lengths), ds, out_dir / DECODER_FILE,
                                            "decoder step", progress)
-        cache = [c.num_layers, "batch", c.num_heads, S, c.head_size]
-        cross = [c.num_layers, "batch", c.num_heads, et if features_in else "enc_len", c.head_size]
+        cache = [c.num_layers, "batch", c.heads_per_rank, S, c.head_size]
+        cross = [c.num_layers, "batch", c.heads_per_rank, et if features_in else "enc_len", c.head_size]
         if features_in:
             enc_inputs = [{"name": "encoder_output", "dtype": variant.dtype,
                            "shape": ["batch", et, c.encoder_hidden_size]},
@@ -250,7 +294,12 @@ class AOTI(Backend):
         by Triton's Python backend (`model.py` in the version folder, which
         needs enginefarm and torch in Triton's Python environment): token ids
         in, greedy continuation out, a batch of up to max_batch_size prompts
-        of equal length per request."""
+        of equal length per request. A tp > 1 engine is refused (its model
+        would have to start and drive its rank processes)."""
+        if int(sidecar.get("tp") or 1) > 1:
+            raise BadInput(f"a tp {sidecar['tp']} aoti engine has no Triton layout in this version: its ranks run "
+                           f"as {sidecar['tp']} processes, which the Python-backend model.py would have to start "
+                           f"and drive (runtime/tp.py's TPEngine); pull it with --layout plain")
         gpu = sidecar.get("device") == "cuda"
         config = "\n".join([
             f'name: "{name}"',
@@ -309,6 +358,21 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e))))
         return responses
 '''
+
+
+def build_rank(rank: int, world: int, args: dict) -> dict:
+    """Rank `rank` of a tp build (AOTI._build_tp), run in that rank's process
+    by runtime/tp.py: its packages into out/rank{rank}/; its sidecar."""
+    from ..runtime.sidecar import read as read_sidecar
+    from ..spec import AotiOptions, Variant
+
+    variant = Variant.model_validate(args["variant"])
+    options = AotiOptions.model_validate(args["options"]) if args["options"] is not None else None
+    out = Path(args["out"]) / f"rank{rank}"
+    AOTI("aoti")._build_llm(args["component"], Path(args["src"]), out, variant, args["limits"], None, options, rank)
+    side = read_sidecar(out).dump()
+    side.update(tp=world, tp_rank=rank)
+    return write_sidecar(out, side).dump()
 
 
 def _sidecar(component: str, device: str, variant, limits: dict, vocab_size: int) -> dict:

@@ -195,20 +195,34 @@ class Lin(nn.Module):
         return y
 
 
-def all_reduce(t: torch.Tensor) -> torch.Tensor:
+def group_name() -> str:
+    """The name of the default process group (what the functional collectives take)."""
     import torch.distributed as dist
 
-    t = t.contiguous()
-    dist.all_reduce(t)
-    return t
+    return dist.group.WORLD.group_name
+
+
+# The collectives are torch's functional ones (_c10d_functional.*, each with
+# its wait_tensor), not dist.all_reduce: torch.export traces them into the
+# graph and AOTInductor compiles them into a package (tried with torch 2.13 on
+# CPU, gloo), so a tp > 1 engine's rank packages carry their own all-reduces
+# and all-gather (runtime/export.py); eagerly they run the same collectives.
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    c10d = torch.ops._c10d_functional
+    return c10d.wait_tensor(c10d.all_reduce(t.contiguous(), "sum", group_name()))
 
 
 def all_gather_last(t: torch.Tensor, tp: int) -> torch.Tensor:
+    """The ranks' tensors side by side along the last dim (vocab-parallel
+    logits): each rank's part padded with zeros into its place, then summed
+    by an all-reduce. Not all_gather_into_tensor: compiled by AOTInductor
+    (torch 2.13, CPU, gloo) it runs through the proxy executor, and a rank
+    package with it hung in the step after it (seen twice, never with the
+    all-reduce alone). The rank is this process's, a constant of its package."""
     import torch.distributed as dist
 
-    parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, dim=-1)
+    rank, n = dist.get_rank(), t.shape[-1]
+    return all_reduce(F.pad(t, (rank * n, (tp - 1 - rank) * n)))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -519,9 +519,14 @@ class EncDecEngine(EngineBase):
     @classmethod
     def load(cls, engine_dir: str | Path, meta: Sidecar) -> "EncDecEngine":
         engine_dir = Path(engine_dir)
+        from .engine import load_runner
+
         files = meta.files
-        enc = torch._inductor.aoti_load_package(str(engine_dir / files["encoder"]))
-        dec = torch._inductor.aoti_load_package(str(engine_dir / files["decoder"]))
+        if meta.tp > 1 and meta.device == "cpu":  # a tp rank's packages, their all-reduces inside (engine.GilFreeRunner)
+            enc, dec = load_runner(engine_dir / files["encoder"], True), load_runner(engine_dir / files["decoder"], True)
+        else:
+            enc = torch._inductor.aoti_load_package(str(engine_dir / files["encoder"]))
+            dec = torch._inductor.aoti_load_package(str(engine_dir / files["decoder"]))
         return cls(enc, dec, meta)
 
     @classmethod

@@ -59,13 +59,91 @@ def check_runs_here(engine_dir, meta: sc.Sidecar) -> None:
         raise BadInput(f"engine in {engine_dir} was built for {meta.target}; this machine has no CUDA GPU")
 
 
-def load_runner(path: Path):
+def check_rank(engine_dir, meta: sc.Sidecar) -> None:
+    """One rank's packages load only in that rank of a process group of the engine's tp size."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if world != meta.tp or rank != meta.tp_rank:
+        raise BadInput(f"{engine_dir} is rank {meta.tp_rank} of a tp {meta.tp} engine: it runs in rank "
+                       f"{meta.tp_rank} of a process group of {meta.tp} (load the engine's own directory, "
+                       f"which starts the ranks), not in rank {rank} of {world}")
+
+
+def load_runner(path: Path, collectives: bool = False):
     """A package's runner. Single-threaded: the default runner keeps a pool of
     model instances and waits on an event of the previous call before the
     next, which CUDA-graph capture forbids (seen: 'operation not permitted
-    when stream is capturing'); the engines call from one thread anyway."""
+    when stream is capturing'); the engines call from one thread anyway.
+    collectives: a tp rank's package (its all-reduces inside): a runner that
+    lets go of the GIL while the package runs (GilFreeRunner)."""
     _global_libstdcxx()
+    if collectives:
+        return GilFreeRunner(path)
     return torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
+
+
+class GilFreeRunner:
+    """A CPU package's model run through its C ABI (AOTInductorModelContainer*,
+    torch/csrc/inductor/aoti_runtime/interface.h) by ctypes, which releases
+    the GIL during the call. The packages of a tp rank need that: torch's
+    Python runner holds the GIL through the whole package, and a gloo worker
+    thread that finishes an all-reduce of the package takes the GIL to free
+    the work's tensors (seen in gdb: c10d::ProcessGroupGloo::AsyncWork's
+    destructor -> TensorImpl::decref_pyobject -> gil_scoped_acquire) while
+    holding the work queue's lock: the package then waits forever for its
+    next all-reduce. The weights are inside the package's library (the
+    default, package_constants_in_so), so the container needs nothing else;
+    `loader.boxed_run(flat inputs)` and `runner(*args)` as torch's runner."""
+
+    def __init__(self, path: Path):
+        import ctypes
+        import shutil
+        import tempfile
+        import weakref
+        import zipfile
+
+        self._dir = tempfile.mkdtemp(prefix="enginefarm-aoti-")
+        weakref.finalize(self, shutil.rmtree, self._dir, True)
+        with zipfile.ZipFile(path) as z:
+            libs = [n for n in z.namelist() if n.endswith(".so")]
+            if len(libs) != 1:
+                raise BadInput(f"{path}: {len(libs)} libraries in the package, one expected (a CPU package)")
+            lib = z.extract(libs[0], self._dir)
+        self._lib = ctypes.CDLL(lib)
+        self._handle = ctypes.c_void_p()
+        self._check(self._lib.AOTInductorModelContainerCreateWithDevice(
+            ctypes.byref(self._handle), ctypes.c_size_t(1), b"cpu", None), "create")
+        n = ctypes.c_size_t()
+        self._check(self._lib.AOTInductorModelContainerGetNumOutputs(self._handle, ctypes.byref(n)), "outputs")
+        self._n_out = n.value
+        self.loader = self
+        weakref.finalize(self, self._lib.AOTInductorModelContainerDelete, self._handle)
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            raise RuntimeError(f"AOTInductor model container: {what} failed (code {rc})")
+
+    def boxed_run(self, flat: list) -> list:
+        import ctypes
+
+        caps = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(flat)  # new handles; the run steals them
+        get = ctypes.pythonapi.PyCapsule_GetPointer
+        get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+        ins = (ctypes.c_void_p * len(caps))(*[get(c, None) for c in caps])
+        outs = (ctypes.c_void_p * self._n_out)()
+        self._check(self._lib.AOTInductorModelContainerRun(self._handle, ins, ctypes.c_size_t(len(caps)), outs,
+                                                           ctypes.c_size_t(self._n_out), None, None), "run")
+        new = ctypes.pythonapi.PyCapsule_New
+        new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(
+            [new(outs[i], None, None) for i in range(self._n_out)])
+
+    def __call__(self, *args) -> list:
+        from torch.utils._pytree import tree_leaves
+
+        return self.boxed_run(list(tree_leaves(args)))
 
 
 def load_weights(runners: list, weights_file: Path, device: str) -> dict:
@@ -73,7 +151,8 @@ def load_weights(runners: list, weights_file: Path, device: str) -> dict:
     the runners share these tensors, nothing is copied)."""
     from safetensors import safe_open
 
-    with safe_open(str(weights_file), framework="pt", device=device if device != "cuda" else "cuda:0") as f:
+    where = device if device != "cuda" else f"cuda:{torch.cuda.current_device()}"  # a tp rank: its own GPU
+    with safe_open(str(weights_file), framework="pt", device=where) as f:
         consts = {k: f.get_tensor(k) for k in f.keys()}
     for r in runners:
         need = set(r.get_constant_fqns())
@@ -94,6 +173,13 @@ def load_engine(engine_dir: str | Path, cuda_graphs: bool | None = None, elsewhe
     CUDA graphs (default: as the recipe built it)."""
     engine_dir = Path(engine_dir)
     meta = sc.read(engine_dir)
+    if meta.format == "aoti-pt2" and meta.tp > 1:
+        if meta.tp_rank is None:  # the engine: its ranks in tp processes (runtime/tp.py)
+            from .tp import TPEngine
+
+            check_runs_here(engine_dir, meta)
+            return TPEngine(engine_dir, meta)
+        check_rank(engine_dir, meta)
     if meta.format == "aoti-pt2" and meta.kind == "encoder-decoder":
         from .encdec import EncDecEngine
 
@@ -258,8 +344,9 @@ class LLMEngine(EngineBase):
         check_runs_here(engine_dir, meta)
         meta.need(*cls.NEEDS)
         files = meta.files or ({"general": meta.file} if meta.file else {})
-        runner = load_runner(engine_dir / files["general"]) if "general" in files else None
-        decode_run = load_runner(engine_dir / files["decode"]) if "decode" in files else None
+        tp = meta.tp > 1 and meta.device == "cpu"
+        runner = load_runner(engine_dir / files["general"], tp) if "general" in files else None
+        decode_run = load_runner(engine_dir / files["decode"], tp) if "decode" in files else None
         if runner is None and decode_run is None:
             raise BadInput(f"{engine_dir}: the sidecar names no package: rebuild the engine")
         weights = None

@@ -143,7 +143,7 @@ def export_step(model, max_batch: int, max_tokens: int, max_seq_len: int, device
 def export_llm(model, out_dir: Path, limits: dict, device: str, opts=None, progress=None,
                prompt_table_rows: int = 0, packages=("general", "decode"), write_weights: bool = True,
                target: str | None = None) -> sc.Sidecar:
-    """Export a DecoderLM (tp 1) into an engine directory; returns its sidecar.
+    """Export a DecoderLM (tp 1, or one rank of tp > 1) into an engine directory; returns its sidecar.
 
     The model is swapped into its engine form (runtime/swaps.py) in place.
     `packages` and `write_weights` let a caller compile the packages in
@@ -263,11 +263,14 @@ def export_visual(module, out_dir: Path, max_batch_size: int, image_size, device
     ))
 
 
-def build_llm(src_dir: Path, out_dir: Path, variant, limits: dict, options=None, progress=None) -> sc.Sidecar:
-    """The aoti backend's build of a decoder-only LLM checkpoint (tp 1)."""
+def build_llm(src_dir: Path, out_dir: Path, variant, limits: dict, options=None, progress=None,
+              rank: int = 0) -> sc.Sidecar:
+    """The aoti backend's build of a decoder-only LLM checkpoint: tp 1, or
+    one rank of a tp > 1 one (in that rank's process of a process group: the
+    collectives compile against it)."""
     from .decoder import DecoderLM
 
     device = "cpu" if variant.target == "cpu" else "cuda"
-    model = DecoderLM.from_checkpoint(src_dir).to(device)
+    model = DecoderLM.from_checkpoint(src_dir, rank=rank, allow_tp=True).to(device)
     return export_llm(model, Path(out_dir), limits, device, options, progress,
                       prompt_table_rows=limits.get("max_multimodal_len") or 0, target=variant.target)

@@ -93,6 +93,12 @@ class Sidecar(BaseModel):
     decoder: Optional[Graph] = None
     encoder_features: Optional[int] = None
     encoder_hidden_size: Optional[int] = None
+    # tensor parallelism (aoti, tp > 1): the engine directory's sidecar names
+    # its rank directories (`ranks`, each a whole engine of one rank with its
+    # own sidecar, which carries `tp_rank`)
+    tp: int = 1
+    tp_rank: Optional[int] = None
+    ranks: list[str] = []
 
     def dump(self) -> dict:
         """The JSON-able dict (what engine.json holds, and the build manifest

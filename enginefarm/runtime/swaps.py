@@ -73,6 +73,7 @@ class EngineLin(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.mode = "general"
         self.fp16_kernel = False
+        self.reduce = False  # a row-parallel layer of a tp > 1 rank: all-reduce before the bias, as `Lin` does
         g = in_features // scale.shape[1] if (scale is not None and scale.dim() == 2) else 0
         self.group = g
         self.cfg = G.default_config(bits, self.out_features, in_features, g)
@@ -102,7 +103,11 @@ class EngineLin(nn.Module):
             bias = None
         w = torch.cat(ws) if len(ws) > 1 else ws[0]
         s = None if bits == 16 else (torch.cat(ss) if len(ss) > 1 else ss[0])
-        return cls(w, s, bias, bits, k, dtype)
+        if len(lins) > 1 and any(lin.reduce for lin in lins):
+            raise ValueError("cannot fuse row-parallel linears")
+        out = cls(w, s, bias, bits, k, dtype)
+        out.reduce = lins[0].reduce
+        return out
 
     def dequantized(self) -> torch.Tensor:
         """[N, K] weight in the model dtype (the general path's weight)."""
@@ -133,6 +138,10 @@ class EngineLin(nn.Module):
             y = parts.sum(0).to(x.dtype).view(*shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantized())
+        if self.reduce:
+            from .decoder import all_reduce
+
+            y = all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y
@@ -146,8 +155,6 @@ def swap_linears(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
     for name, child in module.named_children():
         if isinstance(child, Lin):
-            if child.reduce:
-                raise ValueError("the engine form's linear layers are for tp 1 models")
             setattr(module, name, EngineLin.from_lin([child], dtype))
         else:
             swap_linears(child, dtype)
@@ -174,9 +181,7 @@ def swap_head(model: nn.Module) -> nn.Module:
 
 
 def prepare_engine(model, fuse: bool = True, kernel_head: bool = True):
-    """A (tp 1) DecoderLM in its engine form: the swaps above, in place; returns it."""
-    if model.cfg.tp != 1:
-        raise ValueError("engine form is for tp 1 models")
+    """A DecoderLM (tp 1, or one rank of tp > 1) in its engine form: the swaps above, in place; returns it."""
     if fuse:
         fuse_mlp(model)
     swap_linears(model, model.embed.dtype)
