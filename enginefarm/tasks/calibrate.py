@@ -1,5 +1,5 @@
 """calibrate: ModelOpt's calibration of the Hugging Face model for a
-calibrated quantization (w4a16_awq), a cached step of its own.
+calibrated quantization (w4a16_awq, w8a8_sq, fp8), a cached step of its own.
 
     fetch -> calibrate(algorithm, group size, data) -> convert(quant)
 
@@ -48,7 +48,9 @@ def data(ctx: Ctx) -> tuple[str, int]:
 def spec(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepSpec:
     c = ctx.recipe.validation.calibration
     text, skip = data(ctx)
-    group = awq_group_size(fetched.results["config"], variant.tp, variant.group_size)
+    # AWQ's group size; SmoothQuant and FP8 have none (per channel, per tensor)
+    group = (awq_group_size(fetched.results["config"], variant.tp, variant.group_size)
+             if variant.quant == "w4a16_awq" else None)
     params = {
         "algorithm": CALIBRATED[variant.quant],
         "group_size": group,
@@ -59,7 +61,7 @@ def spec(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepSpec:
           "transformers": version_of("transformers")}
     code = code_version(__name__, "enginefarm.calibration")
     return StepSpec("calibrate", params, {"fetch": fetched}, code, tc,
-                    variant=f"{params['algorithm']}-g{group}")
+                    variant=params["algorithm"] + (f"-g{group}" if group else ""))
 
 
 @step_task("calibrate")
@@ -83,7 +85,8 @@ def calibrate_task(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepResul
                            f"(the perplexity window); set validation.calibration.text_set")
         model = load_reference(src)
         algo, group = s.params["algorithm"], s.params["group_size"]
-        log(f"calibrate [{algo}]: {len(samples)} samples, {sum(map(len, samples))} tokens, group {group}")
+        log(f"calibrate [{algo}]: {len(samples)} samples, {sum(map(len, samples))} tokens"
+            + (f", group {group}" if group else ""))
         tensors, stats = calibration.calibrate(model, samples, algo, group, progress=log)
         save_file(tensors, str(out / FILE), metadata={"format": "pt", "algorithm": algo})
         results = {"algorithm": algo, "group_size": group, "modelopt": calibration.modelopt_version(),
