@@ -17,8 +17,8 @@ apart, as TensorRT-LLM's mlp.gate / mlp.fc do. The block amax ModelOpt then
 takes is max|w| of the smoothed weight per block, which is what the farm's
 group quantizer computes from the smoothed weight (quant.quantize).
 
-INT8 SmoothQuant (`mtq.INT8_SMOOTHQUANT_CFG`, algorithm "smoothquant", alpha
-1.0): ModelOpt records each linear's per-input-channel max|x| (a_j), sets the
+INT8 SmoothQuant (`mtq.INT8_SMOOTHQUANT_CFG`, algorithm "smoothquant", with
+alpha SQ_ALPHA = 0.5 in place of its 1.0): ModelOpt records each linear's per-input-channel max|x| (a_j), sets the
 SmoothQuant scale s_j = max_i|w_ij|^(1 - alpha) / a_j^alpha (clamped to
 [1e-4, 1e4]), smooths as AWQ does (x * s, w / s) and keeps one per-tensor input
 amax, max_j(a_j s_j) (model_calib.py `smoothquant`, `apply_pre_quant_scale_and_smooth`).
@@ -41,6 +41,12 @@ from typing import Callable, Optional
 import torch
 
 ALGORITHMS = {"int4_awq": "INT4_AWQ_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG", "fp8": "FP8_DEFAULT_CFG"}
+# SmoothQuant's migration strength: ModelOpt's config uses 1.0 (every
+# activation channel scaled to max 1, all the difficulty moved into the
+# weights); the SmoothQuant paper's default is 0.5. Measured on SmolLM2-135M
+# with static per-tensor activation scales (bench/quant_real.py): alpha 1.0
+# +40.1% perplexity, top-1 agreement 0.655; alpha 0.5 +15.6%, 0.737.
+SQ_ALPHA = 0.5
 
 
 def modelopt_version() -> str:
@@ -71,6 +77,8 @@ def quant_config(algorithm: str, group_size: int) -> dict:
             bs = entry["cfg"].get("block_sizes")
             if bs:
                 entry["cfg"]["block_sizes"] = {**bs, -1: group_size}
+    if algorithm == "int8_sq":
+        cfg["algorithm"] = {"method": "smoothquant", "alpha": SQ_ALPHA}
     # the LM head (and with it a tied embedding) stays in the model dtype, as TensorRT-LLM leaves it
     cfg["quant_cfg"].append({"quantizer_name": "*lm_head*", "enable": False})
     return cfg

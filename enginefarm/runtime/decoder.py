@@ -225,9 +225,11 @@ class ActLin(nn.Module):
     scale as its smooth_quant_gemm does; for fp8 the input is rounded to
     e4m3 as TensorRT-LLM's quantize does before the FP8 GEMM."""
 
-    def __init__(self, W: dict, name: str, kind: str, row_parallel: bool = False, tp: int = 1):
+    def __init__(self, W: dict, name: str, kind: str, row_parallel: bool = False, tp: int = 1,
+                 per_token: bool = False):
         super().__init__()
         self.kind = kind
+        self.per_token = per_token  # int8: each token's own scale, max|x * s| / 127 (dynamic), not the static one
         self.reduce = row_parallel and tp > 1
         w = W[name + ".weight"]
         self.qweight = nn.Parameter(w.view(torch.int8) if kind == "fp8" else w, requires_grad=False)
@@ -242,14 +244,19 @@ class ActLin(nn.Module):
         dtype = x.dtype
         if self.pre_quant_scale is not None:  # SmoothQuant: x * s against the weight smoothed by 1 / s
             x = x * self.pre_quant_scale
-        xs = x.float() / self.ascale
+        xf = x.float()
+        if self.per_token:
+            ascale = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(1e-12)
+        else:
+            ascale = self.ascale
+        xs = xf / ascale
         if self.kind == "fp8":
             xq = xs.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
             wq = self.qweight.view(torch.float8_e4m3fn).float()
         else:
             xq = torch.round(xs).clamp(-128, 127)
             wq = self.qweight.float()
-        y = (xq @ wq.t()) * (self.ascale * self.wscale)
+        y = (xq @ wq.t()) * (ascale * self.wscale)
         y = y.to(dtype)
         if self.reduce:
             y = all_reduce(y)

@@ -23,6 +23,7 @@ from typing import Optional
 from ..backends.base import version_of
 from ..errors import BadInput
 from ..hashing import code_version, digest_bytes, digest_json
+from ..calibration import SQ_ALPHA
 from ..quant import CALIBRATED, awq_group_size
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
@@ -54,6 +55,7 @@ def spec(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepSpec:
     params = {
         "algorithm": CALIBRATED[variant.quant],
         "group_size": group,
+        **({"smoothquant_alpha": SQ_ALPHA} if variant.quant == "w8a8_sq" else {}),
         "data": {"text_digest": digest_bytes(text.encode()), "skip_tokens": skip,
                  "max_tokens": c.max_tokens, "seq_len": c.seq_len},
     }
