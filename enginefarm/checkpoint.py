@@ -237,13 +237,15 @@ def act_quantize_out(o: OutTensor, get: Callable[[str], torch.Tensor], scheme, d
                      calibration: Optional[dict], siblings: list[OutTensor]) -> dict[str, torch.Tensor]:
     """One weight-and-activation quantized linear of a rank file (w8a8_sq,
     fp8; quant.act_plan): {rank-file name: tensor}, in the plan's order. The
-    Hugging Face linears of this tensor and of its input siblings share the
-    mean of their SmoothQuant scales and the max of their input amax (and, fp8,
-    of their weight amax over the whole, unsplit weights), as ModelOpt's
-    exporter makes them."""
+    Hugging Face linears of this tensor (q/k/v) share the mean of their
+    SmoothQuant scales and the max of their input amax; for fp8 those of its
+    input siblings (gate/up) too, and the max of their weight amax over the
+    whole, unsplit weights: as ModelOpt's exporter makes them."""
     from .quant import act_plan, act_quantize, awq_smooth, prequant_scale_rows
 
-    group = list(o.sources) + [s for sib in siblings for s in sib.sources]
+    # FP8: q/k/v and gate/up share their scales; SmoothQuant: q/k/v only (ModelOpt's export keeps gate's and
+    # up's own SmoothQuant scales and input amax: tests/test_conformance_sq.py)
+    group = list(o.sources) + ([s for sib in siblings for s in sib.sources] if scheme.act == "fp8" else [])
 
     def stat(src: str, what: str) -> torch.Tensor:
         key = src[: -len("weight")] + what

@@ -338,11 +338,12 @@ def act_quant_of(config: dict) -> Optional[str]:
 #   `P.weights_scaling_factor` float32 [1] = max|w| / 448 and
 #   `P.activation_scaling_factor` float32 [1] = calibrated max|x| / 448.
 #
-# Linears that read the same input share their activation statistics, as
+# Linears that become one tensor share their activation statistics, as
 # ModelOpt's exporter makes them (quant_utils.py `preprocess_linear_fusion`:
 # the mean of their pre-quant scales, the max of their input amax and, per
-# tensor, of their weight amax): q/k/v (one tensor, attention.qkv) and a
-# gated MLP's two input projections (mlp.fc and mlp.gate, two tensors).
+# tensor, of their weight amax): q/k/v (attention.qkv); for FP8 also a gated
+# MLP's two input projections (mlp.fc and mlp.gate, two tensors), which
+# ModelOpt's SmoothQuant export leaves apart.
 
 
 def act_plan(scheme: Scheme, shape: tuple[int, ...], dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple]]:

@@ -19,13 +19,14 @@ compared exactly (as tests/test_conformance.py does); for those:
   at most one step apart in a few places: FP8 in at most 1% (ModelOpt
   rounds to float16 twice where the farm rounds once: the DIFFERENCE
   "awq_two_roundings" of tests/test_conformance_awq.py); SmoothQuant in at
-  most 2%, DIFFERENCE "sq_scale_rounding": ModelOpt divides the weight by its
+  most 3%, DIFFERENCE "sq_scale_rounding": ModelOpt divides the weight by its
   float32 SmoothQuant scale and stores the scale rounded to float16
-  (model_calib.py `apply_pre_quant_scale_and_smooth`); the farm keeps the
-  stored scale, the one the input is multiplied by at run time, and divides
-  the weight by that, so an integer near a rounding boundary may land one
-  step apart (measured here: 0.5% to 1.4% of places). In a float32 model the
-  two scales are one.
+  (model_calib.py `apply_pre_quant_scale_and_smooth`), and re-divides q/k/v
+  by their mean scale in a second float16 rounding (`_update_pre_quant_scale`);
+  the farm keeps the stored scales, the ones the input is multiplied by at
+  run time, and divides the weight by their mean once, so an int8 value near
+  a rounding boundary may land one step apart (measured here: up to 2.4% of
+  the places of a q/k/v tensor, about 1% elsewhere).
 - config.json's quantization: the same quant_algo. ModelOpt also writes
   exclude_modules ["lm_head"], which the farm leaves out on purpose
   (families/base.py `quantization`: TensorRT-LLM's default list is the one
@@ -133,7 +134,7 @@ def test_act_quant_checkpoint_equals_modelopts(act_exports, fam, quant, tp):
             if not bool(((ws - ms).abs() <= 2 * 2.0 ** -10 * ms.abs() + 1e-9).all()):
                 diffs.append(f"rank {rank} {k}: weight scales differ by {float((ws - ms).abs().max())}")
             off = (_steps(farm_w[k]) - _steps(mo_w[k])).abs()
-            share = 0.02 if quant == "w8a8_sq" else 0.01  # DIFFERENCE "sq_scale_rounding"
+            share = 0.03 if quant == "w8a8_sq" else 0.01  # DIFFERENCE "sq_scale_rounding"
             if int(off.max()) > 1 or float((off > 0).float().mean()) > share:
                 diffs.append(f"rank {rank} {k}: values differ in {int((off > 0).sum())} of {off.numel()} "
                              f"(by up to {int(off.max())} steps)")
