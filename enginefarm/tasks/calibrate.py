@@ -71,11 +71,9 @@ def calibrate_task(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepResul
     s = spec(ctx, fetched, variant)
 
     def work(out: Path, scratch: Path):
-        from safetensors.torch import save_file
         from transformers import AutoTokenizer
 
         from .. import calibration
-        from ..evaluation import load_reference
 
         src = materialize(ctx, fetched, scratch / "src")
         c = ctx.recipe.validation.calibration
@@ -85,17 +83,54 @@ def calibrate_task(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepResul
         if not samples:
             raise BadInput(f"recipe {ctx.recipe.name}: the calibration text has no tokens after the first {skip} "
                            f"(the perplexity window); set validation.calibration.text_set")
-        model = load_reference(src)
         algo, group = s.params["algorithm"], s.params["group_size"]
         log(f"calibrate [{algo}]: {len(samples)} samples, {sum(map(len, samples))} tokens"
             + (f", group {group}" if group else ""))
-        tensors, stats = calibration.calibrate(model, samples, algo, group, progress=log)
-        save_file(tensors, str(out / FILE), metadata={"format": "pt", "algorithm": algo})
+        stats = _in_child(src, samples, algo, group, out / FILE)
         results = {"algorithm": algo, "group_size": group, "modelopt": calibration.modelopt_version(),
                    "data_digest": digest_json(samples), **stats}
         return results, {}
 
     return run_step(ctx, s, work)
+
+
+def _calibrate_child(src: str, samples: list, algo: str, group, path: str, conn) -> None:
+    from safetensors.torch import save_file
+
+    from .. import calibration
+    from ..evaluation import load_reference
+
+    try:
+        tensors, stats = calibration.calibrate(load_reference(src), samples, algo, group)
+        save_file(tensors, path, metadata={"format": "pt", "algorithm": algo})
+        conn.send(("ok", stats))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def _in_child(src: Path, samples: list, algo: str, group, path: Path) -> dict:
+    """ModelOpt's calibration in a process of its own: ModelOpt changes
+    process-wide state as it calibrates (seen: after INT4 AWQ-lite on
+    SmolLM2-135M, a Hugging Face LLaMA loaded later in the same process gave
+    garbage logits, so the shards and validate steps' reference was wrong and
+    every quantized variant failed), and the steps after it run in this one."""
+    import multiprocessing as mp
+
+    from ..errors import StepFailed
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_calibrate_child, args=(str(src), samples, algo, group, str(path), child))
+    p.start()
+    child.close()
+    try:
+        status, got = parent.recv()
+    except EOFError:
+        status, got = "error", "the calibration process ended without a result"
+    p.join()
+    if status != "ok" or p.exitcode != 0:
+        raise StepFailed(f"calibrate [{algo}]: {got if status != 'ok' else f'exit code {p.exitcode}'}")
+    return got
 
 
 def load(ctx: Ctx, calibrated: Optional[StepResult], scratch: Path) -> Optional[dict]:
