@@ -8,6 +8,7 @@ visual features (engine against PyTorch) and run the prompts with images."""
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -177,9 +178,18 @@ def load_reference(src_dir: str | Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    cfg = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
-    cls = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
-    return cls.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False).eval()
+    # One at a time per process: the build flow runs variants in threads, and
+    # Hugging Face models loaded concurrently came out wrong (seen with
+    # transformers 5 on SmolLM2-135M, tied embeddings: three threads loading
+    # it at once, two models' logits off by 30; every quantized variant's
+    # shards step then failed against its reference).
+    with _LOAD_LOCK:
+        cfg = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
+        cls = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
+        return cls.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False).eval()
+
+
+_LOAD_LOCK = threading.Lock()
 
 
 def worst(a: float, b: float) -> float:

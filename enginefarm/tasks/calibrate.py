@@ -110,10 +110,11 @@ def _calibrate_child(src: str, samples: list, algo: str, group, path: str, conn)
 
 def _in_child(src: Path, samples: list, algo: str, group, path: Path) -> dict:
     """ModelOpt's calibration in a process of its own: ModelOpt changes
-    process-wide state as it calibrates (seen: after INT4 AWQ-lite on
-    SmolLM2-135M, a Hugging Face LLaMA loaded later in the same process gave
-    garbage logits, so the shards and validate steps' reference was wrong and
-    every quantized variant failed), and the steps after it run in this one."""
+    process-wide state as it calibrates (its Hugging Face plugins rewrite
+    attention classes and register hooks: calibration._no_attention_rewrite),
+    and the build's other steps run in this process, in threads. (The wrong
+    references first blamed on this were concurrent Hugging Face loads:
+    evaluation.load_reference.)"""
     import multiprocessing as mp
 
     from ..errors import StepFailed
