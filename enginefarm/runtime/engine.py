@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput
+from ..quant import engine_cannot_run
 from . import sidecar as sc
 from .decoding import GREEDY, Decoding, OnToken, decode
 
@@ -57,6 +58,9 @@ def check_runs_here(engine_dir, meta: sc.Sidecar) -> None:
         raise BadInput(f"{engine_dir} holds a {meta.format} engine, not an aoti package")
     if meta.device == "cuda" and not torch.cuda.is_available():
         raise BadInput(f"engine in {engine_dir} was built for {meta.target}; this machine has no CUDA GPU")
+    why = engine_cannot_run(getattr(meta, "act_quant", None), meta.device)
+    if why:
+        raise BadInput(f"engine in {engine_dir}: pending (no compatible GPU): {why}")
 
 
 def check_rank(engine_dir, meta: sc.Sidecar) -> None:

@@ -208,6 +208,7 @@ def export_llm(model, out_dir: Path, limits: dict, device: str, opts=None, progr
     return sc.write(out_dir, sc.Sidecar(
         format="aoti-pt2", component="llm", device=device, target=target, dtype=dt,
         file=files.get("general"), files=files, quant_bits=c.quant_bits,
+        **({"act_quant": c.act_quant} if c.act_quant else {}),
         max_batch_size=limits["max_batch_size"], max_beam_width=limits.get("max_beam_width") or 1,
         max_input_len=T, max_seq_len=S, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
         cache_shape=cache_shape, prompt_table=table, inputs=inputs,

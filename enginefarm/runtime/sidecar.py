@@ -76,6 +76,7 @@ class Sidecar(BaseModel):
     vocab_size: Optional[int] = None
     hidden_size: Optional[int] = None
     quant_bits: int = 0
+    act_quant: Optional[str] = None  # activations quantized too: int8_sq, fp8 (quant.act_quant_of)
     cache_shape: Optional[list[Dim]] = None  # [layers, "batch", kv_heads, max_seq_len, head_size]
     prompt_table: Optional[PromptTable] = None
     inputs: list[TensorSpec] = []

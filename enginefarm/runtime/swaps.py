@@ -164,8 +164,11 @@ def swap_linears(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 def fuse_mlp(model: nn.Module) -> nn.Module:
     """Each gated MLP's two input projections (fc, gate) become one product
     `fc_gate`, their output channels concatenated: one pass over x, one launch."""
+    from .decoder import Lin
+
     for layer in model.layers:
-        if layer.gate is not None and layer.fc_gate is None:
+        # weight-and-activation quantized linears (decoder.ActLin) keep their own arithmetic
+        if layer.gate is not None and layer.fc_gate is None and isinstance(layer.fc, Lin):
             layer.fc_gate = EngineLin.from_lin([layer.fc, layer.gate], model.embed.dtype)
             layer.fc = layer.gate = None
     return model

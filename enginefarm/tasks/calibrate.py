@@ -1,5 +1,5 @@
 """calibrate: ModelOpt's calibration of the Hugging Face model for a
-calibrated quantization (w4a16_awq), a cached step of its own.
+calibrated quantization (w4a16_awq, w8a8_sq, fp8), a cached step of its own.
 
     fetch -> calibrate(algorithm, group size, data) -> convert(quant)
 
@@ -23,6 +23,7 @@ from typing import Optional
 from ..backends.base import version_of
 from ..errors import BadInput
 from ..hashing import code_version, digest_bytes, digest_json
+from ..calibration import SQ_ALPHA
 from ..quant import CALIBRATED, awq_group_size
 from ..spec import Variant
 from .base import Ctx, StepResult, StepSpec, log, materialize, run_step
@@ -48,10 +49,13 @@ def data(ctx: Ctx) -> tuple[str, int]:
 def spec(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepSpec:
     c = ctx.recipe.validation.calibration
     text, skip = data(ctx)
-    group = awq_group_size(fetched.results["config"], variant.tp, variant.group_size)
+    # AWQ's group size; SmoothQuant and FP8 have none (per channel, per tensor)
+    group = (awq_group_size(fetched.results["config"], variant.tp, variant.group_size)
+             if variant.quant == "w4a16_awq" else None)
     params = {
         "algorithm": CALIBRATED[variant.quant],
         "group_size": group,
+        **({"smoothquant_alpha": SQ_ALPHA} if variant.quant == "w8a8_sq" else {}),
         "data": {"text_digest": digest_bytes(text.encode()), "skip_tokens": skip,
                  "max_tokens": c.max_tokens, "seq_len": c.seq_len},
     }
@@ -59,7 +63,7 @@ def spec(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepSpec:
           "transformers": version_of("transformers")}
     code = code_version(__name__, "enginefarm.calibration")
     return StepSpec("calibrate", params, {"fetch": fetched}, code, tc,
-                    variant=f"{params['algorithm']}-g{group}")
+                    variant=params["algorithm"] + (f"-g{group}" if group else ""))
 
 
 @step_task("calibrate")
@@ -67,11 +71,9 @@ def calibrate_task(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepResul
     s = spec(ctx, fetched, variant)
 
     def work(out: Path, scratch: Path):
-        from safetensors.torch import save_file
         from transformers import AutoTokenizer
 
         from .. import calibration
-        from ..evaluation import load_reference
 
         src = materialize(ctx, fetched, scratch / "src")
         c = ctx.recipe.validation.calibration
@@ -81,16 +83,55 @@ def calibrate_task(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepResul
         if not samples:
             raise BadInput(f"recipe {ctx.recipe.name}: the calibration text has no tokens after the first {skip} "
                            f"(the perplexity window); set validation.calibration.text_set")
-        model = load_reference(src)
         algo, group = s.params["algorithm"], s.params["group_size"]
-        log(f"calibrate [{algo}]: {len(samples)} samples, {sum(map(len, samples))} tokens, group {group}")
-        tensors, stats = calibration.calibrate(model, samples, algo, group, progress=log)
-        save_file(tensors, str(out / FILE), metadata={"format": "pt", "algorithm": algo})
+        log(f"calibrate [{algo}]: {len(samples)} samples, {sum(map(len, samples))} tokens"
+            + (f", group {group}" if group else ""))
+        stats = _in_child(src, samples, algo, group, out / FILE)
         results = {"algorithm": algo, "group_size": group, "modelopt": calibration.modelopt_version(),
                    "data_digest": digest_json(samples), **stats}
         return results, {}
 
     return run_step(ctx, s, work)
+
+
+def _calibrate_child(src: str, samples: list, algo: str, group, path: str, conn) -> None:
+    from safetensors.torch import save_file
+
+    from .. import calibration
+    from ..evaluation import load_reference
+
+    try:
+        tensors, stats = calibration.calibrate(load_reference(src), samples, algo, group)
+        save_file(tensors, path, metadata={"format": "pt", "algorithm": algo})
+        conn.send(("ok", stats))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def _in_child(src: Path, samples: list, algo: str, group, path: Path) -> dict:
+    """ModelOpt's calibration in a process of its own: ModelOpt changes
+    process-wide state as it calibrates (its Hugging Face plugins rewrite
+    attention classes and register hooks: calibration._no_attention_rewrite),
+    and the build's other steps run in this process, in threads. (The wrong
+    references first blamed on this were concurrent Hugging Face loads:
+    evaluation.load_reference.)"""
+    import multiprocessing as mp
+
+    from ..errors import StepFailed
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_calibrate_child, args=(str(src), samples, algo, group, str(path), child))
+    p.start()
+    child.close()
+    try:
+        status, got = parent.recv()
+    except EOFError:
+        status, got = "error", "the calibration process ended without a result"
+    p.join()
+    if status != "ok" or p.exitcode != 0:
+        raise StepFailed(f"calibrate [{algo}]: {got if status != 'ok' else f'exit code {p.exitcode}'}")
+    return got
 
 
 def load(ctx: Ctx, calibrated: Optional[StepResult], scratch: Path) -> Optional[dict]:
