@@ -143,6 +143,43 @@ def _quiet():
     warnings.filterwarnings("ignore")
 
 
+def calibrated_exports(root, families, runs) -> dict:
+    """ModelOpt calibration of each tiny family's fp16 model on the same samples, then at tp 1 and 2 ModelOpt's
+    export next to the farm's conversion with the statistics kept: {(family, label, tp): (ModelOpt's ranks, the
+    farm's ranks, the Hugging Face tensors, what was kept)}. runs: (label, ModelOpt algorithm, group size, the
+    farm's Variant for a tp)."""
+    from modelopt.torch.quantization.plugins import custom, huggingface
+    from transformers import AutoModelForCausalLM
+
+    from enginefarm import calibration
+
+    _quiet()
+    hook = huggingface.register_hf_attentions_on_the_fly  # see exports()
+    had = hook in custom.CUSTOM_MODEL_PLUGINS
+    custom.CUSTOM_MODEL_PLUGINS.discard(hook)
+    got = {}
+    try:
+        for fam in families:
+            src = write_tiny(fam, root / fam, seed=5)
+            base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16).eval().half()
+            hf = {k: v.detach().clone() for k, v in base.state_dict().items()}
+            g = torch.Generator().manual_seed(0)
+            samples = [torch.randint(0, base.config.vocab_size, (24,), generator=g).tolist() for _ in range(4)]
+            for label, algo, group, variant_at in runs:
+                m = copy.deepcopy(base)
+                calibration.run_modelopt(m, samples, algo, group)
+                stats, kept = calibration.kept_statistics(m)
+                for tp in (1, 2):
+                    mo = modelopt_export(copy.deepcopy(m), fam, tp)
+                    d = root / f"{fam}-{label}-tp{tp}"
+                    convert_checkpoint(get_family(fam), src, d, variant_at(tp), calibration=stats)
+                    got[(fam, label, tp)] = (mo, {(p, r): load_rank(d, r) for p, r in mo}, hf, kept)
+    finally:
+        if had:
+            custom.CUSTOM_MODEL_PLUGINS.add(hook)
+    return got
+
+
 def modelopt_export(model, fam: str, tp: int) -> dict:
     """{(part, rank): (config, tensors)} from ModelOpt."""
     import io

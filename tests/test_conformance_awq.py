@@ -23,18 +23,13 @@ weights with them, averaging over the sources of each fused tensor. Every tensor
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
-from enginefarm import calibration
-from enginefarm.checkpoint import convert_checkpoint, load_rank
-from enginefarm.families import get_family
 from enginefarm.quant import int_values, is_quantized_weight, unpack_int4
-from enginefarm.testing import write_tiny
 
-from test_conformance import _compare_float_tensors, _quiet, modelopt_export, variant
+from test_conformance import _compare_float_tensors, calibrated_exports, variant
 
 GROUP = 16
 AWQ_FAMILIES = ("llama", "mistral")
@@ -42,36 +37,9 @@ AWQ_FAMILIES = ("llama", "mistral")
 
 @pytest.fixture(scope="module")
 def awq_exports(tmp_path_factory):
-    import modelopt.torch.quantization as mtq  # noqa: F401
-    from modelopt.torch.quantization.plugins import custom, huggingface
-    from transformers import AutoModelForCausalLM
-
-    _quiet()
-    root = tmp_path_factory.mktemp("awq")
-    hook = huggingface.register_hf_attentions_on_the_fly  # see tests/test_conformance.py exports()
-    had = hook in custom.CUSTOM_MODEL_PLUGINS
-    custom.CUSTOM_MODEL_PLUGINS.discard(hook)
-    got = {}
-    try:
-        for fam in AWQ_FAMILIES:
-            src = write_tiny(fam, root / fam, seed=5)
-            base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16).eval().half()
-            hf = {k: v.detach().clone() for k, v in base.state_dict().items()}
-            g = torch.Generator().manual_seed(0)
-            vocab = base.config.vocab_size
-            samples = [torch.randint(0, vocab, (24,), generator=g).tolist() for _ in range(4)]
-            m = copy.deepcopy(base)
-            calibration.run_modelopt(m, samples, "int4_awq", GROUP)
-            stats, kept = calibration.kept_statistics(m)
-            for tp in (1, 2):
-                mo = modelopt_export(copy.deepcopy(m), fam, tp)
-                d = root / f"{fam}-awq-tp{tp}"
-                convert_checkpoint(get_family(fam), src, d, variant("w4a16_awq", tp, GROUP), calibration=stats)
-                got[(fam, tp)] = (mo, {k: load_rank(d, r) for k, r in [((p, r), r) for p, r in mo]}, hf, kept)
-    finally:
-        if had:
-            custom.CUSTOM_MODEL_PLUGINS.add(hook)
-    return got
+    runs = [("awq", "int4_awq", GROUP, lambda tp: variant("w4a16_awq", tp, GROUP))]
+    got = calibrated_exports(tmp_path_factory.mktemp("awq"), AWQ_FAMILIES, runs)
+    return {(fam, tp): v for (fam, _, tp), v in got.items()}
 
 
 @pytest.mark.parametrize("fam,tp", [(f, t) for f in AWQ_FAMILIES for t in (1, 2)])

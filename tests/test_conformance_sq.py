@@ -35,18 +35,13 @@ compared exactly (as tests/test_conformance.py does); for those:
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
-from enginefarm import calibration
-from enginefarm.checkpoint import convert_checkpoint, load_rank
-from enginefarm.families import get_family
 from enginefarm.quant import is_quantized_weight
-from enginefarm.testing import write_tiny
 
-from test_conformance import _compare_float_tensors, _quiet, modelopt_export, variant
+from test_conformance import _compare_float_tensors, calibrated_exports, variant
 
 FAMILIES = ("llama", "mistral")
 QUANTS = {"w8a8_sq": ("int8_sq", "W8A8_SQ_PER_CHANNEL"), "fp8": ("fp8", "FP8")}
@@ -55,36 +50,8 @@ SCALES = ("weights_scaling_factor", "activation_scaling_factor", "prequant_scali
 
 @pytest.fixture(scope="module")
 def act_exports(tmp_path_factory):
-    import modelopt.torch.quantization as mtq  # noqa: F401
-    from modelopt.torch.quantization.plugins import custom, huggingface
-    from transformers import AutoModelForCausalLM
-
-    _quiet()
-    root = tmp_path_factory.mktemp("actq")
-    hook = huggingface.register_hf_attentions_on_the_fly  # see tests/test_conformance.py exports()
-    had = hook in custom.CUSTOM_MODEL_PLUGINS
-    custom.CUSTOM_MODEL_PLUGINS.discard(hook)
-    got = {}
-    try:
-        for fam in FAMILIES:
-            src = write_tiny(fam, root / fam, seed=5)
-            base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16).eval().half()
-            hf = {k: v.detach().clone() for k, v in base.state_dict().items()}
-            g = torch.Generator().manual_seed(0)
-            samples = [torch.randint(0, base.config.vocab_size, (24,), generator=g).tolist() for _ in range(4)]
-            for quant, (algo, _) in QUANTS.items():
-                m = copy.deepcopy(base)
-                calibration.run_modelopt(m, samples, algo, None)
-                stats, kept = calibration.kept_statistics(m)
-                for tp in (1, 2):
-                    mo = modelopt_export(copy.deepcopy(m), fam, tp)
-                    d = root / f"{fam}-{quant}-tp{tp}"
-                    convert_checkpoint(get_family(fam), src, d, variant(quant, tp), calibration=stats)
-                    got[(fam, quant, tp)] = (mo, {(p, r): load_rank(d, r) for p, r in mo}, hf, kept)
-    finally:
-        if had:
-            custom.CUSTOM_MODEL_PLUGINS.add(hook)
-    return got
+    runs = [(quant, algo, None, lambda tp, q=quant: variant(q, tp)) for quant, (algo, _) in QUANTS.items()]
+    return calibrated_exports(tmp_path_factory.mktemp("actq"), FAMILIES, runs)
 
 
 def _steps(t: torch.Tensor) -> torch.Tensor:
