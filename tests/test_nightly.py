@@ -107,13 +107,14 @@ def test_staleness_says_what_changed(farm, tmp_path):
     v = r.variants()[0]
     assert not staleness(r, [v], st)[v.name].stale
 
-    # the recipe's validation settings: validate (and publish) are stale, nothing before
+    # the recipe's validation settings: the reference (and validate, publish) are stale, nothing before;
+    # the first stale step says which setting changed
     data = yaml.safe_load(path.read_text())
     data["validation"]["max_new_tokens"] = 8
     edited = tmp_path / "good-opt.yaml"
     edited.write_text(yaml.safe_dump(data))
     verdict = staleness(load_recipe(str(edited)), [v], st)[v.name]
-    assert verdict.stale and verdict.reasons == ["recipe changed: validate validation"]
+    assert verdict.stale and verdict.reasons == ["recipe changed: reference max_new_tokens"]
 
     # the source: a weight file rewritten (new mtime) makes fetch stale
     w = farm["good_src"] / "model.safetensors"

@@ -250,7 +250,7 @@ def test_deploy_build_from_the_ui_then_two_nightlies(farm):
     first = farm.wait(farm.run(nightly, {"catalog": str(catalog)}))
     assert first["state"]["type"] == "COMPLETED", farm.logs("worker-cpu")
     (row,) = farm.artifacts(first)["nightly-variants"]
-    assert (row["status"], row["why"]) == ("built", "recipe changed: validate validation")
+    assert (row["status"], row["why"]) == ("built", "recipe changed: reference max_new_tokens")
     assert row["cache"] == "ran: validate, publish"
     assert len(farm.flow_runs(gpu)) == 2  # re-validated on the gpu pool
 
