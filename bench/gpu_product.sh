@@ -8,6 +8,7 @@
 #   bash bench/gpu_product.sh tiny      # tiny llama, fp16 on sm_XY, aoti engine form + CUDA graphs (~3 min)
 #   bash bench/gpu_product.sh llama7b   # LLaMA-7B-shaped (random fp16 weights written here), build + bench
 #   bash bench/gpu_product.sh bench7b   # `enginefarm bench` of the llama7b build (same machine, after it)
+#   bash bench/gpu_product.sh gptfast7b # gpt-fast on the same weights against bench7b's rows (after it)
 #   bash bench/gpu_product.sh llava7b   # LLaVA-1.5-7B-shaped (CLIP ViT-L/14-336 + projector + LLaMA-7B, random
 #                                       # fp16 weights written here): build (fp16; QUANTS="none w8a16" adds W8A16) + bench
 #   bash bench/gpu_product.sh benchllava  # `enginefarm bench` of the llava7b build again (same machine, after it)
@@ -16,14 +17,19 @@
 set -o pipefail
 export PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME=$(mktemp -d)
 OUT=${OUT:-.}
-if [ -d .whl ]; then
+if [ -d .whl ] && ! python3 -c "import prefect" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 2
   export PYTHONPATH=/tmp/site:$PWD
+elif [ -d /tmp/site ]; then
+  export PYTHONPATH=/tmp/site:$PWD  # installed by an earlier mode on this machine (llava7b re-runs this for benchllava)
 else
   export PYTHONPATH=$PWD
 fi
-SM=$(python3 -c "import torch; print('sm_%d%d' % torch.cuda.get_device_capability())")
+# SM=cpu DTYPE=float32 SHAPED_LAYERS=2 SHAPED_DEVICE=cpu SHAPED_DTYPE=float32: a dry run of a mode on a CPU machine
+SM=${SM:-$(python3 -c "import torch; print('sm_%d%d' % torch.cuda.get_device_capability())")}
+DTYPE=${DTYPE:-float16}
+DV=$([ "$DTYPE" = float16 ] && echo fp16 || echo fp32)  # the default variant's dtype part
 W=$(mktemp -d)
 ef() { python3 -m enginefarm "$@"; }
 stamp() { echo "[$(date +%T)] $*"; }
@@ -64,8 +70,8 @@ family: llama
 source: {path: $W/src}
 components:
   llm: {aoti: {cuda_graphs: true}}
-matrix: {backend: [aoti], dtype: [float16], quant: [none], tp: [1], target: [$SM]}
-default_variant: fp16-tp1
+matrix: {backend: [aoti], dtype: [$DTYPE], quant: [none], tp: [1], target: [$SM]}
+default_variant: $DV-tp1
 limits: {max_batch_size: 1, max_input_len: 256, max_seq_len: 512}
 validation:
   prompts: ["The build farm", "Engines are rebuilt every night when"]
@@ -76,11 +82,16 @@ YAML
   timed_build 7b "$W/llama-7b-shaped.yaml" "$W/store" ;;
 bench7b)
   W=/tmp/ef7b
-  stamp bench; ef bench llama-7b-shaped --store "$W/store" --batch 1 --input-len 16,128 --output-len 128 --iters 3 \
+  stamp bench; ef bench llama-7b-shaped --store "$W/store" --batch 1 --input-len ${INPUT_LENS:-16} --output-len 128 --iters 3 \
     --json > "$OUT/7b_bench.json" 2> "$OUT/7b_bench.err"; echo "bench rc=$?"; tail -5 "$OUT/7b_bench.err"
   head -c 3000 "$OUT/7b_bench.json"; echo ;;
+gptfast7b)
+  # gpt-fast (its sources in .gptfast/, fetched, never committed; sentencepiece and tiktoken wheels in .whl/) on
+  # the llama7b ref's weights, against bench7b's `enginefarm bench` rows (same machine, after them)
+  stamp gpt-fast; python3 bench/gptfast_vs_bench.py --src /tmp/ef7b/src --bench "$OUT/7b_bench.json" \
+    --gptfast "${GPTFAST:-.gptfast}" --out "$OUT" ;;
 llava7b)
-  W=/tmp/efllava; mkdir -p $W
+  W=${W_LLAVA:-/tmp/efllava}; mkdir -p $W
   stamp "write the checkpoint"
   python3 -m bench.models llava "$W/src" || exit 1
   Q=$(echo ${QUANTS:-none} | sed "s/ /, /g")
@@ -92,8 +103,8 @@ source: {path: $W/src}
 components:
   visual: {aoti: {cuda_graphs: true}}
   llm: {aoti: {cuda_graphs: true}}
-matrix: {backend: [aoti], dtype: [float16], quant: [$Q], tp: [1], target: [$SM]}
-default_variant: fp16-tp1
+matrix: {backend: [aoti], dtype: [$DTYPE], quant: [$Q], tp: [1], target: [$SM]}
+default_variant: $DV-tp1
 limits: {max_batch_size: 1, max_input_len: 768, max_seq_len: 1024}
 validation:
   prompts: ["USER: <image>\nWhat is in the picture? ASSISTANT:"]
@@ -111,7 +122,7 @@ YAML
   timed_build llava "$W/llava-7b-shaped.yaml" "$W/store" || exit $?
   exec bash "$0" benchllava ;;
 benchllava)
-  W=/tmp/efllava
+  W=${W_LLAVA:-/tmp/efllava}
   for v in $(python3 -c "
 import sys; sys.path.insert(0, '.')
 from enginefarm.families import load_recipe
@@ -125,5 +136,5 @@ print(' '.join(v.name for v in load_recipe('$W/llava-7b-shaped.yaml').variants()
       "$OUT/llava_bench_$v.json"
   done ;;
 *)
-  echo "usage: bash bench/gpu_product.sh tiny|llama7b|bench7b|llava7b|benchllava" >&2; exit 2 ;;
+  echo "usage: bash bench/gpu_product.sh tiny|llama7b|bench7b|gptfast7b|llava7b|benchllava" >&2; exit 2 ;;
 esac

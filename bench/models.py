@@ -6,6 +6,7 @@ conversion of their weights to the TensorRT-LLM layout."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -156,12 +157,17 @@ def write_shaped(kind: str, dest: str) -> None:
     from enginefarm.testing.tiny import IMAGE_TOKEN_ID, ensure_tiny
 
     t = time.time()
+    # SHAPED_LAYERS / SHAPED_DEVICE / SHAPED_DTYPE: fewer layers at the same widths, on the CPU (a dry run here)
+    layers = int(os.environ["SHAPED_LAYERS"]) if os.environ.get("SHAPED_LAYERS") else None
+    device = os.environ.get("SHAPED_DEVICE", "cuda")
+    dtype = getattr(torch, os.environ.get("SHAPED_DTYPE", "float16"))
     if kind == "llama":
-        m = hf_llama(device="cuda", dtype=torch.float16)
+        m = hf_llama(layers=layers, device=device, dtype=dtype)
     elif kind == "llava":
         # the tiny fixture's tokenizer writes <image> as IMAGE_TOKEN_ID (a row of the 32064-row embedding):
         # the config names that id, where enginefarm/families/_multimodal.py image_token_id reads it
-        m = hf_llava(device="cuda", dtype=torch.float16, image_token_index=IMAGE_TOKEN_ID)
+        m = hf_llava(device=device, dtype=dtype, image_token_index=IMAGE_TOKEN_ID, llm_layers=layers,
+                     vision_layers=layers)
     else:
         raise SystemExit(f"write_shaped: unknown kind {kind!r} (llama or llava)")
     m.generation_config.eos_token_id = 2

@@ -84,13 +84,15 @@ class _Timer:
 def engine_files(store, value: dict, manifest: dict, cache_root: Optional[Path] = None) -> tuple[Path, Path]:
     """The engines (llm/, and visual/ where the ref has one) and the fetched
     checkpoint of a published ref, laid out in a local cache by digest
-    (verified against their sha256); returns (the llm/ folder, the checkpoint)."""
+    (verified against their sha256); returns (the llm/ folder, the checkpoint).
+    The cache only reads them: from a local store they are read-only hard links
+    of its blobs, so a 7B engine costs no second copy on the worker's disk."""
     root = Path(cache_root or os.environ.get("ENGINEFARM_CACHE", Path(tempfile.gettempdir()) / "enginefarm-cache"))
     cache = root / value["digest"][:16]
     for rel, f in manifest["files"].items():
         if not (cache / rel).exists():
             (cache / rel).parent.mkdir(parents=True, exist_ok=True)
-            store.get_blob_file(f["sha256"], cache / rel, size=f["size"])
+            store.get_blob_file(f["sha256"], cache / rel, size=f["size"], link=True)
     fetch_in = manifest["inputs"]["fetch"]
     fm = store.get_manifest(value["recipe"], "fetch", fetch_in["key"])
     if fm is None:
@@ -99,7 +101,7 @@ def engine_files(store, value: dict, manifest: dict, cache_root: Optional[Path] 
     for rel, f in fm["files"].items():
         if not (src / rel).exists():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
-            store.get_blob_file(f["sha256"], src / rel, size=f["size"])
+            store.get_blob_file(f["sha256"], src / rel, size=f["size"], link=True)
     return cache / "llm", src
 
 
@@ -127,42 +129,28 @@ def sweep_points(batches, input_lens, output_lens, limits: dict, extra_in: int =
 
 
 def time_engine(eng, ids, n_new: int, warmup: int, iters: int, prompt_table=None, before=None) -> tuple[dict, list]:
-    """On a GPU: CUDA events around prefill + first token and the decode steps
-    of one generation. On the CPU: prefill + first pick timed alone, then the
-    whole generation. `before()`, where given, runs first inside the timed
-    region and returns the prompt table (the multimodal pipeline: the visual
-    engine on the preprocessed pixels); else `prompt_table` is used as given.
-    Returns the figures and the greedy tokens of the last timed generation."""
+    """The marks of one generation (CUDA events on a GPU, the wall clock on
+    the CPU): prefill + first token, then the decode steps. `before()`, where
+    given, runs first inside the timed region and returns the prompt table
+    (the multimodal pipeline: the visual engine on the preprocessed pixels);
+    else `prompt_table` is used as given. Returns the figures and the greedy
+    tokens of the last timed generation."""
     import torch
 
     table = before or (lambda: prompt_table)
-    cuda = eng.device == "cuda"
+    timer = _Timer(eng.device == "cuda")
     for _ in range(warmup):
         toks = eng.generate_ids(ids, n_new, prompt_table=table())
     ttft, dec, total = [], [], []
-    if cuda:
+    if timer.cuda:
         torch.cuda.synchronize()
-        for _ in range(iters):
-            ev = {}
-            start = _Timer(True).mark()
-            toks = eng.generate_ids(ids, n_new, prompt_table=table(), events=ev)
-            ev["end"].synchronize()
-            ttft.append(start.elapsed_time(ev["first"]))
-            dec.append(ev["first"].elapsed_time(ev["end"]) / (n_new - 1))
-            total.append(start.elapsed_time(ev["end"]))
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            kc, vc = eng.cache(ids.shape[0])
-            lg, _, _ = eng.step(ids, 0, kc, vc, table())
-            lg[:, -1].argmax(-1)
-            t1 = time.perf_counter()
-            toks = eng.generate_ids(ids, n_new, prompt_table=table())
-            t2 = time.perf_counter()
-            first, whole = (t1 - t0) * 1e3, (t2 - t1) * 1e3
-            ttft.append(first)
-            total.append(whole)
-            dec.append(max(whole - first, 1e-3) / (n_new - 1))
+    for _ in range(iters):
+        ev = {}
+        start = timer.mark()
+        toks = eng.generate_ids(ids, n_new, prompt_table=table(), events=ev)
+        ttft.append(timer.ms(start, ev["first"]))
+        dec.append(timer.ms(ev["first"], ev["end"]) / max(n_new - 1, 1))
+        total.append(timer.ms(start, ev["end"]))
     return _figures(_median(ttft), _median(dec), _median(total), ids.shape[0], n_new), toks.cpu().tolist()
 
 

@@ -276,7 +276,9 @@ class AOTI(Backend):
         if device != "cpu":
             from torch.export.passes import move_to_device_pass
 
-            ep = move_to_device_pass(ep, device)
+            # an indexed device: the program asserts its input's device, and a tensor
+            # made on "cuda" is on cuda:0 (a bare "cuda" failed that check on an H100)
+            ep = move_to_device_pass(ep, f"cuda:{torch.cuda.current_device()}")
         # Re-traced before compiling (export_visual exports the module again):
         # with torch 2.13, AOTInductor compiling the deserialized program of
         # the CLIP tower gave NaN at batch 1 (batch 2 was right); compiling a

@@ -17,6 +17,7 @@ features, [rows, hidden]); token ids >= vocab_size select its rows."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -441,12 +442,13 @@ class LLMEngine(EngineBase):
         """Greedy continuation of a batch of equal-length prompts, all on the
         device, no host synchronisation per token (no end-of-sequence test):
         [B, T] -> [B, max_new_tokens] (what `enginefarm bench` times). With
-        `events` on CUDA, records events 'start', 'first' (after the first
-        token) and 'end' into it."""
+        `events`, records marks 'start', 'first' (after the first token) and
+        'end' into it: CUDA events on a GPU, time.perf_counter() on the CPU."""
         B, T = ids.shape
         self._check(B, T, max_new_tokens)
         cuda = self.device == "cuda"
-        mark = (lambda k: events.__setitem__(k, _event())) if (events is not None and cuda) else (lambda k: None)
+        now = _event if cuda else time.perf_counter
+        mark = (lambda k: events.__setitem__(k, now())) if events is not None else (lambda k: None)
         kc, vc = self.cache(B)
         graph = self._decode_graph(B) if self.cuda_graphs and max_new_tokens > 1 else None
         mark("start")
