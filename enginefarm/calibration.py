@@ -208,14 +208,16 @@ def linear_inputs(model, samples: list[list[int]]) -> tuple[dict[str, list[torch
     its weight, float32}) of every linear but the LM head, on the unquantized model."""
     lins = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
     got: dict[str, list[torch.Tensor]] = {n: [] for n in lins}
-    seen: dict[int, torch.Tensor] = {}  # q/k/v (gate/up) read one tensor: kept once
+    # q/k/v (gate/up) read one tensor: kept once. The tensor itself is held
+    # until the pass ends, so that its id is not reused by a later one.
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook(name):
         def f(_mod, args):
             x = args[0]
-            if id(x) not in seen:
-                seen[id(x)] = x.detach().float().reshape(-1, x.shape[-1]).clone()
-            got[name].append(seen[id(x)])
+            if id(x) not in seen or seen[id(x)][0] is not x:
+                seen[id(x)] = (x, x.detach().float().reshape(-1, x.shape[-1]).clone())
+            got[name].append(seen[id(x)][1])
         return f
 
     hs = [m.register_forward_pre_hook(hook(n)) for n, m in lins.items()]
