@@ -20,6 +20,10 @@ Rows:
   (calibration.awq_clip_search); w4a16_awq: both, what the calibrate step keeps;
 - ModelOpt INT4 AWQ: ModelOpt's own fake-quantized model (mtq.INT4_AWQ_CFG, same
   samples, same group size), each linear with its own scale, run as PyTorch;
+  then its TensorRT-LLM export (torch_to_tensorrt_llm_checkpoint, float16, one
+  averaged scale for the fused q/k/v: enginefarm/testing/modelopt_export.py)
+  run by the farm's runtime decoder: what a TensorRT-LLM engine built from
+  ModelOpt's checkpoint computes;
 - W8A16: the farm's per-channel int8;
 - farm SmoothQuant (w8a8_sq): the calibrate step's statistics (ModelOpt's
   INT8_SMOOTHQUANT_CFG: SmoothQuant scales and per-tensor input amax) in the
@@ -50,6 +54,7 @@ from enginefarm.families import get_family
 from enginefarm.quant import awq_group_size
 from enginefarm.runtime.decoder import DecoderConfig, DecoderLM
 from enginefarm.spec import Variant
+from enginefarm.testing.modelopt_export import trtllm_checkpoint
 from enginefarm.testing.smollm2 import hf_dir
 
 
@@ -143,6 +148,8 @@ def main(argv=None) -> int:
             rows.append(row(label, farm("w4a16_awq", calib=refined), ref))
         rows.append(row(f"ModelOpt INT4 AWQ (group {group}, own model)",
                         outputs(lambda x: mo_model(torch.tensor([x])).logits[0], cs), ref))
+        mo_cfg, mo_w = trtllm_checkpoint(mo_model, "llama")
+        rows.append(row("ModelOpt INT4 AWQ, its TensorRT-LLM export", outputs(runtime_logits(mo_cfg, mo_w), cs), ref))
         del mo_model, inputs, weights
     rows.append(row("W8A16 per channel", farm("w8a16"), ref))
     for quant, algo, label in (("w8a8_sq", "int8_sq", "SmoothQuant"), ("fp8", "fp8", "FP8")):
