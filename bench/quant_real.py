@@ -11,11 +11,19 @@ the tokens it is judged on.
 
 Rows:
 - RTN W4A16 per channel, RTN W4A16 per group: the farm's converter, no calibration;
-- farm AWQ (w4a16_awq): the farm's calibrate step's statistics (ModelOpt's AWQ-lite
-  scales, shared across fused q/k/v and gate/up) applied by the farm's converter,
-  run by the farm's runtime decoder (the graph the aoti engine exports);
+- farm AWQ: the farm's calibrate step's statistics applied by the farm's
+  converter, run by the farm's runtime decoder (the graph the aoti engine
+  exports), lever by lever: ModelOpt's AWQ-lite scales as they come (the
+  converter averages q/k/v's into the one scale of the fused qkv tensor, as
+  ModelOpt's exporter does); (a) one q/k/v scale searched jointly
+  (calibration.awq_joint_search); (b) the per-block clip search
+  (calibration.awq_clip_search); w4a16_awq: both, what the calibrate step keeps;
 - ModelOpt INT4 AWQ: ModelOpt's own fake-quantized model (mtq.INT4_AWQ_CFG, same
   samples, same group size), each linear with its own scale, run as PyTorch;
+  then its TensorRT-LLM export (torch_to_tensorrt_llm_checkpoint, float16, one
+  averaged scale for the fused q/k/v: enginefarm/testing/modelopt_export.py)
+  run by the farm's runtime decoder: what a TensorRT-LLM engine built from
+  ModelOpt's checkpoint computes;
 - W8A16: the farm's per-channel int8;
 - farm SmoothQuant (w8a8_sq): the calibrate step's statistics (ModelOpt's
   INT8_SMOOTHQUANT_CFG: SmoothQuant scales and per-tensor input amax) in the
@@ -40,12 +48,13 @@ from pathlib import Path
 import torch
 
 from enginefarm import calibration
-from enginefarm.checkpoint import convert_in_memory
+from enginefarm.checkpoint import convert_in_memory, fused_linears
 from enginefarm.evaluation import builtin_text, compare, load_reference
 from enginefarm.families import get_family
 from enginefarm.quant import awq_group_size
 from enginefarm.runtime.decoder import DecoderConfig, DecoderLM
 from enginefarm.spec import Variant
+from enginefarm.testing.modelopt_export import trtllm_checkpoint
 from enginefarm.testing.smollm2 import hf_dir
 
 
@@ -115,16 +124,33 @@ def main(argv=None) -> int:
     rows = [row("fp32 (farm runtime, no quantization)", farm("none"), ref)]
     rows.append(row("RTN W4A16 per channel", farm("w4a16"), ref))
     rows.append(row(f"RTN W4A16 group {group}", farm("w4a16", group), ref))
-    t_cal, kept = {}, {}
+    t_cal, kept, t_lever = {}, {}, {}
     if not a.skip_awq:
+        # the farm's calibrate step, one piece at a time (calibration.calibrate does the same in this order):
+        # the unquantized model's linear inputs, ModelOpt's AWQ-lite, then each lever on its statistics
         t0 = time.perf_counter()
         mo_model = copy.deepcopy(ref_model)
-        stats, kept["int4_awq"] = calibration.calibrate(mo_model, samples, "int4_awq", group)
+        inputs, weights = calibration.linear_inputs(mo_model, samples)
+        calibration.run_modelopt(mo_model, samples, "int4_awq", group)
+        stats, kept["int4_awq"] = calibration.kept_statistics(mo_model)
         t_cal["int4_awq"] = time.perf_counter() - t0
-        rows.append(row(f"farm AWQ (w4a16_awq, group {group})", farm("w4a16_awq", calib=stats), ref))
+        v_awq = Variant(name="b", backend="aoti", dtype="float32", quant="w4a16_awq", tp=1, target="cpu")
+        fused = fused_linears(fam, src, v_awq)
+        rows.append(row(f"farm AWQ, ModelOpt's scales (q/k/v mean)", farm("w4a16_awq", calib=stats), ref))
+        for label, joint, clip in (("farm AWQ + joint q/k/v scale (a)", True, False),
+                                   ("farm AWQ + clip search (b)", False, True),
+                                   (f"farm AWQ (w4a16_awq: a + b, group {group})", True, True)):
+            t0 = time.perf_counter()
+            refined, extra = calibration.awq_refine(stats, inputs, weights, group, fused if joint else None, clip)
+            t_lever["a" * joint + "+" * (joint and clip) + "b" * clip] = time.perf_counter() - t0
+            if joint and clip:
+                kept["int4_awq"] = {**kept["int4_awq"], **extra}
+            rows.append(row(label, farm("w4a16_awq", calib=refined), ref))
         rows.append(row(f"ModelOpt INT4 AWQ (group {group}, own model)",
                         outputs(lambda x: mo_model(torch.tensor([x])).logits[0], cs), ref))
-        del mo_model
+        mo_cfg, mo_w = trtllm_checkpoint(mo_model, "llama")
+        rows.append(row("ModelOpt INT4 AWQ, its TensorRT-LLM export", outputs(runtime_logits(mo_cfg, mo_w), cs), ref))
+        del mo_model, inputs, weights
     rows.append(row("W8A16 per channel", farm("w8a16"), ref))
     for quant, algo, label in (("w8a8_sq", "int8_sq", "SmoothQuant"), ("fp8", "fp8", "FP8")):
         t0 = time.perf_counter()
@@ -140,6 +166,7 @@ def main(argv=None) -> int:
             f"{len(ids[:a.eval_tokens])} tokens in windows of {a.window}; calibration: {len(samples)} samples, "
             f"{sum(map(len, samples))} tokens after that window (ModelOpt {calibration.modelopt_version()}, "
             + ", ".join(f"{k} {v:.0f}s" for k, v in t_cal.items())
+            + ("; farm AWQ levers on top: " + ", ".join(f"{k} {v:.0f}s" for k, v in t_lever.items()) if t_lever else "")
             + f"); reference perplexity {rows[0]['ppl_ref']:.3f}")
     lines = [head, "",
              f"{'variant':46} {'ppl':>8} {'ppl +%':>8} {'top1 agr':>9} {'top1 acc':>9} {'top5 acc':>9} {'top5 drop':>9}"]

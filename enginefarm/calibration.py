@@ -155,10 +155,173 @@ def kept_statistics(model) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def calibrate(model, samples: list[list[int]], algorithm: str, group_size: int,
-              progress: Optional[Callable[[str], None]] = None) -> tuple[dict[str, torch.Tensor], dict]:
+              progress: Optional[Callable[[str], None]] = None,
+              fused: Optional[list[list[str]]] = None, joint: bool = True,
+              clip: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """ModelOpt's calibration on the samples, and what the farm keeps of it
-    (kept_statistics). The model is left fake-quantized by ModelOpt."""
+    (kept_statistics). The model is left fake-quantized by ModelOpt.
+
+    INT4 AWQ then refines ModelOpt's scales for the TensorRT-LLM layout
+    (awq_refine): `fused` lists the linears that become one tensor (q/k/v),
+    which get one scale searched for them together (joint), and every linear
+    gets a clip search (clip). The inputs both searches score on are the
+    unquantized model's, taken before ModelOpt changes it."""
+    refine = algorithm == "int4_awq" and (clip or (joint and fused))
+    captured = linear_inputs(model, samples) if refine else None
     run_modelopt(model, samples, algorithm, group_size, progress)
     tensors, stats = kept_statistics(model)
+    if refine:
+        t0 = time.perf_counter()
+        tensors, extra = awq_refine(tensors, *captured, group_size, fused if joint else None, clip)
+        stats.update(extra)
+        stats["statistics"] = sorted({k.rsplit(".", 1)[1] for k in tensors})
+        if progress:
+            progress(f"calibrate: AWQ joint scales / clip search in {time.perf_counter() - t0:.1f}s")
     stats.update(samples=len(samples), tokens=sum(len(s) for s in samples))
     return tensors, stats
+
+
+# --- INT4 AWQ for TensorRT-LLM's fused layout -------------------------------
+#
+# ModelOpt's AWQ-lite (model_calib.py `awq_lite`, 0.47) searches one scale per
+# linear: s = act^alpha / w^(1 - alpha), normalised by sqrt(max s * min s),
+# alpha on a grid of step 0.1, scored by the linear's output error. A fused
+# TensorRT-LLM tensor (attention.qkv) has one input, so one pre-quant scale;
+# ModelOpt's exporter and the converter average the three (preprocess_linear_fusion),
+# a scale none of the three was scored with. The original AWQ searches the
+# scale of q/k/v together (llm-awq's auto_scale: one scale for the linears
+# after input_layernorm); awq_joint_search does that with AWQ-lite's formulas
+# and grid, on the group's weights concatenated, scored by the summed output
+# error of the group through the farm's own quantizer arithmetic.
+# awq_clip_search is ModelOpt's awq_clip (model_calib.py `awq_clip`: per
+# block of G inputs of each output channel, amax x ratio for ratio in
+# 0.5, 0.55, ..., 0.95, 1.0, scored by the block's output error) on the
+# smoothed weight the converter quantizes; INT4_AWQ_CFG (awq_lite) does not run it.
+
+AWQ_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # awq_lite's alpha_step 0.1
+AWQ_CLIP_RATIOS = (1.0,) + tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # awq_clip's; 1.0 first: kept on ties
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def linear_inputs(model, samples: list[list[int]]) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]:
+    """({linear name: its inputs, float32 [tokens, in] per sample}, {linear name:
+    its weight, float32}) of every linear but the LM head, on the unquantized model."""
+    lins = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in lins}
+    # q/k/v (gate/up) read one tensor: kept once. The tensor itself is held
+    # until the pass ends, so that its id is not reused by a later one.
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(name):
+        def f(_mod, args):
+            x = args[0]
+            if id(x) not in seen or seen[id(x)][0] is not x:
+                seen[id(x)] = (x, x.detach().float().reshape(-1, x.shape[-1]).clone())
+            got[name].append(seen[id(x)][1])
+        return f
+
+    hs = [m.register_forward_pre_hook(hook(n)) for n, m in lins.items()]
+    try:
+        with torch.no_grad():
+            for s in samples:
+                seen.clear()
+                model(torch.tensor([s]))
+    finally:
+        for h in hs:
+            h.remove()
+    weights = {n: m.weight.detach().float().clone() for n, m in lins.items()}
+    return got, weights
+
+
+def _act_scale(xs: list[torch.Tensor]) -> torch.Tensor:
+    # awq_lite get_act_scale: mean |x| per input channel, averaged over the forward passes
+    return torch.stack([x.abs().mean(0) for x in xs]).mean(0)
+
+
+def _weight_scale(w: torch.Tensor, g: int) -> torch.Tensor:
+    # awq_lite get_weight_scale: |w| / max|w| of its block, averaged over the output channels
+    wa = w.abs().reshape(-1, g)
+    return (wa / (wa.amax(dim=1, keepdim=True) + _TINY)).reshape(w.shape).mean(0)
+
+
+def _awq_scale(act: torch.Tensor, wscale: torch.Tensor, alpha: float) -> torch.Tensor:
+    # awq_lite get_scale
+    s = (act.pow(alpha) / (wscale.pow(1 - alpha) + _TINY)).clamp(min=1e-4, max=1e4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def awq_joint_search(xs: list[torch.Tensor], weights: list[torch.Tensor], g: int) -> tuple[torch.Tensor, float]:
+    """One AWQ scale for linears that read the same input: (pre-quant scale
+    [in] = 1 / s, the best alpha), the alpha minimising the mean squared
+    output error of the concatenated linears, quantized per block of g as
+    the converter quantizes them."""
+    from .quant import fake_quantize_groups
+
+    x = torch.cat(xs)
+    w = torch.cat(weights)
+    act, wscale = _act_scale(xs), _weight_scale(w, g)
+    ref = x @ w.t()
+    best = None
+    for alpha in AWQ_ALPHAS:
+        s = _awq_scale(act, wscale, alpha)
+        out = (x / s) @ fake_quantize_groups(w * s, g).t()
+        loss = float((out - ref).pow(2).mean())
+        if best is None or loss < best[0]:
+            best = (loss, alpha, s)
+    return 1.0 / best[2], best[1]
+
+
+def awq_clip_search(xs: list[torch.Tensor], w: torch.Tensor, pqs: torch.Tensor, g: int) -> torch.Tensor:
+    """Clip ratios [out, in / g] of one linear's smoothed weight (w / pqs, its
+    input x * pqs): per block, the ratio of AWQ_CLIP_RATIOS whose quantized
+    block gives the smallest mean squared error of that block's share of
+    the output (quant.awq_clip applies them)."""
+    from .quant import awq_clip, fake_quantize_groups
+
+    ws = w / pqs[None, :]
+    x = torch.cat(xs) * pqs[None, :]
+    out_f, in_f = ws.shape
+    nb = in_f // g
+    xb = x.reshape(-1, nb, g)  # [n, nb, g]
+    best_loss = best = None
+    for r in AWQ_CLIP_RATIOS:
+        ratios = torch.full((out_f, nb), r)
+        err = (ws - fake_quantize_groups(awq_clip(ws, ratios, g), g)).reshape(out_f, nb, g)
+        loss = torch.einsum("nbg,obg->bno", xb, err).pow(2).mean(dim=1).t()  # [out, nb]
+        if best is None:
+            best_loss, best = loss, ratios
+        else:
+            better = loss < best_loss
+            best_loss = torch.where(better, loss, best_loss)
+            best = torch.where(better, ratios, best)
+    return best
+
+
+def awq_refine(tensors: dict[str, torch.Tensor], inputs: dict[str, list[torch.Tensor]],
+               weights: dict[str, torch.Tensor], g: int, fused: Optional[list[list[str]]],
+               clip: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """ModelOpt's AWQ statistics made for TensorRT-LLM's layout: each group
+    of `fused` linears gets one searched scale (each member's
+    `.pre_quant_scale`, so the converter's mean is that scale), and with
+    `clip` every linear gets its clip ratios (`.awq_clip`)."""
+    out = dict(tensors)
+    alphas = []
+    for group in fused or []:
+        members = [n for n in group if f"{n}.pre_quant_scale" in out and n in inputs]
+        if len(members) < 2:
+            continue
+        pqs, alpha = awq_joint_search(inputs[members[0]], [weights[n] for n in members], g)
+        alphas.append(alpha)
+        for n in members:
+            out[f"{n}.pre_quant_scale"] = pqs.clone()
+    clipped = 0
+    if clip:
+        for key in [k for k in out if k.endswith(".pre_quant_scale")]:
+            n = key[: -len(".pre_quant_scale")]
+            if n in inputs and weights[n].shape[1] % g == 0:
+                out[f"{n}.awq_clip"] = awq_clip_search(inputs[n], weights[n], out[key].float(), g)
+                clipped += 1
+    summary = {"awq_joint_groups": len(alphas), "awq_clipped_linears": clipped}
+    if alphas:
+        summary["awq_joint_alphas"] = alphas
+    return dict(sorted(out.items())), summary

@@ -197,8 +197,11 @@ def quantize_out(o: OutTensor, get: Callable[[str], torch.Tensor], scheme, dtype
     scale [in] or None). AWQ: each source weight divided by its linear's
     calibrated pre-quant scale before the concatenation / split, the scale
     itself carried through the same `make` (quant.prequant_scale_rows); the
-    linears of one fused tensor share the mean of their scales."""
-    from .quant import awq_smooth, prequant_scale_rows, quantize
+    linears of one fused tensor share the mean of their scales (equal where
+    the calibrate step searched one scale for them: calibration.awq_joint_search),
+    and a linear with clip ratios (`.awq_clip`) is clipped block by block
+    after smoothing (quant.awq_clip)."""
+    from .quant import awq_clip, awq_smooth, prequant_scale_rows, quantize
 
     sources = [get(s) for s in o.sources]
     pqs = None
@@ -212,6 +215,9 @@ def quantize_out(o: OutTensor, get: Callable[[str], torch.Tensor], scheme, dtype
             scales = [mean] * len(scales)
         rows = prequant_scale_rows(o.make, sources, scales)
         sources = [awq_smooth(t, p) for t, p in zip(sources, scales)]
+        # the clip search's ratios (calibration.awq_clip_search), on each whole source before the split
+        clips = [calibration.get(s[: -len("weight")] + "awq_clip") for s in o.sources]
+        sources = [t if c is None else awq_clip(t, c, scheme.group_size) for t, c in zip(sources, clips)]
         t = o.make(*sources)
         if rows.shape[0] != t.shape[1]:
             raise BadInput(f"{o.name}: AWQ needs weights stored [out, in]; this family's layout is not covered")
@@ -220,6 +226,23 @@ def quantize_out(o: OutTensor, get: Callable[[str], torch.Tensor], scheme, dtype
         t = o.make(*sources)
     q, sc = quantize(t, scheme, dtype, name=o.name)
     return q, sc, pqs
+
+
+def fused_linears(family, src_dir: str | Path, variant: Variant, allow_pickle: bool = False) -> list[list[str]]:
+    """The Hugging Face linears (names without `.weight`) that become one
+    quantized tensor of the checkpoint (q/k/v -> attention.qkv): the groups
+    that share one AWQ pre-quant scale (calibration.awq_refine searches it)."""
+    from .quant import is_quantized_weight
+
+    src_dir = Path(src_dir)
+    hf = json.loads((src_dir / "config.json").read_text())
+    names = TensorSource(src_dir, allow_pickle=allow_pickle).names()
+    groups = []
+    for part in family.checkpoint_parts(hf, names, variant):
+        for o in part.tensors(0):
+            if is_quantized_weight(o.name) and len(o.sources) > 1 and all(x.endswith(".weight") for x in o.sources):
+                groups.append([x[: -len(".weight")] for x in o.sources])
+    return groups
 
 
 def input_siblings(name: str, outs: dict) -> list[OutTensor]:

@@ -197,6 +197,40 @@ def awq_smooth(t: torch.Tensor, pqs: torch.Tensor) -> torch.Tensor:
     return (t.float() / pqs.float()[None, :]).to(t.dtype)
 
 
+def block_amax(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """max|w| of each block of `group_size` inputs of a weight [out, in], float32 [out, in / G]."""
+    out_f, in_f = w.shape
+    wf = w.float().reshape(out_f, in_f // group_size, group_size)
+    return torch.maximum(wf.amax(dim=-1).abs(), wf.amin(dim=-1).abs())
+
+
+def fake_quantize_groups(w: torch.Tensor, group_size: int, bits: int = 4) -> torch.Tensor:
+    """The float32 weight [out, in] that `quantize` + `dequantize` give per
+    group (ModelOpt's block arithmetic: scale = max|w| / qmax, round half to
+    even, clamp), computed without packing: what a calibration search scores."""
+    qmax = (1 << (bits - 1)) - 1
+    out_f, in_f = w.shape
+    wf = w.float().reshape(out_f, in_f // group_size, group_size)
+    scale = block_amax(w, group_size) / qmax
+    scale[scale == 0] = 1.0
+    q = torch.round(wf / scale.unsqueeze(-1)).clamp_(-qmax - 1, qmax)
+    return (q * scale.unsqueeze(-1)).reshape(out_f, in_f)
+
+
+def awq_clip(t: torch.Tensor, ratios: torch.Tensor, group_size: int) -> torch.Tensor:
+    """An AWQ linear's smoothed weight [out, in] clipped, block by block, to
+    +-ratio x max|w| of its block (ratios [out, in / G], from the calibrate
+    step's clip search, calibration.awq_clip_search): the block's scale then
+    becomes ratio x max|w| / 7, as ModelOpt's awq_clip sets a block's amax
+    to ratio x amax (modelopt/torch/quantization/model_calib.py `awq_clip`,
+    0.47). Quantizing the clipped weight gives those scales with the usual
+    arithmetic, so the checkpoint's layout does not change."""
+    out_f, in_f = t.shape
+    lim = (block_amax(t, group_size) * ratios.float()).unsqueeze(-1)  # [out, in/G, 1]
+    wf = t.float().reshape(out_f, in_f // group_size, group_size)
+    return torch.minimum(torch.maximum(wf, -lim), lim).reshape(out_f, in_f).to(t.dtype)
+
+
 def is_quantized_weight(name: str) -> bool:
     """Whether a rank-file tensor name is the weight of a quantized linear."""
     return name.endswith(".weight") and any(name.endswith(p + ".weight") for p in QUANTIZED_LINEARS)

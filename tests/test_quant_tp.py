@@ -543,3 +543,58 @@ def test_awq_group_size_is_128_or_64_where_128_does_not_divide():
     assert awq_group_size({"hidden_size": 576}, asked=32) == 32
     with pytest.raises(BadInput, match="group size"):
         awq_group_size({"hidden_size": 96, "intermediate_size": 96, "num_attention_heads": 3})
+
+
+def test_awq_joint_scales_and_clip_search_reach_the_checkpoint(tmp_path):
+    """calibration.awq_refine on a tiny llama's own activations: q/k/v get
+    one searched scale (fused_linears names them), every linear clip ratios;
+    the converter writes that scale and clips block by block, so each
+    block's output error on the calibration inputs is no larger than
+    without the clip."""
+    from transformers import AutoModelForCausalLM
+
+    from enginefarm import calibration
+    from enginefarm.checkpoint import fused_linears
+    from enginefarm.quant import fake_quantize_groups
+
+    src = write_tiny("llama-h8", tmp_path / "src", seed=1)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    samples = [torch.randint(0, model.config.vocab_size, (24,), generator=g).tolist() for _ in range(3)]
+    inputs, weights = calibration.linear_inputs(model, samples)
+    v = variant("w4a16_awq", dtype="float32", group=16)
+    fused = fused_linears(get_family("llama"), src, v)
+    assert fused == [[f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"] for i in range(2)]
+    # per-linear scales, all different (as ModelOpt's AWQ-lite finds them)
+    start = {f"{n}.pre_quant_scale": torch.rand(w.shape[1], generator=g) + 0.5 for n, w in weights.items()}
+    stats, summary = calibration.awq_refine(start, inputs, weights, 16, fused, clip=True)
+    assert summary["awq_joint_groups"] == 2 and summary["awq_clipped_linears"] == 2 * 7
+    for i in range(2):
+        q, k, vv = (stats[f"model.layers.{i}.self_attn.{p}_proj.pre_quant_scale"] for p in "qkv")
+        assert torch.equal(q, k) and torch.equal(q, vv) and not torch.equal(q, start[
+            f"model.layers.{i}.self_attn.q_proj.pre_quant_scale"])
+    down = "model.layers.0.mlp.down_proj"
+    assert torch.equal(stats[f"{down}.pre_quant_scale"], start[f"{down}.pre_quant_scale"])  # not fused: kept
+    assert float(stats[f"{down}.awq_clip"].min()) < 1.0  # some block is clipped
+
+    noclip = {k: t for k, t in stats.items() if not k.endswith(".awq_clip")}
+    conv = {}
+    for label, cal in (("clip", stats), ("noclip", noclip)):
+        convert_checkpoint(get_family("llama"), src, tmp_path / label, v, calibration=cal)
+        conv[label] = load_rank(tmp_path / label, 0)[1]
+    W = conv["clip"]
+    assert torch.allclose(W["transformer.layers.0.attention.qkv.prequant_scaling_factor"],
+                          stats["model.layers.0.self_attn.q_proj.pre_quant_scale"])
+    p = "transformer.layers.0.mlp.proj."
+    pqs = stats[f"{down}.pre_quant_scale"]
+    ws = weights[down] / pqs
+    xb = (torch.cat(inputs[down]) * pqs).reshape(-1, ws.shape[1] // 16, 16)
+    errs = {}
+    for label, Wl in conv.items():
+        back = dequantize(Wl[p + "weight"], Wl[p + "weights_scaling_factor"], 4)
+        errs[label] = torch.einsum("nbg,obg->bno", xb, (ws - back).reshape(ws.shape[0], -1, 16)).pow(2).mean(1)
+    assert bool((errs["clip"] <= errs["noclip"] * (1 + 1e-4) + 1e-9).all())
+    assert float(errs["clip"].sum()) < float(errs["noclip"].sum())
+    # the search's arithmetic is the converter's: fake quantization = quantize + dequantize
+    q, sc = quantize(ws, Scheme(4, 16), torch.float32)
+    assert torch.allclose(fake_quantize_groups(ws, 16), dequantize(q, sc, 4), atol=1e-6)

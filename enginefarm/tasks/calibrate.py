@@ -22,6 +22,7 @@ from typing import Optional
 
 from ..backends.base import version_of
 from ..errors import BadInput
+from ..families import get_family
 from ..hashing import code_version, digest_bytes, digest_json
 from ..calibration import SQ_ALPHA
 from ..quant import CALIBRATED, awq_group_size
@@ -86,7 +87,13 @@ def calibrate_task(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepResul
         algo, group = s.params["algorithm"], s.params["group_size"]
         log(f"calibrate [{algo}]: {len(samples)} samples, {sum(map(len, samples))} tokens"
             + (f", group {group}" if group else ""))
-        stats = _in_child(src, samples, algo, group, out / FILE)
+        fused = None
+        if algo == "int4_awq":  # the linears that share one scale in the checkpoint (q/k/v)
+            from ..checkpoint import fused_linears
+
+            fused = fused_linears(get_family(ctx.recipe.family), src, variant,
+                                  allow_pickle=ctx.recipe.source.allow_pickle)
+        stats = _in_child(src, samples, algo, group, out / FILE, fused)
         results = {"algorithm": algo, "group_size": group, "modelopt": calibration.modelopt_version(),
                    "data_digest": digest_json(samples), **stats}
         return results, {}
@@ -94,21 +101,21 @@ def calibrate_task(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepResul
     return run_step(ctx, s, work)
 
 
-def _calibrate_child(src: str, samples: list, algo: str, group, path: str, conn) -> None:
+def _calibrate_child(src: str, samples: list, algo: str, group, path: str, fused, conn) -> None:
     from safetensors.torch import save_file
 
     from .. import calibration
     from ..evaluation import load_reference
 
     try:
-        tensors, stats = calibration.calibrate(load_reference(src), samples, algo, group)
+        tensors, stats = calibration.calibrate(load_reference(src), samples, algo, group, fused=fused)
         save_file(tensors, path, metadata={"format": "pt", "algorithm": algo})
         conn.send(("ok", stats))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
-def _in_child(src: Path, samples: list, algo: str, group, path: Path) -> dict:
+def _in_child(src: Path, samples: list, algo: str, group, path: Path, fused=None) -> dict:
     """ModelOpt's calibration in a process of its own: ModelOpt changes
     process-wide state as it calibrates (its Hugging Face plugins rewrite
     attention classes and register hooks: calibration._no_attention_rewrite),
@@ -121,7 +128,7 @@ def _in_child(src: Path, samples: list, algo: str, group, path: Path) -> dict:
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_calibrate_child, args=(str(src), samples, algo, group, str(path), child))
+    p = ctx.Process(target=_calibrate_child, args=(str(src), samples, algo, group, str(path), fused, child))
     p.start()
     child.close()
     try:
