@@ -136,7 +136,8 @@ def test_tp_engine_builds_validates_and_runs_from_the_cli(request, kind, tp, ima
 @pytest.mark.parametrize("kind", KINDS)
 def test_chat_with_a_tp4_engine_answers_as_hugging_face(request, kind, image, capsys, monkeypatch):
     """`enginefarm chat --compare hf` (its main(), the lines typed on stdin):
-    two turns of one conversation (the second carries the first), each
+    two turns of one conversation (the second carries the first where it
+    fits the recipe's max_input_len), each
     answered by the tp 4 engine's ranks and by the Hugging Face model, greedy
     in fp32: the same text."""
     b = request.getfixturevalue(kind)
@@ -151,6 +152,7 @@ def test_chat_with_a_tp4_engine_answers_as_hugging_face(request, kind, image, ca
     assert len(turns) == 2, out
     for got in turns:
         assert set(got) == {"engine", "hf"} and got["engine"] == got["hf"], out
+    assert any(got["engine"] for got in turns), out  # not two empty answers, equal for nothing
 
 
 def test_tp_engine_limits_and_rank_directories(llama, capsys, tmp_path):
