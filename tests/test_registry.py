@@ -745,7 +745,7 @@ def test_alias_history_is_in_move_order_when_appends_race_and_clocks_lag(tmp_pat
     st.move_alias("synth", V, "canary", paths[1], pubs[1].digest, "test")
     monkeypatch.setattr(base, "datetime", real)
     st.move_alias("synth", V, "canary", paths[2], pubs[2].digest, "test")
-    key = base.ref_key("synth", V, "canary") + base.HISTORY_SUFFIX
+    key = base.history_key("synth", V, "canary")
     lines = st._get_bytes(key).splitlines(keepends=True)
     st._put_bytes(key, b"".join(lines[::-1]))  # as racing appends could leave them
     hist = st.ref_history("synth", V, "canary")

@@ -255,6 +255,28 @@ def test_ref_compare_and_swap(store):
     assert hist[0]["previous_version"] is None and hist[1]["previous_version"] == ver
 
 
+def test_ref_history_lives_outside_refs_and_an_older_store_keeps_its_history(store):
+    """Listing `refs/` (every nightly, ls, gc) lists refs only; a store
+    written before the move (history at refs/.../<alias>.history.jsonl) still
+    shows its old moves, before the new ones."""
+    from enginefarm.store import base
+
+    legacy = base.ref_key("r", "v", "latest") + base.HISTORY_SUFFIX
+    store._put_bytes(legacy, base.canonical_json({"at": "then", "previous_version": None,
+                                                  "value": {"digest": "0"}}) + b"\n")
+    assert store.cas_ref("r", "v", "latest", {"digest": "1"}, None)
+    assert [k for k in store._list("refs/") if k != legacy] == ["refs/r/v/latest"]
+    assert store._list("history/") == ["history/r/v/latest.jsonl"]
+    assert [h["value"] for h in store.ref_history("r", "v", "latest")] == [{"digest": "0"}, {"digest": "1"}]
+    # gc moves it out of refs/ (its dry run does not), keeping every line in order
+    from enginefarm.flows.gc import gc
+
+    assert "histories_moved" not in gc(store, keep=1, dry_run=True) and store._list(legacy) == [legacy]
+    assert gc(store, keep=1)["histories_moved"] == 1
+    assert store._list("refs/") == ["refs/r/v/latest"]
+    assert [h["value"] for h in store.ref_history("r", "v", "latest")] == [{"digest": "0"}, {"digest": "1"}]
+
+
 def test_racing_writers_exactly_one_wins(store):
     # create: N writers, expected=None
     wins = _race(8, lambda i: i if store.cas_ref("r", "v", "prod", {"n": i}, None) else None)

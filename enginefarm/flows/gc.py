@@ -108,6 +108,7 @@ def gc(store, keep: int, dry_run: bool = False, wait: float = 60.0,
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(store.delete_blob, dead_blobs))
         say(f"gc: deleted {len(dead_blobs)} blob(s), {summary['bytes_freed'] / 1e6:.1f} MB")
+        summary["histories_moved"] = store.move_legacy_histories()  # out of refs/ (a store from before)
         summary["stale_locks"] = _sweep_locks(store)
         summary["partials"] = store._sweep_partials(PARTIAL_MAX_AGE)
         return summary
