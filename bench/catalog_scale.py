@@ -199,8 +199,9 @@ def clone(store: str, recipe_path: Path, template_path: Path) -> None:
 
 
 def copy_store(src: Path, dst_uri: str, recipes: set[str]) -> int:
-    """Copy a local store's objects (blobs, and the manifests and refs of
-    `recipes`) into another store, byte for byte; how many objects."""
+    """Copy a local store's objects (blobs, and the manifests, refs and alias
+    histories of `recipes`) into another store, byte for byte; how many
+    objects."""
     from enginefarm.store import open_store
     from concurrent.futures import ThreadPoolExecutor
 
@@ -211,7 +212,7 @@ def copy_store(src: Path, dst_uri: str, recipes: set[str]) -> int:
             continue
         k = p.relative_to(src).as_posix()
         top = k.split("/")[0]
-        if top == "blobs" or (top in ("manifests", "refs") and k.split("/")[1] in recipes):
+        if top == "blobs" or (top in ("manifests", "refs", "history") and k.split("/")[1] in recipes):
             keys.append(k)
 
     def put(k: str) -> None:
