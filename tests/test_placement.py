@@ -126,6 +126,12 @@ def test_a_tp_variant_without_a_worker_of_its_gpus_fails_at_once_naming_it(farm)
     farm.prefect("work-queue", "create", "gpus-2", "--pool", "gpu")
     assert _unserved(farm, "gpus-2", 2) == f"{_need()}: none has ever polled it; start one on a machine with 2 GPUs: {START}"
     assert _unserved(farm, "gpus-4", 4).startswith(f"{_need('gpus-4', 4)}: the pool has no such queue")
+    farm.prefect("work-queue", "pause", "gpus-2", "--pool", "gpu")
+    try:
+        assert _unserved(farm, "gpus-2", 2) == (f"{_need()}: the queue is paused; resume it: "
+                                                "prefect work-queue resume gpus-2 --pool gpu")
+    finally:
+        farm.prefect("work-queue", "resume", "gpus-2", "--pool", "gpu")
 
 
 def test_a_tp_variant_goes_to_its_queue_and_a_worker_with_too_few_gpus_refuses_it(farm):
