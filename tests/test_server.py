@@ -224,7 +224,8 @@ def test_deploy_build_from_the_ui_then_two_nightlies(farm):
 
     # --- a process worker for each pool
     farm.spawn("worker-cpu", "worker", "start", "--pool", "cpu", "--type", "process")
-    farm.spawn("worker-gpu", "worker", "start", "--pool", "gpu", "--type", "process", "--limit", "1")
+    farm.spawn("worker-gpu", "worker", "start", "--pool", "gpu", "--work-queue", "default", "--type", "process",
+               "--limit", "1")  # as docs/multi-machine.md starts one: tp-N runs go to queues gpus-N
 
     # --- the UI's Run: build tiny-opt
     run = farm.wait(farm.run(build, {"request": {"recipe": "tiny-opt", "variants": ["fp32-tp1"], "force": False}}))

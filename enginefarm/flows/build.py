@@ -185,7 +185,9 @@ def ready(ctx: Ctx, fetched: StepResult) -> None:
 def run_variant(ctx: Ctx, fetched: StepResult, v: Variant) -> dict[str, StepResult]:
     """[calibrate] -> convert -> [shards] -> build + validate (here or on the gpu pool) -> publish; the steps by
     name. The reference (text recipes) is computed by the first step that needs it: shards here, or validate
-    where that runs (a GPU worker)."""
+    where that runs (a GPU worker). A variant that needs a gpu worker with N GPUs fails first, before any
+    step, where none polls its work queue (gpu.check_placement)."""
+    gpu.check_placement(ctx, v)
     ready(ctx, fetched)
     calibrated = calibrate_step.calibrate_task(ctx, fetched, v) if calibrate_step.needed(v) else None
     converted = convert_step.convert_task(ctx, fetched, v, calibrated)

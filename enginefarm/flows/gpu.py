@@ -6,6 +6,16 @@ pool), as a run of that deployment through `run_deployment`. The deployment
 has a concurrency limit of one run per GPU slot, so builds queue for a GPU
 instead of sharing one.
 
+Placement: a variant whose llm is built for a GPU target with tp N > 1
+needs one worker with N GPUs (its ranks run on one host). Its run goes to
+the work queue `gpus-N` of the deployment's pool, which only workers started
+with `--work-queue gpus-N` (on a machine with N GPUs) poll; every other run
+goes to the deployment's own queue (the pool's `default`). Before a tp-N
+variant's first step, and again before its run is sent, the caller asks the
+Prefect API whether a worker polls that queue, and fails the variant with one
+line naming the worker it needs when none does. The gpu run itself refuses a
+tp-N job on a machine that sees fewer than N GPUs.
+
 The job travels as plain JSON (the recipe as the caller loaded it, the store
 URI, the keys of the fetch and convert manifests); the results come back
 through the store: the gpu run publishes a table artifact of the manifest
@@ -16,18 +26,21 @@ those manifests. Nothing but keys crosses between the pools.
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import threading
+from datetime import datetime, timezone
 from typing import Optional
 
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import backends
-from ..errors import StepFailed
+from ..errors import NotAvailable, StepFailed
 from ..families import get_family
 from ..hashing import digest_json
-from ..spec import Variant, parse_recipe
+from ..spec import Recipe, Variant, parse_recipe
 from ..store import open_store
 from ..tasks import build as build_step
 from ..tasks import reference as reference_step
@@ -51,6 +64,115 @@ class GpuJob(BaseModel):
     export_key: Optional[str] = Field(None, description="the visual export's key (multimodal recipes)")
     force: bool = False
     force_nonce: str
+
+
+# a work queue counts as served when a worker polled it this recently (workers
+# poll every PREFECT_WORKER_QUERY_SECONDS, 10 s by default; Prefect's server
+# marks a queue NOT_READY after 60 s without a poll)
+POLLED_WITHIN_S = 90
+
+
+def gpus_needed(r: Recipe, v: Variant) -> int:
+    """The GPUs one worker needs for this variant's gpu steps: its tp where
+    its llm is built for a GPU (one rank per GPU), 1 where only another
+    component is, 0 where everything is built for the CPU."""
+    targets = {c: r.component_variant(c, v).target for c in r.enabled_components}
+    if targets.get("llm", "cpu") != "cpu":
+        return v.tp
+    return 1 if any(t != "cpu" for t in targets.values()) else 0
+
+
+def work_queue(r: Recipe, v: Variant) -> Optional[str]:
+    """The gpu pool's work queue of this variant's run: `gpus-N` where it
+    needs N > 1 GPUs on one worker, else None (the deployment's own queue)."""
+    n = gpus_needed(r, v)
+    return f"gpus-{n}" if n > 1 else None
+
+
+def start_worker_line(pool: str, queue: str, n: int) -> str:
+    devices = ",".join(str(i) for i in range(n))
+    return f"CUDA_VISIBLE_DEVICES={devices} prefect worker start --pool {pool} --work-queue {queue} --limit 1"
+
+
+def _unserved(dep: str, queue: str, n: int) -> Optional[str]:
+    """None when a worker polls `queue` of dep's work pool; else the sentence
+    that says what is missing and how to start it."""
+    from prefect import get_client
+    from prefect.client.schemas.objects import WorkQueueStatus
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_deployment_by_name(dep).work_pool_name
+        except ObjectNotFound:
+            raise NotAvailable(f"deployment {dep} (ENGINEFARM_GPU_DEPLOYMENT) is not on the Prefect server; "
+                               "deploy it: prefect deploy --all") from None
+        if not pool:
+            raise NotAvailable(f"deployment {dep} has no work pool; it needs one (the gpu pool) for tp {n}")
+        need = f"needs a gpu worker with {n} GPUs (work queue {queue} of pool {pool})"
+        start = start_worker_line(pool, queue, n)
+        try:
+            q = client.read_work_queue_by_name(queue, work_pool_name=pool)
+        except ObjectNotFound:
+            return (f"{need}: the pool has no such queue; create it (prefect work-queue create {queue} --pool {pool}) "
+                    f"and start a worker on a machine with {n} GPUs: {start}")
+    last = q.last_polled
+    age = (datetime.now(timezone.utc) - last).total_seconds() if last is not None else None
+    if q.status == WorkQueueStatus.READY and age is not None and age <= POLLED_WITHIN_S:
+        return None
+    if q.status == WorkQueueStatus.PAUSED:
+        return f"{need}: the queue is paused; resume it: prefect work-queue resume {queue} --pool {pool}"
+    since = "none has ever polled it" if age is None else f"none is polling it (last poll {age:.0f} s ago)"
+    return f"{need}: {since}; start one on a machine with {n} GPUs: {start}"
+
+
+def check_placement(ctx: Ctx, v: Variant) -> Optional[str]:
+    """The work queue this variant's gpu run goes to (None: the deployment's
+    own, or no deployment: in process). A variant that needs N > 1 GPUs on
+    one worker fails here, as its `gpu` step, when no worker polls its queue."""
+    dep = gpu_deployment()
+    queue = work_queue(ctx.recipe, v) if dep else None
+    if queue is None:
+        return None
+    try:
+        why = _unserved(dep, queue, gpus_needed(ctx.recipe, v))
+    except Exception as e:  # noqa: BLE001 - the Prefect API or a missing deployment: this variant's line
+        raise step_failed("gpu", e, ctx.recipe.name, v.name) from e
+    if why:
+        raise step_failed("gpu", NotAvailable(why), ctx.recipe.name, v.name)
+    return queue
+
+
+def require_gpus(r: Recipe, v: Variant) -> None:
+    """Refuse, as this variant's `gpu` step, a tp-N GPU variant on a machine
+    that sees fewer than N GPUs (CPU variants need none)."""
+    n = gpus_needed(r, v)
+    if n <= 1:  # one GPU or none: the backends' own checks say what is missing
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if have >= n:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = f"{have} GPU{'s' if have != 1 else ''}" + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+    line = (f"tp {v.tp} on {r.component_variant('llm', v).target} needs {n} GPUs on one machine; this one "
+            f"({socket.gethostname()}) sees {seen}")
+    pool, queue = _this_run_queue()
+    if pool:  # a gpu run: which queue brought it here, and where it belongs
+        line += (f"; this run came from work queue {queue} of pool {pool}: work queue gpus-{n} is for workers on "
+                 f"machines with {n} GPUs, and a worker started without --work-queue polls every queue of its "
+                 f"pool; start one: {start_worker_line(pool, f'gpus-{n}', n)}")
+    raise step_failed("gpu", NotAvailable(line), r.name, v.name)
+
+
+def _this_run_queue() -> tuple[Optional[str], Optional[str]]:
+    """(work pool, work queue) of the flow run this runs in, where it came from one."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    fr = ctx.flow_run if ctx else None
+    return (getattr(fr, "work_pool_name", None), getattr(fr, "work_queue_name", None)) if fr else (None, None)
 
 
 def stored_result(st, recipe: str, step: str, key: str) -> StepResult:
@@ -93,6 +215,7 @@ def gpu_steps(job: GpuJob) -> list[dict]:
     r = parse_recipe(job.recipe, job.origin or "the dispatched recipe")
     get_family(r.family).check_recipe(r)
     v = r.variant(job.variant)
+    require_gpus(r, v)  # before the backends: a tp-N job on a worker with too few GPUs says so
     backends.require([(r.component_backend(c, v), c, r.component_variant(c, v).target) for c in r.enabled_components])
     st = open_store(job.store)
     ctx = Ctx(store=st, recipe=r, force=job.force, force_nonce=job.force_nonce, workdir=workdir())
@@ -160,16 +283,18 @@ def gpu_steps_for(ctx: Ctx, fetched: StepResult, converted: StepResult, v: Varia
     """(builds, validated) of one variant: here, or on the gpu pool."""
     dep = gpu_deployment()
     if not dep:
+        require_gpus(ctx.recipe, v)
         return run_gpu_steps(ctx, fetched, converted, v, exported)
     from prefect.deployments import run_deployment
 
+    queue = check_placement(ctx, v)  # again: the worker may have gone since the variant started
     r = ctx.recipe
     job = GpuJob(recipe=r.model_dump(mode="json"), origin=r.origin, variant=v.name, store=ctx.store.uri,
                  fetch_key=fetched.key, convert_key=converted.key,
                  export_key=exported.key if exported else None, force=ctx.force, force_nonce=ctx.force_nonce)
-    log(f"{r.name}:{v.name}: build + validate on deployment {dep}")
+    log(f"{r.name}:{v.name}: build + validate on deployment {dep}" + (f", work queue {queue}" if queue else ""))
     fr = run_deployment(dep, parameters={"job": job.model_dump(mode="json")}, timeout=POLICIES["gpu"].timeout_s,
-                        poll_interval=2,
+                        poll_interval=2, work_queue_name=queue,
                         flow_run_name=f"{r.name}:{v.name}", tags=["enginefarm", f"recipe:{r.name}"])
     state = fr.state
     if state is None or not state.is_completed():

@@ -5,7 +5,8 @@
                                 the store of deployed runs (set once per server:
                                 `prefect variable set enginefarm_store s3://bucket/engines`)
     ENGINEFARM_GPU_DEPLOYMENT   run build/validate as runs of this deployment (`gpu-steps/gpu`,
-                                on the `gpu` work pool); unset: in the same process
+                                on the `gpu` work pool; a tp-N variant for a GPU target on its
+                                work queue `gpus-N`, see gpu.py); unset: in the same process
     ENGINEFARM_TASK_RUNNER      threads (default) | dask | ray: the task runner that fans
                                 variants out inside one flow run
     ENGINEFARM_TASK_RUNNER_ADDRESS
