@@ -20,7 +20,9 @@ Rows:
   (calibration.awq_clip_search); w4a16_awq: both, what the calibrate step keeps;
 - ModelOpt INT4 AWQ: ModelOpt's own fake-quantized model (mtq.INT4_AWQ_CFG, same
   samples, same group size), each linear with its own scale, run as PyTorch;
-  then its TensorRT-LLM export (torch_to_tensorrt_llm_checkpoint, float16, one
+  the same scales in the farm's arithmetic on the Hugging Face model, one per
+  linear (where the gap between the two rows below comes from); then its
+  TensorRT-LLM export (torch_to_tensorrt_llm_checkpoint, float16, one
   averaged scale for the fused q/k/v: enginefarm/testing/modelopt_export.py)
   run by the farm's runtime decoder: what a TensorRT-LLM engine built from
   ModelOpt's checkpoint computes;
@@ -51,7 +53,7 @@ from enginefarm import calibration
 from enginefarm.checkpoint import convert_in_memory, fused_linears
 from enginefarm.evaluation import builtin_text, compare, load_reference
 from enginefarm.families import get_family
-from enginefarm.quant import awq_group_size
+from enginefarm.quant import awq_group_size, fake_quantize_groups
 from enginefarm.runtime.decoder import DecoderConfig, DecoderLM
 from enginefarm.spec import Variant
 from enginefarm.testing.modelopt_export import trtllm_checkpoint
@@ -148,6 +150,17 @@ def main(argv=None) -> int:
             rows.append(row(label, farm("w4a16_awq", calib=refined), ref))
         rows.append(row(f"ModelOpt INT4 AWQ (group {group}, own model)",
                         outputs(lambda x: mo_model(torch.tensor([x])).logits[0], cs), ref))
+        # where the gap between the two comes from: ModelOpt's own scales, one per linear, in the farm's
+        # arithmetic on the Hugging Face model (a layout no TensorRT-LLM checkpoint holds: its q/k/v are one tensor)
+        per_linear = copy.deepcopy(ref_model)
+        with torch.no_grad():
+            for name, lin in per_linear.named_modules():
+                s = stats.get(name + ".pre_quant_scale")
+                if isinstance(lin, torch.nn.Linear) and s is not None:  # x * s against w / s, quantized per group
+                    lin.weight.copy_(fake_quantize_groups(lin.weight / s, group) * s)
+        rows.append(row("ModelOpt's scales per linear, farm arithmetic",
+                        outputs(lambda x: per_linear(torch.tensor([x])).logits[0], cs), ref))
+        del per_linear
         mo_cfg, mo_w = trtllm_checkpoint(mo_model, "llama")
         rows.append(row("ModelOpt INT4 AWQ, its TensorRT-LLM export", outputs(runtime_logits(mo_cfg, mo_w), cs), ref))
         del mo_model, inputs, weights

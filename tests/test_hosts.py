@@ -150,8 +150,8 @@ class HostFarm(Farm):
 
     def start_worker(self, pool: str) -> None:
         args = ["worker", "start", "--pool", pool, "--type", "process", "--name", f"{pool}-host"]
-        if pool == "gpu":
-            args += ["--limit", "1"]
+        if pool == "gpu":  # a single-GPU worker serves the pool's default queue (docs/multi-machine.md)
+            args += ["--work-queue", "default", "--limit", "1"]
         env = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}  # docs/multi-machine.md, automations.yaml
         if os.environ.get("ENGINEFARM_MAX_PARALLEL"):
             env["ENGINEFARM_MAX_PARALLEL"] = os.environ["ENGINEFARM_MAX_PARALLEL"]
