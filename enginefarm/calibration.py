@@ -294,7 +294,7 @@ def awq_clip_search(xs: list[torch.Tensor], w: torch.Tensor, pqs: torch.Tensor, 
             better = loss < best_loss
             best_loss = torch.where(better, loss, best_loss)
             best = torch.where(better, ratios, best)
-    return best
+    return best.contiguous()
 
 
 def awq_refine(tensors: dict[str, torch.Tensor], inputs: dict[str, list[torch.Tensor]],

@@ -109,7 +109,8 @@ def _calibrate_child(src: str, samples: list, algo: str, group, path: str, fused
 
     try:
         tensors, stats = calibration.calibrate(load_reference(src), samples, algo, group, fused=fused)
-        save_file(tensors, path, metadata={"format": "pt", "algorithm": algo})
+        # safetensors stores contiguous tensors only (a clip search's ratios come out of torch.where strided)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt", "algorithm": algo})
         conn.send(("ok", stats))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
         conn.send(("error", f"{type(e).__name__}: {e}"))
