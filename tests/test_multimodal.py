@@ -248,6 +248,7 @@ def test_bench_times_the_visual_engine_and_the_pipeline_next_to_hf(built, tmp_pa
 
     # the checkpoint's weights broken in the cache: no baseline can be made, and none is faked
     (weights,) = cache.glob("*/source/model.safetensors")
+    weights.unlink()  # a new file: the cached one is a hard link of the store's blob, which must stay intact
     weights.write_bytes(b"not safetensors")
     assert cli(bench + ["--batch", "1", "--input-len", "8", "--output-len", "4", "--iters", "1", "--json"]) == 2
     err = capsys.readouterr().err
