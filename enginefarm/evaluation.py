@@ -3,7 +3,9 @@ the convert command: engine-side and reference-side outputs on the same token
 ids, compared side by side (logits max-abs-diff, top-1 agreement, greedy
 tokens, and over a text set perplexity and top-1 / top-5 next-token accuracy),
 and the recipe's gates applied to the result. Multimodal pipelines add the
-visual features (engine against PyTorch) and run the prompts with images."""
+visual features (engine against PyTorch) and run the prompts with images; for
+a decoder-only LLM the Hugging Face side (multimodal_reference_outputs) is
+computed apart from the engines, so the reference step stores it once."""
 
 from __future__ import annotations
 
@@ -189,9 +191,11 @@ def reference_device(device: Optional[str] = None) -> str:
     return d
 
 
-def load_reference(src_dir: str | Path, device: str = "cpu"):
+def load_reference(src_dir: str | Path, device: str = "cpu", model_class: Optional[str] = None):
     """The Hugging Face model of a checkpoint in fp32: a causal LM, or a
-    sequence-to-sequence one for an encoder-decoder config.
+    sequence-to-sequence one for an encoder-decoder config; model_class (a
+    transformers class name: a multimodal family's reference_class) loads
+    that class instead.
 
     device "cpu" (the default), or "auto"/"cuda": on the GPUs where there are
     any, through accelerate's big-model placement (`device_map="auto"` with a
@@ -211,7 +215,11 @@ def load_reference(src_dir: str | Path, device: str = "cpu"):
     with _LOAD_LOCK:
         cfg = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
         cls = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
-        if cls is AutoModelForCausalLM and type(cfg) not in AutoModelForCausalLM._model_mapping:
+        if model_class:
+            import transformers
+
+            cls = getattr(transformers, model_class)
+        elif cls is AutoModelForCausalLM and type(cfg) not in AutoModelForCausalLM._model_mapping:
             # a multimodal checkpoint (LLaVA) whose model also runs on text alone:
             # the shards step checks its LLM's rank files against it (BLIP-2's
             # needs pixels in every call: not covered)
@@ -261,6 +269,10 @@ def save_outputs(outputs: dict, directory: Path) -> None:
         for i, item in enumerate(outputs[part]):
             tensors[f"{part}.{i}"] = item["logits"].float().contiguous()
             meta[part].append({k: v for k, v in item.items() if k != "logits"})
+    if "features" in outputs:  # a multimodal reference: each (media, prompt) pair's visual features
+        for i, f in enumerate(outputs["features"]):
+            tensors[f"features.{i}"] = f.float().contiguous()
+        meta["features"] = len(outputs["features"])
     save_file(tensors, str(directory / "logits.safetensors"))
     (directory / "outputs.json").write_text(json.dumps(meta))
 
@@ -274,8 +286,11 @@ def load_outputs(directory: Path) -> dict:
     try:
         meta = json.loads((directory / "outputs.json").read_text())
         tensors = load_file(str(directory / "logits.safetensors"))
-        return {part: [{**item, "logits": tensors[f"{part}.{i}"]} for i, item in enumerate(meta[part])]
-                for part in ("prompts", "eval")}
+        out = {part: [{**item, "logits": tensors[f"{part}.{i}"]} for i, item in enumerate(meta[part])]
+               for part in ("prompts", "eval")}
+        if "features" in meta:
+            out["features"] = [tensors[f"features.{i}"] for i in range(meta["features"])]
+        return out
     except (OSError, ValueError, KeyError) as e:
         raise BadInput(f"{directory}: not a stored reference (outputs.json + logits.safetensors): {e}") from None
 
@@ -482,37 +497,115 @@ class _TextOnly:
     def __init__(self, family, model):
         self.family, self.model = family, model
 
+    def parameters(self):  # model_device: where the ids go
+        return self.model.parameters()
+
     def __call__(self, ids):
         from types import SimpleNamespace
 
         return SimpleNamespace(logits=self.family.reference_text_logits(self.model, ids))
 
 
+def multimodal_pairs(items: list, names: list[str], prompts: list[str]) -> list[tuple]:
+    """(item, its name, prompt) for each pair validation runs: item i % n with prompt i % m."""
+    if not items or not prompts:
+        raise BadInput("multimodal validation needs at least one image and one prompt")
+    n = max(len(items), len(prompts))
+    return [(items[i % len(items)], names[i % len(items)], prompts[i % len(prompts)]) for i in range(n)]
+
+
+def _on(enc, dev):
+    """A processor output with its tensors on dev (itself where they are there already: the CPU)."""
+    import torch
+
+    if str(dev) == "cpu":
+        return enc
+    return type(enc)({k: v.to(dev) if torch.is_tensor(v) else v for k, v in enc.items()})
+
+
+def multimodal_reference_outputs(family, ref_model, processor, items: list, prompts: list[str], text: str,
+                                 max_new_tokens: int, max_eval_tokens: int, max_seq_len: int, max_input_len: int,
+                                 max_batch_size: int, beams: int, eos: int | None) -> dict:
+    """Everything evaluate_multimodal takes from the Hugging Face model of a
+    decoder-only multimodal model (a prompt table: LLaVA, LLaVA-NeXT,
+    LLaVA-NeXT-Video, BLIP-2 with OPT), from the model and the family's
+    processor alone (no engine): for each (item, prompt) pair
+    (multimodal_pairs) its visual features (computed in batches of
+    max_batch_size, as the engines take them), prefill logits, greedy tokens
+    (and beams where beams > 1), and the text set's logits through the LLM.
+    The limits are the engines' (the recipe's): the generation length is
+    max_seq_len less the prompt's tokens. `save_outputs` stores it."""
+    import torch
+
+    from .runtime.multimodal import image_token_of
+
+    pairs = multimodal_pairs(items, [""] * len(items), prompts)
+    tok = processor.tokenizer
+    pad = tok.pad_token_id
+    token = image_token_of(processor)
+    dev = model_device(ref_model)
+    encodings = [family.encode(processor, item, prompt, token) for item, _, prompt in pairs]
+    feats = []
+    with torch.no_grad():
+        for s in range(0, len(pairs), max_batch_size):
+            feats += [f.float().cpu() for f in
+                      family.reference_features(ref_model, [_on(e, dev) for e in encodings[s : s + max_batch_size]])]
+    out_p = []
+    for enc in encodings:
+        ids = enc["input_ids"][0].tolist()
+        T = len(ids)
+        n_new = min(max_new_tokens, max_seq_len - T)
+        e = _on(enc, dev)
+        with torch.no_grad():
+            logits = ref_model(**e).logits[0].float().cpu()
+            gen = ref_model.generate(**e, max_new_tokens=n_new, do_sample=False, eos_token_id=eos,
+                                     pad_token_id=pad)[0].tolist()
+        p = {"ids": ids, "T": T, "n_new": n_new, "logits": logits, "generated": gen[T:]}  # generate repeats the prompt
+        if beams > 1:
+            with torch.no_grad():
+                o = ref_model.generate(**e, generation_config=beam_config(beams, pad, eos, max_new_tokens=n_new))
+            p["beams"] = unpadded(o[0, T:].tolist(), pad, eos)
+        out_p.append(p)
+    eval_ids = tok(text).input_ids[:max_eval_tokens]
+    ref_eval = reference_outputs(_TextOnly(family, ref_model), [], eval_ids, 0, eos, pad, max_seq_len,
+                                 max_input_len)["eval"]
+    return {"features": feats, "prompts": out_p, "eval": ref_eval}
+
+
 def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list[str], prompts: list[str], text: str,
-                        max_new_tokens: int, max_eval_tokens: int) -> dict:
+                        max_new_tokens: int, max_eval_tokens: int, reference: Optional[dict] = None) -> dict:
     """The engines (pipe: runtime.multimodal.MultimodalPipeline) against the
     Hugging Face model in fp32 on the same images and prompts, paired in
     turn (image i % n with prompt i % m): visual features, prefill logits
     and greedy tokens one pair at a time, greedy tokens of all pairs in
-    batches of max_batch_size, and the LLM on the text set."""
+    batches of max_batch_size, and the LLM on the text set.
+
+    A decoder-only LLM (a prompt table) is compared with `reference`, the
+    stored multimodal_reference_outputs of the same inputs and limits (the
+    reference step's), where given; else they are computed here from
+    ref_model. An encoder-decoder LLM (BLIP-2 with Flan-T5, Nougat, BLIP)
+    runs ref_model here, call by call (_multimodal_seq2seq)."""
     import torch
 
-    n = max(len(images), len(prompts))
-    if not images or not prompts:
-        raise BadInput("multimodal validation needs at least one image and one prompt")
-    pairs = [(images[i % len(images)], image_names[i % len(images)], prompts[i % len(prompts)]) for i in range(n)]
+    pairs = multimodal_pairs(images, image_names, prompts)
+    n = len(pairs)
     tok = pipe.processor.tokenizer
     eos, pad = pipe.eos_token_id, tok.pad_token_id
     B = pipe.max_batch_size
     beams = pipe.llm.max_beam_width  # the recipe's limits.max_beam_width: beams judged where it is above 1
 
+    if not pipe.seq2seq and reference is None:
+        reference = multimodal_reference_outputs(family, ref_model, pipe.processor, images, prompts, text,
+                                                 max_new_tokens, max_eval_tokens, pipe.llm.max_seq_len,
+                                                 pipe.llm.max_input_len, B, beams, eos)
     encodings = pipe.prepare([p[0] for p in pairs], [p[2] for p in pairs])
     feat_diff = 0.0
     n_feats = []
     with torch.no_grad():
         for s in range(0, n, B):
             got_f = pipe.image_features(encodings[s : s + B])
-            ref_f = family.reference_features(ref_model, encodings[s : s + B])
+            ref_f = (reference["features"][s : s + B] if reference is not None
+                     else family.reference_features(ref_model, encodings[s : s + B]))
             for g, r in zip(got_f, ref_f):
                 if g.shape != r.shape:
                     raise BadInput(f"the engines make {tuple(g.shape)} visual features for an image, Hugging Face "
@@ -526,33 +619,26 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
         return _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, ref_eval, feat_diff, n_feats,
                                    max_new_tokens, eos)
 
+    if len(reference["prompts"]) != n:
+        raise BadInput(f"the stored reference holds {len(reference['prompts'])} pairs, validation {n}")
     got_p, ref_p = [], []
-    for (image, name, prompt), enc in zip(pairs, encodings):
+    for (image, name, prompt), r in zip(pairs, reference["prompts"]):
         eng_ids, table = pipe.inputs([image], [prompt])
         n_new = min(max_new_tokens, pipe.llm.max_seq_len - len(eng_ids[0]))
         got_p.append({"ids": eng_ids[0], "logits": pipe.llm.logits(eng_ids[0], table),
                       "generated": pipe.llm.generate(eng_ids, n_new, eos_token_id=eos, prompt_table=table)[0],
                       **_engine_beams(lambda d: pipe.llm.generate(eng_ids, n_new, eos_token_id=eos, prompt_table=table,
                                                                   decoding=d)[0], beams)})
-        T = enc["input_ids"].shape[1]
+        T = r["T"]
         if T != len(eng_ids[0]):
             raise BadInput(f"the processor's prompt has {T} tokens, the engine's {len(eng_ids[0])}; the processor "
                            f"does not write the image placeholders the model expects")
-        with torch.no_grad():
-            logits = ref_model(**enc).logits[0].float()
-            out = ref_model.generate(**enc, max_new_tokens=n_new, do_sample=False, eos_token_id=eos,
-                                     pad_token_id=pad)[0].tolist()
-        ref_p.append({"ids": eng_ids[0], "logits": logits, "generated": out[T:]})  # generate repeats the prompt
-        if beams > 1:
-            with torch.no_grad():
-                out = ref_model.generate(**enc, generation_config=beam_config(beams, pad, eos, max_new_tokens=n_new))
-            ref_p[-1]["beams"] = unpadded(out[0, T:].tolist(), pad, eos)
+        ref_p.append({**r, "ids": eng_ids[0]})
 
     eval_ids = tok(text).input_ids[:max_eval_tokens]
     got_eval = engine_outputs(pipe.llm, [], eval_ids, 0, eos)["eval"]
-    ref_eval = reference_outputs(_TextOnly(family, ref_model), [], eval_ids, 0, eos, pad, pipe.llm.max_seq_len,
-                                 pipe.llm.max_input_len)["eval"]
-    return _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, ref_eval, feat_diff, n_feats, max_new_tokens, eos)
+    return _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, reference["eval"], feat_diff, n_feats,
+                               max_new_tokens, eos)
 
 
 def _multimodal_seq2seq(family, ref_model, pipe, pairs, encodings, text, max_new_tokens, max_eval_tokens, eos, pad,

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from enginefarm.cli import main as cli
-from enginefarm.errors import BadInput, NotAvailable
+from enginefarm.errors import BadInput, GateFailed, NotAvailable
 from enginefarm.families import get_family
 from enginefarm.images import builtin_image, write_image
 from enginefarm.spec import Variant
@@ -385,6 +385,93 @@ def test_second_build_is_all_cached(built):
     again = answer_from_store(str(b.recipe), None, str(b.store))
     assert again is not None and again["all_cached"]
     assert again["variants"]["fp32-tp1"]["digest"] == b.variant["digest"]
+
+
+def test_a_second_variant_validates_against_the_stored_reference(built, tmp_path, monkeypatch):
+    """The Hugging Face reference of a multimodal recipe is the reference step's,
+    computed once: a second variant (a bf16 LLM) built into the same store
+    finds it cached, its validate reads it (the Hugging Face class is not
+    loaded anywhere in that build) and judges its engines against it."""
+    import transformers
+
+    from enginefarm.flows.build import build
+
+    b = built("llava")
+    st = open_store(str(b.store))
+    (first_ref,) = [st.get_manifest(*r) for r in st.list_manifests(b.name, "reference")]
+    assert first_ref["results"]["pairs"] == 3 and first_ref["results"]["devices"]
+    assert first_ref["results"]["peak_host_mb"] > 0 and "peak_gpu_mb" in first_ref["results"]
+    assert {"logits.safetensors", "outputs.json"} <= set(first_ref["files"])
+    (val1,) = [st.get_manifest(*r) for r in st.list_manifests(b.name, "validate")]
+    assert val1["inputs"]["reference"]["key"] == first_ref["key"]
+
+    cls = transformers.LlavaForConditionalGeneration
+    loads = []
+    real = cls.from_pretrained.__func__
+
+    def counted(klass, *a, **kw):  # the real loader, counted
+        loads.append(a[:1])
+        return real(klass, *a, **kw)
+
+    monkeypatch.setattr(cls, "from_pretrained", classmethod(counted))
+    data = yaml.safe_load(b.recipe.read_text())
+    data["matrix"]["dtype"] = ["float32", "bfloat16"]
+    data["components"]["visual"] = {"dtype": "float32"}  # ONNX Runtime's CPU kernels take no bf16 convolutions
+    data["default_variant"] = "fp32-tp1"
+    p = tmp_path / f"{b.name}.yaml"
+    p.write_text(yaml.safe_dump(data))
+    try:
+        build(recipe=str(p), store=str(b.store))
+    except GateFailed:  # bf16 next to fp32 may miss the fp32 gates: a result, in its validate manifest
+        pass
+    assert loads == []  # neither the reference step (cached) nor validate loaded the Hugging Face model
+
+    assert len(st.list_manifests(b.name, "reference")) == 1
+    vals = [st.get_manifest(*r) for r in st.list_manifests(b.name, "validate")]
+    assert len(vals) == 2 and {m["inputs"]["reference"]["key"] for m in vals} == {first_ref["key"]}
+    (val2,) = [m for m in vals if m["key"] != val1["key"]]
+    assert val2["variant"] == "bf16-tp1"
+    m = val2["results"]["metrics"]
+    # judged against the reference: a bf16 LLM next to fp32 Hugging Face, not equal to it; the fp32 visual engine
+    assert len(m["greedy"]) == 3 and 0 < m["logits_max_abs_diff"] < float("inf") and m["visual_max_abs_diff"] < 1e-4
+    assert [g["reference"] for g in m["greedy"]] == [g["reference"] for g in val1["results"]["metrics"]["greedy"]]
+
+
+def test_the_reference_key_follows_the_images_contents(built, tmp_path):
+    """An image file whose bytes change under the same name changes the
+    multimodal reference's key; the variant does not enter it."""
+    from enginefarm.families import load_recipe
+    from enginefarm.flows.gpu import stored_result
+    from enginefarm.tasks import reference as reference_step
+    from enginefarm.tasks.base import Ctx
+
+    b = built("llava")
+    st = open_store(str(b.store))
+    ((_, _, fetch_key),) = st.list_manifests(b.name, "fetch")
+    fetched = stored_result(st, b.name, "fetch", fetch_key)
+    img = tmp_path / "picture.png"
+    data = yaml.safe_load(b.recipe.read_text())
+    data["validation"]["images"] = [str(img), "builtin:rings"]
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data))
+
+    def key():
+        ctx = Ctx(store=st, recipe=load_recipe(str(p)))
+        assert reference_step.needed(ctx, fetched)
+        return reference_step.spec(ctx, fetched).key()
+
+    write_image("rings", img)
+    k1 = key()
+    assert key() == k1
+    write_image("checker", img)
+    k2 = key()
+    assert k2 != k1
+    data["matrix"]["dtype"] = ["float32", "bfloat16"]
+    p.write_text(yaml.safe_dump(data))
+    assert key() == k2
+    data["limits"]["max_batch_size"] = 1  # the features are computed in the engines' batches
+    p.write_text(yaml.safe_dump(data))
+    assert key() not in (k1, k2)
 
 
 # ----------------------------------------------------------------------------- checkpoints the fixtures did not make

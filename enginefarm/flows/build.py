@@ -116,9 +116,11 @@ def plan(r: Recipe, vs: list[Variant], st) -> tuple[list[PlanRow], dict]:
 
     fetched = look("fetch", "-", fetch_step.spec(ctx))
     config = fetched.results["config"] if fetched else None
-    ref, ref_needed = None, reference_step.needed(ctx)
+    ref, ref_needed = None, reference_step.needed(ctx, fetched)
     if ref_needed:
         ref = look("reference", "-", reference_step.spec(ctx, fetched) if fetched else None)
+    # the shards step takes a text reference only (a multimodal one's prompts are images and text)
+    shards_ref, shards_ref_needed = (None, False) if reference_step.multimodal(ctx) else (ref, ref_needed)
     if fetched:
         for v in vs:
             fam.check_config(fetched.results["config"], v, where=f"{r.name}'s fetched config.json")
@@ -132,7 +134,8 @@ def plan(r: Recipe, vs: list[Variant], st) -> tuple[list[PlanRow], dict]:
         shards = None
         if shards_step.needed(v):
             shards = look("shards", v.name,
-                          shards_step.spec(ctx, fetched, conv, v, ref) if conv and (ref or not ref_needed) else None)
+                          shards_step.spec(ctx, fetched, conv, v, shards_ref)
+                          if conv and (shards_ref or not shards_ref_needed) else None)
         exported = None
         if "visual" in r.enabled_components:
             exported = look("export[visual]", v.name, export_step.spec(ctx, fetched, v) if fetched else None)
@@ -184,7 +187,7 @@ def ready(ctx: Ctx, fetched: StepResult) -> None:
 
 def run_variant(ctx: Ctx, fetched: StepResult, v: Variant) -> dict[str, StepResult]:
     """[calibrate] -> convert -> [shards] -> build + validate (here or on the gpu pool) -> publish; the steps by
-    name. The reference (text recipes) is computed by the first step that needs it: shards here, or validate
+    name. The reference is computed by the first step that needs it: shards here (text recipes), or validate
     where that runs (a GPU worker). A variant that needs a gpu worker with N GPUs fails first, before any
     step, where none polls its work queue (gpu.check_placement)."""
     gpu.check_placement(ctx, v)
@@ -193,7 +196,8 @@ def run_variant(ctx: Ctx, fetched: StepResult, v: Variant) -> dict[str, StepResu
     converted = convert_step.convert_task(ctx, fetched, v, calibrated)
     checked = None
     if shards_step.needed(v):
-        referenced = reference_step.reference_task(ctx, fetched) if reference_step.needed(ctx) else None
+        text_ref = reference_step.needed(ctx, fetched) and not reference_step.multimodal(ctx)
+        referenced = reference_step.reference_task(ctx, fetched) if text_ref else None
         checked = shards_step.shards_task(ctx, fetched, converted, v, referenced)
     exported = export_step.export_task(ctx, fetched, v) if "visual" in ctx.recipe.enabled_components else None
     builds, validated = gpu.gpu_steps_for(ctx, fetched, converted, v, exported)

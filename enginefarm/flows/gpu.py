@@ -200,7 +200,7 @@ def run_gpu_steps(ctx: Ctx, fetched: StepResult, converted: StepResult, v: Varia
                   for c in ctx.recipe.enabled_components}
         # the Hugging Face reference of the recipe, once: computed by the first variant, here (on the GPUs of a
         # GPU worker) unless a shards step computed it already
-        referenced = reference_step.reference_task(ctx, fetched) if reference_step.needed(ctx) else None
+        referenced = reference_step.reference_task(ctx, fetched) if reference_step.needed(ctx, fetched) else None
         validated = validate_step.validate_task(ctx, fetched, builds["llm"], v, builds.get("visual"), referenced)
     return builds, validated
 

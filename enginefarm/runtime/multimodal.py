@@ -45,8 +45,7 @@ class MultimodalPipeline:
         from ..families import get_family
 
         self.family = get_family(self.meta["family"])
-        tok = getattr(processor, "image_token", None) or "<image>"
-        self.image_token = getattr(tok, "content", None) or str(tok)
+        self.image_token = image_token_of(processor)
         self.media = self.meta.get("media", "image")  # what one request item is: an image or a video
         self.takes = tuple(self.meta.get("takes") or (self.media,))  # LLaVA-NeXT-Video: videos and images
         if self.meta.get("encoder_output"):
@@ -197,6 +196,12 @@ class MultimodalPipeline:
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def image_token_of(processor) -> str:
+    """The placeholder text of an image in a processor's prompts."""
+    tok = getattr(processor, "image_token", None) or "<image>"
+    return getattr(tok, "content", None) or str(tok)
 
 
 def _field(obj, name: str):

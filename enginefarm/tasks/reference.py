@@ -19,8 +19,18 @@ a machine without a GPU it runs on the CPU. ENGINEFARM_REFERENCE_DEVICE=cpu
 keeps it there. The manifest records where it ran, how long it took and its
 peak memory.
 
-Multimodal recipes keep their in-step reference (images and videos go
-through the family's processor there).
+Multimodal recipes whose LLM is decoder-only (a prompt table: LLaVA,
+LLaVA-NeXT, LLaVA-NeXT-Video, BLIP-2 with OPT) have theirs here too: the
+family's Hugging Face class (`reference_class`) and its processor, on the
+recipe's images (videos) paired with its prompts as validate pairs them:
+each pair's visual features, prefill logits, greedy tokens and beams, and the
+text set through the LLM (evaluation.multimodal_reference_outputs). Their
+key adds the images' and videos' digests, the visual facts the processor is
+built from (the family's visual_meta: frames per video, tiling) and
+max_batch_size (the features are computed in the engines' batches). Those
+with an encoder-decoder LLM (BLIP-2 with Flan-T5, Nougat, BLIP) still run
+the Hugging Face model inside validate, call by call: `needed` is False for
+them.
 """
 
 from __future__ import annotations
@@ -50,14 +60,84 @@ def text_set(name: str, ctx: Ctx) -> str:
         raise BadInput(f"recipe {ctx.recipe.name}: validation.text_set {name}: {e}") from None
 
 
-def needed(ctx: Ctx) -> bool:
-    """Text recipes (multimodal ones compute their reference in validate)."""
-    return "visual" not in ctx.recipe.enabled_components
+def multimodal(ctx: Ctx) -> bool:
+    return "visual" in ctx.recipe.enabled_components
+
+
+def seq2seq(ctx: Ctx, config: dict) -> bool:
+    """Whether a multimodal recipe's LLM is an encoder-decoder (BLIP-2 with Flan-T5, Nougat, BLIP)."""
+    from ..families import get_family
+
+    fam = get_family(ctx.recipe.family)
+    return bool(fam.features_as_encoder_output) or getattr(fam.llm_family(config), "kind", "") == "encoder-decoder"
+
+
+def needed(ctx: Ctx, fetched: StepResult | None = None) -> bool:
+    """Text recipes; multimodal ones with a decoder-only LLM, which the fetched
+    checkpoint's config says (so not before fetch: False without `fetched`).
+    Multimodal ones with an encoder-decoder LLM compute their reference in
+    validate."""
+    if not multimodal(ctx):
+        return True
+    return fetched is not None and not seq2seq(ctx, fetched.results["config"])
 
 
 def limits(ctx: Ctx) -> dict:
     lim = ctx.recipe.limits
-    return {"max_input_len": lim.max_input_len, "max_seq_len": lim.max_seq_len, "max_beam_width": lim.max_beam_width}
+    out = {"max_input_len": lim.max_input_len, "max_seq_len": lim.max_seq_len, "max_beam_width": lim.max_beam_width}
+    if multimodal(ctx):  # the visual features are computed in batches of the engines' max_batch_size
+        out["max_batch_size"] = lim.max_batch_size
+    return out
+
+
+DEFAULT_VIDEOS = ["builtin:orbit", "builtin:pan"]
+
+
+def videos_of(ctx: Ctx) -> list[str]:
+    return ctx.recipe.validation.videos or DEFAULT_VIDEOS
+
+
+def media_digests(ctx: Ctx) -> dict:
+    """{"video_digests": [...], "image_digests": [...]}: the recipe's validation videos and images (those its
+    family takes), by content (images.image_digest, videos.video_digest)."""
+    from ..families import get_family
+    from ..images import image_digest
+
+    out = {}
+    kinds = get_family(ctx.recipe.family).media_kinds
+    if "video" in kinds:
+        from ..videos import video_digest
+
+        out["video_digests"] = [video_digest(i, ctx.recipe.recipe_dir()) for i in videos_of(ctx)]
+    if "image" in kinds:  # LLaVA-NeXT-Video: both
+        out["image_digests"] = [image_digest(i, ctx.recipe.recipe_dir()) for i in ctx.recipe.validation.images]
+    return out
+
+
+def media_of(ctx: Ctx) -> tuple[list[str], list]:
+    """The recipe's validation items (videos, then images, those its family takes): their names and contents."""
+    from ..families import get_family
+    from ..images import load_image
+
+    kinds = get_family(ctx.recipe.family).media_kinds
+    names, items = [], []
+    if "video" in kinds:
+        from ..videos import load_video
+
+        names += videos_of(ctx)
+        items += [load_video(i, ctx.recipe.recipe_dir()) for i in videos_of(ctx)]
+    if "image" in kinds:  # LLaVA-NeXT-Video takes both: its videos, then its images
+        names += ctx.recipe.validation.images
+        items += [load_image(i, ctx.recipe.recipe_dir()) for i in ctx.recipe.validation.images]
+    return names, items
+
+
+def visual_meta(ctx: Ctx, config: dict) -> dict:
+    """The visual facts the family's processor is built from (the visual engine's, less its build's own)."""
+    from ..families import get_family
+
+    fam = get_family(ctx.recipe.family)
+    return fam.visual_meta(fam.media_config(config, ctx.recipe))
 
 
 def spec(ctx: Ctx, fetched: StepResult) -> StepSpec:
@@ -69,8 +149,15 @@ def spec(ctx: Ctx, fetched: StepResult) -> StepSpec:
         "text_digest": digest_bytes(text_set(v.text_set, ctx).encode()),
         "limits": limits(ctx),
     }
+    modules = [__name__]
+    if multimodal(ctx):  # only then: a text recipe's key stays what it was
+        from ..families import get_family
+
+        params.update(media_digests(ctx))
+        params["visual_meta"] = visual_meta(ctx, fetched.results["config"])
+        modules.append(type(get_family(ctx.recipe.family)).__module__)
     tc = {"torch": version_of("torch"), "transformers": version_of("transformers")}
-    return StepSpec("reference", params, {"fetch": fetched}, code_version(__name__), tc)
+    return StepSpec("reference", params, {"fetch": fetched}, code_version(*modules), tc)
 
 
 def _peak_gpu_mb() -> float:
@@ -103,27 +190,52 @@ def reference_task(ctx: Ctx, fetched: StepResult) -> StepResult:
 def _run(ctx: Ctx, fetched: StepResult, s: StepSpec) -> StepResult:
 
     def work(out: Path, scratch: Path):
-        from transformers import AutoTokenizer
-
-        from ..evaluation import load_reference, model_device, reference_outputs, save_outputs, tokenize_inputs
+        from ..evaluation import load_reference, model_device, save_outputs
 
         src = materialize(ctx, fetched, scratch / "src")
         v, lim = ctx.recipe.validation, s.params["limits"]
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
-        prompt_ids, eval_ids = tokenize_inputs(tok, v.prompts, text_set(v.text_set, ctx), v.max_eval_tokens)
+        if multimodal(ctx):
+            from ..families import get_family
+
+            fam = get_family(ctx.recipe.family)
+            processor = fam.load_processor(src, s.params["visual_meta"])
+            names, items = media_of(ctx)
+            what = f"{len(items)} image(s) or video(s), {len(v.prompts)} prompt(s)"
+            model_class = fam.reference_class
+        else:
+            from transformers import AutoTokenizer
+
+            from ..evaluation import tokenize_inputs
+
+            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+            prompt_ids, eval_ids = tokenize_inputs(tok, v.prompts, text_set(v.text_set, ctx), v.max_eval_tokens)
+            what = f"{len(prompt_ids)} prompt(s), {len(eval_ids)} text-set token(s)"
+            model_class = None
         t0 = time.perf_counter()
-        model = load_reference(src, device="auto")
+        model = load_reference(src, device="auto", model_class=model_class)
         where = str(model_device(model))
         devices = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) or [where]
         t_load = time.perf_counter() - t0
-        log(f"reference: the Hugging Face model in fp32 on {', '.join(devices)} (loaded in {t_load:.1f}s); "
-            f"{len(prompt_ids)} prompt(s), {len(eval_ids)} text-set token(s)")
-        outputs = reference_outputs(model, prompt_ids, eval_ids, v.max_new_tokens, tok.eos_token_id,
-                                    tok.pad_token_id, lim["max_seq_len"], lim["max_input_len"], lim["max_beam_width"])
+        log(f"reference: the Hugging Face model in fp32 on {', '.join(devices)} (loaded in {t_load:.1f}s); {what}")
+        if multimodal(ctx):
+            from ..evaluation import multimodal_reference_outputs
+
+            outputs = multimodal_reference_outputs(
+                fam, model, processor, items, v.prompts, text_set(v.text_set, ctx), v.max_new_tokens,
+                v.max_eval_tokens, lim["max_seq_len"], lim["max_input_len"], lim["max_batch_size"],
+                lim["max_beam_width"], fam.stop_token_id(processor, {}))
+            counts = {"pairs": len(outputs["prompts"]), "media": len(items), "eval_windows": len(outputs["eval"])}
+        else:
+            from ..evaluation import reference_outputs
+
+            outputs = reference_outputs(model, prompt_ids, eval_ids, v.max_new_tokens, tok.eos_token_id,
+                                        tok.pad_token_id, lim["max_seq_len"], lim["max_input_len"],
+                                        lim["max_beam_width"])
+            counts = {"prompts": len(prompt_ids), "eval_tokens": len(eval_ids)}
         save_outputs(outputs, out)
         results = {"devices": devices, "load_s": round(t_load, 2), "run_s": round(time.perf_counter() - t0 - t_load, 2),
                    "peak_host_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                   "peak_gpu_mb": _peak_gpu_mb(), "prompts": len(prompt_ids), "eval_tokens": len(eval_ids)}
+                   "peak_gpu_mb": _peak_gpu_mb(), **counts}
         del model
         import torch
 
@@ -142,8 +254,11 @@ def load(ctx: Ctx, referenced: StepResult, scratch: Path) -> dict:
 
 
 def matches(referenced: StepResult, eng) -> bool:
-    """Whether an engine's limits are the ones the reference was cut with."""
+    """Whether an engine's limits are the ones the reference was cut with (a multimodal recipe's: its LLM
+    engine's, max_batch_size too)."""
     lim = referenced.manifest["params"]["limits"]
+    if "max_batch_size" in lim and lim["max_batch_size"] != eng.max_batch_size:  # multimodal: the features' batches
+        return False
     return (lim["max_input_len"], lim["max_seq_len"], lim["max_beam_width"]) == \
         (eng.max_input_len, eng.max_seq_len, eng.max_beam_width)
 

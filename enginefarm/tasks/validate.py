@@ -11,6 +11,11 @@ Multimodal recipes (a visual engine next to the LLM): the recipe's images
 (video families: its videos) and prompts, paired, through both engines and through the Hugging Face
 model (fp32, `generate`): visual features max abs diff, prefill logits,
 greedy tokens one pair at a time and batched; the text set through the LLM.
+With a decoder-only LLM (LLaVA, LLaVA-NeXT, LLaVA-NeXT-Video, BLIP-2 with
+OPT) the Hugging Face side is the reference step's stored outputs, the model
+is not loaded here (unless the engine's limits are not the ones the
+reference was cut with); with an encoder-decoder one (BLIP-2 with Flan-T5,
+Nougat, BLIP) the model runs here, call by call.
 
 An engine that cannot run on this machine (a TensorRT engine and no GPU
 among its targets, say) is not validated here: its component is recorded
@@ -65,7 +70,7 @@ def pending_components(built: StepResult, visual: StepResult | None = None) -> d
 def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant,
          visual: StepResult | None = None, referenced: StepResult | None = None) -> StepSpec:
     """built: the llm engine's build; visual: the visual engine's (multimodal recipes); referenced: the
-    reference step's result (text recipes)."""
+    reference step's result (text recipes, and multimodal ones with a decoder-only LLM)."""
     v = ctx.recipe.validation
     validation = v.model_dump(mode="json")
     if validation["videos"] is None:  # unset: the key of a recipe from before the field is unchanged
@@ -82,30 +87,14 @@ def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant,
     modules = [__name__]  # with what it imports (hashing.code_closure); a multimodal family's module besides
     inputs = {"fetch": fetched, "build": built, **({"reference": referenced} if referenced is not None else {})}
     if visual is not None:
-        from ..images import image_digest
-
-        kinds = get_family(ctx.recipe.family).media_kinds
-        if "video" in kinds:
-            from ..videos import video_digest
-
-            params["video_digests"] = [video_digest(i, ctx.recipe.recipe_dir()) for i in videos_of(ctx)]
-        if "image" in kinds:  # LLaVA-NeXT-Video: both
-            params["image_digests"] = [image_digest(i, ctx.recipe.recipe_dir()) for i in v.images]
+        params.update(reference_step.media_digests(ctx))
         modules.append(type(get_family(ctx.recipe.family)).__module__)
         inputs["build.visual"] = visual
     return StepSpec("validate", params, inputs, code_version(*modules), tc, variant=variant.name)
 
 
-DEFAULT_VIDEOS = ["builtin:orbit", "builtin:pan"]
-
-
-def videos_of(ctx: Ctx) -> list[str]:
-    return ctx.recipe.validation.videos or DEFAULT_VIDEOS
-
-
 def _validate_multimodal(ctx: Ctx, fetched: StepResult, built: StepResult, visual: StepResult, variant: Variant,
-                         scratch: Path, stand_in: bool = False) -> dict:
-    from ..images import load_image
+                         scratch: Path, stand_in: bool = False, referenced: StepResult | None = None) -> dict:
     from ..runtime.multimodal import MultimodalPipeline
 
     fam = get_family(ctx.recipe.family)
@@ -119,20 +108,17 @@ def _validate_multimodal(ctx: Ctx, fetched: StepResult, built: StepResult, visua
             f"checkpoint's own visual module (PyTorch) in its place")
     else:
         vis = get_backend(visual.manifest["params"]["backend"]).load(materialize(ctx, visual, scratch / "visual"))
-    log(f"validate [{variant.name}]: loading the reference model (fp32), the processor and the engines")
     pipe = MultimodalPipeline(vis, llm, fam.load_processor(src, vis.visual))
-    ref = fam.reference_model(src)
-    names, items = [], []
-    if "video" in fam.media_kinds:
-        from ..videos import load_video
-
-        names += videos_of(ctx)
-        items += [load_video(i, ctx.recipe.recipe_dir()) for i in videos_of(ctx)]
-    if "image" in fam.media_kinds:  # LLaVA-NeXT-Video takes both: its videos, then its images
-        names += v.images
-        items += [load_image(i, ctx.recipe.recipe_dir()) for i in v.images]
+    ref, stored = None, None
+    if referenced is not None and reference_step.matches(referenced, llm):
+        log(f"validate [{variant.name}]: the engines against the stored reference ({referenced.key[:12]})")
+        stored = reference_step.load(ctx, referenced, scratch)
+    else:  # an encoder-decoder LLM (no reference step), or a reference cut with other limits than these engines'
+        log(f"validate [{variant.name}]: loading the reference model (fp32), the processor and the engines")
+        ref = fam.reference_model(src)
+    names, items = reference_step.media_of(ctx)
     metrics = evaluate_multimodal(fam, ref, pipe, items, names, v.prompts, text_set(v.text_set, ctx),
-                                  v.max_new_tokens, v.max_eval_tokens)
+                                  v.max_new_tokens, v.max_eval_tokens, reference=stored)
     if stand_in:
         for k in VISUAL_GATES:  # the stand-in's features against Hugging Face say nothing about the engine
             metrics.pop(k, None)
@@ -207,7 +193,7 @@ def validate_task(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Var
             return _finish({}, pending)
         if visual is not None:
             return _finish(_validate_multimodal(ctx, fetched, built, visual, variant, scratch,
-                                                stand_in="visual" in pending), pending)
+                                                stand_in="visual" in pending, referenced=referenced), pending)
         from transformers import AutoTokenizer
 
         src = materialize(ctx, fetched, scratch / "src")
