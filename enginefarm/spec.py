@@ -438,6 +438,11 @@ def parse_recipe(data: Any, origin: str) -> Recipe:
     return r.model_copy(update={"origin": origin})
 
 
+# PyYAML's safe loader in C (libyaml, in PyYAML's wheels) where it has it: the same documents, ~10x faster;
+# a nightly reads every recipe of the catalog (at 250 recipes the pure-Python one took ~1.4 s a read)
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_recipe(name_or_path: str) -> Recipe:
     """A recipe file (or a catalog name) parsed and checked on its own; the
     checks that need its family are `families.load_recipe`'s."""
@@ -447,12 +452,11 @@ def read_recipe(name_or_path: str) -> Recipe:
     except (OSError, UnicodeDecodeError) as e:
         raise BadInput(f"cannot read recipe {path}: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise BadInput(f"bad recipe {path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    recipe = parse_recipe(data, str(path))
     return parse_recipe(data, str(path))
 
 
