@@ -51,16 +51,26 @@ def _decoder(quant, group=None):
     src = write_tiny("llama", Path(os.environ["ENGINEFARM_TINY_DIR"]) / "bench-src", seed=2)
     hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     v = Variant(name="x", backend="aoti", dtype="float32", quant=quant, tp=1, target="cpu", group_size=group)
-    cfg, W = convert_in_memory(get_family("llama"), hf.config.to_dict(), hf.state_dict(), v)
+    calibration = None
+    if quant == "w4a16_awq":  # a pre-quant scale per linear, far from 1 (q/k/v's averaged into qkv's, as ModelOpt's)
+        g = torch.Generator().manual_seed(3)
+        calibration = {f"{n}.pre_quant_scale": torch.rand(m.in_features, generator=g) * 4 + 0.25
+                       for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    cfg, W = convert_in_memory(get_family("llama"), hf.config.to_dict(), hf.state_dict(), v, calibration=calibration)
     return DecoderLM(DecoderConfig.from_trtllm(cfg), W).eval()
 
 
-@pytest.mark.parametrize("quant,group", [("none", None), ("w8a16", None), ("w4a16", None), ("w4a16", 16)])
+@pytest.mark.parametrize("quant,group", [("none", None), ("w8a16", None), ("w4a16", None), ("w4a16", 16),
+                                         ("w4a16_awq", 16)])
 def test_engine_form_equals_checkpoint_form_and_caches_are_written_in_place(quant, group):
     from enginefarm.runtime.swaps import prepare_engine
 
     ref, m = _decoder(quant, group), prepare_engine(_decoder(quant, group))
-    assert m.layers[0].fc_gate is not None and m.layers[0].fc is None
+    if quant == "w4a16_awq":  # fc and gate keep their own pre-quant scales: two products, each scaling its input
+        assert m.layers[0].fc_gate is None and m.layers[0].fc.pre_quant_scale is not None
+        assert m.layers[0].qkv.pre_quant_scale is not None
+    else:
+        assert m.layers[0].fc_gate is not None and m.layers[0].fc is None
     ids = torch.tensor([[5, 17, 42, 99, 3]])
     with torch.no_grad():
         kc, vc = ref.new_cache(1, 16)

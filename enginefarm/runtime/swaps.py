@@ -59,11 +59,15 @@ def gemv_op():
 
 class EngineLin(nn.Module):
     """A linear layer in the kernels' layout (kernels/gemv.py): weight [N, K]
-    (uint8 for 8 and 4 bits), per-channel or per-group scales, optional bias."""
+    (uint8 for 8 and 4 bits), per-channel or per-group scales, optional bias,
+    and AWQ's pre-quant scale [K] (the input is multiplied by it first, as
+    decoder.Lin does)."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
-                 in_features: int, dtype: torch.dtype):
+                 in_features: int, dtype: torch.dtype, pre_quant_scale: torch.Tensor | None = None):
         super().__init__()
+        self.pre_quant_scale = (nn.Parameter(pre_quant_scale, requires_grad=False)
+                                if pre_quant_scale is not None else None)
         self.bits = bits
         self.in_features = in_features
         self.out_features = weight.shape[0]
@@ -84,6 +88,9 @@ class EngineLin(nn.Module):
         (outputs concatenated)."""
         ws, ss, bs = [], [], []
         bits = lins[0].bits or 16
+        pqs = [getattr(lin, "pre_quant_scale", None) for lin in lins]
+        if not same_pre_quant_scale(lins):
+            raise ValueError("cannot fuse linears with different pre-quant scales (AWQ)")
         for lin in lins:
             if (lin.bits or 16) != bits:
                 raise ValueError("cannot fuse linears of different precisions")
@@ -105,7 +112,7 @@ class EngineLin(nn.Module):
         s = None if bits == 16 else (torch.cat(ss) if len(ss) > 1 else ss[0])
         if len(lins) > 1 and any(lin.reduce for lin in lins):
             raise ValueError("cannot fuse row-parallel linears")
-        out = cls(w, s, bias, bits, k, dtype)
+        out = cls(w, s, bias, bits, k, dtype, pqs[0].data if pqs[0] is not None else None)
         out.reduce = lins[0].reduce
         return out
 
@@ -127,6 +134,8 @@ class EngineLin(nn.Module):
         return (qf.view(n, groups, -1) * self.scale[:, :, None]).view(n, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_quant_scale is not None:  # AWQ: x * s against the weight smoothed by 1 / s
+            x = x * self.pre_quant_scale
         use_kernel = self.mode == "decode" and (self.bits != 16 or self.fp16_kernel)
         if use_kernel:
             shape = x.shape
@@ -145,6 +154,16 @@ class EngineLin(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y
+
+
+def same_pre_quant_scale(lins: list) -> bool:
+    """Whether linears that read one input can be one product: none has an
+    AWQ pre-quant scale, or all have the same (the gated MLP's fc and gate
+    each have their own, from calibration)."""
+    pqs = [getattr(lin, "pre_quant_scale", None) for lin in lins]
+    if all(p is None for p in pqs):
+        return True
+    return all(p is not None for p in pqs) and all(torch.equal(pqs[0], p) for p in pqs[1:])
 
 
 def swap_linears(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -168,7 +187,8 @@ def fuse_mlp(model: nn.Module) -> nn.Module:
 
     for layer in model.layers:
         # weight-and-activation quantized linears (decoder.ActLin) keep their own arithmetic
-        if layer.gate is not None and layer.fc_gate is None and isinstance(layer.fc, Lin):
+        if (layer.gate is not None and layer.fc_gate is None and isinstance(layer.fc, Lin)
+                and same_pre_quant_scale([layer.fc, layer.gate])):
             layer.fc_gate = EngineLin.from_lin([layer.fc, layer.gate], model.embed.dtype)
             layer.fc = layer.gate = None
     return model
