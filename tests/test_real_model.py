@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import only_manifest
 
 
 # the shared build (3 aoti engines of a 30-layer model, a ModelOpt calibration)
@@ -97,7 +96,9 @@ def test_unquantized_engine_answers_as_hugging_face(real_build):
     greedy = v["gates"]["greedy_equal"]
     assert greedy["passed"] and greedy["value"] is True
     st = open_store(str(real_build["store"]))
-    b = only_manifest(real_build["store"], "smollm2-135m-instruct", "build")
+    # the unquantized variant's build (the store holds one build per variant)
+    b = next(m for m in (st.get_manifest(*row) for row in st.list_manifests("smollm2-135m-instruct", "build"))
+             if m["params"]["variant"]["name"] == "fp32-tp1")
     # the published engine, loaded as `enginefarm run` loads it
     eng_dir = real_build["store"].parent / "engine"
     for rel, info in b["files"].items():
