@@ -88,7 +88,6 @@ class EngineLin(nn.Module):
         (outputs concatenated)."""
         ws, ss, bs = [], [], []
         bits = lins[0].bits or 16
-        pqs = [getattr(lin, "pre_quant_scale", None) for lin in lins]
         if not same_pre_quant_scale(lins):
             raise ValueError("cannot fuse linears with different pre-quant scales (AWQ)")
         for lin in lins:
@@ -112,7 +111,8 @@ class EngineLin(nn.Module):
         s = None if bits == 16 else (torch.cat(ss) if len(ss) > 1 else ss[0])
         if len(lins) > 1 and any(lin.reduce for lin in lins):
             raise ValueError("cannot fuse row-parallel linears")
-        out = cls(w, s, bias, bits, k, dtype, pqs[0].data if pqs[0] is not None else None)
+        pqs = getattr(lins[0], "pre_quant_scale", None)  # one for all of them (same_pre_quant_scale)
+        out = cls(w, s, bias, bits, k, dtype, pqs.data if pqs is not None else None)
         out.reduce = lins[0].reduce
         return out
 

@@ -599,13 +599,13 @@ class Store(ABC):
         self._put_bytes(key, encode_ref({"digest": digest, "size": len(data), "at": _now()}))
         return digest
 
-    def move_legacy_histories(self, keys: Optional[list[str]] = None) -> int:
+    def move_legacy_histories(self) -> int:
         """Move ref histories that a store written before 2026-12-07 keeps in
         `refs/` (<alias>.history.jsonl) to `history_key`, their lines before
-        any written there since; `keys`: a listing of `refs/` already made.
-        gc calls it under its exclusive lock. The number moved."""
+        any written there since. gc calls it under its exclusive lock. The
+        number moved."""
         n = 0
-        for k in self._list("refs/") if keys is None else keys:
+        for k in self._list("refs/"):
             parts = k[: -len(HISTORY_SUFFIX)].split("/") if k.endswith(HISTORY_SUFFIX) else []
             if len(parts) != 4 or not all(_is_name(x) for x in parts[1:]):
                 continue
