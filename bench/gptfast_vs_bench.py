@@ -40,6 +40,8 @@ def main():
     ap.add_argument("--gptfast", required=True, help="directory holding gpt-fast's model.py, generate.py, ...")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--ckpt-dir", default=None, help="where gpt-fast's checkpoint is written (default: a temporary "
+                    "directory; a 7B model's needs 13.5 GB)")
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -50,7 +52,7 @@ def main():
     res = Results(a.out, "gptfast_vs_bench")
     t0 = time.perf_counter()
     hf = AutoModelForCausalLM.from_pretrained(a.src, dtype=torch.float16).cuda().eval()
-    ckpt = write_checkpoint(hf, Path(tempfile.mkdtemp(prefix="gf-ckpt-")))
+    ckpt = write_checkpoint(hf, Path(tempfile.mkdtemp(prefix="gf-ckpt-", dir=a.ckpt_dir)))
     del hf
     torch.cuda.empty_cache()
     log(f"gpt-fast checkpoint written in {time.perf_counter() - t0:.0f}s")

@@ -12,6 +12,12 @@
 #   bash bench/gpu_product.sh llava7b   # LLaVA-1.5-7B-shaped (CLIP ViT-L/14-336 + projector + LLaMA-7B, random
 #                                       # fp16 weights written here): build (fp16; QUANTS="none w8a16" adds W8A16) + bench
 #   bash bench/gpu_product.sh benchllava  # `enginefarm bench` of the llava7b build again (same machine, after it)
+#   bash bench/gpu_product.sh all       # one GPU session's whole run: llama7b, bench7b, roofline, gptfast7b, then
+#                                       # llava7b with QUANTS="none w8a16"; $OUT/all.done marks its end
+#
+# SRC_ROOT=DIR writes the random checkpoints there (default: the mode's work directory under /tmp). A 7B build
+# keeps four copies of the weights on disk (source, fetched, converted, engine): `all` puts the sources in
+# /dev/shm when it has room, so that a W8A16 engine and gpt-fast's checkpoint still fit a 64 GiB disk.
 #
 # Results (build JSON, bench JSON, timings) go to $OUT (default: .).
 set -o pipefail
@@ -60,14 +66,14 @@ tiny)
   stamp bench; ef bench gpu-tiny-llama --store "$W/store" --batch 1 --input-len 16 --output-len 32 --json \
     > "$OUT/tiny_bench.json" 2> "$OUT/tiny_bench.err"; echo "bench rc=$?"; tail -5 "$OUT/tiny_bench.err"; head -c 1500 "$OUT/tiny_bench.json"; echo ;;
 llama7b)
-  W=/tmp/ef7b; mkdir -p $W
+  W=/tmp/ef7b; mkdir -p $W; SRC=${SRC_ROOT:-$W}/src-llama
   stamp "write the checkpoint"
-  python3 -m bench.models llama "$W/src" || exit 1
+  python3 -m bench.models llama "$SRC" || exit 1
   cat > "$W/llama-7b-shaped.yaml" <<YAML
 name: llama-7b-shaped
 description: LLaMA-7B-shaped random fp16 weights (issue 22's GPU-worker run)
 family: llama
-source: {path: $W/src}
+source: {path: $SRC}
 components:
   llm: {aoti: {cuda_graphs: true}}
 matrix: {backend: [aoti], dtype: [$DTYPE], quant: [none], tp: [1], target: [$SM]}
@@ -88,18 +94,22 @@ bench7b)
 gptfast7b)
   # gpt-fast (its sources in .gptfast/, fetched, never committed; sentencepiece and tiktoken wheels in .whl/) on
   # the llama7b ref's weights, against bench7b's `enginefarm bench` rows (same machine, after them)
-  stamp gpt-fast; python3 bench/gptfast_vs_bench.py --src /tmp/ef7b/src --bench "$OUT/7b_bench.json" \
-    --gptfast "${GPTFAST:-.gptfast}" --out "$OUT" ;;
+  stamp gpt-fast; python3 bench/gptfast_vs_bench.py --src ${SRC_ROOT:-/tmp/ef7b}/src-llama --bench "$OUT/7b_bench.json" \
+    --gptfast "${GPTFAST:-.gptfast}" --out "$OUT" ${GF_CKPT_DIR:+--ckpt-dir $GF_CKPT_DIR} ;;
+roofline7b)
+  # the bench7b rows' decode rate against the memory roofline (copy bandwidth measured in the same run)
+  stamp roofline; python3 bench/decode_roofline.py --src ${SRC_ROOT:-/tmp/ef7b}/src-llama --bench "$OUT/7b_bench.json" \
+    --out "$OUT" ;;
 llava7b)
-  W=${W_LLAVA:-/tmp/efllava}; mkdir -p $W
+  W=${W_LLAVA:-/tmp/efllava}; mkdir -p $W; SRC=${SRC_ROOT:-$W}/src-llava
   stamp "write the checkpoint"
-  python3 -m bench.models llava "$W/src" || exit 1
+  python3 -m bench.models llava "$SRC" || exit 1
   Q=$(echo ${QUANTS:-none} | sed "s/ /, /g")
   cat > "$W/llava-7b-shaped.yaml" <<YAML
 name: llava-7b-shaped
 description: LLaVA-1.5-7B-shaped random fp16 weights (issue 22's GPU-worker run)
 family: llava
-source: {path: $W/src}
+source: {path: $SRC}
 components:
   visual: {aoti: {cuda_graphs: true}}
   llm: {aoti: {cuda_graphs: true}}
@@ -119,7 +129,7 @@ YAML
   # the recipe checked against its family before the build (as `enginefarm build` does first)
   python3 -c "import sys; from enginefarm.families import load_recipe; load_recipe(sys.argv[1])" "$W/llava-7b-shaped.yaml" \
     || exit 2
-  timed_build llava "$W/llava-7b-shaped.yaml" "$W/store" || exit $?
+  timed_build llava "$W/llava-7b-shaped.yaml" "$W/store"  # a variant that failed is reported by its bench (rc 2)
   exec bash "$0" benchllava ;;
 benchllava)
   W=${W_LLAVA:-/tmp/efllava}
@@ -135,6 +145,25 @@ print(' '.join(v.name for v in load_recipe('$W/llava-7b-shaped.yaml').variants()
     python3 -c "import json,sys; from enginefarm.benchmark import format_table; print(format_table(json.load(open(sys.argv[1]))))" \
       "$OUT/llava_bench_$v.json"
   done ;;
+all)
+  stamp "machine"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; df -h /tmp /dev/shm
+  free -g | head -2
+  shm=$(df -B1G --output=avail /dev/shm 2>/dev/null | tail -1 | tr -d ' ')
+  if [ "${shm:-0}" -ge 40 ]; then export SRC_ROOT=/dev/shm/ef GF_CKPT_DIR=/dev/shm; mkdir -p $SRC_ROOT; fi
+  echo "sources in ${SRC_ROOT:-/tmp}; gpt-fast's checkpoint in ${GF_CKPT_DIR:-/tmp}"
+  bash "$0" llama7b && { bash "$0" bench7b; bash "$0" roofline7b; bash "$0" gptfast7b; }
+  df -h /tmp /dev/shm; rm -rf /tmp/ef7b ${SRC_ROOT:-/tmp/ef7b}/src-llama /dev/shm/gf-ckpt-* /tmp/gf-ckpt-*
+  QUANTS="none w8a16" BENCH_ARGS="--batch 1 --input-len 18 --output-len 128 --iters 5" bash "$0" llava7b
+  df -h /tmp /dev/shm; stamp "all done"; touch "$OUT/all.done" ;;
+session)
+  # for a device whose calls are shorter than `all`: the first call starts `all` in a process session of its own
+  # (it outlives the call), and each call waits up to WAIT seconds for it, then hands back its log and results
+  # (engines excepted) as $OUT/gpu_all.tgz
+  R=/tmp/gpu_all; mkdir -p $R
+  if [ ! -e $R/started ]; then touch $R/started; OUT=$R setsid nohup bash "$0" all > $R/all.log 2>&1 < /dev/null & fi
+  end=$((SECONDS + ${WAIT:-540})); while [ $SECONDS -lt $end ] && [ ! -e $R/all.done ]; do sleep 5; done
+  tail -c 8000 $R/all.log; tar -czf "$OUT/gpu_all.tgz" -C $R . ; ls -la $R ;;
 *)
-  echo "usage: bash bench/gpu_product.sh tiny|llama7b|bench7b|gptfast7b|llava7b|benchllava" >&2; exit 2 ;;
+  echo "usage: bash bench/gpu_product.sh tiny|llama7b|bench7b|roofline7b|gptfast7b|llava7b|benchllava|all|session" >&2
+  exit 2 ;;
 esac
