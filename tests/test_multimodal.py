@@ -427,6 +427,10 @@ def test_a_second_variant_validates_against_the_stored_reference(built, tmp_path
     assert loads == []  # neither the reference step (cached) nor validate loaded the Hugging Face model
 
     assert len(st.list_manifests(b.name, "reference")) == 1
+    # one visual engine serves both variants: it runs in the component's own dtype (float32 here), whatever the
+    # LLM's, so the bf16 variant's visual build is the fp32 one's
+    builds = [st.get_manifest(*r) for r in st.list_manifests(b.name, "build")]
+    assert len([m for m in builds if m["params"]["component"] == "visual"]) == 1
     vals = [st.get_manifest(*r) for r in st.list_manifests(b.name, "validate")]
     assert len(vals) == 2 and {m["inputs"]["reference"]["key"] for m in vals} == {first_ref["key"]}
     (val2,) = [m for m in vals if m["key"] != val1["key"]]

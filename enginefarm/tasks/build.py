@@ -18,12 +18,27 @@ def component_backend(ctx: Ctx, component: str, variant: Variant) -> str:
     return ctx.recipe.component_backend(component, variant)
 
 
+def built_variant(ctx: Ctx, component: str, variant: Variant) -> Variant:
+    """`variant` as `component` is built in it: the component's own target, where
+    the recipe gives one. A visual engine depends on neither the LLM's weight
+    quantization nor its tensor parallelism (it runs whole, in the export's
+    dtype), so variants that differ only in those share one visual build: its
+    variant is named for the component, in the component's own dtype (as
+    the export step is), with neither."""
+    v = ctx.recipe.component_variant(component, variant)
+    if component == "visual":
+        dtype = ctx.recipe.components[component].dtype or v.dtype
+        v = v.model_copy(update={"name": f"visual-{dtype}-{v.target}", "dtype": dtype, "quant": "none", "tp": 1,
+                                 "group_size": None})
+    return v
+
+
 def spec(ctx: Ctx, source: StepResult, variant: Variant, component: str = "llm", config: dict | None = None) -> StepSpec:
     """source: the convert step's result (llm) or the export step's (visual);
     config: the fetched config.json, for limits that depend on the checkpoint."""
     bname = component_backend(ctx, component, variant)
     b = get_backend(bname)
-    variant = ctx.recipe.component_variant(component, variant)  # the component's own target, if the recipe gives one
+    variant = built_variant(ctx, component, variant)
     limits = get_family(ctx.recipe.family).derived_limits(ctx.recipe, config)
     params = {"component": component, "backend": bname, "variant": variant.params(), "limits": limits}
     opts = ctx.recipe.components[component].aoti
@@ -39,7 +54,7 @@ def spec(ctx: Ctx, source: StepResult, variant: Variant, component: str = "llm",
 def build_task(ctx: Ctx, source: StepResult, variant: Variant, component: str = "llm",
                config: dict | None = None) -> StepResult:
     s = spec(ctx, source, variant, component, config)
-    variant = ctx.recipe.component_variant(component, variant)
+    variant = built_variant(ctx, component, variant)
 
     def work(out: Path, scratch: Path):
         src = materialize(ctx, source, scratch / "src")
