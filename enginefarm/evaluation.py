@@ -1,8 +1,9 @@
 """Validation arithmetic shared by the validate step, the tp shard check and
 the convert command: engine-side and reference-side outputs on the same token
 ids, compared side by side (logits max-abs-diff, top-1 agreement, greedy
-tokens, and over a text set perplexity and top-1 / top-5 next-token accuracy),
-and the recipe's gates applied to the result. Multimodal pipelines add the
+tokens exactly and up to the first near-tie, and over a text set perplexity
+and top-1 / top-5 next-token accuracy), and the recipe's gates applied to
+the result. Multimodal pipelines add the
 visual features (engine against PyTorch) and run the prompts with images; for
 a decoder-only LLM the Hugging Face side (multimodal_reference_outputs) is
 computed apart from the engines, so the reference step stores it once."""
@@ -74,6 +75,33 @@ def unpadded(ids: list[int], pad: int | None, eos: int | None) -> list[int]:
     return ids
 
 
+# At each step of a greedy generation the reference keeps its GREEDY_TOP_K
+# largest logits (fp32) and their token ids, best first: the gap between its
+# top two (the step's tie margin) and, where an engine's greedy tokens part
+# from the reference's, the gap between the reference's token and the
+# engine's there (exact where the engine's token is among the k; else at
+# least the gap to the k-th). The near-tie rule (greedy_near_tie) reads them.
+GREEDY_TOP_K = 8
+GREEDY_TOP = ("greedy_top_ids", "greedy_top_logits")  # [steps, k] int32, [steps, k] float32
+
+
+def greedy_top(step_logits) -> dict:
+    """{"greedy_top_ids", "greedy_top_logits"} of a greedy generation's
+    logits: `generate(output_logits=True)`'s tuple of [1, vocab] (one a
+    step), or a [steps, vocab] tensor (teacher-forced on the greedy tokens)."""
+    import torch
+
+    if isinstance(step_logits, torch.Tensor):
+        lg = step_logits.float().cpu()
+    elif step_logits:
+        lg = torch.cat([x.float().cpu().reshape(1, -1) for x in step_logits])
+    else:  # no step (no room for a new token)
+        return {GREEDY_TOP[0]: torch.zeros(0, GREEDY_TOP_K, dtype=torch.int32),
+                GREEDY_TOP[1]: torch.zeros(0, GREEDY_TOP_K)}
+    top = lg.topk(min(GREEDY_TOP_K, lg.shape[-1]), -1)
+    return {GREEDY_TOP[0]: top.indices.to(torch.int32).contiguous(), GREEDY_TOP[1]: top.values.contiguous()}
+
+
 def reference_outputs(ref_model, prompt_ids: list[list[int]], eval_ids: list[int], max_new_tokens: int,
                       eos: int | None, pad: int | None, max_seq_len: int, max_input_len: int,
                       beams: int = 1) -> dict:
@@ -89,11 +117,13 @@ def reference_outputs(ref_model, prompt_ids: list[list[int]], eval_ids: list[int
         n_new = min(max_new_tokens, max_seq_len - len(ids))
         with torch.no_grad():
             logits = ref_model(torch.tensor([ids], device=dev)).logits[0].float().cpu()
-            gen = ref_model.generate(
+            out = ref_model.generate(
                 torch.tensor([ids], device=dev), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=dev),
                 max_new_tokens=n_new, do_sample=False, eos_token_id=eos, pad_token_id=pad,
-            )[0, len(ids):].tolist()
-        p = {"ids": ids, "n_new": n_new, "logits": logits, "generated": gen}
+                return_dict_in_generate=True, output_logits=True,
+            )
+        p = {"ids": ids, "n_new": n_new, "logits": logits, "generated": out.sequences[0, len(ids):].tolist(),
+             **greedy_top(out.logits)}
         if beams > 1:
             with torch.no_grad():
                 out = ref_model.generate(torch.tensor([ids], device=dev),
@@ -161,12 +191,13 @@ def _reference_outputs_seq2seq(ref_model, prompt_ids, eval_ids, max_new_tokens, 
         # plain greedy search: none of the checkpoint's own generation settings
         # (beams, forced BOS/EOS, n-gram blocking) that the engine does not apply
         gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, num_beams=1, decoder_start_token_id=start,
-                              eos_token_id=eos, pad_token_id=pad)
+                              eos_token_id=eos, pad_token_id=pad, return_dict_in_generate=True, output_logits=True)
         with torch.no_grad():
-            gen = ref_model.generate(torch.tensor([ids], device=dev),
+            out = ref_model.generate(torch.tensor([ids], device=dev),
                                      attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=dev),
-                                     generation_config=gc)[0, 1:].tolist()
-        p = {"ids": ids, "n_new": n_new, "targets": ids, "logits": teacher_forced(ids), "generated": gen}
+                                     generation_config=gc)
+        p = {"ids": ids, "n_new": n_new, "targets": ids, "logits": teacher_forced(ids),
+             "generated": out.sequences[0, 1:].tolist(), **greedy_top(out.logits)}
         if beams > 1:  # after the decoder start token
             with torch.no_grad():
                 out = ref_model.generate(torch.tensor([ids], device=dev),
@@ -255,7 +286,11 @@ def model_device(model):
 #
 # The reference step (tasks/reference.py) stores reference_outputs once per
 # source and validation settings: the logits in one safetensors file, the
-# token ids and generated tokens in JSON beside them.
+# token ids and generated tokens in JSON beside them. Each prompt's greedy
+# steps' top-k (GREEDY_TOP) go into the safetensors file too, as
+# "prompts.{i}.greedy_top_ids" / "prompts.{i}.greedy_top_logits"; a reference
+# stored before them loads without them (the near-tie metric is then absent,
+# and its gate unjudged).
 
 
 def save_outputs(outputs: dict, directory: Path) -> None:
@@ -268,7 +303,10 @@ def save_outputs(outputs: dict, directory: Path) -> None:
     for part in ("prompts", "eval"):
         for i, item in enumerate(outputs[part]):
             tensors[f"{part}.{i}"] = item["logits"].float().contiguous()
-            meta[part].append({k: v for k, v in item.items() if k != "logits"})
+            for k in GREEDY_TOP:
+                if k in item:
+                    tensors[f"{part}.{i}.{k}"] = item[k].contiguous()
+            meta[part].append({k: v for k, v in item.items() if k != "logits" and k not in GREEDY_TOP})
     if "features" in outputs:  # a multimodal reference: each (media, prompt) pair's visual features
         for i, f in enumerate(outputs["features"]):
             tensors[f"features.{i}"] = f.float().contiguous()
@@ -286,7 +324,9 @@ def load_outputs(directory: Path) -> dict:
     try:
         meta = json.loads((directory / "outputs.json").read_text())
         tensors = load_file(str(directory / "logits.safetensors"))
-        out = {part: [{**item, "logits": tensors[f"{part}.{i}"]} for i, item in enumerate(meta[part])]
+        out = {part: [{**item, "logits": tensors[f"{part}.{i}"],
+                       **{k: tensors[f"{part}.{i}.{k}"] for k in GREEDY_TOP if f"{part}.{i}.{k}" in tensors}}
+                      for i, item in enumerate(meta[part])]
                for part in ("prompts", "eval")}
         if "features" in meta:
             out["features"] = [tensors[f"features.{i}"] for i in range(meta["features"])]
@@ -300,9 +340,59 @@ def worst(a: float, b: float) -> float:
     return b if (b != b or b > a) else a
 
 
-def compare(got: dict, ref: dict, names: tuple[str, str] = ("engine", "reference")) -> dict:
-    """Metrics of one set of outputs against another, side by side."""
+def tie_margin_of(floor: float, logits_max_abs_diff: float) -> float:
+    """The near-tie rule's margin, in absolute logits: the larger of the
+    recipe's floor (Gates.greedy_tie_margin) and twice the engine's measured
+    logits_max_abs_diff on these inputs (each of two logits may be off by up
+    to that much, so the engine can flip a gap of up to twice it). A NaN
+    difference gives a NaN margin, which no gap meets."""
+    return worst(float(floor), 2.0 * float(logits_max_abs_diff))
+
+
+def greedy_near_tie(mine: list[int], ref: list[int], top_ids, top_logits, margin: float) -> dict:
+    """The near-tie rule for one greedy run (`mine`) against the reference's
+    (`ref`, whose steps' top-k are top_ids / top_logits: greedy_top): it
+    passes when the tokens are equal, or when at the first step where they
+    differ the reference's own gap between its token and mine, its logit of
+    its token less its logit of mine, is at most `margin`. The tokens after
+    that step are not judged (the two runs go on from different contexts).
+
+    Not a tie, so failing: a run that stops where the other goes on (one is a
+    prefix of the other), a step beyond the stored ones, and a token of mine
+    outside the reference's top-k there (its gap is only known to be at least
+    the gap to the k-th: tie_gap_at_least)."""
+    j = next((i for i, (a, b) in enumerate(zip(mine, ref)) if a != b), None)
+    if j is None and len(mine) == len(ref):
+        return {"first_divergence": None, "tie_gap": None, "near_tie_equal": True}
+    out = {"first_divergence": min(len(mine), len(ref)) if j is None else j, "tie_gap": None,
+           "near_tie_equal": False}
+    if j is None or j >= len(top_ids):
+        return out
+    ids, vals = [int(t) for t in top_ids[j]], [float(v) for v in top_logits[j]]
+    if ref[j] not in ids:  # the reference's own token out of its top-k: not a greedy step
+        return out
+    mine_logit = vals[ids.index(mine[j])] if mine[j] in ids else None
+    if mine_logit is None:
+        out["tie_gap"], out["tie_gap_at_least"] = vals[ids.index(ref[j])] - vals[-1], True
+        return out
+    out["tie_gap"] = vals[ids.index(ref[j])] - mine_logit
+    out["near_tie_equal"] = out["tie_gap"] <= margin  # False for a NaN margin or gap
+    return out
+
+
+def compare(got: dict, ref: dict, names: tuple[str, str] = ("engine", "reference"),
+            tie_margin: Optional[float] = None) -> dict:
+    """Metrics of one set of outputs against another, side by side.
+
+    Where every reference prompt holds its greedy steps' top-k (greedy_top),
+    also the near-tie rule's verdict, `greedy_equal_to_near_tie`, with the
+    margin it used, `greedy_tie_margin_used` (tie_margin_of: tie_margin,
+    default DEFAULT_TIE_MARGIN, and the logits_max_abs_diff measured here),
+    and each prompt's first_divergence, tie_gap and near_tie_equal in
+    `greedy`."""
     import torch
+
+    from .spec import DEFAULT_TIE_MARGIN
 
     me, other = names
     max_diff = 0.0
@@ -335,6 +425,13 @@ def compare(got: dict, ref: dict, names: tuple[str, str] = ("engine", "reference
     more = {}
     if beams:  # the exact-output gate covers beam search as well as greedy
         more = {"beams": beams, "beams_equal": all(x["equal"] for x in beams)}
+    refs = ref["prompts"][: len(greedy)]
+    if refs and all(GREEDY_TOP[0] in r and GREEDY_TOP[1] in r for r in refs):  # a reference stored before them: absent
+        margin = tie_margin_of(DEFAULT_TIE_MARGIN if tie_margin is None else tie_margin, max_diff)
+        for x, r in zip(greedy, refs):
+            x.update(greedy_near_tie(x[me], x[other], r[GREEDY_TOP[0]], r[GREEDY_TOP[1]], margin))
+        more["greedy_equal_to_near_tie"] = all(x["near_tie_equal"] for x in greedy)
+        more["greedy_tie_margin_used"] = margin
     return {**more,
         "logits_max_abs_diff": max_diff,
         "top1_agreement": agree / max(total, 1),
@@ -359,9 +456,11 @@ def tokenize_inputs(tok, prompts: list[str], text: str, max_eval_tokens: int) ->
     return ids, tok(text).input_ids[:max_eval_tokens]
 
 
-def evaluate(ref, tok, eng, prompts: list[str], text: str, max_new_tokens: int, max_eval_tokens: int) -> dict:
+def evaluate(ref, tok, eng, prompts: list[str], text: str, max_new_tokens: int, max_eval_tokens: int,
+             tie_margin: Optional[float] = None) -> dict:
     """The metrics, engine next to reference. `ref`: the Hugging Face model,
-    or its outputs on these inputs as the reference step stored them."""
+    or its outputs on these inputs as the reference step stored them.
+    tie_margin: the near-tie rule's floor (the recipe's greedy_tie_margin; compare)."""
     prompt_ids, eval_ids = tokenize_inputs(tok, prompts, text, max_eval_tokens)
     beams = eng.max_beam_width  # the recipe's limits.max_beam_width: beams judged where it is above 1
     got = engine_outputs(eng, prompt_ids, eval_ids, max_new_tokens, tok.eos_token_id, beams)
@@ -370,7 +469,7 @@ def evaluate(ref, tok, eng, prompts: list[str], text: str, max_new_tokens: int, 
     else:
         ref = reference_outputs(ref, prompt_ids, eval_ids, max_new_tokens, tok.eos_token_id, tok.pad_token_id,
                                 eng.max_seq_len, eng.max_input_len, beams)
-    m = compare(got, ref)
+    m = compare(got, ref, tie_margin=tie_margin)
     if beams > 1:
         m["num_beams"] = beams
     for g, p in zip(m["greedy"], prompts):
@@ -390,19 +489,27 @@ def check_same_inputs(ref: dict, prompt_ids: list[list[int]], eval_ids: list[int
                          "(the tokenizer or the prompts changed without a new reference key)")
 
 
+# Gates' fields that are parameters of a gate, not gates: judge() skips them.
+GATE_PARAMETERS = ("greedy_tie_margin",)  # greedy_equal_to_near_tie's, applied by compare()
+
+
 def judge(metrics: dict, gates: dict) -> dict:
     out = {}
     for name, limit in gates.items():
+        if name in GATE_PARAMETERS:
+            continue
         if limit is None or limit is False or name not in metrics:  # not set, or not for this kind of model
             continue
         value = metrics[name]
-        if name == "greedy_equal":
+        if name in ("greedy_equal", "greedy_equal_to_near_tie"):
             ok = bool(value)
         elif name == "top1_agreement":
             ok = value >= limit
         else:
             ok = value <= limit
         out[name] = {"value": value, "limit": limit, "passed": ok}
+        if name == "greedy_equal_to_near_tie":
+            out[name]["margin"] = metrics.get("greedy_tie_margin_used")
     return out
 
 
@@ -412,6 +519,7 @@ def gates_line(gates: dict) -> str:
     return ", ".join(
         f"{k}={g['value'] if not isinstance(g['value'], float) else round(g['value'], 6)}"
         f"{'' if g['passed'] else ' (limit ' + str(g['limit']) + ')'}"
+        f"{' (tie margin ' + format(g['margin'], '.4g') + ')' if g.get('margin') is not None else ''}"
         for k, g in gates.items()
     )
 
@@ -419,19 +527,21 @@ def gates_line(gates: dict) -> str:
 def check_shards(src_dir: str | Path, ckpt_dirs: list[str | Path], prompts: list[str], text: str,
                  max_new_tokens: int = 8, max_eval_tokens: int = 128, max_input_len: int = 32,
                  max_seq_len: int = 64, baseline: Optional[str | Path] = None,
-                 reference: Optional[dict] = None) -> list[dict]:
+                 reference: Optional[dict] = None, tie_margin: Optional[float] = None) -> list[dict]:
     """Run each converted checkpoint in its tp processes (runtime/tp.py) and
     compare it with the Hugging Face model in fp32. With `baseline` (a
     checkpoint, e.g. the fp16 conversion) each result also carries
     `vs_baseline`: the same metrics against that checkpoint's outputs, which
-    is how a quantized checkpoint is judged next to fp16."""
+    is how a quantized checkpoint is judged next to fp16. tie_margin: the
+    near-tie rule's floor (compare)."""
     return check_shard_sets([(src_dir, ckpt_dirs, baseline)], prompts, text, max_new_tokens, max_eval_tokens,
-                            max_input_len, max_seq_len)[0]
+                            max_input_len, max_seq_len, tie_margin=tie_margin)[0]
 
 
 def check_shard_sets(sets: list[tuple], prompts: list[str], text: str, max_new_tokens: int = 8,
                      max_eval_tokens: int = 128, max_input_len: int = 32, max_seq_len: int = 64,
-                     references: Optional[list[Optional[dict]]] = None) -> list[list[dict]]:
+                     references: Optional[list[Optional[dict]]] = None,
+                     tie_margin: Optional[float] = None) -> list[list[dict]]:
     """check_shards for several sources at once: `sets` holds (src_dir,
     ckpt_dirs, baseline or None) tuples, and the result holds check_shards'
     list for each. The checkpoints of all sources whose tokenizers give the
@@ -478,7 +588,7 @@ def check_shard_sets(sets: list[tuple], prompts: list[str], text: str, max_new_t
     for (_, ckpt_dirs, baseline), ref in zip(sets, refs):
         rs = []
         for d in map(Path, ckpt_dirs):
-            m = compare(outs[d], ref)
+            m = compare(outs[d], ref, tie_margin=tie_margin)
             m["checkpoint"] = str(d)
             m["tp"] = checkpoint_tp(d)
             if baseline:
@@ -558,9 +668,11 @@ def multimodal_reference_outputs(family, ref_model, processor, items: list, prom
         e = _on(enc, dev)
         with torch.no_grad():
             logits = ref_model(**e).logits[0].float().cpu()
-            gen = ref_model.generate(**e, max_new_tokens=n_new, do_sample=False, eos_token_id=eos,
-                                     pad_token_id=pad)[0].tolist()
-        p = {"ids": ids, "T": T, "n_new": n_new, "logits": logits, "generated": gen[T:]}  # generate repeats the prompt
+            out = ref_model.generate(**e, max_new_tokens=n_new, do_sample=False, eos_token_id=eos,
+                                     pad_token_id=pad, return_dict_in_generate=True, output_logits=True)
+        p = {"ids": ids, "T": T, "n_new": n_new, "logits": logits,
+             "generated": out.sequences[0].tolist()[T:],  # generate repeats the prompt
+             **greedy_top(out.logits)}
         if beams > 1:
             with torch.no_grad():
                 o = ref_model.generate(**e, generation_config=beam_config(beams, pad, eos, max_new_tokens=n_new))
@@ -573,7 +685,8 @@ def multimodal_reference_outputs(family, ref_model, processor, items: list, prom
 
 
 def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list[str], prompts: list[str], text: str,
-                        max_new_tokens: int, max_eval_tokens: int, reference: Optional[dict] = None) -> dict:
+                        max_new_tokens: int, max_eval_tokens: int, reference: Optional[dict] = None,
+                        tie_margin: Optional[float] = None) -> dict:
     """The engines (pipe: runtime.multimodal.MultimodalPipeline) against the
     Hugging Face model in fp32 on the same images and prompts, paired in
     turn (image i % n with prompt i % m): visual features, prefill logits
@@ -584,7 +697,8 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
     stored multimodal_reference_outputs of the same inputs and limits (the
     reference step's), where given; else they are computed here from
     ref_model. An encoder-decoder LLM (BLIP-2 with Flan-T5, Nougat, BLIP)
-    runs ref_model here, call by call (_multimodal_seq2seq)."""
+    runs ref_model here, call by call (_multimodal_seq2seq). tie_margin: the
+    near-tie rule's floor (compare), applied to the batched runs too."""
     import torch
 
     pairs = multimodal_pairs(images, image_names, prompts)
@@ -617,7 +731,7 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
         got_p, ref_p, got_eval, ref_eval = _multimodal_seq2seq(family, ref_model, pipe, pairs, encodings, text,
                                                                max_new_tokens, max_eval_tokens, eos, pad, beams)
         return _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, ref_eval, feat_diff, n_feats,
-                                   max_new_tokens, eos)
+                                   max_new_tokens, eos, tie_margin)
 
     if len(reference["prompts"]) != n:
         raise BadInput(f"the stored reference holds {len(reference['prompts'])} pairs, validation {n}")
@@ -638,7 +752,7 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
     eval_ids = tok(text).input_ids[:max_eval_tokens]
     got_eval = engine_outputs(pipe.llm, [], eval_ids, 0, eos)["eval"]
     return _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, reference["eval"], feat_diff, n_feats,
-                               max_new_tokens, eos)
+                               max_new_tokens, eos, tie_margin)
 
 
 def _multimodal_seq2seq(family, ref_model, pipe, pairs, encodings, text, max_new_tokens, max_eval_tokens, eos, pad,
@@ -667,6 +781,13 @@ def _multimodal_seq2seq(family, ref_model, pipe, pairs, encodings, text, max_new
                       **_engine_beams(lambda d: pipe.generate([image], [prompt], n_new, eos_token_id=eos,
                                                               decoding=d)[0], beams)})
         ref_p.append({"ids": ids, "logits": ref_logits, "generated": ref_gen})
+        # the decoder's logits at [start] + prefix + the greedy tokens: position len(prefix) + j is the step
+        # that chose greedy token j (as many steps as the decoder holds). Kept only where they do choose
+        # the greedy tokens; else (a prompt that generate reads and the decoder ids leave out) the near-tie
+        # metric is absent
+        top = greedy_top(ref_logits[len(prefix) : len(prefix) + len(ref_gen)])
+        if top[GREEDY_TOP[0]][:, 0].tolist() == ref_gen[: top[GREEDY_TOP[0]].shape[0]]:
+            ref_p[-1].update(top)
         if beams > 1:
             with torch.no_grad():
                 ref_p[-1]["beams"] = unpadded(family.reference_generate(ref_model, enc, start, n_new, eos, pad,
@@ -689,7 +810,8 @@ def _multimodal_seq2seq(family, ref_model, pipe, pairs, encodings, text, max_new
     return got_p, ref_p, got_eval, ref_eval
 
 
-def _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, ref_eval, feat_diff, n_feats, max_new_tokens, eos):
+def _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, ref_eval, feat_diff, n_feats, max_new_tokens, eos,
+                        tie_margin: Optional[float] = None):
     n, B = len(pairs), pipe.max_batch_size
     # all pairs at once, in batches of the engines' max_batch_size
     n_b = min(len(g["generated"]) for g in got_p) if got_p else 0
@@ -699,12 +821,17 @@ def _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, ref_eval, feat_diff
         chunk = pairs[s : s + B]
         batched += pipe.generate([c[0] for c in chunk], [c[2] for c in chunk], n_b, eos_token_id=eos)
 
-    m = compare({"prompts": got_p, "eval": got_eval}, {"prompts": ref_p, "eval": ref_eval})
+    m = compare({"prompts": got_p, "eval": got_eval}, {"prompts": ref_p, "eval": ref_eval}, tie_margin=tie_margin)
     for g, (_, name, prompt), b, r in zip(m["greedy"], pairs, batched, ref_p):
         g["prompt"], g["image"] = prompt, name
         g["ids"] = [t if t < pipe.meta["vocab_size"] else -1 for t in g["ids"]]  # -1: a visual feature
         g["batched"] = b
         g["batched_equal"] = b == r["generated"][:n_b]  # both stop at eos
+        if "greedy_equal_to_near_tie" in m:  # the batched run by the same rule
+            t = greedy_near_tie(b, r["generated"][:n_b], r[GREEDY_TOP[0]], r[GREEDY_TOP[1]],
+                                m["greedy_tie_margin_used"])
+            g["batched_near_tie"] = t
+            m["greedy_equal_to_near_tie"] = m["greedy_equal_to_near_tie"] and t["near_tie_equal"]
     m["visual_max_abs_diff"] = feat_diff
     m["visual_features"] = pipe.features
     m["visual_features_by_image"] = n_feats
@@ -741,7 +868,8 @@ def check_conversion(family, src_dir: Path, ckpt_dir: Path, variant, max_input_l
                                variant.model_copy(update={"quant": "none", "group_size": None}))
         say(f"check: {variant.tp} rank process(es) vs the Hugging Face model (fp32)")
         (m,) = check_shards(src_dir, [ckpt_dir], val.prompts, builtin_text(), 8, 128, max_input_len,
-                            max_input_len * 2, baseline=base)
+                            max_input_len * 2, baseline=base,
+                            tie_margin=val.gates_for(variant.quant).greedy_tie_margin)
     m["gates"] = judge(m, val.gates_for(variant.quant).model_dump())
     m["passed"] = all(g["passed"] for g in m["gates"].values())
     m.pop("checkpoint", None)

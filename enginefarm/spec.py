@@ -191,10 +191,26 @@ class Limits(Strict):
         return self
 
 
+# The near-tie rule's floor, in absolute logits (Gates.greedy_tie_margin). An
+# fp16 logit of magnitude 16-32 is stored to 2^-6 = 0.016, so 0.05 is about
+# three of its steps: the rounding of the final logits alone, for an engine
+# whose measured logits difference happens to come out smaller than that.
+# Above it the measured difference decides (twice logits_max_abs_diff).
+DEFAULT_TIE_MARGIN = 0.05
+
+
 class Gates(Strict):
     logits_max_abs_diff: Optional[float] = Field(1e-3, ge=0)
     top1_agreement: Optional[float] = Field(0.99, ge=0, le=1)
     greedy_equal: bool = True
+    greedy_equal_to_near_tie: bool = Field(
+        False, description="greedy tokens equal to the fp32 reference's up to the first near-tie: a run passes "
+        "when it equals the reference, or when at its first divergence the reference's own logit of its token "
+        "exceeds that of the engine's token by at most the tie margin (the larger of greedy_tie_margin and twice "
+        "the measured logits_max_abs_diff); the tokens after it are not judged")
+    greedy_tie_margin: float = Field(
+        DEFAULT_TIE_MARGIN, ge=0, description="greedy_equal_to_near_tie's floor of the tie margin, in absolute "
+        "logits (a parameter of that gate, not a gate itself)")
     perplexity_rel_diff: Optional[float] = Field(0.01, ge=0)
     top5_accuracy_drop: Optional[float] = Field(0.01, ge=0, le=1)
     visual_max_abs_diff: Optional[float] = Field(

@@ -116,6 +116,7 @@ def test_build_exports_checks_and_validates_against_hf(built, family):
     # validation: engines against HF generate, one pair at a time and batched
     val = manifest(b.store, b.name, "validate")["results"]["metrics"]
     assert val["greedy_equal"] and val["greedy_batched_equal"]
+    assert val["greedy_equal_to_near_tie"] and all(g["first_divergence"] is None for g in val["greedy"])
     # beams (the tiny recipes' limits.max_beam_width 2): each pair's beam-search tokens, as `generate` gives them
     assert val["num_beams"] == 2 and val["beams_equal"] and len(val["beams"]) == len(val["greedy"])
     from enginefarm.images import load_image

@@ -76,6 +76,7 @@ def test_build_converts_exports_and_validates_against_hf(built):
 
     val = manifest(built, "validate")["results"]["metrics"]
     assert val["greedy_equal"] and val["greedy_batched_equal"]
+    assert val["greedy_equal_to_near_tie"] and all(g["first_divergence"] is None for g in val["greedy"])
     assert val["num_beams"] == 2 and val["beams_equal"] and len(val["beams"]) == len(val["greedy"])  # beams judged
     assert val["visual_max_abs_diff"] < 1e-3 and val["logits_max_abs_diff"] < 1e-3
     assert val["top1_agreement"] == 1.0 and val["perplexity_rel_diff"] < 1e-3 and val["eval_tokens"] > 0

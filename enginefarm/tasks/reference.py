@@ -5,8 +5,12 @@ its own.
     fetch -> reference -> (every variant's) shards, validate
 
 The reference is the unquantized model in fp32: its logits on every prompt
-and text-set window, its greedy tokens (and beams, where the recipe's
-max_beam_width is above 1). Its key holds the fetched checkpoint, the
+and text-set window, its greedy tokens with each step's 8 largest logits and
+their token ids (what the near-tie gate, greedy_equal_to_near_tie, reads;
+evaluation.greedy_top), and beams, where the recipe's max_beam_width is
+above 1. A reference stored before the steps' top-k still loads (the gate is
+then not judged); none is read in practice, since the step's key holds
+evaluation.py's code and so changed with them. Its key holds the fetched checkpoint, the
 prompts and text set, the limits that cut them (max_input_len, max_seq_len,
 max_beam_width) and the torch / transformers versions; not the variant, so
 all variants of a recipe (tp sizes, dtypes, quantizations, backends) share

@@ -57,7 +57,8 @@ def shards_task(ctx: Ctx, fetched: StepResult, converted: StepResult, variant: V
         log(f"shards [{variant.name}]: running the rank files in {variant.tp} process(es) against the HF model"
             + (f"'s stored outputs ({referenced.key[:12]})" if stored else ""))
         (m,) = check_shards(src, [ckpt], v.prompts, text_set(v.text_set, ctx), v.max_new_tokens, v.max_eval_tokens,
-                            lim.max_input_len, lim.max_seq_len, reference=stored)
+                            lim.max_input_len, lim.max_seq_len, reference=stored,
+                            tie_margin=v.gates_for(variant.quant).greedy_tie_margin)
         m.pop("checkpoint", None)
         gates = judge(m, v.gates_for(variant.quant).model_dump())
         passed = all(g["passed"] for g in gates.values())

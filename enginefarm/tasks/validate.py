@@ -1,7 +1,8 @@
 """validate: the engine against the Hugging Face model on the same inputs.
 
 For each recipe prompt: logits max-abs-diff, top-1 agreement and greedy
-tokens (engine vs `generate`). Over the text set (the HF demo's accuracy
+tokens (engine vs `generate`: exactly, and up to the first near-tie, where
+the recipe's greedy_tie_margin is passed on to evaluation.compare). Over the text set (the HF demo's accuracy
 mode): perplexity and top-1 / top-5 next-token accuracy, engine next to
 reference, plus their logits difference. The recipe's gates decide pass or
 fail; the result goes into the manifest (a failed gate is a result, not an
@@ -118,7 +119,8 @@ def _validate_multimodal(ctx: Ctx, fetched: StepResult, built: StepResult, visua
         ref = fam.reference_model(src)
     names, items = reference_step.media_of(ctx)
     metrics = evaluate_multimodal(fam, ref, pipe, items, names, v.prompts, text_set(v.text_set, ctx),
-                                  v.max_new_tokens, v.max_eval_tokens, reference=stored)
+                                  v.max_new_tokens, v.max_eval_tokens, reference=stored,
+                                  tie_margin=v.gates_for(variant.quant).greedy_tie_margin)
     if stand_in:
         for k in VISUAL_GATES:  # the stand-in's features against Hugging Face say nothing about the engine
             metrics.pop(k, None)
@@ -207,7 +209,8 @@ def validate_task(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Var
         else:  # no stored reference, or one cut with other limits than this engine's
             log(f"validate [{variant.name}]: loading the reference model (fp32) and the engine")
             ref = load_reference(src, device="auto")  # causal or seq2seq, from config.json
-        metrics = evaluate(ref, tok, eng, v.prompts, text_set(v.text_set, ctx), v.max_new_tokens, v.max_eval_tokens)
+        metrics = evaluate(ref, tok, eng, v.prompts, text_set(v.text_set, ctx), v.max_new_tokens, v.max_eval_tokens,
+                           tie_margin=v.gates_for(variant.quant).greedy_tie_margin)
         return _finish(metrics, pending)
 
     def _finish(metrics: dict, pending: dict[str, str]):
