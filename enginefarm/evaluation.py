@@ -535,7 +535,7 @@ def check_shards(src_dir: str | Path, ckpt_dirs: list[str | Path], prompts: list
     is how a quantized checkpoint is judged next to fp16. tie_margin: the
     near-tie rule's floor (compare)."""
     return check_shard_sets([(src_dir, ckpt_dirs, baseline)], prompts, text, max_new_tokens, max_eval_tokens,
-                            max_input_len, max_seq_len, tie_margin=tie_margin)[0]
+                            max_input_len, max_seq_len, references=[reference], tie_margin=tie_margin)[0]
 
 
 def check_shard_sets(sets: list[tuple], prompts: list[str], text: str, max_new_tokens: int = 8,

@@ -320,9 +320,10 @@ matrix: {quant: [none, w4a16], group_size: 64, tp: [1, 2]}
 # ----------------------------------------------------------------------------- in the DAG
 
 
-def test_quantized_variant_builds_with_a_shards_step_and_quant_gates(tmp_path):
+def test_quantized_variant_builds_with_a_shards_step_and_quant_gates(tmp_path, monkeypatch):
     from test_build import recipe_for
 
+    from enginefarm import evaluation
     from enginefarm.flows.build import build
     from enginefarm.store import open_store
 
@@ -330,7 +331,17 @@ def test_quantized_variant_builds_with_a_shards_step_and_quant_gates(tmp_path):
     recipe = recipe_for(tmp_path, "q-llama", "llama", src,
                         matrix={"backend": ["aoti"], "dtype": ["float32"], "quant": ["w8a16"], "tp": [1],
                                 "target": ["cpu"]}, default_variant=None)
+    loads = []
+    real = evaluation.load_reference
+
+    def counted(*a, **kw):  # the real loader, counted
+        loads.append(a[:1])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(evaluation, "load_reference", counted)
     out = build(recipe=str(recipe), store=str(tmp_path / "store"))
+    # the Hugging Face model is loaded once, by the reference step: the shards step reads its stored outputs
+    assert len(loads) == 1
     v = out["variants"]["fp32-w8a16-tp1"]
     assert v["steps"]["shards"] == "built" and v["shards"]["passed"]
     assert v["validation"] is True
