@@ -23,12 +23,14 @@
 set -o pipefail
 export PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME=$(mktemp -d)
 OUT=${OUT:-.}
-if [ -d .whl ] && ! python3 -c "import prefect" 2>/dev/null; then
+if [ -d /tmp/site ]; then
+  # installed by an earlier mode on this machine (llava7b re-runs this for benchllava; `session`'s later calls
+  # must not reinstall under the run they wait for)
+  export PYTHONPATH=/tmp/site:$PWD
+elif [ -d .whl ] && ! python3 -c "import prefect" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 2
   export PYTHONPATH=/tmp/site:$PWD
-elif [ -d /tmp/site ]; then
-  export PYTHONPATH=/tmp/site:$PWD  # installed by an earlier mode on this machine (llava7b re-runs this for benchllava)
 else
   export PYTHONPATH=$PWD
 fi
