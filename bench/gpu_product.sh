@@ -12,8 +12,8 @@
 #   bash bench/gpu_product.sh llava7b   # LLaVA-1.5-7B-shaped (CLIP ViT-L/14-336 + projector + LLaMA-7B, random
 #                                       # fp16 weights written here): build (fp16; QUANTS="none w8a16" adds W8A16) + bench
 #   bash bench/gpu_product.sh benchllava  # `enginefarm bench` of the llava7b build again (same machine, after it)
-#   bash bench/gpu_product.sh all       # one GPU session's whole run: llama7b, bench7b, roofline, gptfast7b, then
-#                                       # llava7b with QUANTS="none w8a16"; $OUT/all.done marks its end
+#   bash bench/gpu_product.sh all       # one GPU session's whole run: llama7b, bench7b, roofline7b, gptfast7b, then
+#                                       # llava7b with QUANTS=$LLAVA_QUANTS (default w8a16); $OUT/all.done marks its end
 #
 # SRC_ROOT=DIR writes the random checkpoints there (default: the mode's work directory under /tmp). A 7B build
 # keeps four copies of the weights on disk (source, fetched, converted, engine): `all` puts the sources in
@@ -107,6 +107,7 @@ llava7b)
   stamp "write the checkpoint"
   python3 -m bench.models llava "$SRC" || exit 1
   Q=$(echo ${QUANTS:-none} | sed "s/ /, /g")
+  Q1=$(echo ${QUANTS:-none} | cut -d" " -f1); DEFV=$DV$([ "$Q1" = none ] || echo "-$Q1")-tp1  # the first variant
   cat > "$W/llava-7b-shaped.yaml" <<YAML
 name: llava-7b-shaped
 description: LLaVA-1.5-7B-shaped random fp16 weights (issue 22's GPU-worker run)
@@ -116,7 +117,7 @@ components:
   visual: {aoti: {cuda_graphs: true}}
   llm: {aoti: {cuda_graphs: true}}
 matrix: {backend: [aoti], dtype: [$DTYPE], quant: [$Q], tp: [1], target: [$SM]}
-default_variant: $DV-tp1
+default_variant: $DEFV
 limits: {max_batch_size: 1, max_input_len: 768, max_seq_len: 1024}
 validation:
   prompts: ["USER: <image>\nWhat is in the picture? ASSISTANT:"]
@@ -156,7 +157,8 @@ all)
   # the 7B text engine's baselines are gpt-fast and the roofline, so its bench skips eager Hugging Face
   bash "$0" llama7b && { BENCH7B_EXTRA=--no-eager bash "$0" bench7b; bash "$0" roofline7b; bash "$0" gptfast7b; }
   df -h /tmp /dev/shm; rm -rf /tmp/ef7b ${SRC_ROOT:-/tmp/ef7b}/src-llama /dev/shm/gf-ckpt-* /tmp/gf-ckpt-*
-  QUANTS="none w8a16" BENCH_ARGS="--batch 1 --input-len 18 --output-len 128 --iters 5" bash "$0" llava7b
+  # the fp16 LLaVA build and bench ran in an earlier session (bench/NOTES.md); LLAVA_QUANTS="none w8a16" runs both
+  QUANTS="${LLAVA_QUANTS:-w8a16}" BENCH_ARGS="--batch 1 --input-len 18 --output-len 128 --iters 5" bash "$0" llava7b
   df -h /tmp /dev/shm; stamp "all done"; touch "$OUT/all.done" ;;
 session)
   # for a device whose calls are shorter than `all`: the first call starts `all` in a process session of its own
