@@ -2,11 +2,12 @@
 the convert command: engine-side and reference-side outputs on the same token
 ids, compared side by side (logits max-abs-diff, top-1 agreement, greedy
 tokens exactly and up to the first near-tie, and over a text set perplexity
-and top-1 / top-5 next-token accuracy), and the recipe's gates applied to
-the result. Multimodal pipelines add the
-visual features (engine against PyTorch) and run the prompts with images; for
-a decoder-only LLM the Hugging Face side (multimodal_reference_outputs) is
-computed apart from the engines, so the reference step stores it once."""
+and top-1 / top-5 next-token accuracy), and the recipe's gates applied to the
+result. Multimodal pipelines add the
+visual features (engine against PyTorch) and run the prompts with images; the
+Hugging Face side (multimodal_reference_outputs for a decoder-only LLM,
+multimodal_seq2seq_reference_outputs for an encoder-decoder one) is computed
+apart from the engines, so the reference step stores it once."""
 
 from __future__ import annotations
 
@@ -684,6 +685,76 @@ def multimodal_reference_outputs(family, ref_model, processor, items: list, prom
     return {"features": feats, "prompts": out_p, "eval": ref_eval}
 
 
+def multimodal_seq2seq_reference_outputs(family, ref_model, processor, items: list, prompts: list[str], text: str,
+                                         max_new_tokens: int, max_eval_tokens: int, max_seq_len: int,
+                                         max_decoder_tokens: int, max_input_len: int, max_batch_size: int, beams: int,
+                                         eos: int | None, start: int) -> dict:
+    """multimodal_reference_outputs of an encoder-decoder LLM (BLIP-2 with
+    Flan-T5, Nougat, BLIP), from the model and the family's processor alone
+    (no engine): for each (item, prompt) pair its visual features (in batches
+    of max_batch_size), greedy tokens (and beams where beams > 1) of
+    `generate` from the decoder start token `start` (Nougat, BLIP: then the
+    prompt's tokens), and the logits with the decoder teacher-forced on
+    [start] + (Nougat, BLIP: the prompt's tokens) + those greedy tokens, cut
+    to max_decoder_tokens (the decoder tokens the engines take in one pass:
+    min(max_input_len, max_seq_len)); the text set as seq2seq chunks of
+    max_decoder_tokens (Nougat, BLIP: the decoder on the first item's
+    features, since they have no text encoder). The generation length is
+    max_seq_len less the prefix after the start token. Each pair records the
+    decoder_ids its logits are of, which the engines are teacher-forced on."""
+    import torch
+
+    from .runtime.multimodal import image_token_of
+
+    pairs = multimodal_pairs(items, [""] * len(items), prompts)
+    tok = processor.tokenizer
+    pad = tok.pad_token_id
+    token = image_token_of(processor)
+    dev = model_device(ref_model)
+    encoder_output = bool(family.features_as_encoder_output)
+    encodings = [family.encode(processor, item, prompt, token) for item, _, prompt in pairs]
+    feats = []
+    with torch.no_grad():
+        for s in range(0, len(pairs), max_batch_size):
+            feats += [f.float().cpu() for f in
+                      family.reference_features(ref_model, [_on(e, dev) for e in encodings[s : s + max_batch_size]])]
+    out_p = []
+    for enc in encodings:
+        prefix = list(enc["prompt_ids"]) if encoder_output else []
+        n_new = min(max_new_tokens, max_seq_len - len(prefix))
+        e = _on(enc, dev)
+        with torch.no_grad():
+            gen = family.reference_generate(ref_model, e, start, n_new, eos, pad)
+            dec = ([start] + prefix + gen)[:max_decoder_tokens]
+            logits = family.reference_seq2seq_logits(ref_model, e, dec).float().cpu()
+        p = {"n_new": n_new, "decoder_ids": dec, "logits": logits, "generated": gen}
+        # the decoder's logits at [start] + prefix + the greedy tokens: position len(prefix) + j is the step
+        # that chose greedy token j (as many steps as the decoder holds). Kept only where they do choose
+        # the greedy tokens; else (a prompt that generate reads and the decoder ids leave out) the near-tie
+        # metric is absent
+        top = greedy_top(logits[len(prefix) : len(prefix) + len(gen)])
+        if top[GREEDY_TOP[0]][:, 0].tolist() == gen[: top[GREEDY_TOP[0]].shape[0]]:
+            p.update(top)
+        if beams > 1:
+            with torch.no_grad():
+                p["beams"] = unpadded(family.reference_generate(ref_model, e, start, n_new, eos, pad, num_beams=beams),
+                                      pad, eos)
+        out_p.append(p)
+
+    eval_ids = tok(text).input_ids[:max_eval_tokens]
+    if encoder_output:
+        e = _on(family.encode(processor, pairs[0][0], "", token), dev)
+        ref_eval = []
+        for c in seq2seq_chunks(eval_ids, max_decoder_tokens):
+            with torch.no_grad():
+                logits = family.reference_seq2seq_logits(ref_model, e, [start] + c[:-1]).float().cpu()
+            ref_eval.append({"ids": c, "targets": c, "logits": logits})
+    else:
+        ref_eval = _reference_outputs_seq2seq(family.reference_text_model(ref_model), [], eval_ids, 0, eos, pad,
+                                              max_seq_len, max_input_len)["eval"]
+    return {"features": feats, "prompts": out_p, "eval": ref_eval}
+
+
 def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list[str], prompts: list[str], text: str,
                         max_new_tokens: int, max_eval_tokens: int, reference: Optional[dict] = None,
                         tie_margin: Optional[float] = None) -> dict:
@@ -693,34 +764,41 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
     and greedy tokens one pair at a time, greedy tokens of all pairs in
     batches of max_batch_size, and the LLM on the text set.
 
-    A decoder-only LLM (a prompt table) is compared with `reference`, the
-    stored multimodal_reference_outputs of the same inputs and limits (the
-    reference step's), where given; else they are computed here from
-    ref_model. An encoder-decoder LLM (BLIP-2 with Flan-T5, Nougat, BLIP)
-    runs ref_model here, call by call (_multimodal_seq2seq). tie_margin: the
-    near-tie rule's floor (compare), applied to the batched runs too."""
+    The Hugging Face side is `reference`, the stored outputs of the same
+    inputs and limits (the reference step's: multimodal_reference_outputs
+    for a decoder-only LLM, multimodal_seq2seq_reference_outputs for an
+    encoder-decoder one), where given; else it is computed here from
+    ref_model, by the same function, under the engines' limits. tie_margin:
+    the near-tie rule's floor (compare), applied to the batched runs too."""
     import torch
 
     pairs = multimodal_pairs(images, image_names, prompts)
     n = len(pairs)
     tok = pipe.processor.tokenizer
-    eos, pad = pipe.eos_token_id, tok.pad_token_id
+    eos = pipe.eos_token_id
     B = pipe.max_batch_size
     beams = pipe.llm.max_beam_width  # the recipe's limits.max_beam_width: beams judged where it is above 1
 
-    if not pipe.seq2seq and reference is None:
-        reference = multimodal_reference_outputs(family, ref_model, pipe.processor, images, prompts, text,
-                                                 max_new_tokens, max_eval_tokens, pipe.llm.max_seq_len,
-                                                 pipe.llm.max_input_len, B, beams, eos)
+    if reference is None:
+        llm = pipe.llm
+        if pipe.seq2seq:
+            reference = multimodal_seq2seq_reference_outputs(
+                family, ref_model, pipe.processor, images, prompts, text, max_new_tokens, max_eval_tokens,
+                llm.max_seq_len, llm.max_decoder_tokens, llm.max_input_len, B, beams, eos,
+                llm.decoder_start_token_id)
+        else:
+            reference = multimodal_reference_outputs(family, ref_model, pipe.processor, images, prompts, text,
+                                                     max_new_tokens, max_eval_tokens, llm.max_seq_len,
+                                                     llm.max_input_len, B, beams, eos)
+    if len(reference["prompts"]) != n or len(reference["features"]) != n:
+        raise BadInput(f"the stored reference holds {len(reference['prompts'])} pairs, validation {n}")
     encodings = pipe.prepare([p[0] for p in pairs], [p[2] for p in pairs])
     feat_diff = 0.0
     n_feats = []
     with torch.no_grad():
         for s in range(0, n, B):
             got_f = pipe.image_features(encodings[s : s + B])
-            ref_f = (reference["features"][s : s + B] if reference is not None
-                     else family.reference_features(ref_model, encodings[s : s + B]))
-            for g, r in zip(got_f, ref_f):
+            for g, r in zip(got_f, reference["features"][s : s + B]):
                 if g.shape != r.shape:
                     raise BadInput(f"the engines make {tuple(g.shape)} visual features for an image, Hugging Face "
                                    f"{tuple(r.shape)}")
@@ -728,13 +806,11 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
                 n_feats.append(g.shape[0])
 
     if pipe.seq2seq:
-        got_p, ref_p, got_eval, ref_eval = _multimodal_seq2seq(family, ref_model, pipe, pairs, encodings, text,
-                                                               max_new_tokens, max_eval_tokens, eos, pad, beams)
-        return _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, ref_eval, feat_diff, n_feats,
+        got_p, ref_p, got_eval = _multimodal_seq2seq(pipe, pairs, encodings, reference, text, max_new_tokens,
+                                                     max_eval_tokens, eos, beams)
+        return _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, reference["eval"], feat_diff, n_feats,
                                    max_new_tokens, eos, tie_margin)
 
-    if len(reference["prompts"]) != n:
-        raise BadInput(f"the stored reference holds {len(reference['prompts'])} pairs, validation {n}")
     got_p, ref_p = [], []
     for (image, name, prompt), r in zip(pairs, reference["prompts"]):
         eng_ids, table = pipe.inputs([image], [prompt])
@@ -755,59 +831,43 @@ def evaluate_multimodal(family, ref_model, pipe, images: list, image_names: list
                                max_new_tokens, eos, tie_margin)
 
 
-def _multimodal_seq2seq(family, ref_model, pipe, pairs, encodings, text, max_new_tokens, max_eval_tokens, eos, pad,
-                        beams: int = 1):
-    """Encoder-decoder LLMs (BLIP-2 with Flan-T5, Nougat): greedy tokens of
-    each pair against `generate`; logits with the decoder teacher-forced on
-    [start] + (Nougat: the prompt's tokens) + the reference's greedy tokens;
-    the text set as seq2seq chunks (Nougat: the decoder with the first
-    image's features, since it has no text encoder)."""
-    import torch
+def _multimodal_seq2seq(pipe, pairs, encodings, reference, text, max_new_tokens, max_eval_tokens, eos, beams: int = 1):
+    """The engines' side of an encoder-decoder LLM (BLIP-2 with Flan-T5,
+    Nougat, BLIP) next to the reference's (multimodal_seq2seq_reference_outputs):
+    greedy tokens of each pair; logits with the decoder teacher-forced on the
+    reference's decoder_ids ([start] + (Nougat, BLIP: the prompt's tokens) +
+    the reference's greedy tokens); the text set as seq2seq chunks (Nougat,
+    BLIP: the decoder with the first image's features)."""
+    from .errors import StepFailed
 
     llm = pipe.llm
     start = llm.decoder_start_token_id
     got_p, ref_p = [], []
-    for (image, _, prompt), enc in zip(pairs, encodings):
+    for (image, _, prompt), enc, r in zip(pairs, encodings, reference["prompts"]):
         prefix = list(enc["prompt_ids"]) if pipe.encoder_output else []
         n_new = min(max_new_tokens, llm.max_seq_len - len(prefix))
+        dec = r["decoder_ids"]
+        if (n_new, dec[: 1 + len(prefix)]) != (r["n_new"], ([start] + prefix)[: len(dec)]) or \
+                len(dec) > llm.max_decoder_tokens:
+            raise StepFailed("the stored reference is of other decoder inputs than this validation's (the decoder "
+                             "start token, the prompt's tokens or the limits changed without a new reference key)")
         gen = pipe.generate([image], [prompt], n_new, eos_token_id=eos)[0]
-        with torch.no_grad():
-            ref_gen = family.reference_generate(ref_model, enc, start, n_new, eos, pad)
-        dec = ([start] + prefix + ref_gen)[: llm.max_decoder_tokens]
         ids, logits = pipe.seq2seq_logits(image, prompt, dec)
-        with torch.no_grad():
-            ref_logits = family.reference_seq2seq_logits(ref_model, enc, dec).float()
         got_p.append({"ids": ids, "logits": logits, "generated": gen,
                       **_engine_beams(lambda d: pipe.generate([image], [prompt], n_new, eos_token_id=eos,
                                                               decoding=d)[0], beams)})
-        ref_p.append({"ids": ids, "logits": ref_logits, "generated": ref_gen})
-        # the decoder's logits at [start] + prefix + the greedy tokens: position len(prefix) + j is the step
-        # that chose greedy token j (as many steps as the decoder holds). Kept only where they do choose
-        # the greedy tokens; else (a prompt that generate reads and the decoder ids leave out) the near-tie
-        # metric is absent
-        top = greedy_top(ref_logits[len(prefix) : len(prefix) + len(ref_gen)])
-        if top[GREEDY_TOP[0]][:, 0].tolist() == ref_gen[: top[GREEDY_TOP[0]].shape[0]]:
-            ref_p[-1].update(top)
-        if beams > 1:
-            with torch.no_grad():
-                ref_p[-1]["beams"] = unpadded(family.reference_generate(ref_model, enc, start, n_new, eos, pad,
-                                                                        num_beams=beams), pad, eos)
+        ref_p.append({**r, "ids": ids})
 
     eval_ids = pipe.processor.tokenizer(text).input_ids[:max_eval_tokens]
     if pipe.encoder_output:
-        image, enc = pairs[0][0], pipe.prepare([pairs[0][0]], [""])[0]
-        got_eval, ref_eval = [], []
-        for c in seq2seq_chunks(eval_ids, llm.max_decoder_tokens):
-            dec = [start] + c[:-1]
-            got_eval.append({"ids": c, "targets": c, "logits": pipe.seq2seq_logits(image, "", dec)[1]})
-            with torch.no_grad():
-                ref_eval.append({"ids": c, "targets": c,
-                                 "logits": family.reference_seq2seq_logits(ref_model, enc, dec).float()})
+        image = pairs[0][0]
+        got_eval = [{"ids": c, "targets": c, "logits": pipe.seq2seq_logits(image, "", [start] + c[:-1])[1]}
+                    for c in seq2seq_chunks(eval_ids, llm.max_decoder_tokens)]
     else:
         got_eval = _engine_outputs_seq2seq(llm, [], eval_ids, 0, eos)["eval"]
-        ref_eval = _reference_outputs_seq2seq(family.reference_text_model(ref_model), [], eval_ids, 0, eos, pad,
-                                              llm.max_seq_len, llm.max_input_len)["eval"]
-    return got_p, ref_p, got_eval, ref_eval
+    if [c["ids"] for c in got_eval] != [c["ids"] for c in reference["eval"]]:
+        raise StepFailed("the stored reference's text-set windows are of other token ids than this validation's")
+    return got_p, ref_p, got_eval
 
 
 def _multimodal_metrics(pipe, pairs, got_p, ref_p, got_eval, ref_eval, feat_diff, n_feats, max_new_tokens, eos,

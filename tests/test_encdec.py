@@ -284,6 +284,13 @@ def test_t5_build_validates_and_runs_from_the_store(tmp_path, capsys):
     v = out["variants"]["fp32-tp1"]
     assert v["validation"] is True and all(g["passed"] for g in v["gates"].values())
     assert {"llm/encoder.pt2", "llm/decoder.pt2", "llm/engine.json"} <= set(v["files"])
+    # an encoder-decoder text recipe's validate reads the reference step's outputs, as a decoder-only one's
+    from enginefarm.store import open_store
+
+    st = open_store(store)
+    ((_, _, ref_key),) = st.list_manifests("t5-e2e", "reference")
+    ((_, _, val_key),) = st.list_manifests("t5-e2e", "validate")
+    assert st.get_manifest("t5-e2e", "validate", val_key)["inputs"]["reference"]["key"] == ref_key
 
     tok = AutoTokenizer.from_pretrained(src)
     hf = hf_model(src)

@@ -91,6 +91,14 @@ def test_build_converts_exports_and_validates_against_hf(built):
     text = hf["text_config"]
     assert eng["decoder_start_token_id"] == text["bos_token_id"] and eng["eos_token_id"] == text["sep_token_id"]
 
+    # its Hugging Face side is the reference step's: generated from [DEC] up to [SEP], as the engines run, and
+    # teacher-forced on min(max_input_len 16, max_seq_len 32) decoder tokens at most
+    ref = manifest(built, "reference")
+    assert manifest(built, "validate")["inputs"]["reference"]["key"] == ref["key"]
+    assert ref["params"]["limits"]["max_decoder_tokens"] == 16 and ref["results"]["pairs"] == 3
+    assert (ref["results"]["decoder_start_token_id"], ref["results"]["eos_token_id"]) == \
+        (text["bos_token_id"], text["sep_token_id"])
+
 
 def manifest(b, step: str) -> dict:
     return only_manifest(b.store, b.name, step)

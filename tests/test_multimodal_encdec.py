@@ -111,6 +111,9 @@ def test_build_converts_exports_and_validates_against_hf(built, family):
     assert ex["image_size"] == ([64, 48] if family == "nougat" else 32)  # Nougat's pages are not square
     assert ex["ort_max_abs_diff"] < 1e-3
 
+    # the Hugging Face side: the reference step's (tests below: reused by another variant)
+    ref = manifest(b.store, b.name, "reference")
+    assert manifest(b.store, b.name, "validate")["inputs"]["reference"]["key"] == ref["key"]
     val = manifest(b.store, b.name, "validate")["results"]["metrics"]
     assert val["greedy_equal"] and val["greedy_batched_equal"]
     assert val["greedy_equal_to_near_tie"] and all(g["first_divergence"] is None for g in val["greedy"])
@@ -421,3 +424,126 @@ def test_plan_prints_the_encoder_decoder_trtllm_build_once_the_llm_is_known(tmp_
     t5 = next(x for x in lines if "build[llm] if the LLM is t5 (encoder-decoder)" in x)
     assert t5.count("trtllm-build") == 2 and "CKPT/encoder" in t5 and "--max_encoder_input_len" in t5
     assert "--workers 2" in t5 and any("build[llm] if the LLM is opt (decoder-only)" in x for x in lines)
+
+
+# ----------------------------------------------------------------------------- the reference step
+
+
+def test_a_second_variant_validates_against_the_stored_reference(built, tmp_path, monkeypatch):
+    """The Hugging Face reference of a multimodal recipe with an encoder-decoder
+    LLM is the reference step's, computed once and cut to the engines'
+    max_decoder_tokens: a second variant (a bf16 LLM) built into the same
+    store finds it cached, its validate reads it (the Hugging Face class is
+    not loaded anywhere in that build) and judges its engines against it
+    (BLIP-2 with Flan-T5: its onnxruntime visual engine costs no compile)."""
+    import transformers
+
+    from enginefarm.errors import GateFailed
+    from enginefarm.flows.build import build
+
+    b = built("blip2-t5")
+    st = open_store(str(b.store))
+    (ref,) = [st.get_manifest(*r) for r in st.list_manifests(b.name, "reference")]
+    assert ref["params"]["limits"]["max_decoder_tokens"] == 48  # min(max_input_len 48, max_seq_len 64)
+    r = ref["results"]
+    assert r["pairs"] == 3 and r["media"] == 3 and r["eval_windows"] > 0
+    cfg = json.loads((b.src / "config.json").read_text())
+    assert r["decoder_start_token_id"] == cfg["text_config"]["decoder_start_token_id"]
+    assert {"logits.safetensors", "outputs.json"} <= set(ref["files"])
+    (val1,) = [st.get_manifest(*x) for x in st.list_manifests(b.name, "validate")]
+    assert val1["inputs"]["reference"]["key"] == ref["key"]
+
+    cls = transformers.Blip2ForConditionalGeneration
+    loads = []
+    real = cls.from_pretrained.__func__
+
+    def counted(klass, *a, **kw):  # the real loader, counted
+        loads.append(a[:1])
+        return real(klass, *a, **kw)
+
+    monkeypatch.setattr(cls, "from_pretrained", classmethod(counted))
+    data = yaml.safe_load(b.recipe.read_text())
+    data["matrix"]["dtype"] = ["float32", "bfloat16"]
+    data["components"]["visual"]["dtype"] = "float32"  # ONNX Runtime's CPU kernels take no bf16 convolutions
+    p = tmp_path / f"{b.name}.yaml"
+    p.write_text(yaml.safe_dump(data))
+    try:
+        build(recipe=str(p), store=str(b.store))
+    except GateFailed:  # bf16 next to fp32 may miss the fp32 gates: a result, in its validate manifest
+        pass
+    assert loads == []  # neither the reference step (cached) nor validate loaded the Hugging Face model
+
+    assert len(st.list_manifests(b.name, "reference")) == 1
+    vals = [st.get_manifest(*x) for x in st.list_manifests(b.name, "validate")]
+    assert len(vals) == 2 and {m["inputs"]["reference"]["key"] for m in vals} == {ref["key"]}
+    (val2,) = [m for m in vals if m["key"] != val1["key"]]
+    assert val2["variant"] == "bf16-tp1"
+    m, m1 = val2["results"]["metrics"], val1["results"]["metrics"]
+    # judged against the same reference: a bf16 LLM next to fp32 Hugging Face, not equal to it; the fp32 visual
+    assert len(m["greedy"]) == 3 and 0 < m["logits_max_abs_diff"] < float("inf") and m["visual_max_abs_diff"] < 1e-3
+    assert [g["reference"] for g in m["greedy"]] == [g["reference"] for g in m1["greedy"]]
+    assert m["perplexity"]["reference"] == m1["perplexity"]["reference"] and m["eval_tokens"] == m1["eval_tokens"]
+
+
+@pytest.mark.parametrize("family", ["nougat", "blip2-t5"])
+def test_the_reference_key_follows_images_and_decoder_limits(built, family, tmp_path):
+    """An image whose bytes change under the same name, or limits that cut the
+    decoder's inputs otherwise (max_decoder_tokens), change the reference's
+    key; the variant does not enter it. A stored reference whose limits,
+    decoder start token or stop token are not the engines' is refused for
+    them, with the reason."""
+    from enginefarm.backends import get_backend
+    from enginefarm.families import load_recipe
+    from enginefarm.flows.gpu import stored_result
+    from enginefarm.tasks import reference as reference_step
+    from enginefarm.tasks.base import Ctx, materialize
+
+    b = built(family)
+    st = open_store(str(b.store))
+    ((_, _, fetch_key),) = st.list_manifests(b.name, "fetch")
+    fetched = stored_result(st, b.name, "fetch", fetch_key)
+    img = tmp_path / "picture.png"
+    data = yaml.safe_load(b.recipe.read_text())
+    data["validation"]["images"] = [str(img), "builtin:rings"]
+    p = tmp_path / "r.yaml"
+
+    def spec(**limits):
+        p.write_text(yaml.safe_dump({**data, "limits": {**data["limits"], **limits}}))
+        ctx = Ctx(store=st, recipe=load_recipe(str(p)))
+        assert reference_step.needed(ctx, fetched)
+        return reference_step.spec(ctx, fetched)
+
+    write_image("rings", img)
+    k1 = spec().key()
+    assert spec().key() == k1
+    write_image("checker", img)
+    k2 = spec().key()
+    assert k2 != k1
+    data["matrix"]["dtype"] = ["float32", "bfloat16"]
+    assert spec().key() == k2
+    lim = data["limits"]
+    s = spec(max_input_len=lim["max_input_len"] - 1)  # the decoder takes one token fewer in one pass
+    assert s.params["limits"]["max_decoder_tokens"] == min(lim["max_input_len"] - 1, lim["max_seq_len"])
+    assert s.key() not in (k1, k2)
+
+    # the stored reference against the built engines: it fits them; other limits or tokens do not
+    (ref,) = [st.get_manifest(*x) for x in st.list_manifests(b.name, "reference")]
+    referenced = stored_result(st, b.name, "reference", ref["key"])
+    (build_llm,) = [m for m in (st.get_manifest(*x) for x in st.list_manifests(b.name, "build"))
+                    if m["params"]["component"] == "llm" and m["variant"] == "fp32-tp1"]
+    built_llm = stored_result(st, b.name, "build", build_llm["key"])
+    ctx = Ctx(store=st, recipe=load_recipe(str(b.recipe)))
+    llm = get_backend(build_llm["params"]["backend"]).load(materialize(ctx, built_llm, tmp_path / "llm"))
+    eos = ref["results"]["eos_token_id"]
+    assert reference_step.mismatch(referenced, llm, eos) is None
+    cut = json.loads(json.dumps(ref))
+    cut["params"]["limits"]["max_decoder_tokens"] -= 1
+    other = type(referenced)(referenced.step, referenced.key, referenced.digest, cut, cached=True)
+    assert reference_step.mismatch(other, llm, eos) == (
+        f"the reference was cut with max_decoder_tokens {llm.max_decoder_tokens - 1}, the engine has "
+        f"{llm.max_decoder_tokens}")
+    cut = json.loads(json.dumps(ref))
+    cut["results"]["decoder_start_token_id"] += 1
+    other = type(referenced)(referenced.step, referenced.key, referenced.digest, cut, cached=True)
+    assert "decoder starts from token" in reference_step.mismatch(other, llm, eos)
+    assert "the engines stop at" in reference_step.mismatch(referenced, llm, eos + 1)

@@ -288,6 +288,11 @@ class Blip(MultimodalFamily):
         enc["prompt_ids"] = enc["input_ids"][0, 1:-1].tolist()
         return enc
 
+    def decoder_start_token_id(self, config: dict) -> Optional[int]:
+        """[DEC] (text_config.bos_token_id), as decoder_config records it (the engines start from it; the
+        reference step generates from it)."""
+        return self._text(config)["bos_token_id"]
+
     def stop_token_id(self, processor, llm_meta: dict) -> Optional[int]:
         """[SEP] (text_config.sep_token_id), as the decoder checkpoint records it."""
         eos = llm_meta.get("eos_token_id")
@@ -304,7 +309,8 @@ class Blip(MultimodalFamily):
     def reference_seq2seq_logits(self, model, enc, decoder_ids):
         import torch
 
-        return model(pixel_values=enc["pixel_values"], input_ids=torch.tensor([decoder_ids])).logits[0]
+        dev = enc["pixel_values"].device
+        return model(pixel_values=enc["pixel_values"], input_ids=torch.tensor([decoder_ids], device=dev)).logits[0]
 
     def reference_generate(self, model, enc, start: int, n: int, eos, pad, num_beams: int = 1) -> list[int]:
         """BlipForConditionalGeneration.generate on the processor's ids (it

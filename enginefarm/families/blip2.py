@@ -83,6 +83,13 @@ class Blip2(MultimodalFamily):
 
     # ----------------------------------------------------------------- Flan-T5: the seq2seq reference
 
+    def decoder_start_token_id(self, config: dict):
+        """Flan-T5's decoder start token as the t5 family's conversion writes it: the T5 config's
+        decoder_start_token_id, else its pad token (the engines start from it; the reference step generates
+        from it)."""
+        text = self.llm_config(config)
+        return text.get("decoder_start_token_id", text.get("pad_token_id", 0))
+
     def reference_text_model(self, model):
         """The T5 alone (text in, text out)."""
         return model.language_model
@@ -90,7 +97,7 @@ class Blip2(MultimodalFamily):
     def reference_seq2seq_logits(self, model, enc, decoder_ids):
         import torch
 
-        return model(**enc, decoder_input_ids=torch.tensor([decoder_ids])).logits[0]
+        return model(**enc, decoder_input_ids=torch.tensor([decoder_ids], device=enc["pixel_values"].device)).logits[0]
 
     conversational = True
 

@@ -132,10 +132,16 @@ class Nougat(MultimodalFamily):
             out = model.enc_to_dec_proj(out)
         return list(out)
 
+    def decoder_start_token_id(self, config: dict):
+        """The decoder start token as the bart family's conversion writes it: the mBART decoder config's (the
+        engines start from it; the reference step generates from it)."""
+        return self.llm_config(config).get("decoder_start_token_id")
+
     def reference_seq2seq_logits(self, model, enc, decoder_ids):
         import torch
 
-        return model(pixel_values=enc["pixel_values"], decoder_input_ids=torch.tensor([decoder_ids])).logits[0]
+        pixels = enc["pixel_values"]
+        return model(pixel_values=pixels, decoder_input_ids=torch.tensor([decoder_ids], device=pixels.device)).logits[0]
 
     def reference_generate(self, model, enc, start: int, n: int, eos, pad, num_beams: int = 1) -> list[int]:
         import torch
@@ -144,6 +150,7 @@ class Nougat(MultimodalFamily):
         prefix = [start] + list(enc["prompt_ids"])
         gc = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=num_beams, early_stopping=False,
                               length_penalty=1.0, decoder_start_token_id=start, eos_token_id=eos, pad_token_id=pad)
-        out = self.plain_greedy(model).generate(pixel_values=enc["pixel_values"],
-                                                decoder_input_ids=torch.tensor([prefix]), generation_config=gc)
+        pixels = enc["pixel_values"]
+        out = self.plain_greedy(model).generate(pixel_values=pixels, generation_config=gc,
+                                                decoder_input_ids=torch.tensor([prefix], device=pixels.device))
         return out[0, len(prefix):].tolist()

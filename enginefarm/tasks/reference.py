@@ -31,10 +31,19 @@ each pair's visual features, prefill logits, greedy tokens and beams, and the
 text set through the LLM (evaluation.multimodal_reference_outputs). Their
 key adds the images' and videos' digests, the visual facts the processor is
 built from (the family's visual_meta: frames per video, tiling) and
-max_batch_size (the features are computed in the engines' batches). Those
-with an encoder-decoder LLM (BLIP-2 with Flan-T5, Nougat, BLIP) still run
-the Hugging Face model inside validate, call by call: `needed` is False for
-them.
+max_batch_size (the features are computed in the engines' batches).
+
+Those with an encoder-decoder LLM (BLIP-2 with Flan-T5, Nougat, BLIP) too
+(evaluation.multimodal_seq2seq_reference_outputs): each pair's visual
+features, greedy tokens and beams of `generate` from the decoder start token
+(the family's decoder_start_token_id: the one the conversion gives the
+engines), and its logits with the decoder teacher-forced on the start token,
+the prompt's tokens (Nougat, BLIP) and those greedy tokens, cut to
+max_decoder_tokens = min(max_input_len, max_seq_len), the decoder tokens the
+engines take in one pass; the text set in windows of max_decoder_tokens.
+Their key adds max_decoder_tokens to the limits; the manifest records the
+decoder start token and the stop token it generated with, which validate
+checks against the engines' (`mismatch`), as it checks the limits.
 """
 
 from __future__ import annotations
@@ -77,20 +86,20 @@ def seq2seq(ctx: Ctx, config: dict) -> bool:
 
 
 def needed(ctx: Ctx, fetched: StepResult | None = None) -> bool:
-    """Text recipes; multimodal ones with a decoder-only LLM, which the fetched
-    checkpoint's config says (so not before fetch: False without `fetched`).
-    Multimodal ones with an encoder-decoder LLM compute their reference in
-    validate."""
-    if not multimodal(ctx):
-        return True
-    return fetched is not None and not seq2seq(ctx, fetched.results["config"])
+    """Every recipe; a multimodal one once fetched (its key holds facts of the
+    fetched checkpoint's config: False without `fetched`)."""
+    return not multimodal(ctx) or fetched is not None
 
 
-def limits(ctx: Ctx) -> dict:
+def limits(ctx: Ctx, config: dict | None = None) -> dict:
+    """The limits that cut the reference (config: the fetched config.json, which says whether a multimodal
+    recipe's LLM is an encoder-decoder)."""
     lim = ctx.recipe.limits
     out = {"max_input_len": lim.max_input_len, "max_seq_len": lim.max_seq_len, "max_beam_width": lim.max_beam_width}
     if multimodal(ctx):  # the visual features are computed in batches of the engines' max_batch_size
         out["max_batch_size"] = lim.max_batch_size
+        if config is not None and seq2seq(ctx, config):  # the teacher-forced decoder inputs are cut to it
+            out["max_decoder_tokens"] = min(lim.max_input_len, lim.max_seq_len)
     return out
 
 
@@ -151,7 +160,7 @@ def spec(ctx: Ctx, fetched: StepResult) -> StepSpec:
         "max_new_tokens": v.max_new_tokens,
         "max_eval_tokens": v.max_eval_tokens,
         "text_digest": digest_bytes(text_set(v.text_set, ctx).encode()),
-        "limits": limits(ctx),
+        "limits": limits(ctx, fetched.results["config"]),
     }
     modules = [__name__]
     if multimodal(ctx):  # only then: a text recipe's key stays what it was
@@ -206,6 +215,9 @@ def _run(ctx: Ctx, fetched: StepResult, s: StepSpec) -> StepResult:
             names, items = media_of(ctx)
             what = f"{len(items)} image(s) or video(s), {len(v.prompts)} prompt(s)"
             model_class = fam.reference_class
+            eos = fam.stop_token_id(processor, {})
+            encdec = "max_decoder_tokens" in lim  # an encoder-decoder LLM (limits)
+            start = fam.decoder_start_token_id(fetched.results["config"]) if encdec else None
         else:
             from transformers import AutoTokenizer
 
@@ -222,13 +234,20 @@ def _run(ctx: Ctx, fetched: StepResult, s: StepSpec) -> StepResult:
         t_load = time.perf_counter() - t0
         log(f"reference: the Hugging Face model in fp32 on {', '.join(devices)} (loaded in {t_load:.1f}s); {what}")
         if multimodal(ctx):
-            from ..evaluation import multimodal_reference_outputs
+            from ..evaluation import multimodal_reference_outputs, multimodal_seq2seq_reference_outputs
 
-            outputs = multimodal_reference_outputs(
-                fam, model, processor, items, v.prompts, text_set(v.text_set, ctx), v.max_new_tokens,
-                v.max_eval_tokens, lim["max_seq_len"], lim["max_input_len"], lim["max_batch_size"],
-                lim["max_beam_width"], fam.stop_token_id(processor, {}))
-            counts = {"pairs": len(outputs["prompts"]), "media": len(items), "eval_windows": len(outputs["eval"])}
+            text = text_set(v.text_set, ctx)
+            if encdec:
+                outputs = multimodal_seq2seq_reference_outputs(
+                    fam, model, processor, items, v.prompts, text, v.max_new_tokens, v.max_eval_tokens,
+                    lim["max_seq_len"], lim["max_decoder_tokens"], lim["max_input_len"], lim["max_batch_size"],
+                    lim["max_beam_width"], eos, start)
+            else:
+                outputs = multimodal_reference_outputs(
+                    fam, model, processor, items, v.prompts, text, v.max_new_tokens, v.max_eval_tokens,
+                    lim["max_seq_len"], lim["max_input_len"], lim["max_batch_size"], lim["max_beam_width"], eos)
+            counts = {"pairs": len(outputs["prompts"]), "media": len(items), "eval_windows": len(outputs["eval"]),
+                      "eos_token_id": eos, **({"decoder_start_token_id": start} if encdec else {})}
         else:
             from ..evaluation import reference_outputs
 
@@ -257,12 +276,26 @@ def load(ctx: Ctx, referenced: StepResult, scratch: Path) -> dict:
     return load_outputs(materialize(ctx, referenced, scratch / "reference"))
 
 
-def matches(referenced: StepResult, eng) -> bool:
-    """Whether an engine's limits are the ones the reference was cut with (a multimodal recipe's: its LLM
-    engine's, max_batch_size too)."""
+_UNSAID = object()
+
+
+def mismatch(referenced: StepResult, eng, eos=_UNSAID) -> str | None:
+    """Why the reference is not one to judge an engine by, or None: its limits
+    are not the ones the reference was cut with (a multimodal recipe's: its
+    LLM engine's, max_batch_size too; an encoder-decoder one's also
+    max_decoder_tokens), or (multimodal) the engines start their decoder
+    from another token, or stop at another one (eos: the pipeline's), than
+    the reference generated with."""
     lim = referenced.manifest["params"]["limits"]
-    if "max_batch_size" in lim and lim["max_batch_size"] != eng.max_batch_size:  # multimodal: the features' batches
-        return False
-    return (lim["max_input_len"], lim["max_seq_len"], lim["max_beam_width"]) == \
-        (eng.max_input_len, eng.max_seq_len, eng.max_beam_width)
+    for name in ("max_input_len", "max_seq_len", "max_beam_width", "max_batch_size", "max_decoder_tokens"):
+        # those the reference was cut with (max_batch_size: multimodal; max_decoder_tokens: encoder-decoder)
+        if name in lim and lim[name] != getattr(eng, name, None):
+            return f"the reference was cut with {name} {lim[name]}, the engine has {getattr(eng, name, None)}"
+    got = referenced.results
+    if got.get("decoder_start_token_id") is not None and got["decoder_start_token_id"] != eng.decoder_start_token_id:
+        return (f"the reference's decoder starts from token {got['decoder_start_token_id']}, the engine's from "
+                f"{eng.decoder_start_token_id}")
+    if eos is not _UNSAID and "eos_token_id" in got and got["eos_token_id"] != eos:
+        return f"the reference generated up to token {got['eos_token_id']}, the engines stop at {eos}"
+    return None
 

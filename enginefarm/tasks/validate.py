@@ -12,11 +12,13 @@ Multimodal recipes (a visual engine next to the LLM): the recipe's images
 (video families: its videos) and prompts, paired, through both engines and through the Hugging Face
 model (fp32, `generate`): visual features max abs diff, prefill logits,
 greedy tokens one pair at a time and batched; the text set through the LLM.
-With a decoder-only LLM (LLaVA, LLaVA-NeXT, LLaVA-NeXT-Video, BLIP-2 with
-OPT) the Hugging Face side is the reference step's stored outputs, the model
-is not loaded here (unless the engine's limits are not the ones the
-reference was cut with); with an encoder-decoder one (BLIP-2 with Flan-T5,
-Nougat, BLIP) the model runs here, call by call.
+The Hugging Face side is the reference step's stored outputs, with a
+decoder-only LLM (LLaVA, LLaVA-NeXT, LLaVA-NeXT-Video, BLIP-2 with OPT) and
+with an encoder-decoder one (BLIP-2 with Flan-T5, Nougat, BLIP): the model
+is not loaded here, unless the engines' limits are not the ones the
+reference was cut with (an encoder-decoder LLM's max_decoder_tokens among
+them) or their decoder starts from, or stops at, another token than the
+reference's; then it is loaded here, and the log says why.
 
 An engine that cannot run on this machine (a TensorRT engine and no GPU
 among its targets, say) is not validated here: its component is recorded
@@ -71,7 +73,7 @@ def pending_components(built: StepResult, visual: StepResult | None = None) -> d
 def spec(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Variant,
          visual: StepResult | None = None, referenced: StepResult | None = None) -> StepSpec:
     """built: the llm engine's build; visual: the visual engine's (multimodal recipes); referenced: the
-    reference step's result (text recipes, and multimodal ones with a decoder-only LLM)."""
+    reference step's result."""
     v = ctx.recipe.validation
     validation = v.model_dump(mode="json")
     if validation["videos"] is None:  # unset: the key of a recipe from before the field is unchanged
@@ -111,11 +113,12 @@ def _validate_multimodal(ctx: Ctx, fetched: StepResult, built: StepResult, visua
         vis = get_backend(visual.manifest["params"]["backend"]).load(materialize(ctx, visual, scratch / "visual"))
     pipe = MultimodalPipeline(vis, llm, fam.load_processor(src, vis.visual))
     ref, stored = None, None
-    if referenced is not None and reference_step.matches(referenced, llm):
+    why = "no stored reference" if referenced is None else reference_step.mismatch(referenced, llm, pipe.eos_token_id)
+    if why is None:
         log(f"validate [{variant.name}]: the engines against the stored reference ({referenced.key[:12]})")
         stored = reference_step.load(ctx, referenced, scratch)
-    else:  # an encoder-decoder LLM (no reference step), or a reference cut with other limits than these engines'
-        log(f"validate [{variant.name}]: loading the reference model (fp32), the processor and the engines")
+    else:  # no stored reference, or one cut with other limits (or decoder tokens) than these engines'
+        log(f"validate [{variant.name}]: loading the reference model (fp32), the processor and the engines: {why}")
         ref = fam.reference_model(src)
     names, items = reference_step.media_of(ctx)
     metrics = evaluate_multimodal(fam, ref, pipe, items, names, v.prompts, text_set(v.text_set, ctx),
@@ -203,11 +206,12 @@ def validate_task(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Var
         v = ctx.recipe.validation
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
         eng = get_backend(built.manifest["params"]["backend"]).load(eng_dir)
-        if referenced is not None and reference_step.matches(referenced, eng):
+        why = reference_step.mismatch(referenced, eng) if referenced is not None else "no stored reference"
+        if why is None:
             log(f"validate [{variant.name}]: the engine against the stored reference ({referenced.key[:12]})")
             ref = reference_step.load(ctx, referenced, scratch)
         else:  # no stored reference, or one cut with other limits than this engine's
-            log(f"validate [{variant.name}]: loading the reference model (fp32) and the engine")
+            log(f"validate [{variant.name}]: loading the reference model (fp32) and the engine: {why}")
             ref = load_reference(src, device="auto")  # causal or seq2seq, from config.json
         metrics = evaluate(ref, tok, eng, v.prompts, text_set(v.text_set, ctx), v.max_new_tokens, v.max_eval_tokens,
                            tie_margin=v.gates_for(variant.quant).greedy_tie_margin)
