@@ -77,7 +77,7 @@ description: LLaMA-7B-shaped random fp16 weights (issue 22's GPU-worker run)
 family: llama
 source: {path: $SRC}
 components:
-  llm: {aoti: {cuda_graphs: true}}
+  llm: {aoti: ${LLM_AOTI:-{cuda_graphs: true\}}}
 matrix: {backend: [aoti], dtype: [$DTYPE], quant: [none], tp: [1], target: [$SM]}
 default_variant: $DV-tp1
 limits: {max_batch_size: 1, max_input_len: 256, max_seq_len: 512}
