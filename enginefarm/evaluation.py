@@ -566,7 +566,10 @@ def check_shard_sets(sets: list[tuple], prompts: list[str], text: str, max_new_t
             check_same_inputs(stored, prompt_ids, eval_ids)
             refs.append(stored)
         else:
-            ref_model = load_reference(src_dir)
+            # where no stored reference serves (a multimodal recipe's shards check: its reference step stores
+            # image-and-prompt outputs), placed as the reference step places it: on the GPUs where there are any
+            # (host memory bounded: a 7B LLaVA's fp32 model made a GPU worker's shards step peak at 42.5 GB)
+            ref_model = load_reference(src_dir, device=None)
             refs.append(reference_outputs(ref_model, prompt_ids, eval_ids, max_new_tokens, eos, pad, max_seq_len,
                                           max_input_len))
             del ref_model
