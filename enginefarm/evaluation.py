@@ -637,6 +637,27 @@ def _on(enc, dev):
     return type(enc)({k: v.to(dev) if torch.is_tensor(v) else v for k, v in enc.items()})
 
 
+def _reference_inputs(family, ref_model, processor, items: list, prompts: list[str], max_batch_size: int):
+    """The Hugging Face side's inputs of every (item, prompt) pair: the pairs,
+    the family's encodings of them, the visual features of each (the model's
+    own, in batches of max_batch_size, fp32 on the CPU), the model's input
+    device and the processor's image token."""
+    import torch
+
+    from .runtime.multimodal import image_token_of
+
+    pairs = multimodal_pairs(items, [""] * len(items), prompts)
+    token = image_token_of(processor)
+    dev = model_device(ref_model)
+    encodings = [family.encode(processor, item, prompt, token) for item, _, prompt in pairs]
+    feats = []
+    with torch.no_grad():
+        for s in range(0, len(pairs), max_batch_size):
+            feats += [f.float().cpu() for f in
+                      family.reference_features(ref_model, [_on(e, dev) for e in encodings[s : s + max_batch_size]])]
+    return pairs, encodings, feats, dev, token
+
+
 def multimodal_reference_outputs(family, ref_model, processor, items: list, prompts: list[str], text: str,
                                  max_new_tokens: int, max_eval_tokens: int, max_seq_len: int, max_input_len: int,
                                  max_batch_size: int, beams: int, eos: int | None) -> dict:
@@ -651,19 +672,10 @@ def multimodal_reference_outputs(family, ref_model, processor, items: list, prom
     max_seq_len less the prompt's tokens. `save_outputs` stores it."""
     import torch
 
-    from .runtime.multimodal import image_token_of
-
-    pairs = multimodal_pairs(items, [""] * len(items), prompts)
+    pairs, encodings, feats, dev, token = _reference_inputs(family, ref_model, processor, items, prompts,
+                                                           max_batch_size)
     tok = processor.tokenizer
     pad = tok.pad_token_id
-    token = image_token_of(processor)
-    dev = model_device(ref_model)
-    encodings = [family.encode(processor, item, prompt, token) for item, _, prompt in pairs]
-    feats = []
-    with torch.no_grad():
-        for s in range(0, len(pairs), max_batch_size):
-            feats += [f.float().cpu() for f in
-                      family.reference_features(ref_model, [_on(e, dev) for e in encodings[s : s + max_batch_size]])]
     out_p = []
     for enc in encodings:
         ids = enc["input_ids"][0].tolist()
@@ -707,20 +719,11 @@ def multimodal_seq2seq_reference_outputs(family, ref_model, processor, items: li
     decoder_ids its logits are of, which the engines are teacher-forced on."""
     import torch
 
-    from .runtime.multimodal import image_token_of
-
-    pairs = multimodal_pairs(items, [""] * len(items), prompts)
+    pairs, encodings, feats, dev, token = _reference_inputs(family, ref_model, processor, items, prompts,
+                                                           max_batch_size)
     tok = processor.tokenizer
     pad = tok.pad_token_id
-    token = image_token_of(processor)
-    dev = model_device(ref_model)
     encoder_output = bool(family.features_as_encoder_output)
-    encodings = [family.encode(processor, item, prompt, token) for item, _, prompt in pairs]
-    feats = []
-    with torch.no_grad():
-        for s in range(0, len(pairs), max_batch_size):
-            feats += [f.float().cpu() for f in
-                      family.reference_features(ref_model, [_on(e, dev) for e in encodings[s : s + max_batch_size]])]
     out_p = []
     for enc in encodings:
         prefix = list(enc["prompt_ids"]) if encoder_output else []

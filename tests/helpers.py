@@ -24,6 +24,63 @@ def recipe_for(tmp_path: Path, name: str, family: str, src: Path, **extra) -> Pa
     return p
 
 
+def count_loads(monkeypatch, cls) -> list:
+    """A Hugging Face class's from_pretrained, still the real loader, made to
+    record each call's first argument in the returned list."""
+    loads = []
+    real = cls.from_pretrained.__func__
+
+    def counted(klass, *a, **kw):
+        loads.append(a[:1])
+        return real(klass, *a, **kw)
+
+    monkeypatch.setattr(cls, "from_pretrained", classmethod(counted))
+    return loads
+
+
+def build_bf16_beside(b, tmp_path: Path, loads: list, ref_key: str, val1_key: str) -> dict:
+    """The session build `b`'s recipe again, with a bf16 LLM variant beside its
+    fp32 one (the visual component kept in float32: ONNX Runtime's CPU kernels
+    take no bf16 convolutions), built into the same store. Checks that the
+    build loaded no Hugging Face model (`loads`: count_loads' list) and that
+    both variants' validates read the one stored reference `ref_key`; returns
+    the bf16 variant's validate manifest."""
+    import yaml
+
+    from enginefarm.errors import GateFailed
+    from enginefarm.flows.build import build
+    from enginefarm.store import open_store
+
+    st = open_store(str(b.store))
+    data = yaml.safe_load(b.recipe.read_text())
+    data["matrix"]["dtype"] = ["float32", "bfloat16"]
+    data["components"]["visual"] = {**(data["components"].get("visual") or {}), "dtype": "float32"}
+    data["default_variant"] = "fp32-tp1"
+    p = tmp_path / f"{b.name}.yaml"
+    p.write_text(yaml.safe_dump(data))
+    try:
+        build(recipe=str(p), store=str(b.store))
+    except GateFailed:  # bf16 next to fp32 may miss the fp32 gates: a result, in its validate manifest
+        pass
+    assert loads == []  # neither the reference step (cached) nor validate loaded the Hugging Face model
+    assert len(st.list_manifests(b.name, "reference")) == 1
+    vals = [st.get_manifest(*x) for x in st.list_manifests(b.name, "validate")]
+    assert len(vals) == 2 and {m["inputs"]["reference"]["key"] for m in vals} == {ref_key}
+    (val2,) = [m for m in vals if m["key"] != val1_key]
+    assert val2["variant"] == "bf16-tp1"
+    return val2
+
+
+def stored_fetch(b):
+    """The session build `b`'s store and its fetch step's stored result."""
+    from enginefarm.flows.gpu import stored_result
+    from enginefarm.store import open_store
+
+    st = open_store(str(b.store))
+    ((_, _, fetch_key),) = st.list_manifests(b.name, "fetch")
+    return st, stored_result(st, b.name, "fetch", fetch_key)
+
+
 def only_manifest(store: Path, recipe: str, step: str) -> dict:
     """The one manifest a recipe's step wrote into the store."""
     from enginefarm.store import open_store

@@ -19,13 +19,13 @@ import torch
 import yaml
 
 from enginefarm.cli import main as cli
-from enginefarm.errors import BadInput, GateFailed, NotAvailable
+from enginefarm.errors import BadInput, NotAvailable
 from enginefarm.families import get_family
 from enginefarm.images import builtin_image, write_image
 from enginefarm.spec import Variant
 from enginefarm.store import open_store
 from enginefarm.testing import write_tiny
-from helpers import only_manifest, recipe_for, session_builds
+from helpers import build_bf16_beside, count_loads, only_manifest, recipe_for, session_builds, stored_fetch
 
 ROOT = Path(__file__).resolve().parent.parent
 V32 = Variant(name="x", backend="aoti", dtype="float32", quant="none", tp=1, target="cpu")
@@ -395,8 +395,6 @@ def test_a_second_variant_validates_against_the_stored_reference(built, tmp_path
     loaded anywhere in that build) and judges its engines against it."""
     import transformers
 
-    from enginefarm.flows.build import build
-
     b = built("llava")
     st = open_store(str(b.store))
     (first_ref,) = [st.get_manifest(*r) for r in st.list_manifests(b.name, "reference")]
@@ -406,36 +404,12 @@ def test_a_second_variant_validates_against_the_stored_reference(built, tmp_path
     (val1,) = [st.get_manifest(*r) for r in st.list_manifests(b.name, "validate")]
     assert val1["inputs"]["reference"]["key"] == first_ref["key"]
 
-    cls = transformers.LlavaForConditionalGeneration
-    loads = []
-    real = cls.from_pretrained.__func__
-
-    def counted(klass, *a, **kw):  # the real loader, counted
-        loads.append(a[:1])
-        return real(klass, *a, **kw)
-
-    monkeypatch.setattr(cls, "from_pretrained", classmethod(counted))
-    data = yaml.safe_load(b.recipe.read_text())
-    data["matrix"]["dtype"] = ["float32", "bfloat16"]
-    data["components"]["visual"] = {"dtype": "float32"}  # ONNX Runtime's CPU kernels take no bf16 convolutions
-    data["default_variant"] = "fp32-tp1"
-    p = tmp_path / f"{b.name}.yaml"
-    p.write_text(yaml.safe_dump(data))
-    try:
-        build(recipe=str(p), store=str(b.store))
-    except GateFailed:  # bf16 next to fp32 may miss the fp32 gates: a result, in its validate manifest
-        pass
-    assert loads == []  # neither the reference step (cached) nor validate loaded the Hugging Face model
-
-    assert len(st.list_manifests(b.name, "reference")) == 1
+    loads = count_loads(monkeypatch, transformers.LlavaForConditionalGeneration)  # the real loader, counted
+    val2 = build_bf16_beside(b, tmp_path, loads, first_ref["key"], val1["key"])
     # one visual engine serves both variants: it runs in the component's own dtype (float32 here), whatever the
     # LLM's, so the bf16 variant's visual build is the fp32 one's
     builds = [st.get_manifest(*r) for r in st.list_manifests(b.name, "build")]
     assert len([m for m in builds if m["params"]["component"] == "visual"]) == 1
-    vals = [st.get_manifest(*r) for r in st.list_manifests(b.name, "validate")]
-    assert len(vals) == 2 and {m["inputs"]["reference"]["key"] for m in vals} == {first_ref["key"]}
-    (val2,) = [m for m in vals if m["key"] != val1["key"]]
-    assert val2["variant"] == "bf16-tp1"
     m = val2["results"]["metrics"]
     # judged against the reference: a bf16 LLM next to fp32 Hugging Face, not equal to it; the fp32 visual engine
     assert len(m["greedy"]) == 3 and 0 < m["logits_max_abs_diff"] < float("inf") and m["visual_max_abs_diff"] < 1e-4
@@ -446,14 +420,11 @@ def test_the_reference_key_follows_the_images_contents(built, tmp_path):
     """An image file whose bytes change under the same name changes the
     multimodal reference's key; the variant does not enter it."""
     from enginefarm.families import load_recipe
-    from enginefarm.flows.gpu import stored_result
     from enginefarm.tasks import reference as reference_step
     from enginefarm.tasks.base import Ctx
 
     b = built("llava")
-    st = open_store(str(b.store))
-    ((_, _, fetch_key),) = st.list_manifests(b.name, "fetch")
-    fetched = stored_result(st, b.name, "fetch", fetch_key)
+    st, fetched = stored_fetch(b)
     img = tmp_path / "picture.png"
     data = yaml.safe_load(b.recipe.read_text())
     data["validation"]["images"] = [str(img), "builtin:rings"]

@@ -28,7 +28,7 @@ from enginefarm.images import write_image
 from enginefarm.spec import Variant
 from enginefarm.store import open_store
 from enginefarm.testing import write_tiny
-from helpers import only_manifest, session_builds
+from helpers import build_bf16_beside, count_loads, only_manifest, session_builds, stored_fetch
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = {"nougat": ["", "The build"], "blip2-t5": ["Question: what is in the picture? Answer:", "a photo of"]}
@@ -438,9 +438,6 @@ def test_a_second_variant_validates_against_the_stored_reference(built, tmp_path
     (BLIP-2 with Flan-T5: its onnxruntime visual engine costs no compile)."""
     import transformers
 
-    from enginefarm.errors import GateFailed
-    from enginefarm.flows.build import build
-
     b = built("blip2-t5")
     st = open_store(str(b.store))
     (ref,) = [st.get_manifest(*r) for r in st.list_manifests(b.name, "reference")]
@@ -453,31 +450,8 @@ def test_a_second_variant_validates_against_the_stored_reference(built, tmp_path
     (val1,) = [st.get_manifest(*x) for x in st.list_manifests(b.name, "validate")]
     assert val1["inputs"]["reference"]["key"] == ref["key"]
 
-    cls = transformers.Blip2ForConditionalGeneration
-    loads = []
-    real = cls.from_pretrained.__func__
-
-    def counted(klass, *a, **kw):  # the real loader, counted
-        loads.append(a[:1])
-        return real(klass, *a, **kw)
-
-    monkeypatch.setattr(cls, "from_pretrained", classmethod(counted))
-    data = yaml.safe_load(b.recipe.read_text())
-    data["matrix"]["dtype"] = ["float32", "bfloat16"]
-    data["components"]["visual"]["dtype"] = "float32"  # ONNX Runtime's CPU kernels take no bf16 convolutions
-    p = tmp_path / f"{b.name}.yaml"
-    p.write_text(yaml.safe_dump(data))
-    try:
-        build(recipe=str(p), store=str(b.store))
-    except GateFailed:  # bf16 next to fp32 may miss the fp32 gates: a result, in its validate manifest
-        pass
-    assert loads == []  # neither the reference step (cached) nor validate loaded the Hugging Face model
-
-    assert len(st.list_manifests(b.name, "reference")) == 1
-    vals = [st.get_manifest(*x) for x in st.list_manifests(b.name, "validate")]
-    assert len(vals) == 2 and {m["inputs"]["reference"]["key"] for m in vals} == {ref["key"]}
-    (val2,) = [m for m in vals if m["key"] != val1["key"]]
-    assert val2["variant"] == "bf16-tp1"
+    loads = count_loads(monkeypatch, transformers.Blip2ForConditionalGeneration)  # the real loader, counted
+    val2 = build_bf16_beside(b, tmp_path, loads, ref["key"], val1["key"])
     m, m1 = val2["results"]["metrics"], val1["results"]["metrics"]
     # judged against the same reference: a bf16 LLM next to fp32 Hugging Face, not equal to it; the fp32 visual
     assert len(m["greedy"]) == 3 and 0 < m["logits_max_abs_diff"] < float("inf") and m["visual_max_abs_diff"] < 1e-3
@@ -499,9 +473,7 @@ def test_the_reference_key_follows_images_and_decoder_limits(built, family, tmp_
     from enginefarm.tasks.base import Ctx, materialize
 
     b = built(family)
-    st = open_store(str(b.store))
-    ((_, _, fetch_key),) = st.list_manifests(b.name, "fetch")
-    fetched = stored_result(st, b.name, "fetch", fetch_key)
+    st, fetched = stored_fetch(b)
     img = tmp_path / "picture.png"
     data = yaml.safe_load(b.recipe.read_text())
     data["validation"]["images"] = [str(img), "builtin:rings"]
