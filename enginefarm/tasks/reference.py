@@ -279,13 +279,15 @@ def load(ctx: Ctx, referenced: StepResult, scratch: Path) -> dict:
 _UNSAID = object()
 
 
-def mismatch(referenced: StepResult, eng, eos=_UNSAID) -> str | None:
-    """Why the reference is not one to judge an engine by, or None: its limits
-    are not the ones the reference was cut with (a multimodal recipe's: its
+def mismatch(referenced: StepResult | None, eng, eos=_UNSAID) -> str | None:
+    """Why the reference is not one to judge an engine by, or None: there is
+    none (referenced None), its limits are not the ones the reference was cut with (a multimodal recipe's: its
     LLM engine's, max_batch_size too; an encoder-decoder one's also
     max_decoder_tokens), or (multimodal) the engines start their decoder
     from another token, or stop at another one (eos: the pipeline's), than
     the reference generated with."""
+    if referenced is None:
+        return "no stored reference"
     lim = referenced.manifest["params"]["limits"]
     for name in ("max_input_len", "max_seq_len", "max_beam_width", "max_batch_size", "max_decoder_tokens"):
         # those the reference was cut with (max_batch_size: multimodal; max_decoder_tokens: encoder-decoder)

@@ -113,7 +113,7 @@ def _validate_multimodal(ctx: Ctx, fetched: StepResult, built: StepResult, visua
         vis = get_backend(visual.manifest["params"]["backend"]).load(materialize(ctx, visual, scratch / "visual"))
     pipe = MultimodalPipeline(vis, llm, fam.load_processor(src, vis.visual))
     ref, stored = None, None
-    why = "no stored reference" if referenced is None else reference_step.mismatch(referenced, llm, pipe.eos_token_id)
+    why = reference_step.mismatch(referenced, llm, pipe.eos_token_id)
     if why is None:
         log(f"validate [{variant.name}]: the engines against the stored reference ({referenced.key[:12]})")
         stored = reference_step.load(ctx, referenced, scratch)
@@ -206,7 +206,7 @@ def validate_task(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Var
         v = ctx.recipe.validation
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
         eng = get_backend(built.manifest["params"]["backend"]).load(eng_dir)
-        why = reference_step.mismatch(referenced, eng) if referenced is not None else "no stored reference"
+        why = reference_step.mismatch(referenced, eng)
         if why is None:
             log(f"validate [{variant.name}]: the engine against the stored reference ({referenced.key[:12]})")
             ref = reference_step.load(ctx, referenced, scratch)
