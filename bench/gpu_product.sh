@@ -185,22 +185,21 @@ all)
   VAOTI7="${LLAVA_VISUAL_AOTI:-{cuda_graphs: true, coordinate_descent_tuning: true\}}"
   gpu_mb=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
   Q7="VARIANTS=\"$DV-w8a16-tp1 $DV-w4a16-tp1\" NAME7B=7bq"
+  [ -n "$SRC_ROOT" ] && export STORE7B=$SRC_ROOT/store7bq  # in /dev/shm: the disk then holds LLaVA's store
   if [ "${gpu_mb:-0}" -ge 120000 ] && [ -n "$SRC_ROOT" ]; then
     stamp "the quantized 7B builds and the LLaVA build at once"
-    (STORE7B=$SRC_ROOT/store7bq; export STORE7B; eval "$Q7 bash \"$0\" llama7b") > "$OUT/step2_build.log" 2>&1 &
+    eval "$Q7 bash \"$0\" llama7b" > "$OUT/step2_build.log" 2>&1 &
     (unset LLM_AOTI; eval "$LLAVA_ENV VISUAL_AOTI=\"\$VAOTI7\" bash \"$0\" llava7b") > "$OUT/step3_build.log" 2>&1 &
-    wait; export STORE7B=$SRC_ROOT/store7bq; cat "$OUT/step2_build.log" "$OUT/step3_build.log"
+    wait; cat "$OUT/step2_build.log" "$OUT/step3_build.log"
   else
     eval "$Q7 bash \"$0\" llama7b"
   fi
+  [ -e /tmp/efllava/store ] || (unset LLM_AOTI; eval "$LLAVA_ENV VISUAL_AOTI=\"\$VAOTI7\" bash \"$0\" llava7b")
+  # CLIP alone at batch 1, 4 and 8 and the pipeline at each, against eager HF
+  BENCH_ARGS="--batch 1,4,8 --input-len 18 --output-len 128 --iters 3" bash "$0" benchllava
   for q in w8a16 w4a16; do VARIANT=$DV-$q-tp1 NAME7B=7b_$q BENCH7B_EXTRA=--no-eager bash "$0" bench7b; done
   stamp "quantized vs fp16"
   python3 bench/quant_vs_fp16.py --fp16 "$OUT/7b_bench.json" "$OUT/7b_w8a16_bench.json" "$OUT/7b_w4a16_bench.json" --out "$OUT"
-  df -h /tmp /dev/shm; rm -rf /tmp/ef7b ${SRC_ROOT:-/tmp/ef7b}/src-llama ${STORE7B:-/tmp/ef7b/store} /tmp/enginefarm-cache
-  unset LLM_AOTI QUANTS STORE7B
-  [ -e /tmp/efllava/store ] || eval "$LLAVA_ENV VISUAL_AOTI=\"\$VAOTI7\" bash \"$0\" llava7b"
-  # CLIP alone at batch 1, 4 and 8 and the pipeline at each, against eager HF
-  BENCH_ARGS="--batch 1,4,8 --input-len 18 --output-len 128 --iters 3" bash "$0" benchllava
   df -h /tmp /dev/shm; stamp "all done"; touch "$OUT/all.done" ;;
 session)
   # for a device whose calls are shorter than `all`: the first call starts `all` in a process session of its own
