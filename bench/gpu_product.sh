@@ -105,8 +105,8 @@ bench7b)
   stamp "bench ${VARIANT:-default}"; ef bench llama-7b-shaped${VARIANT:+:$VARIANT} --store "${STORE7B:-$W/store}" --batch 1 \
     --input-len ${INPUT_LENS:-16} --output-len 128 --iters 3 ${BENCH7B_EXTRA} --json > "$OUT/${N}_bench.json" \
     2> "$OUT/${N}_bench.err"; echo "bench rc=$?"; tail -5 "$OUT/${N}_bench.err"
-  python3 -c "import json,sys; from enginefarm.benchmark import format_table; print(format_table(json.load(open(sys.argv[1]))))" \
-    "$OUT/${N}_bench.json" ;;
+  [ -s "$OUT/${N}_bench.json" ] && python3 -c "import json,sys; from enginefarm.benchmark import format_table; \
+print(format_table(json.load(open(sys.argv[1]))))" "$OUT/${N}_bench.json" ;;
 gptfast7b)
   # gpt-fast (its sources in .gptfast/, fetched, never committed; sentencepiece and tiktoken wheels in .whl/) on
   # the llama7b ref's weights, against bench7b's `enginefarm bench` rows (same machine, after them)

@@ -52,7 +52,12 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     fp16 = json.loads(Path(a.fp16).read_text())
-    quants = [json.loads(Path(f).read_text()) for f in a.quant]
+    quants = []
+    for f in a.quant:  # a variant whose build or bench failed left no report: said, and the others still set out
+        try:
+            quants.append(json.loads(Path(f).read_text()))
+        except (OSError, ValueError) as e:
+            log(f"{f}: no bench report ({e})")
     res = Results(a.out, "quant_vs_fp16")
     rows = [r for q in quants for r in ratios(fp16, q)]
     res["fp16_ref"] = fp16.get("ref")
