@@ -190,13 +190,13 @@ all)
     stamp "the quantized 7B builds and the LLaVA build at once"
     eval "$Q7 bash \"$0\" llama7b" > "$OUT/step2_build.log" 2>&1 &
     (unset LLM_AOTI; eval "$LLAVA_ENV VISUAL_AOTI=\"\$VAOTI7\" bash \"$0\" llava7b") > "$OUT/step3_build.log" 2>&1 &
-    wait; cat "$OUT/step2_build.log" "$OUT/step3_build.log"
-  else
-    eval "$Q7 bash \"$0\" llama7b"
+    wait; cat "$OUT/step2_build.log" "$OUT/step3_build.log"; q_built=1
+  else  # one at a time: LLaVA first (three of the figures), then the quantized 7B variants
+    (unset LLM_AOTI; eval "$LLAVA_ENV VISUAL_AOTI=\"\$VAOTI7\" bash \"$0\" llava7b")
   fi
-  [ -e /tmp/efllava/store ] || (unset LLM_AOTI; eval "$LLAVA_ENV VISUAL_AOTI=\"\$VAOTI7\" bash \"$0\" llava7b")
   # CLIP alone at batch 1, 4 and 8 and the pipeline at each, against eager HF
   BENCH_ARGS="--batch 1,4,8 --input-len 18 --output-len 128 --iters 3" bash "$0" benchllava
+  [ -n "$q_built" ] || eval "$Q7 bash \"$0\" llama7b"
   for q in w8a16 w4a16; do VARIANT=$DV-$q-tp1 NAME7B=7b_$q BENCH7B_EXTRA=--no-eager bash "$0" bench7b; done
   stamp "quantized vs fp16"
   python3 bench/quant_vs_fp16.py --fp16 "$OUT/7b_bench.json" "$OUT/7b_w8a16_bench.json" "$OUT/7b_w4a16_bench.json" --out "$OUT"
