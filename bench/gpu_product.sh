@@ -14,7 +14,8 @@
 #   bash bench/gpu_product.sh benchllava  # `enginefarm bench` of the llava7b build again (same machine, after it)
 #   bash bench/gpu_product.sh all       # one GPU session's whole run: llama7b fp16 (coordinate-descent tuning), bench7b,
 #                                       # roofline7b, gptfast7b; llama7b's W8A16 and W4A16 variants, benched against fp16
-#                                       # (bench/quant_vs_fp16.py); then llava7b fp16 up to batch 8; $OUT/all.done marks its end
+#                                       # (bench/quant_vs_fp16.py); then llava7b fp16 up to batch 8, one thing at a time;
+#                                       # $OUT/all.done marks its end
 #
 # SRC_ROOT=DIR writes the random checkpoints there (default: the mode's work directory under /tmp). A 7B build
 # keeps four copies of the weights on disk (source, fetched, converted, engine): `all` puts the sources in
@@ -178,28 +179,19 @@ all)
   export QUANTS="none w8a16 w4a16" LLM_AOTI="${LLAMA_AOTI:-{cuda_graphs: true, coordinate_descent_tuning: true\}}"
   VARIANTS=$DV-tp1 bash "$0" llama7b && { BENCH7B_EXTRA=--no-eager bash "$0" bench7b; bash "$0" roofline7b; bash "$0" gptfast7b; }
   df -h /tmp /dev/shm; rm -rf /tmp/ef7b/store /tmp/enginefarm-cache /dev/shm/gf-ckpt-* /tmp/gf-ckpt-*
-  # 2. the same recipe's W8A16 and W4A16 variants (a store of their own: the disk holds one 7B store), and 3. LLaVA
-  #    fp16 up to batch 8. Where the GPU holds both (>= 120 GB) and /dev/shm the 7B store, the two builds run at
-  #    once (their step times and the GPU peak are then shared, not alone); every bench runs alone, after them
-  export LLAVA_ENV="QUANTS=${LLAVA_QUANTS:-none} MAX_BATCH=${LLAVA_MAX_BATCH:-8} SRC_ROOT= NO_BENCH=1"
-  VAOTI7="${LLAVA_VISUAL_AOTI:-{cuda_graphs: true, coordinate_descent_tuning: true\}}"
-  gpu_mb=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-  Q7="VARIANTS=\"$DV-w8a16-tp1 $DV-w4a16-tp1\" NAME7B=7bq"
-  [ -n "$SRC_ROOT" ] && export STORE7B=$SRC_ROOT/store7bq  # in /dev/shm: the disk then holds LLaVA's store
-  if [ "${gpu_mb:-0}" -ge 120000 ] && [ -n "$SRC_ROOT" ]; then
-    stamp "the quantized 7B builds and the LLaVA build at once"
-    eval "$Q7 bash \"$0\" llama7b" > "$OUT/step2_build.log" 2>&1 &
-    (unset LLM_AOTI; eval "$LLAVA_ENV VISUAL_AOTI=\"\$VAOTI7\" bash \"$0\" llava7b") > "$OUT/step3_build.log" 2>&1 &
-    wait; cat "$OUT/step2_build.log" "$OUT/step3_build.log"; q_built=1
-  else  # one at a time: LLaVA first (three of the figures), then the quantized 7B variants
-    (unset LLM_AOTI; eval "$LLAVA_ENV VISUAL_AOTI=\"\$VAOTI7\" bash \"$0\" llava7b")
-  fi
-  # CLIP alone at batch 1, 4 and 8 and the pipeline at each, against eager HF
-  BENCH_ARGS="--batch 1,4,8 --input-len 18 --output-len 128 --iters 3" bash "$0" benchllava
-  [ -n "$q_built" ] || eval "$Q7 bash \"$0\" llama7b"
+  # 2. the same recipe's W8A16 and W4A16 variants (a store of their own, in /dev/shm where it has room: the disk
+  #    then holds LLaVA's), each benched and set against step 1's fp16 rows
+  [ -n "$SRC_ROOT" ] && export STORE7B=$SRC_ROOT/store7bq
+  VARIANTS="$DV-w8a16-tp1 $DV-w4a16-tp1" NAME7B=7bq bash "$0" llama7b
   for q in w8a16 w4a16; do VARIANT=$DV-$q-tp1 NAME7B=7b_$q BENCH7B_EXTRA=--no-eager bash "$0" bench7b; done
   stamp "quantized vs fp16"
   python3 bench/quant_vs_fp16.py --fp16 "$OUT/7b_bench.json" "$OUT/7b_w8a16_bench.json" "$OUT/7b_w4a16_bench.json" --out "$OUT"
+  df -h /tmp /dev/shm; rm -rf /tmp/ef7b ${SRC_ROOT:-/tmp/ef7b}/src-llama ${STORE7B:-/tmp/ef7b/store} /tmp/enginefarm-cache
+  unset LLM_AOTI QUANTS STORE7B SRC_ROOT
+  # 3. LLaVA fp16 up to batch 8: CLIP alone at batch 1, 4 and 8 and the pipeline at each, against eager HF
+  QUANTS="${LLAVA_QUANTS:-none}" MAX_BATCH=${LLAVA_MAX_BATCH:-8} NO_BENCH=1 \
+    VISUAL_AOTI="${LLAVA_VISUAL_AOTI:-{cuda_graphs: true, coordinate_descent_tuning: true\}}" bash "$0" llava7b
+  BENCH_ARGS="--batch 1,4,8 --input-len 18 --output-len 128 --iters 3" bash "$0" benchllava
   df -h /tmp /dev/shm; stamp "all done"; touch "$OUT/all.done" ;;
 session)
   # for a device whose calls are shorter than `all`: the first call starts `all` in a process session of its own
