@@ -37,8 +37,8 @@ postgres:
 	  $(SUDO) apt-get update -q && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; fi
 
-# the nightly over the whole tiny catalog, variants in parallel, forced
-# ENGINEFARM_SOAK_ROUNDS times (make test runs one round over the racing recipes);
+# the nightly over the whole tiny catalog, variants in parallel, then forced
+# ENGINEFARM_SOAK_ROUNDS times (make test: the racing recipes, built, then forced once);
 # then the several-hosts test with HOSTS_ROUNDS more rounds of faults
 SOAK_ROUNDS ?= 3
 soak: venv postgres
