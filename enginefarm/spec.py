@@ -99,6 +99,9 @@ class AotiOptions(Strict):
     fp16_decode_kernel: bool = Field(False, description="float weights through the GEMV kernel too (else cuBLAS)")
     cuda_graphs: bool = Field(False, description="the loader captures CUDA graphs: each decode step (llm) or each "
                               "batch size's forward (visual) is one graph replay")
+    static_batches: bool = Field(False, description="visual, max_batch_size > 1: one package per batch size (1, 2, 4, "
+                                 "... and max_batch_size), each compiled for that batch's static shapes (max_autotune "
+                                 "tunes each at its own size); a call runs the smallest that holds it, zero-padded")
 
 
 class ComponentSpec(Strict):

@@ -22,7 +22,9 @@ A decoder-only LLM engine is a directory:
 - `engine.json`: the sidecar.
 
 A visual engine (`export_visual`) is one package `visual.pt2` with dynamic
-batch, its weights inside, and the same sidecar.
+batch, its weights inside, and the same sidecar; with the option
+static_batches, one package per batch size (`visual_b{N}.pt2`, static
+shapes; sidecar `files`: `batch_{N}` -> file).
 """
 
 from __future__ import annotations
@@ -227,12 +229,23 @@ def engine_constants(model) -> dict:
     return out
 
 
+def static_batch_sizes(max_batch: int) -> list[int]:
+    """The batch sizes a visual engine built with static_batches holds packages for: 1, 2, 4, ... and the max."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch]
+
+
 def export_visual(module, out_dir: Path, max_batch_size: int, image_size, device: str, dtype, opts=None,
                   progress=None, visual: dict | None = None, target: str | None = None,
                   names: tuple[str, str] = ("pixel_values", "features")) -> sc.Sidecar:
     """Export a visual module (pixels [B, 3, H, W] -> features [B, n, d]) into
-    an engine directory with one package, dynamic batch; returns the sidecar.
-    image_size: a side, or [height, width]; visual: the export step's facts."""
+    an engine directory, one package with a dynamic batch (or, with the
+    option static_batches, one package per batch size of
+    static_batch_sizes); returns the sidecar. image_size: a side, or
+    [height, width]; visual: the export step's facts."""
     from ..images import image_hw
 
     opts = options_of(opts)
@@ -241,26 +254,40 @@ def export_visual(module, out_dir: Path, max_batch_size: int, image_size, device
     out_dir.mkdir(parents=True, exist_ok=True)
     B = max_batch_size
     Hh, Ww = image_hw(image_size)
-    # with max-autotune the example is the largest batch (what it tunes the products for)
-    x = torch.randn(B if opts.max_autotune else min(2, B), 3, Hh, Ww, device=device, dtype=dtype)
-    d = dims(batch=(1, B))
-    t0 = time.perf_counter()
-    say("aoti: torch.export (visual)")
-    with torch.no_grad(), sdpa_context(opts.attention):
-        ep = torch.export.export(module, (x,), dynamic_shapes=(clean({0: d["batch"]}),), strict=False)
+    cfg = inductor_configs(opts, False)
+    timings = {"export_s": 0.0, "compile_s": 0.0}
+
+    def compile_one(x, dynamic, file: str, what: str) -> None:
+        t0 = time.perf_counter()
+        say(f"aoti: torch.export ({what})")
+        ep = torch.export.export(module, (x,), dynamic_shapes=dynamic, strict=False)
         t1 = time.perf_counter()
-        say(f"aoti: AOTInductor compile (visual, {device})")
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(out_dir / VISUAL_FILE),
-                                                  inductor_configs=inductor_configs(opts, False))
-        t2 = time.perf_counter()
-        y = module(x[:1])
+        say(f"aoti: AOTInductor compile ({what}, {device})")
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(out_dir / file), inductor_configs=cfg)
+        timings["export_s"] = round(timings["export_s"] + t1 - t0, 3)
+        timings["compile_s"] = round(timings["compile_s"] + time.perf_counter() - t1, 3)
+
+    files = {}
+    with torch.no_grad(), sdpa_context(opts.attention):
+        if opts.static_batches and B > 1:
+            for b in static_batch_sizes(B):
+                files[f"batch_{b}"] = f"visual_b{b}.pt2"
+                compile_one(torch.randn(b, 3, Hh, Ww, device=device, dtype=dtype), None, files[f"batch_{b}"],
+                            f"visual, batch {b}")
+            file = files[f"batch_{B}"]
+        else:
+            # with max-autotune the example is the largest batch (what it tunes the products for)
+            x = torch.randn(B if opts.max_autotune else min(2, B), 3, Hh, Ww, device=device, dtype=dtype)
+            file = VISUAL_FILE
+            compile_one(x, (clean({0: dims(batch=(1, B))["batch"]}),), file, "visual")
+        y = module(torch.randn(1, 3, Hh, Ww, device=device, dtype=dtype))
     dt = dtype_name(dtype)
     return sc.write(out_dir, sc.Sidecar(
-        format="aoti-pt2", component="visual", file=VISUAL_FILE, device=device, target=target, dtype=dt,
-        max_batch_size=B, visual=visual,
+        format="aoti-pt2", component="visual", file=file, **({"files": files} if files else {}), device=device,
+        target=target, dtype=dt, max_batch_size=B, visual=visual,
         inputs=[sc.TensorSpec(name=names[0], dtype=dt, shape=["batch", 3, Hh, Ww])],
         outputs=[sc.TensorSpec(name=names[1], dtype=dt, shape=["batch", *list(y.shape[1:])])],
-        options=opts.model_dump(), timings={"export_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3)},
+        options=opts.model_dump(), timings=timings,
     ))
 
 
