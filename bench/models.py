@@ -157,8 +157,10 @@ def write_shaped(kind: str, dest: str) -> None:
     from enginefarm.testing.tiny import IMAGE_TOKEN_ID, ensure_tiny
 
     t = time.time()
-    # SHAPED_LAYERS / SHAPED_DEVICE / SHAPED_DTYPE: fewer layers at the same widths, on the CPU (a dry run here)
+    # SHAPED_LAYERS / SHAPED_DEVICE / SHAPED_DTYPE: fewer layers at the same widths, on the CPU (a dry run here);
+    # SHAPED_LLM_LAYERS: LLaVA's language model alone (its whole CLIP, for the visual engine's figures)
     layers = int(os.environ["SHAPED_LAYERS"]) if os.environ.get("SHAPED_LAYERS") else None
+    llm_layers = int(os.environ["SHAPED_LLM_LAYERS"]) if os.environ.get("SHAPED_LLM_LAYERS") else layers
     device = os.environ.get("SHAPED_DEVICE", "cuda")
     dtype = getattr(torch, os.environ.get("SHAPED_DTYPE", "float16"))
     if kind == "llama":
@@ -166,7 +168,7 @@ def write_shaped(kind: str, dest: str) -> None:
     elif kind == "llava":
         # the tiny fixture's tokenizer writes <image> as IMAGE_TOKEN_ID (a row of the 32064-row embedding):
         # the config names that id, where enginefarm/families/_multimodal.py image_token_id reads it
-        m = hf_llava(device=device, dtype=dtype, image_token_index=IMAGE_TOKEN_ID, llm_layers=layers,
+        m = hf_llava(device=device, dtype=dtype, image_token_index=IMAGE_TOKEN_ID, llm_layers=llm_layers,
                      vision_layers=layers)
     else:
         raise SystemExit(f"write_shaped: unknown kind {kind!r} (llama or llava)")

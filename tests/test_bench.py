@@ -245,7 +245,7 @@ def test_gpu_product_llava7b_recipe_and_processor_check_here(tmp_path):
     body = script.split('cat > "$W/llava-7b-shaped.yaml" <<YAML\n')[1].split("\nYAML\n")[0]
     path = tmp_path / "llava-7b-shaped.yaml"
     path.write_text(body.replace("$SRC", str(tmp_path / "src")).replace("$SM", "sm_90").replace("$Q", "none, w8a16")
-                    .replace("$DTYPE", "float16").replace("$DEFV", "fp16-tp1").replace("$MB", "1")
+                    .replace("$DTYPE", "float16").replace("$DEFV", "fp16-tp1").replace("$MB", "1").replace("$LNAME", "llava-7b-shaped")
                     .replace("$VAOTI", "{cuda_graphs: true}").replace("$LAOTI", "{cuda_graphs: true}"))
     recipe = load_recipe(str(path))
     assert [v.name for v in recipe.variants()] == ["fp16-tp1", "fp16-w8a16-tp1"]
