@@ -52,6 +52,9 @@ timed_build() {
     > "$OUT/$1_build.json" 2> "$OUT/$1_build.err"; local rc=$?; kill $smi
   grep "Maximum resident\|Elapsed" "$OUT/$1_build.err"; grep -o "[a-z]*\( \[[^]]*\]\)\?: done in [0-9.]*s.*\|failed: .*" "$OUT/$1_build.err"
   echo "peak GPU MiB: $(sort -n "$OUT/gpu_mem_$1.txt" | tail -1)"
+  grep -o "validate \[[^]]*\]: greedy: .*" "$OUT/$1_build.err"  # the near-tie rule's verdict (gated or not)
+  # the validate manifests (every metric) outlive the store, which a later step deletes
+  mkdir -p "$OUT/$1_validate"; find "$3" -path "*manifests*/validate/*.json" -exec cp {} "$OUT/$1_validate/" \;
   stamp "build rc=$rc"; [ -s "$OUT/$1_build.json" ] && head -c 3000 "$OUT/$1_build.json"; echo
   return $rc
 }

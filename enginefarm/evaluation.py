@@ -525,6 +525,25 @@ def gates_line(gates: dict) -> str:
     )
 
 
+def greedy_line(metrics: dict) -> Optional[str]:
+    """One line on the greedy runs against the reference, judged by a gate or
+    not: how many prompts gave equal tokens, and the near-tie rule's verdict
+    with each divergence (None without greedy runs)."""
+    greedy = metrics.get("greedy") or []
+    if not greedy:
+        return None
+    n_eq = sum(1 for x in greedy if x["equal"])
+    line = f"greedy: {n_eq} of {len(greedy)} prompt(s) equal to the reference"
+    if "greedy_equal_to_near_tie" in metrics:
+        div = [f"token {x['first_divergence']} of {len(x.get('reference') or [])}, gap "
+               + ("?" if x.get("tie_gap") is None else format(x["tie_gap"], ".4g"))
+               for x in greedy if not x["equal"]]
+        line += (f"; near-tie rule (margin {metrics['greedy_tie_margin_used']:.4g}): "
+                 f"{'held' if metrics['greedy_equal_to_near_tie'] else 'broken'}"
+                 + (f" (first divergence: {'; '.join(div)})" if div else ""))
+    return line
+
+
 def check_shards(src_dir: str | Path, ckpt_dirs: list[str | Path], prompts: list[str], text: str,
                  max_new_tokens: int = 8, max_eval_tokens: int = 128, max_input_len: int = 32,
                  max_seq_len: int = 64, baseline: Optional[str | Path] = None,

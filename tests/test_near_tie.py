@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from enginefarm.evaluation import (GREEDY_TOP, compare, gates_line, greedy_top, judge, load_outputs,
+from enginefarm.evaluation import (GREEDY_TOP, compare, gates_line, greedy_line, greedy_top, judge, load_outputs,
                                    save_outputs)
 from enginefarm.spec import DEFAULT_TIE_MARGIN, Gates
 
@@ -149,6 +149,18 @@ def test_a_negative_tie_margin_exits_2_naming_the_field(tmp_path, capsys):
     assert cli(["build", str(p), "--store", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert "validation.gates.greedy_tie_margin" in err and "Traceback" not in err
+
+
+def test_the_validate_log_line_says_the_greedy_verdict_gated_or_not():
+    """validate logs it whether or not the gate is on (a GPU run keeps its log, not always its store)."""
+    assert greedy_line(compare(_eng(REF), _ref(REF, STEPS))) == (
+        "greedy: 1 of 1 prompt(s) equal to the reference; near-tie rule (margin 0.05): held")
+    tie = greedy_line(compare(_eng([3, 9, 0, 0]), _ref(REF, STEPS)))
+    assert tie == ("greedy: 0 of 1 prompt(s) equal to the reference; near-tie rule (margin 0.05): held "
+                   "(first divergence: token 1 of 4, gap 0.02)")
+    assert greedy_line(compare(_eng([3, 7, 0, 0]), _ref(REF, STEPS))).endswith("broken (first divergence: token 1 of 4, gap 1.5)")
+    assert greedy_line(compare(_eng([3, 9]), _ref(REF, None))) == "greedy: 0 of 1 prompt(s) equal to the reference"
+    assert greedy_line({"greedy": []}) is None
 
 
 def test_a_real_build_shows_the_near_tie_metric_in_validate(tmp_path):

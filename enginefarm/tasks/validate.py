@@ -42,7 +42,7 @@ from ..backends import get_backend
 from ..backends.base import version_of
 from ..errors import BadInput
 from ..hashing import code_version, digest_bytes
-from ..evaluation import evaluate, evaluate_multimodal, gates_line, judge, load_reference
+from ..evaluation import evaluate, evaluate_multimodal, gates_line, greedy_line, judge, load_reference
 from ..families import get_family
 from ..spec import Variant
 from . import reference as reference_step
@@ -235,6 +235,8 @@ def validate_task(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Var
                   else "pending" if pending else "passed")
         word = {"passed": "PASSED", "failed": "FAILED", "pending": f"PENDING ({PENDING}: {', '.join(sorted(pending))})"}
         log(f"validate [{variant.name}]: {word[status]}: {gates_line(gates) or 'no gates judged'}")
+        if greedy_line(metrics):
+            log(f"validate [{variant.name}]: {greedy_line(metrics)}")
         return {"metrics": metrics, "gates": gates, "passed": status == "passed", "status": status,
                 "components": components, **({"reason": PENDING} if status == "pending" else {})}, {}
 
