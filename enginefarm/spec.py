@@ -319,6 +319,13 @@ class Recipe(Strict):
         return v
 
     @model_validator(mode="after")
+    def _visual_only_options(self) -> "Recipe":
+        for name, c in self.components.items():
+            if name != "visual" and c.aoti is not None and c.aoti.static_batches:
+                raise ValueError(f"components.{name}.aoti.static_batches: an option of visual components only")
+        return self
+
+    @model_validator(mode="after")
     def _default_variant(self) -> "Recipe":
         names = [v.name for v in self.variants()]
         if len(set(names)) != len(names):

@@ -72,3 +72,19 @@ def test_a_call_is_padded_to_the_next_package(tmp_path):
     with torch.no_grad():
         got, want = eng(x), m(x)
     assert calls == [4] and got.shape == (3, 4, 6) and torch.allclose(got, want, atol=1e-5)
+
+
+def test_static_batches_on_an_llm_is_refused_in_one_line(tmp_path):
+    import pytest
+    import yaml
+
+    from enginefarm.errors import BadInput
+    from enginefarm.families import load_recipe
+    from helpers import ROOT
+
+    data = yaml.safe_load((ROOT / "models" / "tiny" / "tiny-llama.yaml").read_text())
+    data["components"] = {"llm": {"aoti": {"static_batches": True}}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(BadInput, match="components.llm.aoti.static_batches: an option of visual components only"):
+        load_recipe(str(path))
