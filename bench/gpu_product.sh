@@ -42,6 +42,9 @@ DTYPE=${DTYPE:-float16}
 DV=$([ "$DTYPE" = float16 ] && echo fp16 || echo fp32)  # the default variant's dtype part
 W=$(mktemp -d)
 ef() { python3 -m enginefarm "$@"; }
+# bench_table FILE: an `enginefarm bench --json` report as bench's own table (nothing where the bench wrote none)
+bench_table() { [ -s "$1" ] && python3 -c "import json,sys; from enginefarm.benchmark import format_table; \
+print(format_table(json.load(open(sys.argv[1]))))" "$1"; }
 stamp() { echo "[$(date +%T)] $*"; }
 # timed_build NAME RECIPE STORE [BUILD ARGS]: `enginefarm build` under /usr/bin/time -v with the GPU's memory sampled
 # every 250 ms; prints wall time, peak host RSS, peak GPU memory and each step's own wall time; returns its rc
@@ -109,8 +112,7 @@ bench7b)
   stamp "bench ${VARIANT:-default}"; ef bench llama-7b-shaped${VARIANT:+:$VARIANT} --store "${STORE7B:-$W/store}" --batch 1 \
     --input-len ${INPUT_LENS:-16} --output-len 128 --iters 3 ${BENCH7B_EXTRA} --json > "$OUT/${N}_bench.json" \
     2> "$OUT/${N}_bench.err"; echo "bench rc=$?"; tail -5 "$OUT/${N}_bench.err"
-  [ -s "$OUT/${N}_bench.json" ] && python3 -c "import json,sys; from enginefarm.benchmark import format_table; \
-print(format_table(json.load(open(sys.argv[1]))))" "$OUT/${N}_bench.json" ;;
+  bench_table "$OUT/${N}_bench.json" ;;
 gptfast7b)
   # gpt-fast (its sources in .gptfast/, fetched, never committed; sentencepiece and tiktoken wheels in .whl/) on
   # the llama7b ref's weights, against bench7b's `enginefarm bench` rows (same machine, after them)
@@ -169,8 +171,7 @@ print(' '.join(v.name for v in load_recipe('$W/llava-7b-shaped.yaml').variants()
     stamp "bench $v"; ef bench "$LNAME:$v" --store "$W/store" ${BENCH_ARGS:---batch 1 --input-len 18 --output-len 64,128 --iters 5} \
       --json > "$OUT/${LNAME}_bench_$v.json" 2> "$OUT/${LNAME}_bench_$v.err"; echo "bench rc=$?"
     tail -5 "$OUT/${LNAME}_bench_$v.err"
-    python3 -c "import json,sys; from enginefarm.benchmark import format_table; print(format_table(json.load(open(sys.argv[1]))))" \
-      "$OUT/${LNAME}_bench_$v.json"
+    bench_table "$OUT/${LNAME}_bench_$v.json"
   done ;;
 all)
   stamp "machine"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; df -h /tmp /dev/shm
