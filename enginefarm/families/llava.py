@@ -20,7 +20,10 @@ def _visual_class():
 
     class LlavaVisual(nn.Module):
         """pixel_values [B, 3, S, S] -> [B, F, LLM hidden]. The tower's
-        layers past the deepest feature layer are dropped (never used)."""
+        layers past the deepest feature layer are dropped (never used).
+        `fast_tower` is the slot of the fused CLIP tower that the export step
+        swaps in (runtime/clip.py's fuse_vision_tower); `states` reads it
+        where it is set."""
 
         def __init__(self, cfg):
             super().__init__()
@@ -36,13 +39,18 @@ def _visual_class():
             enc = getattr(self.vision_tower, "vision_model", self.vision_tower).encoder
             enc.layers = enc.layers[:keep]
             self.drop_cls = cfg.vision_feature_select_strategy == "default"
+            self.fast_tower = None
+
+        def states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            """The feature layers' hidden states, concatenated along the features, class token kept."""
+            if self.fast_tower is not None:
+                return self.fast_tower(pixel_values)
+            out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+            return torch.cat([out.hidden_states[i] for i in self.layers], dim=-1)
 
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-            hs = [out.hidden_states[i] for i in self.layers]
-            if self.drop_cls:
-                hs = [h[:, 1:] for h in hs]
-            return self.multi_modal_projector(torch.cat(hs, dim=-1))
+            hs = self.states(pixel_values)
+            return self.multi_modal_projector(hs[:, 1:] if self.drop_cls else hs)
 
     return LlavaVisual
 

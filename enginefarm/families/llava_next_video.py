@@ -87,8 +87,7 @@ def _visual_class():
             self.vision_resampler = LlavaNextVideoPooler(cfg)
 
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-            hs = torch.cat([out.hidden_states[i][:, 1:] for i in self.layers], dim=-1)  # CLS dropped
+            hs = self.states(pixel_values)[:, 1:]  # CLS dropped
             # the projector works on each row alone: one call for both paths' rows
             return self.multi_modal_projector(torch.cat([hs, self.vision_resampler(hs)], dim=1))
 

@@ -9,6 +9,12 @@ function: q, k and v are one product (their weights concatenated at load),
 attention is one `scaled_dot_product_attention` call (the backend picks the
 kernel, see AotiOptions.attention), and only the layers whose output is
 used are run.
+
+`fuse_vision_tower` swaps it in, gpt-fast style, for the Hugging Face CLIP
+tower inside a family's visual module (LLaVA's, LLaVA-NeXT's and
+NeXT-Video's): the export step (tasks/export.py) calls it, so every backend's
+visual engine is built from the fused graph, while validation's reference
+stays Hugging Face's own module.
 """
 
 from __future__ import annotations
@@ -75,12 +81,13 @@ class ClipVisionTower(nn.Module):
     """pixels [B, 3, S, S] -> features [B, patches (+1 with the class token), d].
 
     feature_layer: which hidden state (Hugging Face's hidden_states index:
-    0 = embeddings, -1 = last layer, -2 = the one before: LLaVA's); select:
-    'patch' drops the class token (LLaVA's 'default'), 'full' keeps it.
-    projector: weights of a LLaVA mlp2x_gelu projector (linear_1, linear_2)
-    or None."""
+    0 = embeddings, -1 = last layer, -2 = the one before: LLaVA's), or a list
+    of them, whose states are concatenated along the features (d x their
+    count); select: 'patch' drops the class token (LLaVA's 'default'), 'full'
+    keeps it. projector: weights of a LLaVA mlp2x_gelu projector (linear_1,
+    linear_2) or None."""
 
-    def __init__(self, cfg: VisionConfig, W: dict, prefix: str = "vision_model.", feature_layer: int = -2,
+    def __init__(self, cfg: VisionConfig, W: dict, prefix: str = "vision_model.", feature_layer: "int | list[int]" = -2,
                  select: str = "patch", projector: dict | None = None, projector_act: str = "gelu"):
         super().__init__()
         self.cfg = cfg
@@ -91,10 +98,12 @@ class ClipVisionTower(nn.Module):
         self.pre_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
         self.pre_ln.weight = _p(W[prefix + "pre_layrnorm.weight"])
         self.pre_ln.bias = _p(W[prefix + "pre_layrnorm.bias"])
-        n_run = cfg.num_layers + 1 + feature_layer if feature_layer < 0 else feature_layer
-        if not 0 <= n_run <= cfg.num_layers:
+        wanted = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+        # hidden-state indices (0: the embeddings), each the count of layers run before it
+        self.taps = [cfg.num_layers + 1 + i if i < 0 else i for i in wanted]
+        if not wanted or not all(0 <= t <= cfg.num_layers for t in self.taps):
             raise ValueError(f"feature_layer {feature_layer} out of range for {cfg.num_layers} layers")
-        self.layers = nn.ModuleList(VisionLayer(cfg, W, f"{prefix}encoder.layers.{i}.") for i in range(n_run))
+        self.layers = nn.ModuleList(VisionLayer(cfg, W, f"{prefix}encoder.layers.{i}.") for i in range(max(self.taps)))
         self.select = select
         self.proj = None
         if projector is not None:
@@ -103,10 +112,13 @@ class ClipVisionTower(nn.Module):
             self.proj = ACTS[projector_act]
 
     @classmethod
-    def from_hf_vision(cls, vision_model, projector=None, feature_layer: int = -2, select: str = "patch",
-                       projector_act: str = "gelu") -> "ClipVisionTower":
-        """From a Hugging Face CLIPVisionModel (and a LLaVA projector module)."""
+    def from_hf_vision(cls, vision_model, projector=None, feature_layer: "int | list[int]" = -2,
+                       select: str = "patch", projector_act: str = "gelu") -> "ClipVisionTower":
+        """From a Hugging Face CLIPVisionModel (and a LLaVA projector module).
+        A tower whose encoder was cut short (LLaVA's family drops the layers
+        past its deepest feature layer) counts the layers it holds."""
         cfg = VisionConfig.from_hf(vision_model.config.to_dict())
+        cfg.num_layers = len(getattr(vision_model, "vision_model", vision_model).encoder.layers)
         W = {k: v.detach() for k, v in vision_model.state_dict().items()}
         P = {k: v.detach() for k, v in projector.state_dict().items()} if projector is not None else None
         prefix = "vision_model." if any(k.startswith("vision_model.") for k in W) else ""  # transformers 4 / 5
@@ -118,10 +130,36 @@ class ClipVisionTower(nn.Module):
         cls = self.cls.expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos
         x = self.pre_ln(x)
-        for layer in self.layers:
+        states = [x] if 0 in self.taps else []
+        for i, layer in enumerate(self.layers, 1):
             x = layer(x)
+            if i in self.taps:
+                states.append(x)
+        # in the order asked for (taps may repeat or go downwards)
+        by_tap = dict(zip(sorted(set(self.taps)), states))
+        x = by_tap[self.taps[0]] if len(self.taps) == 1 else torch.cat([by_tap[t] for t in self.taps], dim=-1)
         if self.select == "patch":
             x = x[:, 1:]
         if self.proj is not None:
             x = F.linear(self.proj(F.linear(x, self.proj1_w, self.proj1_b)), self.proj2_w, self.proj2_b)
         return x
+
+
+def fuse_vision_tower(module: nn.Module) -> bool:
+    """Swap the fused tower in for a visual module's Hugging Face CLIP tower
+    (gpt-fast style, in place); True where it did.
+
+    The module takes the swap by declaring the slot: a `fast_tower`
+    attribute (None until swapped), the hidden-state indices it reads in
+    `layers`, and its tower in `vision_tower`; its own forward then calls the
+    fused tower for the concatenated states, class token kept. A tower of
+    another kind, or an activation the fused layer lacks, is left as it is."""
+    from transformers import CLIPVisionModel
+
+    vt = getattr(module, "vision_tower", None)
+    if not hasattr(module, "fast_tower") or not isinstance(vt, CLIPVisionModel) \
+            or vt.config.hidden_act not in ACTS:
+        return False
+    module.fast_tower = ClipVisionTower.from_hf_vision(vt, feature_layer=list(module.layers), select="full")
+    module.vision_tower = None  # its weights live in the fused tower alone (concatenated q/k/v)
+    return True

@@ -82,9 +82,9 @@ def export_visual(fam, src: Path, config: dict, out: Path, dtype_name: str, max_
     import torch
     from torch.export import Dim
 
-    from ..runtime.engine import DTYPES
-
     from ..images import image_hw
+    from ..runtime.clip import fuse_vision_tower
+    from ..runtime.engine import DTYPES
 
     dtype = DTYPES[dtype_name]
     S = fam.image_size(config)
@@ -94,6 +94,7 @@ def export_visual(fam, src: Path, config: dict, out: Path, dtype_name: str, max_
             f"(interpolating position embeddings is not supported); remove it or set {S}"
         )
     module = fam.load_visual(src, config, dtype, allow_pickle=allow_pickle)
+    fused = fuse_vision_tower(module)  # the fused CLIP tower where the family's module takes it
     g = torch.Generator().manual_seed(0)
     example = torch.randn(min(2, max_batch), 3, *image_hw(S), generator=g).to(dtype)
     dyn = ({0: Dim("batch", min=1, max=max_batch)},) if max_batch > 1 else None
@@ -154,6 +155,7 @@ def export_visual(fam, src: Path, config: dict, out: Path, dtype_name: str, max_
         "ort_max_abs_diff": worst,
         "ort_max_abs_diff_by_batch": ort_diff,
         "exported_program_max_abs_diff": ep_diff,
+        "fused_tower": fused,
         "timings": {"torch_export_s": round(t1 - t0, 3), "onnx_s": round(t2 - t1, 3)},
     }
     if (meta["encoder_features"], meta["hidden_size"]) != (F, H):
@@ -181,8 +183,9 @@ def export_task(ctx: Ctx, fetched: StepResult, variant: Variant) -> StepResult:
         config = fam.media_config(fetched.results["config"], ctx.recipe)
         meta = export_visual(fam, src, config, out, p["dtype"], p["max_batch_size"],
                              p["image_size"], p["tolerance"], allow_pickle=ctx.recipe.source.allow_pickle)
-        log(f"export [visual-{p['dtype']}]: {meta['features']} features x {meta['hidden_size']}; ONNX Runtime vs "
-            f"PyTorch max abs diff {meta['ort_max_abs_diff']:.3g}")
+        log(f"export [visual-{p['dtype']}]: {meta['features']} features x {meta['hidden_size']}"
+            f"{' (fused CLIP tower)' if meta['fused_tower'] else ''}; ONNX Runtime vs PyTorch max abs diff "
+            f"{meta['ort_max_abs_diff']:.3g}")
         return meta, {}
 
     return run_step(ctx, s, work)
