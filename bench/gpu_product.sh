@@ -12,7 +12,8 @@
 #   bash bench/gpu_product.sh llava7b   # LLaVA-1.5-7B-shaped (CLIP ViT-L/14-336 + projector + LLaMA-7B, random
 #                                       # fp16 weights written here): build (fp16; QUANTS="none w8a16" adds W8A16) + bench
 #   bash bench/gpu_product.sh benchllava  # `enginefarm bench` of the llava7b build again (same machine, after it)
-#   bash bench/gpu_product.sh all       # one GPU session's whole run, one thing at a time: llava7b fp16 up to batch 8
+#   bash bench/gpu_product.sh all       # one GPU session's whole run, one thing at a time (BLOCKS="llava llama quant"
+#                                       # picks and orders them): llava7b fp16 up to batch 8
 #                                       # (static per-batch visual packages); llama7b fp16 (coordinate-descent tuning),
 #                                       # bench7b, roofline7b (gptfast7b with GPTFAST_RUN=1); llama7b's W8A16 and W4A16
 #                                       # variants, benched against fp16 (bench/quant_vs_fp16.py); $OUT/all.done marks its end
@@ -179,30 +180,42 @@ all)
   shm=$(df -B1G --output=avail /dev/shm 2>/dev/null | tail -1 | tr -d ' ')
   if [ "${shm:-0}" -ge 40 ]; then export SRC_ROOT=/dev/shm/ef GF_CKPT_DIR=/dev/shm; mkdir -p $SRC_ROOT; fi
   echo "sources in ${SRC_ROOT:-/tmp}; gpt-fast's checkpoint in ${GF_CKPT_DIR:-/tmp}"
-  # 1. LLaVA fp16 up to batch 8: CLIP ViT-L/14-336 (+ projector) alone at batch 1, 4 and 8 and the pipeline at
-  #    each, against eager HF. The visual engine is one static-shape package per batch size (static_batches)
-  QUANTS="${LLAVA_QUANTS:-none}" MAX_BATCH=${LLAVA_MAX_BATCH:-8} NO_BENCH=1 \
-    VISUAL_AOTI="${LLAVA_VISUAL_AOTI:-{cuda_graphs: true, static_batches: true\}}" bash "$0" llava7b
-  # (benched whatever the build's rc: a variant that failed a gate is reported by its bench, rc 2)
-  BENCH_ARGS="--batch 1,4,8 --input-len 18 --output-len 64 --iters 3" bash "$0" benchllava
-  df -h /tmp /dev/shm; rm -rf /tmp/efllava ${SRC_ROOT:-/tmp/efllava}/src-llava /tmp/enginefarm-cache
-  # 2. LLaMA-7B fp16 with coordinate-descent tuning (its M = 1 products become tuned reductions, as in gpt-fast):
-  #    build (the validate step reports the near-tie rule over 128 greedy tokens), bench, roofline; gpt-fast with
-  #    GPTFAST_RUN=1. The text engine's baselines are gpt-fast, the roofline and the fp16 engine: its benches
-  #    skip eager HF
-  export QUANTS="none w8a16 w4a16"
-  LLM_AOTI="${LLAMA_AOTI:-{cuda_graphs: true, coordinate_descent_tuning: true\}}" VARIANTS=$DV-tp1 bash "$0" llama7b \
-    && { BENCH7B_EXTRA=--no-eager bash "$0" bench7b; bash "$0" roofline7b
-         [ -n "$GPTFAST_RUN" ] && bash "$0" gptfast7b; }
-  df -h /tmp /dev/shm; rm -rf /tmp/ef7b/store /tmp/enginefarm-cache /dev/shm/gf-ckpt-* /tmp/gf-ckpt-*
-  # 3. the same weights' W8A16 and W4A16 variants (a store of their own, in /dev/shm where it has room), each
-  #    benched and set against step 2's fp16 rows. Their decode products are the weight-only GEMV kernels, which
-  #    coordinate descent does not tune: QUANT_AOTI leaves it off (one compile of each prefill package saved)
-  [ -n "$SRC_ROOT" ] && export STORE7B=$SRC_ROOT/store7bq
-  LLM_AOTI="${QUANT_AOTI:-{cuda_graphs: true\}}" VARIANTS="$DV-w8a16-tp1 $DV-w4a16-tp1" NAME7B=7bq bash "$0" llama7b
-  for q in w8a16 w4a16; do VARIANT=$DV-$q-tp1 NAME7B=7b_$q BENCH7B_EXTRA=--no-eager bash "$0" bench7b; done
-  stamp "quantized vs fp16"
-  python3 bench/quant_vs_fp16.py --fp16 "$OUT/7b_bench.json" "$OUT/7b_w8a16_bench.json" "$OUT/7b_w4a16_bench.json" --out "$OUT"
+  # BLOCKS: which of the three blocks run, in that order (default: llava llama quant); quant sets its variants
+  # against llama's fp16 rows, so it runs after llama in the same run
+  for block in ${BLOCKS:-llava llama quant}; do
+  case $block in
+  llava)
+      # LLaVA fp16 up to batch 8: CLIP ViT-L/14-336 (+ projector) alone at batch 1, 4 and 8 and the pipeline at
+      # each, against eager HF. The visual engine is one static-shape package per batch size (static_batches)
+      QUANTS="${LLAVA_QUANTS:-none}" MAX_BATCH=${LLAVA_MAX_BATCH:-8} NO_BENCH=1 \
+        VISUAL_AOTI="${LLAVA_VISUAL_AOTI:-{cuda_graphs: true, static_batches: true\}}" bash "$0" llava7b
+      # (benched whatever the build's rc: a variant that failed a gate is reported by its bench, rc 2)
+      BENCH_ARGS="--batch 1,4,8 --input-len 18 --output-len 64 --iters 3" bash "$0" benchllava
+      df -h /tmp /dev/shm; rm -rf /tmp/efllava ${SRC_ROOT:-/tmp/efllava}/src-llava /tmp/enginefarm-cache
+    ;;
+  llama)
+      # LLaMA-7B fp16 with coordinate-descent tuning (its M = 1 products become tuned reductions, as in gpt-fast):
+      # build (the validate step reports the near-tie rule over 128 greedy tokens), bench, roofline; gpt-fast with
+      # GPTFAST_RUN=1. The text engine's baselines are gpt-fast, the roofline and the fp16 engine: its benches
+      # skip eager HF
+      QUANTS="none w8a16 w4a16" LLM_AOTI="${LLAMA_AOTI:-{cuda_graphs: true, coordinate_descent_tuning: true\}}" VARIANTS=$DV-tp1 bash "$0" llama7b \
+        && { BENCH7B_EXTRA=--no-eager bash "$0" bench7b; bash "$0" roofline7b
+             [ -n "$GPTFAST_RUN" ] && bash "$0" gptfast7b; }
+      df -h /tmp /dev/shm; rm -rf /tmp/ef7b/store /tmp/enginefarm-cache /dev/shm/gf-ckpt-* /tmp/gf-ckpt-*
+    ;;
+  quant)
+      # the same weights' W8A16 and W4A16 variants (a store of their own, in /dev/shm where it has room), each
+      # benched and set against llama's fp16 rows. Their decode products are the weight-only GEMV kernels, which
+      # coordinate descent does not tune: QUANT_AOTI leaves it off (one compile of each prefill package saved)
+      [ -n "$SRC_ROOT" ] && export STORE7B=$SRC_ROOT/store7bq
+      QUANTS="none w8a16 w4a16" LLM_AOTI="${QUANT_AOTI:-{cuda_graphs: true\}}" VARIANTS="$DV-w8a16-tp1 $DV-w4a16-tp1" NAME7B=7bq bash "$0" llama7b
+      for q in w8a16 w4a16; do VARIANT=$DV-$q-tp1 NAME7B=7b_$q BENCH7B_EXTRA=--no-eager bash "$0" bench7b; done
+      stamp "quantized vs fp16"
+      python3 bench/quant_vs_fp16.py --fp16 "$OUT/7b_bench.json" "$OUT/7b_w8a16_bench.json" "$OUT/7b_w4a16_bench.json" --out "$OUT"
+    ;;
+  *) echo "BLOCKS: no block $block (llava, llama, quant)" >&2; exit 2 ;;
+  esac
+  done
   df -h /tmp /dev/shm; stamp "all done"; touch "$OUT/all.done" ;;
 session)
   # for a device whose calls are shorter than `all`: the first call starts `all` in a process session of its own

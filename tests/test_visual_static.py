@@ -38,7 +38,8 @@ def test_static_packages_per_batch_size_give_the_modules_features(tmp_path):
     torch.manual_seed(0)
     m = Patches().eval()
     side = export_visual(m, tmp_path / "static", 3, 8, "cpu", torch.float32, {"static_batches": True})
-    assert side.files == {"batch_1": "visual_b1.pt2", "batch_2": "visual_b2.pt2", "batch_3": "visual_b3.pt2"}
+    assert side.files == {"batch_1": "visual_b1.pt2", "batch_2": "visual_b2.pt2", "batch_3": "visual_b3.pt2",
+                          "weights": "weights.safetensors"}
     assert side.file == "visual_b3.pt2" and all((tmp_path / "static" / f).exists() for f in side.files.values())
     assert json.loads((tmp_path / "static" / "engine.json").read_text())["options"]["static_batches"] is True
     dyn = export_visual(m, tmp_path / "dynamic", 3, 8, "cpu", torch.float32, {})
@@ -88,3 +89,25 @@ def test_static_batches_on_an_llm_is_refused_in_one_line(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(BadInput, match="components.llm.aoti.static_batches: an option of visual components only"):
         load_recipe(str(path))
+
+
+def test_static_packages_share_one_copy_of_the_weights(tmp_path):
+    """The packages are compiled without the weights: every batch size reads
+    them from weights.safetensors (changed there, every package follows)."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(2)
+    m = Patches().eval()
+    export_visual(m, tmp_path, 4, 8, "cpu", torch.float32, {"static_batches": True})
+    w = load_file(str(tmp_path / "weights.safetensors"))
+    assert sorted(w) == sorted(dict(m.named_parameters()))
+    w["proj.bias"] = w["proj.bias"] + 1.0
+    save_file(w, str(tmp_path / "weights.safetensors"))
+    with torch.no_grad():
+        m.proj.bias += 1.0
+    eng = VisualEngine.load(tmp_path)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        want = m(x)
+    for B in (1, 2, 3, 4):
+        assert torch.allclose(eng(x[:B]), want[:B], atol=1e-5), B

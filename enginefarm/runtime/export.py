@@ -24,7 +24,9 @@ A decoder-only LLM engine is a directory:
 A visual engine (`export_visual`) is one package `visual.pt2` with dynamic
 batch, its weights inside, and the same sidecar; with the option
 static_batches, one package per batch size (`visual_b{N}.pt2`, static
-shapes; sidecar `files`: `batch_{N}` -> file).
+shapes; sidecar `files`: `batch_{N}` -> file), compiled without the weights,
+which `weights.safetensors` holds once for all of them (`files`: `weights`),
+as an LLM's packages share theirs.
 """
 
 from __future__ import annotations
@@ -219,13 +221,14 @@ def export_llm(model, out_dir: Path, limits: dict, device: str, opts=None, progr
     ))
 
 
-def engine_constants(model) -> dict:
-    """The tensors an LLM engine's packages take as constants, by the names
-    they know them by (the exported step wraps the model as `m`)."""
+def engine_constants(model, prefix: str = "m.") -> dict:
+    """The tensors an engine's packages take as constants, by the names they
+    know them by (an LLM's exported step wraps the model as `m`; a visual
+    module is exported as it is: prefix "")."""
     out = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t is not None:
-            out["m." + name] = t.detach().contiguous()
+            out[prefix + name] = t.detach().contiguous()
     return out
 
 
@@ -254,7 +257,8 @@ def export_visual(module, out_dir: Path, max_batch_size: int, image_size, device
     out_dir.mkdir(parents=True, exist_ok=True)
     B = max_batch_size
     Hh, Ww = image_hw(image_size)
-    cfg = inductor_configs(opts, False)
+    static = opts.static_batches and B > 1
+    cfg = inductor_configs(opts, weights_outside=static)  # static packages share one copy of the weights
     timings = {"export_s": 0.0, "compile_s": 0.0}
 
     def compile_one(x, dynamic, file: str, what: str) -> None:
@@ -269,12 +273,17 @@ def export_visual(module, out_dir: Path, max_batch_size: int, image_size, device
 
     files = {}
     with torch.no_grad(), sdpa_context(opts.attention):
-        if opts.static_batches and B > 1:
+        if static:
             for b in static_batch_sizes(B):
                 files[f"batch_{b}"] = f"visual_b{b}.pt2"
                 compile_one(torch.randn(b, 3, Hh, Ww, device=device, dtype=dtype), None, files[f"batch_{b}"],
                             f"visual, batch {b}")
             file = files[f"batch_{B}"]
+            from safetensors.torch import save_file
+
+            say("aoti: writing the weights")
+            files["weights"] = WEIGHTS_FILE  # under the names the packages know them by (the module's own)
+            save_file(engine_constants(module, prefix=""), str(out_dir / WEIGHTS_FILE))
         else:
             # with max-autotune the example is the largest batch (what it tunes the products for)
             x = torch.randn(B if opts.max_autotune else min(2, B), 3, Hh, Ww, device=device, dtype=dtype)

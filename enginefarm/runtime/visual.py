@@ -14,7 +14,7 @@ import torch
 
 from ..errors import BadInput
 from . import sidecar as sc
-from .engine import DTYPES, check_runs_here, load_runner
+from .engine import DTYPES, check_runs_here, load_runner, load_weights
 
 
 class VisualEngine:
@@ -40,6 +40,8 @@ class VisualEngine:
             check_runs_here(engine_dir, meta)
             per_batch = {int(k[len("batch_"):]): load_runner(engine_dir / f)
                          for k, f in meta.files.items() if k.startswith("batch_")}
+            if "weights" in meta.files:  # static packages: one copy of the weights, handed to each
+                load_weights(list(per_batch.values()), engine_dir / meta.files["weights"], meta.device)
             runner = per_batch.get(meta.max_batch_size) or load_runner(engine_dir / meta.file)
         elif meta.format == "onnx":
             runner = _OrtRunner(engine_dir / meta.file, meta.inputs[0].name)
