@@ -130,14 +130,13 @@ class ClipVisionTower(nn.Module):
         cls = self.cls.expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos
         x = self.pre_ln(x)
-        states = [x] if 0 in self.taps else []
+        states = {0: x}  # hidden state i: the output of the first i layers (those tapped kept)
         for i, layer in enumerate(self.layers, 1):
             x = layer(x)
             if i in self.taps:
-                states.append(x)
+                states[i] = x
         # in the order asked for (taps may repeat or go downwards)
-        by_tap = dict(zip(sorted(set(self.taps)), states))
-        x = by_tap[self.taps[0]] if len(self.taps) == 1 else torch.cat([by_tap[t] for t in self.taps], dim=-1)
+        x = states[self.taps[0]] if len(self.taps) == 1 else torch.cat([states[t] for t in self.taps], dim=-1)
         if self.select == "patch":
             x = x[:, 1:]
         if self.proj is not None:

@@ -194,12 +194,7 @@ def export_llm(model, out_dir: Path, limits: dict, device: str, opts=None, progr
     if weights_outside:
         files["weights"] = WEIGHTS_FILE
         if write_weights:  # the weights, once, under the names the packages know them by
-            from safetensors.torch import save_file
-
-            say("aoti: writing the weights")
-            t0 = time.perf_counter()
-            save_file(engine_constants(model), str(out_dir / WEIGHTS_FILE))
-            timings["weights_s"] = round(time.perf_counter() - t0, 3)
+            timings["weights_s"] = write_weights_file(model, out_dir, say)
     dt = dtype_name(model.embed.dtype)
     cache_shape = [c.num_layers, "batch", c.kv_heads_per_rank, S, c.head_size]
     table = sc.PromptTable(max_rows=prompt_table_rows, hidden_size=c.hidden_size) if prompt_table_rows else None
@@ -230,6 +225,17 @@ def engine_constants(model, prefix: str = "m.") -> dict:
         if t is not None:
             out[prefix + name] = t.detach().contiguous()
     return out
+
+
+def write_weights_file(model, out_dir: Path, say, prefix: str = "m.") -> float:
+    """The packages' constants (engine_constants) written once as WEIGHTS_FILE,
+    for packages compiled without them; returns the seconds it took."""
+    from safetensors.torch import save_file
+
+    say("aoti: writing the weights")
+    t0 = time.perf_counter()
+    save_file(engine_constants(model, prefix), str(Path(out_dir) / WEIGHTS_FILE))
+    return round(time.perf_counter() - t0, 3)
 
 
 def static_batch_sizes(max_batch: int) -> list[int]:
@@ -279,11 +285,8 @@ def export_visual(module, out_dir: Path, max_batch_size: int, image_size, device
                 compile_one(torch.randn(b, 3, Hh, Ww, device=device, dtype=dtype), None, files[f"batch_{b}"],
                             f"visual, batch {b}")
             file = files[f"batch_{B}"]
-            from safetensors.torch import save_file
-
-            say("aoti: writing the weights")
-            files["weights"] = WEIGHTS_FILE  # under the names the packages know them by (the module's own)
-            save_file(engine_constants(module, prefix=""), str(out_dir / WEIGHTS_FILE))
+            files["weights"] = WEIGHTS_FILE  # under the module's own names (it is exported as it is)
+            timings["weights_s"] = write_weights_file(module, out_dir, say, prefix="")
         else:
             # with max-autotune the example is the largest batch (what it tunes the products for)
             x = torch.randn(B if opts.max_autotune else min(2, B), 3, Hh, Ww, device=device, dtype=dtype)

@@ -235,8 +235,9 @@ def validate_task(ctx: Ctx, fetched: StepResult, built: StepResult, variant: Var
                   else "pending" if pending else "passed")
         word = {"passed": "PASSED", "failed": "FAILED", "pending": f"PENDING ({PENDING}: {', '.join(sorted(pending))})"}
         log(f"validate [{variant.name}]: {word[status]}: {gates_line(gates) or 'no gates judged'}")
-        if greedy_line(metrics):
-            log(f"validate [{variant.name}]: {greedy_line(metrics)}")
+        greedy = greedy_line(metrics)
+        if greedy:
+            log(f"validate [{variant.name}]: {greedy}")
         return {"metrics": metrics, "gates": gates, "passed": status == "passed", "status": status,
                 "components": components, **({"reason": PENDING} if status == "pending" else {})}, {}
 
