@@ -16,7 +16,8 @@
 #                                       # picks and orders them): llava7b fp16 up to batch 8
 #                                       # (static per-batch visual packages); llama7b fp16 (coordinate-descent tuning),
 #                                       # bench7b, roofline7b (gptfast7b with GPTFAST_RUN=1); llama7b's W8A16 and W4A16
-#                                       # variants, benched against fp16 (bench/quant_vs_fp16.py); $OUT/all.done marks its end
+#                                       # variants, benched against fp16 (bench/quant_vs_fp16.py); BLOCKS="... clip" adds
+#                                       # the visual engine alone (a 2-layer LLM) at batch 1 and 8; $OUT/all.done marks its end
 #
 # SRC_ROOT=DIR writes the random checkpoints there (default: the mode's work directory under /tmp). A 7B build
 # keeps four copies of the weights on disk (source, fetched, converted, engine): `all` puts the sources in
@@ -180,7 +181,10 @@ all)
   shm=$(df -B1G --output=avail /dev/shm 2>/dev/null | tail -1 | tr -d ' ')
   if [ "${shm:-0}" -ge 40 ]; then export SRC_ROOT=/dev/shm/ef GF_CKPT_DIR=/dev/shm; mkdir -p $SRC_ROOT; fi
   echo "sources in ${SRC_ROOT:-/tmp}; gpt-fast's checkpoint in ${GF_CKPT_DIR:-/tmp}"
-  # BLOCKS: which of the three blocks run, in that order (default: llava llama quant); quant sets its variants
+  # the convert step quantizes on the GPU here: its integers and scales must be the CPU's (pytest from .whl/)
+  stamp "quantize on cuda vs the cpu"; python3 -m pytest -q -p no:cacheprovider tests/test_quant_tp.py -k on_cuda 2>&1 | tail -3
+  # BLOCKS: which blocks run, in that order (default: llava llama quant; clip: the visual engine alone, with a
+  # 2-layer language model); quant sets its variants
   # against llama's fp16 rows, so it runs after llama in the same run
   for block in ${BLOCKS:-llava llama quant}; do
   case $block in
@@ -213,7 +217,15 @@ all)
       stamp "quantized vs fp16"
       python3 bench/quant_vs_fp16.py --fp16 "$OUT/7b_bench.json" "$OUT/7b_w8a16_bench.json" "$OUT/7b_w4a16_bench.json" --out "$OUT"
     ;;
-  *) echo "BLOCKS: no block $block (llava, llama, quant)" >&2; exit 2 ;;
+  clip)
+      # CLIP ViT-L/14-336 (+ projector) as a LLaVA recipe's visual engine, with a 2-layer language model: the
+      # visual engine's figures (the farm's fused tower, static per-batch packages) at batch 1 and 8 against eager HF
+      SHAPED_LLM_LAYERS=2 LLAVA_NAME=llava-clip-shaped W_LLAVA=/tmp/efclip QUANTS=none MAX_BATCH=8 NO_BENCH=1 \
+        VISUAL_AOTI="${LLAVA_VISUAL_AOTI:-{cuda_graphs: true, static_batches: true\}}" bash "$0" llava7b
+      W_LLAVA=/tmp/efclip BENCH_ARGS="--batch 1,8 --input-len 18 --output-len 8 --iters 5" bash "$0" benchllava
+      rm -rf /tmp/efclip ${SRC_ROOT:-/tmp/efclip}/src-llava /tmp/enginefarm-cache
+    ;;
+  *) echo "BLOCKS: no block $block (llava, llama, quant, clip)" >&2; exit 2 ;;
   esac
   done
   df -h /tmp /dev/shm; stamp "all done"; touch "$OUT/all.done" ;;

@@ -17,7 +17,7 @@ from enginefarm.cli import main as cli
 from enginefarm.errors import BadInput, StepFailed
 from enginefarm.evaluation import builtin_text, check_shards, judge
 from enginefarm.families import get_family
-from enginefarm.quant import Scheme, dequantize, int_values, pack_int4, quantize, unpack_int4
+from enginefarm.quant import Scheme, as_int8, dequantize, int_values, pack_int4, quantize, unpack_int4
 from enginefarm.spec import DEFAULT_QUANT_GATES, Variant
 from enginefarm.testing import write_tiny
 
@@ -111,6 +111,23 @@ def test_per_channel_integers_are_tensorrt_llms(bits, dtype):
     assert torch.equal(s, ref_s.to(dtype))
     # and the integers are the TensorRT-LLM rounding, not torch's half-to-even
     assert int_values(q, bits)[1:6, 5].tolist() == ([1, -1, 2, -3, 4])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (bench/gpu_product.sh runs it on the GPU machine)")
+@pytest.mark.parametrize("bits,group", [(8, None), (4, None), (4, 128)])
+def test_quantize_on_cuda_equals_the_cpu(bits, group):
+    """The convert step rounds on the GPU where there is one: the integers
+    and scales must be the CPU's, bit for bit, ties included."""
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(512, 1024, generator=g) * 0.05).to(torch.float16)
+    w[7] = 0
+    w[7, :4] = torch.tensor([1.0, 0.5 / 128, -2.5 / 128, 3.5 / 8])
+    w[9] = 0  # an all-zero channel (group)
+    scheme = Scheme(bits, group_size=group)
+    q_cpu, s_cpu = quantize(w, scheme, torch.float16)
+    q_gpu, s_gpu = quantize(w.cuda(), scheme, torch.float16)
+    assert torch.equal(as_int8(q_gpu.cpu()), as_int8(q_cpu))
+    assert torch.equal(s_gpu.cpu(), s_cpu)
 
 
 def test_int4_packing_is_low_nibble_first_and_invertible():
