@@ -202,7 +202,8 @@ all)
       # build (the validate step reports the near-tie rule over 128 greedy tokens), bench, roofline; gpt-fast with
       # GPTFAST_RUN=1. The text engine's baselines are gpt-fast, the roofline and the fp16 engine: its benches
       # skip eager HF
-      QUANTS="none w8a16 w4a16" LLM_AOTI="${LLAMA_AOTI:-{cuda_graphs: true, coordinate_descent_tuning: true\}}" VARIANTS=$DV-tp1 bash "$0" llama7b \
+      QUANTS="none w8a16 w4a16" LLM_AOTI="${LLAMA_AOTI:-{cuda_graphs: true, coordinate_descent_tuning: true\}}" VARIANTS=$DV-tp1 \
+        NEW_TOKENS=${LLAMA_NEW_TOKENS:-128} bash "$0" llama7b \
         && { BENCH7B_EXTRA=--no-eager bash "$0" bench7b; bash "$0" roofline7b
              [ -n "$GPTFAST_RUN" ] && bash "$0" gptfast7b; }
       df -h /tmp /dev/shm; rm -rf /tmp/ef7b/store /tmp/enginefarm-cache /dev/shm/gf-ckpt-* /tmp/gf-ckpt-*
