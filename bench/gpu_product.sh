@@ -83,7 +83,8 @@ llama7b)
   W=/tmp/ef7b; mkdir -p $W; SRC=${SRC_ROOT:-$W}/src-llama
   [ -e "$SRC/config.json" ] || { stamp "write the checkpoint"; python3 -m bench.models llama "$SRC" || exit 1; }
   Q=$(echo ${QUANTS:-none} | sed "s/ /, /g"); LAOTI=${LLM_AOTI:-{cuda_graphs: true\}}
-  cat > "$W/llama-7b-shaped.yaml" <<YAML
+  Y=$W/llama-7b-shaped.${NAME7B:-7b}.yaml  # one recipe file per build (`both` runs two at once)
+  cat > "$Y" <<YAML
 name: llama-7b-shaped
 description: LLaMA-7B-shaped random fp16 weights (issue 22's GPU-worker run)
 family: llama
@@ -105,9 +106,8 @@ validation:
     w8a16: {logits_max_abs_diff: null, top1_agreement: 0.3, greedy_equal: false, perplexity_rel_diff: 0.2, top5_accuracy_drop: 0.4}
     w4a16: {logits_max_abs_diff: null, top1_agreement: 0.0, greedy_equal: false, perplexity_rel_diff: 0.5, top5_accuracy_drop: 0.6}
 YAML
-  python3 -c "import sys; from enginefarm.families import load_recipe; load_recipe(sys.argv[1])" "$W/llama-7b-shaped.yaml" \
-    || exit 2
-  timed_build ${NAME7B:-7b} "$W/llama-7b-shaped.yaml" "${STORE7B:-$W/store}" $(for v in $VARIANTS; do echo --variant $v; done) ;;
+  python3 -c "import sys; from enginefarm.families import load_recipe; load_recipe(sys.argv[1])" "$Y" || exit 2
+  timed_build ${NAME7B:-7b} "$Y" "${STORE7B:-$W/store}" $(for v in $VARIANTS; do echo --variant $v; done) ;;
 bench7b)
   # VARIANT=fp16-w8a16-tp1 benches that variant (default: the recipe's default) of STORE7B, into $OUT/${NAME7B}_bench.json
   W=/tmp/ef7b; N=${NAME7B:-7b}
@@ -184,7 +184,7 @@ all)
   # the convert step quantizes on the GPU here: its integers and scales must be the CPU's (pytest from .whl/)
   stamp "quantize on cuda vs the cpu"; python3 -m pytest -q -p no:cacheprovider tests/test_quant_tp.py -k on_cuda 2>&1 | tail -3
   # BLOCKS: which blocks run, in that order (default: llava llama quant; clip: the visual engine alone, with a
-  # 2-layer language model); quant sets its variants
+  # 2-layer language model; both: llama's and quant's builds side by side); quant sets its variants
   # against llama's fp16 rows, so it runs after llama in the same run
   for block in ${BLOCKS:-llava llama quant}; do
   case $block in
@@ -220,6 +220,26 @@ all)
       stamp "quantized vs fp16"
       python3 bench/quant_vs_fp16.py --fp16 "$OUT/7b_bench.json" "$OUT/7b_w8a16_bench.json" "$OUT/7b_w4a16_bench.json" --out "$OUT"
     ;;
+  both)
+      # llama's fp16 build and quant's W8A16/W4A16 build side by side, as two processes (for a session short of
+      # device time: their step times and the GPU's peak memory overlap), then every bench alone, one at a time
+      SRC=${SRC_ROOT:-/tmp/ef7b}/src-llama
+      [ -e "$SRC/config.json" ] || { stamp "write the checkpoint"; python3 -m bench.models llama "$SRC" || exit 1; }
+      [ -n "$SRC_ROOT" ] && QSTORE=$SRC_ROOT/store7bq
+      STORE7B=${QSTORE:-/tmp/ef7b/storeq} QUANTS="none w8a16 w4a16" LLM_AOTI="${QUANT_AOTI:-{cuda_graphs: true\}}" \
+        VARIANTS="$DV-w8a16-tp1 $DV-w4a16-tp1" NAME7B=7bq NEW_TOKENS=16 bash "$0" llama7b > "$OUT/7bq_build.log" 2>&1 &
+      qpid=$!
+      QUANTS="none w8a16 w4a16" LLM_AOTI="${LLAMA_AOTI:-{cuda_graphs: true, coordinate_descent_tuning: true\}}" VARIANTS=$DV-tp1 \
+        NEW_TOKENS=${LLAMA_NEW_TOKENS:-128} bash "$0" llama7b; frc=$?
+      wait $qpid; stamp "quant build rc=$?"; grep -v "^ \|^{\|^}" "$OUT/7bq_build.log" | head -40
+      [ $frc = 0 ] && { BENCH7B_EXTRA=--no-eager bash "$0" bench7b; bash "$0" roofline7b; }
+      for q in w8a16 w4a16; do
+        STORE7B=${QSTORE:-/tmp/ef7b/storeq} VARIANT=$DV-$q-tp1 NAME7B=7b_$q BENCH7B_EXTRA=--no-eager bash "$0" bench7b
+      done
+      stamp "quantized vs fp16"
+      python3 bench/quant_vs_fp16.py --fp16 "$OUT/7b_bench.json" "$OUT/7b_w8a16_bench.json" "$OUT/7b_w4a16_bench.json" --out "$OUT"
+      df -h /tmp /dev/shm; rm -rf /tmp/ef7b/store /tmp/ef7b/storeq /tmp/enginefarm-cache
+    ;;
   clip)
       # CLIP ViT-L/14-336 (+ projector) as a LLaVA recipe's visual engine, with a 2-layer language model: the
       # visual engine's figures (the farm's fused tower, static per-batch packages) at batch 1 and 8 against eager HF
@@ -228,7 +248,7 @@ all)
       W_LLAVA=/tmp/efclip BENCH_ARGS="--batch 1,8 --input-len 18 --output-len 8 --iters 5" bash "$0" benchllava
       rm -rf /tmp/efclip ${SRC_ROOT:-/tmp/efclip}/src-llava /tmp/enginefarm-cache
     ;;
-  *) echo "BLOCKS: no block $block (llava, llama, quant, clip)" >&2; exit 2 ;;
+  *) echo "BLOCKS: no block $block (llava, llama, quant, both, clip)" >&2; exit 2 ;;
   esac
   done
   df -h /tmp /dev/shm; stamp "all done"; touch "$OUT/all.done" ;;
