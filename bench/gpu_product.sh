@@ -232,12 +232,13 @@ all)
       QUANTS="none w8a16 w4a16" LLM_AOTI="${LLAMA_AOTI:-{cuda_graphs: true, coordinate_descent_tuning: true\}}" VARIANTS=$DV-tp1 \
         NEW_TOKENS=${LLAMA_NEW_TOKENS:-128} bash "$0" llama7b; frc=$?
       wait $qpid; stamp "quant build rc=$?"; grep -v "^ \|^{\|^}" "$OUT/7bq_build.log" | head -40
-      [ $frc = 0 ] && { BENCH7B_EXTRA=--no-eager bash "$0" bench7b; bash "$0" roofline7b; }
+      [ $frc = 0 ] && BENCH7B_EXTRA=--no-eager bash "$0" bench7b
       for q in w8a16 w4a16; do
         STORE7B=${QSTORE:-/tmp/ef7b/storeq} VARIANT=$DV-$q-tp1 NAME7B=7b_$q BENCH7B_EXTRA=--no-eager bash "$0" bench7b
       done
       stamp "quantized vs fp16"
       python3 bench/quant_vs_fp16.py --fp16 "$OUT/7b_bench.json" "$OUT/7b_w8a16_bench.json" "$OUT/7b_w4a16_bench.json" --out "$OUT"
+      [ $frc = 0 ] && bash "$0" roofline7b
       df -h /tmp /dev/shm; rm -rf /tmp/ef7b/store /tmp/ef7b/storeq /tmp/enginefarm-cache
     ;;
   clip)
