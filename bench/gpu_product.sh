@@ -183,6 +183,10 @@ all)
   echo "sources in ${SRC_ROOT:-/tmp}; gpt-fast's checkpoint in ${GF_CKPT_DIR:-/tmp}"
   # the convert step quantizes on the GPU here: its integers and scales must be the CPU's (pytest from .whl/)
   stamp "quantize on cuda vs the cpu"; python3 -m pytest -q -p no:cacheprovider tests/test_quant_tp.py -k on_cuda 2>&1 | tail -3
+  # the 7B text engines' options: the decode package coordinate-descent tuned (its M = 1 products become tuned
+  # reductions, as in gpt-fast; the prefill package untuned, as it was faster untuned), the same for fp16, W8A16 and
+  # W4A16 (whose GEMV kernels it leaves alone, but not the rest of their decode step)
+  LAOTI7B="${LLAMA_AOTI:-{cuda_graphs: true, coordinate_descent_tuning: decode\}}"; QAOTI7B="${QUANT_AOTI:-$LAOTI7B}"
   # BLOCKS: which blocks run, in that order (default: llava llama quant; clip: the visual engine alone, with a
   # 2-layer language model; both: llama's and quant's builds side by side); quant sets its variants
   # against llama's fp16 rows, so it runs after llama in the same run
@@ -198,11 +202,10 @@ all)
       df -h /tmp /dev/shm; rm -rf /tmp/efllava ${SRC_ROOT:-/tmp/efllava}/src-llava /tmp/enginefarm-cache
     ;;
   llama)
-      # LLaMA-7B fp16 with coordinate-descent tuning (its M = 1 products become tuned reductions, as in gpt-fast):
-      # build (the validate step reports the near-tie rule over 128 greedy tokens), bench, roofline; gpt-fast with
+      # LLaMA-7B fp16 (LAOTI7B): build (the validate step reports the near-tie rule over 128 greedy tokens), bench, roofline; gpt-fast with
       # GPTFAST_RUN=1. The text engine's baselines are gpt-fast, the roofline and the fp16 engine: its benches
       # skip eager HF
-      QUANTS="none w8a16 w4a16" LLM_AOTI="${LLAMA_AOTI:-{cuda_graphs: true, coordinate_descent_tuning: true\}}" VARIANTS=$DV-tp1 \
+      QUANTS="none w8a16 w4a16" LLM_AOTI="$LAOTI7B" VARIANTS=$DV-tp1 \
         NEW_TOKENS=${LLAMA_NEW_TOKENS:-128} bash "$0" llama7b \
         && { BENCH7B_EXTRA=--no-eager bash "$0" bench7b; bash "$0" roofline7b
              [ -n "$GPTFAST_RUN" ] && bash "$0" gptfast7b; }
@@ -210,11 +213,10 @@ all)
     ;;
   quant)
       # the same weights' W8A16 and W4A16 variants (a store of their own, in /dev/shm where it has room), each
-      # benched and set against llama's fp16 rows. Their decode products are the weight-only GEMV kernels, which
-      # coordinate descent does not tune: QUANT_AOTI leaves it off (one compile of each prefill package saved)
+      # benched and set against llama's fp16 rows (QAOTI7B)
       [ -n "$SRC_ROOT" ] && export STORE7B=$SRC_ROOT/store7bq
       # (their greedy lines are not judged: 16 new tokens, not 128, in the reference, shards and validate steps)
-      QUANTS="none w8a16 w4a16" LLM_AOTI="${QUANT_AOTI:-{cuda_graphs: true\}}" VARIANTS="$DV-w8a16-tp1 $DV-w4a16-tp1" NAME7B=7bq \
+      QUANTS="none w8a16 w4a16" LLM_AOTI="$QAOTI7B" VARIANTS="$DV-w8a16-tp1 $DV-w4a16-tp1" NAME7B=7bq \
         NEW_TOKENS=16 bash "$0" llama7b
       for q in w8a16 w4a16; do VARIANT=$DV-$q-tp1 NAME7B=7b_$q BENCH7B_EXTRA=--no-eager bash "$0" bench7b; done
       stamp "quantized vs fp16"
@@ -226,10 +228,10 @@ all)
       SRC=${SRC_ROOT:-/tmp/ef7b}/src-llama
       [ -e "$SRC/config.json" ] || { stamp "write the checkpoint"; python3 -m bench.models llama "$SRC" || exit 1; }
       [ -n "$SRC_ROOT" ] && QSTORE=$SRC_ROOT/store7bq
-      STORE7B=${QSTORE:-/tmp/ef7b/storeq} QUANTS="none w8a16 w4a16" LLM_AOTI="${QUANT_AOTI:-{cuda_graphs: true\}}" \
+      STORE7B=${QSTORE:-/tmp/ef7b/storeq} QUANTS="none w8a16 w4a16" LLM_AOTI="$QAOTI7B" \
         VARIANTS="$DV-w8a16-tp1 $DV-w4a16-tp1" NAME7B=7bq NEW_TOKENS=16 bash "$0" llama7b > "$OUT/7bq_build.log" 2>&1 &
       qpid=$!
-      QUANTS="none w8a16 w4a16" LLM_AOTI="${LLAMA_AOTI:-{cuda_graphs: true, coordinate_descent_tuning: true\}}" VARIANTS=$DV-tp1 \
+      QUANTS="none w8a16 w4a16" LLM_AOTI="$LAOTI7B" VARIANTS=$DV-tp1 \
         NEW_TOKENS=${LLAMA_NEW_TOKENS:-128} bash "$0" llama7b; frc=$?
       wait $qpid; stamp "quant build rc=$?"; grep -v "^ \|^{\|^}" "$OUT/7bq_build.log" | head -40
       [ $frc = 0 ] && BENCH7B_EXTRA=--no-eager bash "$0" bench7b

@@ -13,7 +13,7 @@ import itertools
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -91,7 +91,10 @@ class AotiOptions(Strict):
 
     max_autotune: bool = Field(False, description="Inductor max-autotune: Triton GEMM templates with fused epilogues, "
                                "autotuned against cuBLAS at build time (slower builds)")
-    coordinate_descent_tuning: bool = Field(False, description="Inductor's coordinate-descent tuning of generated kernels")
+    coordinate_descent_tuning: Union[bool, Literal["decode"]] = Field(
+        False, description="Inductor's coordinate-descent tuning of generated kernels: true in every package, "
+        "\"decode\" in the LLM's decode package alone (its M = 1 products become tuned reductions; the prefill "
+        "package keeps cuBLAS and compiles as fast as untuned)")
     attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = Field(
         "auto", description="the fused attention kernel scaled_dot_product_attention lowers to")
     decode_kernels: bool = Field(True, description="llm on CUDA: a decode package (one token per sequence) whose "
@@ -102,6 +105,13 @@ class AotiOptions(Strict):
     static_batches: bool = Field(False, description="visual, max_batch_size > 1: one package per batch size (1, 2, 4, "
                                  "... and max_batch_size), each compiled for that batch's static shapes (max_autotune "
                                  "tunes each at its own size); a call runs the smallest that holds it, zero-padded")
+
+    @field_validator("coordinate_descent_tuning", mode="before")
+    @classmethod
+    def _cdt(cls, v):
+        if isinstance(v, bool) or v == "decode":
+            return v
+        raise ValueError("expected true, false or decode")
 
 
 class ComponentSpec(Strict):

@@ -168,7 +168,7 @@ def test_recipe_aoti_options_reach_the_engine(tmp_path):
     src = write_tiny("llama", tmp_path / "src", seed=5)
     data = yaml.safe_load((ROOT / "models" / "tiny" / "tiny-llama.yaml").read_text())
     data.update(name="opts-llama", source={"path": str(src)})
-    data.setdefault("components", {}).setdefault("llm", {})["aoti"] = {"coordinate_descent_tuning": False}
+    data.setdefault("components", {}).setdefault("llm", {})["aoti"] = {"coordinate_descent_tuning": "decode"}
     data["validation"]["max_eval_tokens"] = 32
     recipe = tmp_path / "opts-llama.yaml"
     recipe.write_text(yaml.safe_dump(data))
@@ -186,6 +186,27 @@ def test_recipe_aoti_options_reach_the_engine(tmp_path):
     eng = get_backend("aoti").load(eng_dir)
     assert isinstance(eng, LLMEngine)
     assert m["results"]["validation"]["passed"], m["results"]["validation"]
+
+
+def test_coordinate_descent_tuning_in_every_package_or_the_decode_package_alone(tmp_path):
+    """`coordinate_descent_tuning: decode` tunes the LLM's one-token step
+    only (its M = 1 products), never prefill or a visual package; `true`
+    tunes all of them; anything else is a recipe error naming the field."""
+    from enginefarm.errors import BadInput
+    from enginefarm.runtime.export import inductor_configs
+    from enginefarm.families import load_recipe
+    from enginefarm.spec import AotiOptions
+
+    tuned = {v: [p for p in ("general", "decode")
+                 if inductor_configs(AotiOptions(coordinate_descent_tuning=v), True, p).get("coordinate_descent_tuning")]
+             for v in (False, True, "decode")}
+    assert tuned == {False: [], True: ["general", "decode"], "decode": ["decode"]}
+    text = (ROOT / "models" / "tiny" / "tiny-llama.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("  llm: {}", "  llm: {aoti: {coordinate_descent_tuning: prefill}}"))
+    assert "coordinate_descent_tuning: prefill" in bad.read_text()
+    with pytest.raises(BadInput, match="coordinate_descent_tuning"):
+        load_recipe(str(bad))
 
 
 def test_packages_sharing_a_weights_file_load_it_user_managed(tmp_path):

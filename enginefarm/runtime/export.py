@@ -63,13 +63,16 @@ def dtype_name(dtype) -> str:
     return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
 
 
-def inductor_configs(opts, weights_outside: bool) -> dict:
+def inductor_configs(opts, weights_outside: bool, package: str = "general") -> dict:
+    """Inductor's settings for one package ("general": prefill or a visual
+    component; "decode": an LLM's one-token step)."""
     cfg = {}
     if weights_outside:
         cfg["aot_inductor.package_constants_in_so"] = False
     if opts.max_autotune:
         cfg["max_autotune"] = True
-    if opts.coordinate_descent_tuning:
+    cdt = opts.coordinate_descent_tuning
+    if cdt is True or (cdt == "decode" and package == "decode"):
         cfg["coordinate_descent_tuning"] = True
     return cfg
 
@@ -177,7 +180,7 @@ def export_llm(model, out_dir: Path, limits: dict, device: str, opts=None, progr
             t1 = time.perf_counter()
             say(f"aoti: AOTInductor compile ({name}, {device})")
             torch._inductor.aoti_compile_and_package(
-                ep, package_path=str(out_dir / file), inductor_configs=inductor_configs(opts, weights_outside))
+                ep, package_path=str(out_dir / file), inductor_configs=inductor_configs(opts, weights_outside, name))
         timings[f"{name}_export_s"] = round(t1 - t0, 3)
         timings[f"{name}_compile_s"] = round(time.perf_counter() - t1, 3)
 
