@@ -94,7 +94,7 @@ class AotiOptions(Strict):
     coordinate_descent_tuning: Union[bool, Literal["decode"]] = Field(
         False, description="Inductor's coordinate-descent tuning of generated kernels: true in every package, "
         "\"decode\" in the LLM's decode package alone (its M = 1 products become tuned reductions; the prefill "
-        "package keeps cuBLAS and compiles as fast as untuned)")
+        "package is compiled untuned; without a decode package, as on the CPU, nothing is tuned)")
     attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = Field(
         "auto", description="the fused attention kernel scaled_dot_product_attention lowers to")
     decode_kernels: bool = Field(True, description="llm on CUDA: a decode package (one token per sequence) whose "
