@@ -187,6 +187,19 @@ all)
   # reductions, as in gpt-fast; the prefill package untuned, as it was faster untuned), the same for fp16, W8A16 and
   # W4A16 (whose GEMV kernels it leaves alone, but not the rest of their decode step)
   LAOTI7B="${LLAMA_AOTI:-{cuda_graphs: true, coordinate_descent_tuning: decode\}}"; QAOTI7B="${QUANT_AOTI:-$LAOTI7B}"
+  # the quantized variants' store (in /dev/shm where it has room); their greedy lines are not judged: 16 new
+  # tokens, not 128, in their reference, shards and validate steps
+  QSTORE=${SRC_ROOT:-/tmp/ef7b}/store7bq
+  fp16_build() { QUANTS="none w8a16 w4a16" LLM_AOTI="$LAOTI7B" VARIANTS=$DV-tp1 NEW_TOKENS=${LLAMA_NEW_TOKENS:-128} \
+    bash "$0" llama7b; }
+  quant_build() { STORE7B=$QSTORE QUANTS="none w8a16 w4a16" LLM_AOTI="$QAOTI7B" VARIANTS="$DV-w8a16-tp1 $DV-w4a16-tp1" \
+    NAME7B=7bq NEW_TOKENS=16 bash "$0" llama7b; }
+  fp16_bench() { BENCH7B_EXTRA=--no-eager bash "$0" bench7b; }
+  quant_benches() {
+    for q in w8a16 w4a16; do STORE7B=$QSTORE VARIANT=$DV-$q-tp1 NAME7B=7b_$q BENCH7B_EXTRA=--no-eager bash "$0" bench7b; done
+    stamp "quantized vs fp16"
+    python3 bench/quant_vs_fp16.py --fp16 "$OUT/7b_bench.json" "$OUT/7b_w8a16_bench.json" "$OUT/7b_w4a16_bench.json" --out "$OUT"
+  }
   # BLOCKS: which blocks run, in that order (default: llava llama quant; clip: the visual engine alone, with a
   # 2-layer language model; both: llama's and quant's builds side by side); quant sets its variants
   # against llama's fp16 rows, so it runs after llama in the same run
@@ -202,46 +215,29 @@ all)
       df -h /tmp /dev/shm; rm -rf /tmp/efllava ${SRC_ROOT:-/tmp/efllava}/src-llava /tmp/enginefarm-cache
     ;;
   llama)
-      # LLaMA-7B fp16 (LAOTI7B): build (the validate step reports the near-tie rule over 128 greedy tokens), bench, roofline; gpt-fast with
-      # GPTFAST_RUN=1. The text engine's baselines are gpt-fast, the roofline and the fp16 engine: its benches
-      # skip eager HF
-      QUANTS="none w8a16 w4a16" LLM_AOTI="$LAOTI7B" VARIANTS=$DV-tp1 \
-        NEW_TOKENS=${LLAMA_NEW_TOKENS:-128} bash "$0" llama7b \
-        && { BENCH7B_EXTRA=--no-eager bash "$0" bench7b; bash "$0" roofline7b
-             [ -n "$GPTFAST_RUN" ] && bash "$0" gptfast7b; }
+      # LLaMA-7B fp16 (LAOTI7B): build (the validate step reports the near-tie rule over LLAMA_NEW_TOKENS greedy
+      # tokens), bench, roofline; gpt-fast with GPTFAST_RUN=1. The text engine's baselines are gpt-fast, the
+      # roofline and the fp16 engine: its benches skip eager HF
+      fp16_build && { fp16_bench; bash "$0" roofline7b; [ -n "$GPTFAST_RUN" ] && bash "$0" gptfast7b; }
       df -h /tmp /dev/shm; rm -rf /tmp/ef7b/store /tmp/enginefarm-cache /dev/shm/gf-ckpt-* /tmp/gf-ckpt-*
     ;;
   quant)
-      # the same weights' W8A16 and W4A16 variants (a store of their own, in /dev/shm where it has room), each
-      # benched and set against llama's fp16 rows (QAOTI7B)
-      [ -n "$SRC_ROOT" ] && export STORE7B=$SRC_ROOT/store7bq
-      # (their greedy lines are not judged: 16 new tokens, not 128, in the reference, shards and validate steps)
-      QUANTS="none w8a16 w4a16" LLM_AOTI="$QAOTI7B" VARIANTS="$DV-w8a16-tp1 $DV-w4a16-tp1" NAME7B=7bq \
-        NEW_TOKENS=16 bash "$0" llama7b
-      for q in w8a16 w4a16; do VARIANT=$DV-$q-tp1 NAME7B=7b_$q BENCH7B_EXTRA=--no-eager bash "$0" bench7b; done
-      stamp "quantized vs fp16"
-      python3 bench/quant_vs_fp16.py --fp16 "$OUT/7b_bench.json" "$OUT/7b_w8a16_bench.json" "$OUT/7b_w4a16_bench.json" --out "$OUT"
+      # the same weights' W8A16 and W4A16 variants (QAOTI7B), each benched and set against llama's fp16 rows
+      quant_build; quant_benches
+      rm -rf "$QSTORE" /tmp/enginefarm-cache
     ;;
   both)
       # llama's fp16 build and quant's W8A16/W4A16 build side by side, as two processes (for a session short of
       # device time: their step times and the GPU's peak memory overlap), then every bench alone, one at a time
-      SRC=${SRC_ROOT:-/tmp/ef7b}/src-llama
+      SRC=${SRC_ROOT:-/tmp/ef7b}/src-llama  # written once, before the two builds that read it
       [ -e "$SRC/config.json" ] || { stamp "write the checkpoint"; python3 -m bench.models llama "$SRC" || exit 1; }
-      [ -n "$SRC_ROOT" ] && QSTORE=$SRC_ROOT/store7bq
-      STORE7B=${QSTORE:-/tmp/ef7b/storeq} QUANTS="none w8a16 w4a16" LLM_AOTI="$QAOTI7B" \
-        VARIANTS="$DV-w8a16-tp1 $DV-w4a16-tp1" NAME7B=7bq NEW_TOKENS=16 bash "$0" llama7b > "$OUT/7bq_build.log" 2>&1 &
-      qpid=$!
-      QUANTS="none w8a16 w4a16" LLM_AOTI="$LAOTI7B" VARIANTS=$DV-tp1 \
-        NEW_TOKENS=${LLAMA_NEW_TOKENS:-128} bash "$0" llama7b; frc=$?
+      quant_build > "$OUT/7bq_build.log" 2>&1 & qpid=$!
+      fp16_build; frc=$?
       wait $qpid; stamp "quant build rc=$?"; grep -v "^ \|^{\|^}" "$OUT/7bq_build.log" | head -40
-      [ $frc = 0 ] && BENCH7B_EXTRA=--no-eager bash "$0" bench7b
-      for q in w8a16 w4a16; do
-        STORE7B=${QSTORE:-/tmp/ef7b/storeq} VARIANT=$DV-$q-tp1 NAME7B=7b_$q BENCH7B_EXTRA=--no-eager bash "$0" bench7b
-      done
-      stamp "quantized vs fp16"
-      python3 bench/quant_vs_fp16.py --fp16 "$OUT/7b_bench.json" "$OUT/7b_w8a16_bench.json" "$OUT/7b_w4a16_bench.json" --out "$OUT"
+      [ $frc = 0 ] && fp16_bench
+      quant_benches
       [ $frc = 0 ] && bash "$0" roofline7b
-      df -h /tmp /dev/shm; rm -rf /tmp/ef7b/store /tmp/ef7b/storeq /tmp/enginefarm-cache
+      df -h /tmp /dev/shm; rm -rf /tmp/ef7b/store "$QSTORE" /tmp/enginefarm-cache
     ;;
   clip)
       # CLIP ViT-L/14-336 (+ projector) as a LLaVA recipe's visual engine, with a 2-layer language model: the
