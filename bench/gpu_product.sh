@@ -14,7 +14,7 @@
 #   bash bench/gpu_product.sh benchllava  # `enginefarm bench` of the llava7b build again (same machine, after it)
 #   bash bench/gpu_product.sh all       # one GPU session's whole run, one thing at a time (BLOCKS="llava llama quant"
 #                                       # picks and orders them): llava7b fp16 up to batch 8
-#                                       # (static per-batch visual packages); llama7b fp16 (coordinate-descent tuning),
+#                                       # (static per-batch visual packages); llama7b fp16 (decode package tuned),
 #                                       # bench7b, roofline7b (gptfast7b with GPTFAST_RUN=1); llama7b's W8A16 and W4A16
 #                                       # variants, benched against fp16 (bench/quant_vs_fp16.py); BLOCKS="... clip" adds
 #                                       # the visual engine alone (a 2-layer LLM) at batch 1 and 8; $OUT/all.done marks its end
@@ -63,6 +63,11 @@ timed_build() {
   stamp "build rc=$rc"; [ -s "$OUT/$1_build.json" ] && head -c 3000 "$OUT/$1_build.json"; echo
   return $rc
 }
+# llama_src: SRC, the LLaMA-7B-shaped checkpoint (random fp16 weights), written there unless it already is
+llama_src() {
+  SRC=${SRC_ROOT:-/tmp/ef7b}/src-llama
+  [ -e "$SRC/config.json" ] || { stamp "write the checkpoint"; python3 -m bench.models llama "$SRC" || exit 1; }
+}
 case "$1" in
 tiny)
   sed -e "s/^name: tiny-llama/name: gpu-tiny-llama/" -e "s/dtype: \[float32\]/dtype: [float16]/" \
@@ -80,8 +85,7 @@ tiny)
 llama7b)
   # QUANTS="none w8a16 w4a16" puts those variants in the recipe's matrix; VARIANTS="fp16-tp1 ..." builds those
   # alone (default: every variant) into STORE7B (default /tmp/ef7b/store), under the name NAME7B (default 7b)
-  W=/tmp/ef7b; mkdir -p $W; SRC=${SRC_ROOT:-$W}/src-llama
-  [ -e "$SRC/config.json" ] || { stamp "write the checkpoint"; python3 -m bench.models llama "$SRC" || exit 1; }
+  W=/tmp/ef7b; mkdir -p $W; llama_src
   Q=$(echo ${QUANTS:-none} | sed "s/ /, /g"); LAOTI=${LLM_AOTI:-{cuda_graphs: true\}}
   Y=$W/llama-7b-shaped.${NAME7B:-7b}.yaml  # one recipe file per build (`both` runs two at once)
   cat > "$Y" <<YAML
@@ -229,8 +233,7 @@ all)
   both)
       # llama's fp16 build and quant's W8A16/W4A16 build side by side, as two processes (for a session short of
       # device time: their step times and the GPU's peak memory overlap), then every bench alone, one at a time
-      SRC=${SRC_ROOT:-/tmp/ef7b}/src-llama  # written once, before the two builds that read it
-      [ -e "$SRC/config.json" ] || { stamp "write the checkpoint"; python3 -m bench.models llama "$SRC" || exit 1; }
+      llama_src  # written once, before the two builds that read it
       quant_build > "$OUT/7bq_build.log" 2>&1 & qpid=$!
       fp16_build; frc=$?
       wait $qpid; stamp "quant build rc=$?"; grep -v "^ \|^{\|^}" "$OUT/7bq_build.log" | head -40
